@@ -1,0 +1,3 @@
+from aiflow_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""The partition + codec solver (`aiflow plan`)."""

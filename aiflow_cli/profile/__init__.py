@@ -1,0 +1,1 @@
+"""Per-block profiling of a model on this hardware (`aiflow profile`)."""

@@ -1,0 +1,1 @@
+"""The three-tier runtime: serve roles, the device pipeline, the demo."""

@@ -1,0 +1,1 @@
+//! Userspace link emulator (see issue 3). Filled in by the transport work.

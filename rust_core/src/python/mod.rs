@@ -1,0 +1,18 @@
+//! PyO3 bindings: the extension module `aiflow_cli._core`. This is the only place that knows about Python;
+//! each submodule converts types and errors for one part of the core and registers its functions here.
+
+use pyo3::prelude::*;
+
+mod codec;
+mod errors;
+mod netem;
+mod transport;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    codec::register(m)?;
+    transport::register(m)?;
+    netem::register(m)?;
+    Ok(())
+}
