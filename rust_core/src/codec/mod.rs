@@ -7,6 +7,7 @@ pub mod quant;
 mod spec;
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use half::{bf16, f16};
 
@@ -80,6 +81,9 @@ fn as_f32<'a>(t: &TensorRef<'a>) -> Cow<'a, [f32]> {
 
 /// Appends the un-compressed payload of `t` under `quant` to `out`.
 fn write_payload(t: &TensorRef<'_>, quant: Quant, g: Geometry, out: &mut Vec<u8>) -> Result<()> {
+    if g.numel == 0 {
+        return Ok(()); // every codec's payload of an empty tensor is empty
+    }
     match (quant, t.dtype) {
         (Quant::Raw, _) | (Quant::Fp16, DType::F16) | (Quant::Bf16, DType::BF16) => out.extend_from_slice(t.data),
         (Quant::Fp16, _) => {
@@ -95,13 +99,7 @@ fn write_payload(t: &TensorRef<'_>, quant: Quant, g: Geometry, out: &mut Vec<u8>
             let start = out.len();
             grow(out, g.rows * 4 + g.numel);
             let (scales, data) = out[start..].split_at_mut(g.rows * 4);
-            with_slice_mut::<i8, _>(data, |q| -> Result<()> {
-                for (r, (xr, qr)) in x.chunks(g.cols).zip(q.chunks_mut(g.cols)).enumerate() {
-                    let s = quant::int8_quantize_row(xr, qr)?;
-                    scales[4 * r..4 * r + 4].copy_from_slice(&s.to_le_bytes());
-                }
-                Ok(())
-            })?;
+            with_slice_mut::<i8, _>(data, |q| quant::int8_quantize_rows(&x, g.cols, q, scales))?;
         }
         (Quant::Int4 { group }, _) => {
             let x = as_f32(t);
@@ -125,21 +123,41 @@ fn zstd_err(e: std::io::Error) -> Error {
     codec_err!("zstd failed: {e}")
 }
 
+thread_local! {
+    // zstd contexts own ~1 MiB of tables; creating one per frame costs more than compressing a small activation.
+    // One single-threaded compressor (re-levelled as needed) and one decompressor per thread are reused.
+    static COMPRESSOR: RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
 fn compress_into(payload: &[u8], level: i32, opts: &EncodeOptions, out: &mut Vec<u8>) -> Result<()> {
-    let mut c = zstd::bulk::Compressor::new(level).map_err(zstd_err)?;
-    if payload.len() >= ZSTD_MT_MIN_BYTES && opts.zstd_threads != 1 {
-        let workers = match opts.zstd_threads {
-            0 => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
-            n => n,
-        };
-        if workers > 1 {
-            c.set_parameter(zstd::zstd_safe::CParameter::NbWorkers(workers)).map_err(zstd_err)?;
-        }
-    }
     let start = out.len();
     let bound = zstd::zstd_safe::compress_bound(payload.len());
     out.resize(start + bound, 0);
-    let n = c.compress_to_buffer(payload, &mut out[start..]).map_err(zstd_err)?;
+    let workers = match opts.zstd_threads {
+        _ if payload.len() < ZSTD_MT_MIN_BYTES => 1,
+        0 => std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        n => n,
+    };
+    let n = if workers > 1 {
+        let mut c = zstd::bulk::Compressor::new(level).map_err(zstd_err)?;
+        c.set_parameter(zstd::zstd_safe::CParameter::NbWorkers(workers)).map_err(zstd_err)?;
+        c.compress_to_buffer(payload, &mut out[start..]).map_err(zstd_err)?
+    } else {
+        COMPRESSOR.with(|cell| -> Result<usize> {
+            let mut slot = cell.borrow_mut();
+            match slot.as_mut() {
+                Some((l, c)) if *l == level => {}
+                Some((l, c)) => {
+                    c.set_compression_level(level).map_err(zstd_err)?;
+                    *l = level;
+                }
+                None => *slot = Some((level, zstd::bulk::Compressor::new(level).map_err(zstd_err)?)),
+            }
+            let (_, c) = slot.as_mut().expect("just set");
+            c.compress_to_buffer(payload, &mut out[start..]).map_err(zstd_err)
+        })?
+    };
     out.truncate(start + n);
     Ok(())
 }
@@ -204,7 +222,15 @@ fn decompress_exact(stored: &[u8], expected: usize, out: &mut [u8]) -> Result<()
             return Err(frame_err!("zstd payload declares {declared} bytes, the header {expected}"));
         }
     }
-    let n = zstd::bulk::decompress_to_buffer(stored, out)
+    let n = DECOMPRESSOR
+        .with(|cell| {
+            let mut slot = cell.borrow_mut();
+            if slot.is_none() {
+                *slot = Some(zstd::bulk::Decompressor::new()?);
+            }
+            // Writes at most out.len() bytes: a payload that inflates further is an error, never an allocation.
+            slot.as_mut().expect("just set").decompress_to_buffer(stored, out)
+        })
         .map_err(|e| frame_err!("zstd payload invalid or larger than the declared {expected} bytes: {e}"))?;
     if n != expected {
         return Err(frame_err!("zstd payload decoded to {n} bytes, the header declares {expected}"));
@@ -215,6 +241,9 @@ fn decompress_exact(stored: &[u8], expected: usize, out: &mut [u8]) -> Result<()
 /// Decodes a validated frame's payload into `out` (exactly `header.decoded_len()` bytes, original dtype).
 fn read_payload(h: &Header, raw: &[u8], out: &mut [u8]) -> Result<()> {
     let g = h.geometry();
+    if g.numel == 0 {
+        return Ok(());
+    }
     match (h.quant, h.dtype) {
         (Quant::Raw, _) | (Quant::Fp16, DType::F16) | (Quant::Bf16, DType::BF16) => out.copy_from_slice(raw),
         (Quant::Fp16, _) => {
