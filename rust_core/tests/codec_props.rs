@@ -161,3 +161,28 @@ fn multithreaded_zstd_decodes_like_single_threaded() {
     let st = codec::encode(&t, &spec, &EncodeOptions { zstd_threads: 1 }).unwrap();
     assert_eq!(codec::decode(&mt, &Limits::default()).unwrap().1, codec::decode(&st, &Limits::default()).unwrap().1);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Mutations behind a valid checksum (the fuzz target's second half, as a short run in `cargo test`):
+    /// decoding returns a tensor of the declared size or a Frame error, never a panic.
+    #[test]
+    fn resealed_mutations_never_panic((r, c, v) in tensor(), edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                                      spec in prop::sample::select(vec!["raw", "int8+zstd3", "int4", "int4g64+zstd1", "bf16", "fp16+zstd3"])) {
+        let mut frame = enc(&v, &[r, c], spec);
+        for (pos, byte) in edits {
+            let i = pos.index(frame.len());
+            frame[i] = byte;
+        }
+        let header_len = aiflow_core::frame::FIXED_HEADER_BYTES + 8 * frame[9] as usize;
+        if header_len <= frame.len() {
+            aiflow_core::frame::seal(&mut frame, header_len);
+        }
+        match codec::decode(&frame, &Limits { max_decoded_bytes: 1 << 24 }) {
+            Ok((h, t)) => prop_assert_eq!(t.len(), h.decoded_len()),
+            Err(Error::Frame(_)) => {}
+            Err(e) => prop_assert!(false, "wrong error kind: {e:?}"),
+        }
+    }
+}
