@@ -1,9 +1,279 @@
-"""CLI verbs of the plan part (not built yet: see the issues)."""
+"""CLI verbs of the planner: ``aiflow plan`` and ``aiflow bench plan``. Parsing and printing only; the work is
+in :mod:`aiflow_cli.plan`."""
 
 from __future__ import annotations
 
+import re
+import time
+from pathlib import Path
+from typing import Optional
+
 import typer
+from rich.table import Table
+
+from aiflow_cli.console import console, err_console, print_json
+from aiflow_cli.errors import InputError
+
+#: Where shipped hardware profiles live: ``--profile device=cpu-2core-gpt2`` resolves to this folder.
+HARDWARE_DIR = Path(__file__).resolve().parent.parent.parent / "profiles" / "hardware"
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30,
+          "ti": 2**40, "tib": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """``2GiB`` -> 2147483648, ``500MB`` -> 500000000, ``1024`` -> 1024."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower() if m else None
+    if not m or unit not in _UNITS:
+        raise InputError(f"{text!r} is not a size: use e.g. 2GiB, 512MiB, 4GB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def _pairs(values: list[str], option: str, example: str) -> dict[str, str]:
+    out = {}
+    for v in values:
+        if "=" not in v:
+            raise InputError(f"{option} {v!r}: expected KEY=VALUE, e.g. {option} {example}")
+        k, val = v.split("=", 1)
+        if k.strip() in out:
+            raise InputError(f"{option} given twice for {k.strip()!r}")
+        out[k.strip()] = val.strip()
+    return out
+
+
+def _resolve_profile(name: str) -> str:
+    p = Path(name)
+    if p.is_file() or "/" in name or p.suffix == ".json":
+        return name
+    shipped = HARDWARE_DIR / f"{name}.json"
+    if shipped.is_file():
+        return str(shipped)
+    have = ", ".join(sorted(x.stem for x in HARDWARE_DIR.glob("*.json"))) or "none yet"
+    raise InputError(f"no profile {name!r}: not a file, nor in profiles/hardware/ ({have}); run aiflow profile first")
+
+
+def _load_inputs(profile: list[str], speed: list[str], link: list[str]):
+    from aiflow_cli.links import load_link
+    from aiflow_cli.profile.schema import load_profile
+
+    profiles, sources = {}, {}
+    for v in profile:
+        tier, path = v.split("=", 1) if "=" in v else ("*", v)
+        tier = tier.strip()
+        if tier in profiles:
+            raise InputError(f"--profile given twice for {'all tiers' if tier == '*' else tier}")
+        sources[tier] = _resolve_profile(path.strip())
+        profiles[tier] = load_profile(sources[tier])
+    speeds = {}
+    for tier, val in _pairs(speed, "--speed", "edge=4").items():
+        try:
+            speeds[tier] = float(val)
+        except ValueError:
+            raise InputError(f"--speed {tier}={val}: not a number") from None
+    links = {name: load_link(path) for name, path in _pairs(link, "--link", "device-edge=lte").items()}
+    return profiles, sources, speeds, links
+
+
+def plan(
+    profile: list[str] = typer.Option([], "--profile", help="TIER=FILE per tier, or one FILE for all tiers with --speed. A bare name looks in profiles/hardware/."),
+    speed: list[str] = typer.Option([], "--speed", help="TIER=X: stage and codec times divided by X (one-profile mode)."),
+    link: list[str] = typer.Option([], "--link", help="A-B=NAME|PATH per adjacent tier pair, e.g. device-edge=lte (profiles/links/)."),
+    memory: list[str] = typer.Option([], "--memory", help="TIER=SIZE: params + peak activation limit, e.g. device=2GiB."),
+    min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="Cosine floor per cut and end to end (sum of 1-cos bound)."),
+    objective: str = typer.Option("latency", "--objective", help="latency | generate | throughput."),
+    tokens: int = typer.Option(0, "--tokens", min=0, help="Decode steps for --objective generate."),
+    codecs: Optional[str] = typer.Option(None, "--codecs", help="Comma-separated codecs the solver may use (default: all profiled)."),
+    skip_tier: list[str] = typer.Option([], "--skip-tier", help="A tier that must run no stage (it may still relay)."),
+    require_tier: list[str] = typer.Option([], "--require-tier", help="A tier that must run at least one stage."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the plan JSON here."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object {plan, explain?, sweep?}."),
+    explain: bool = typer.Option(False, "--explain", help="Compare with device-only, edge-only, cloud-only and the best raw-codec split."),
+    sweep: Optional[str] = typer.Option(None, "--sweep", help="LINK=LOW:HIGH Mbit/s: log sweep of that link's uplink; reports where the plan changes."),
+    sweep_points: int = typer.Option(25, "--sweep-points", min=2, help="Grid points of --sweep."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the sweep (default sweep: first link, 1/100x to 100x)."),
+) -> None:
+    """Choose which tier runs which stages and the codec of each cut (exact DP)."""
+    from aiflow_cli.plan.problem import Limits, build_problem
+    from aiflow_cli.plan.schema import plan_from_solution, save_plan
+    from aiflow_cli.plan.solver import solve_problem
+
+    profiles, sources, speeds, links = _load_inputs(profile, speed, link)
+    limits = Limits(
+        memory_bytes={t: parse_bytes(v) for t, v in _pairs(memory, "--memory", "device=2GiB").items()},
+        min_fidelity=min_fidelity, skip=frozenset(skip_tier), require=frozenset(require_tier),
+        codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()) if codecs else None,
+    )
+    if min_fidelity is not None and not (0 < min_fidelity <= 1):
+        raise InputError(f"--min-fidelity {min_fidelity}: a cosine floor must be in (0, 1]")
+    problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds)
+    t0 = time.perf_counter()
+    placement, ev = solve_problem(problem)
+    the_plan = plan_from_solution(problem, placement, ev, solve_ms=(time.perf_counter() - t0) * 1e3, sources=sources)
+    if output is not None:
+        save_plan(the_plan, output)
+
+    doc: dict = {"plan": the_plan.model_dump(mode="json")}
+    result_explain = result_sweep = None
+    if explain:
+        from aiflow_cli.plan.explain import strategies
+
+        result_explain = strategies(problem)
+        doc["explain"] = [s.to_dict(problem) for s in result_explain]
+    if sweep or plot:
+        from aiflow_cli.plan.sweep import parse_range
+        from aiflow_cli.plan.sweep import sweep as run_sweep
+
+        if sweep:
+            name, lo, hi = parse_range(sweep)
+        else:
+            if not problem.links:
+                raise InputError("--plot sweeps a link, and this problem has one tier: add a tier and --link")
+            name, up = problem.link_names[0], problem.links[0].uplink_mbps
+            lo, hi = up / 100, up * 100
+        with err_console.status(f"sweeping {name}"):
+            result_sweep = run_sweep(problem, name, lo, hi, points=sweep_points)
+        doc["sweep"] = result_sweep.to_dict(problem)
+        if plot:
+            from aiflow_cli.plan.plot import plot_sweep
+
+            plot_sweep(problem, result_sweep, plot)
+            doc["plot"] = str(plot)
+
+    if json_out:
+        print_json(doc)
+        return
+    _print_plan(the_plan)
+    if result_explain is not None:
+        _print_explain(problem, result_explain)
+    if result_sweep is not None:
+        _print_sweep(problem, result_sweep)
+    if output is not None:
+        console.print(f"plan written to {output}")
+    if plot:
+        console.print(f"plot written to {plot}")
+
+
+def _ms(x: float) -> str:
+    return "-" if x != x else f"{x:,.1f}"
+
+
+def _print_plan(p) -> None:
+    pred = p.prediction
+    head = f"{p.model} ({p.model_hash[:12]}), objective {p.solved_for.objective}"
+    if pred.tokens:
+        head += f", {pred.tokens} tokens"
+    t = Table(title=f"plan: {p.summary()}\n{head}")
+    for col in ["tier", "stages", "compute ms", "memory", "limit", "hardware (speed)"]:
+        t.add_column(col, justify="left" if col in ("tier", "stages", "hardware (speed)") else "right")
+    for tier in p.tiers:
+        stages = f"[{tier.start}:{tier.end}) {tier.stages[0]}..{tier.stages[-1]}" if tier.stages else "-"
+        lim = "-" if tier.memory_limit_bytes is None else f"{tier.memory_limit_bytes / 2**20:,.0f} MiB"
+        t.add_row(tier.name, stages, _ms(tier.compute_ms), f"{tier.memory_bytes / 2**20:,.0f} MiB", lim,
+                  f"{tier.profile.hardware} (x{tier.profile.speed:g})")
+    console.print(t)
+    if p.cuts:
+        c = Table(title="cuts")
+        for col in ["after stage", "from -> to", "links", "codec", "bytes", "step bytes", "cosine", "enc+dec ms"]:
+            c.add_column(col, justify="right" if col in ("bytes", "step bytes", "cosine", "enc+dec ms", "after stage") else "left")
+        for cut in p.cuts:
+            c.add_row(f"{cut.after_stage} ({p.stage_names[cut.after_stage]})", f"{cut.from_tier} -> {cut.to_tier}",
+                      ", ".join(cut.links), cut.codec, f"{cut.bytes:,}",
+                      "-" if cut.decode_step_bytes is None else f"{cut.decode_step_bytes:,}", f"{cut.cosine:.6f}",
+                      _ms(cut.encode_ms + cut.decode_ms))
+        console.print(c)
+    b = Table(title="predicted latency per request (ms)")
+    b.add_column("term")
+    b.add_column("where")
+    b.add_column("ms", justify="right")
+    for term, d in (("compute", pred.compute_ms), ("codec", pred.codec_ms), ("transfer", pred.transfer_ms), ("rtt/2 per crossing", pred.rtt_ms)):
+        for where, ms in d.items():
+            if ms > 0:
+                b.add_row(term, where, _ms(ms))
+    b.add_row("[bold]total[/]", "", f"[bold]{_ms(pred.total_ms)}[/]")
+    if pred.tokens:
+        b.add_row("  of which prefill", "", _ms(pred.prefill_ms))
+        b.add_row("  per token", "", f"{pred.per_token_ms:,.2f}")
+    b.add_row("pipeline bottleneck", pred.bottleneck, f"{_ms(pred.bottleneck_ms)} ({pred.throughput_rps:,.1f} req/s)")
+    if p.cuts:
+        b.add_row("fidelity bound", "1 - sum(1 - cos)", f"{1 - pred.fidelity_loss_bound:.6f}")
+    console.print(b)
+
+
+def _print_explain(problem, rows) -> None:
+    value = "bottleneck ms" if problem.objective == "throughput" else "total ms"
+    t = Table(title=f"why this plan ({problem.objective}): predicted ms per request", expand=True)
+    for col in ["strategy", "placement", value, "compute", "codec", "transfer", "rtt", "vs plan"]:
+        t.add_column(col, justify="left" if col in ("strategy", "placement") else "right")
+    best = next((r.evaluation.objective_value(problem.objective) for r in rows if r.name == "aiflow plan" and r.evaluation), None)
+    for r in rows:
+        ev = r.evaluation
+        if ev is None or not ev.feasible:
+            t.add_row(r.name, f"{r.summary(problem)} [red]({r.reason or 'infeasible'})[/]", "-", "", "", "", "", "")
+            continue
+        v = ev.objective_value(problem.objective)
+        ratio = f"{v / best:.2f}x" if best else "-"
+        t.add_row(r.name, r.summary(problem), _ms(v), _ms(sum(ev.compute_ms.values())), _ms(sum(ev.codec_ms.values())),
+                  _ms(sum(ev.transfer_ms.values())), _ms(sum(ev.propagation_ms.values())), ratio)
+    console.print(t)
+
+
+def _print_sweep(problem, s) -> None:
+    t = Table(title=f"sweep of {s.link} uplink: ms per strategy and the optimal plan")
+    short = {"best split, raw codec": "raw split", "aiflow plan": "plan"}
+    t.add_column("Mbit/s", justify="right")
+    for x in s.points[0].strategies:
+        t.add_column(short.get(x.name, x.name.removesuffix("-only")), justify="right")
+    t.add_column("optimal plan", overflow="fold")
+    for p in s.points:
+        cells = []
+        for x in p.strategies:
+            ok = x.evaluation is not None and x.evaluation.feasible
+            cells.append(_ms(x.evaluation.objective_value(problem.objective)) if ok else "-")
+        t.add_row(f"{p.uplink_mbps:.3g}", *cells, p.optimal.summary(problem))
+    console.print(t)
+    if not s.changes:
+        console.print("the optimal plan does not change over this range")
+    for c in s.changes:
+        console.print(f"at {c.at_mbps:.4g} Mbit/s: {c.before}  =>  {c.after}")
+
+
+def bench_plan(
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    stages: int = typer.Option(1000, "--stages", min=2, help="Stages of the large synthetic instance."),
+    codecs: int = typer.Option(8, "--codecs", min=1, max=8, help="Codecs per cut (large instance)."),
+    repeats: int = typer.Option(7, "--repeats", min=1, help="Timed repeats (median reported)."),
+) -> None:
+    """Solve time of the planner's DP (large synthetic instance) and the DP vs brute force on a small one."""
+    from aiflow_cli.plan.bench import run
+
+    with err_console.status("timing the solver"):
+        r = run(stages=stages, codecs=codecs, repeats=repeats)
+    if json_out:
+        print_json(r.to_dict())
+        return
+    t = Table(title=f"aiflow plan solve time, {r.large_stages} stages x {r.large_tiers} tiers x {r.large_codecs} codecs (median ms)")
+    t.add_column("case")
+    t.add_column("ms", justify="right")
+    t.add_row("profiles -> problem arrays", f"{r.build_problem_ms:.2f}")
+    t.add_row("DP, latency", f"{r.solve_latency_ms:.2f}")
+    t.add_row("DP, latency + memory limits", f"{r.solve_latency_memory_ms:.2f}")
+    t.add_row("DP, generate 64 tokens", f"{r.solve_generate_ms:.2f}")
+    t.add_row("throughput (binary search of DPs)", f"{r.solve_throughput_ms:.2f}")
+    console.print(t)
+    s = Table(title=f"baseline: brute force, {r.small_stages} stages x 3 tiers x {r.small_codecs} codecs ({r.small_placements} plans)")
+    s.add_column("solver")
+    s.add_column("ms", justify="right")
+    s.add_row("DP", f"{r.small_dp_ms:.3f}")
+    s.add_row("brute force", f"{r.small_brute_ms:.3f}")
+    s.add_row("brute / DP", f"{r.brute_over_dp:.1f}x")
+    s.add_row("same optimum", "yes" if r.small_agree else "[red]NO[/]")
+    console.print(s)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Adds this module's commands to the CLI."""
+    app.command("plan")(plan)
+    bench.command("plan")(bench_plan)

@@ -1,1 +1,28 @@
-"""Per-block profiling of a model on this hardware (`aiflow profile`)."""
+"""Per-block profiling of a model on this hardware (`aiflow profile`).
+
+    profile_model(name_or_model, device=, dtype=, batch=, seq_len=, image_size=, decode_tokens=, codecs=,
+                  repeats=, warmup=, label=, progress=) -> ModelProfile
+    save_profile(profile, path)   # validated on write (re-read through the schema)
+    load_profile(path) -> ModelProfile
+
+The JSON contract is :mod:`aiflow_cli.profile.schema`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiflow_cli.profile.profiler import profile_model
+from aiflow_cli.profile.schema import ModelProfile, load_profile
+
+
+def save_profile(profile: ModelProfile, path: str | Path) -> None:
+    """Writes a profile as JSON and reads it back through the schema (a file that would not load is an error)."""
+    from aiflow_cli.schema import save_model, validate
+
+    validate(ModelProfile, profile.model_dump(mode="json"), source=str(path), kind="model profile")
+    save_model(profile, path)
+    load_profile(str(path))
+
+
+__all__ = ["profile_model", "save_profile", "load_profile", "ModelProfile"]

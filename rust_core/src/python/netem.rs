@@ -1,7 +1,82 @@
-//! Python bindings for the netem module (issue 3).
+//! Bindings for the link emulator: `LinkEmulator` takes the link's figures as numbers (the Python side reads the
+//! TOML profile) and runs the relay on the shared runtime.
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
-pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+use super::errors::IntoPyResult;
+use super::transport::parse_addr;
+use crate::netem::{DirStats, Direction, Emulator, LinkParams};
+
+/// The link emulator; see `aiflow_cli.netem.LinkEmulator`.
+#[pyclass(module = "aiflow_cli._core", name = "LinkEmulator")]
+struct PyEmulator {
+    emu: Option<Emulator>,
+    address: String,
+}
+
+fn dir_dict<'py>(py: Python<'py>, s: DirStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("packets_in", s.packets_in)?;
+    d.set_item("bytes_in", s.bytes_in)?;
+    d.set_item("packets_out", s.packets_out)?;
+    d.set_item("bytes_out", s.bytes_out)?;
+    d.set_item("lost", s.lost)?;
+    d.set_item("queue_drops", s.queue_drops)?;
+    d.set_item("too_big", s.too_big)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PyEmulator {
+    /// Rates in Mbit/s, times in ms, loss in percent; delay is one-way (rtt_ms / 2 per direction).
+    #[new]
+    #[pyo3(signature = (listen, forward, uplink_mbps, downlink_mbps, rtt_ms, jitter_ms = 0.0, loss_pct = 0.0, queue_ms = 100.0, max_datagram_bytes = 1472, seed = 0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        listen: &str,
+        forward: &str,
+        uplink_mbps: f64,
+        downlink_mbps: f64,
+        rtt_ms: f64,
+        jitter_ms: f64,
+        loss_pct: f64,
+        queue_ms: f64,
+        max_datagram_bytes: usize,
+        seed: u64,
+    ) -> PyResult<PyEmulator> {
+        let dir = |rate_mbps| Direction { rate_mbps, delay_ms: rtt_ms / 2.0, jitter_ms, loss_pct, queue_ms };
+        let params = LinkParams { uplink: dir(uplink_mbps), downlink: dir(downlink_mbps), max_datagram_bytes, seed };
+        let emu = Emulator::start(parse_addr(listen).py()?, parse_addr(forward).py()?, params).py()?;
+        let address = emu.local_addr().to_string();
+        Ok(PyEmulator { emu: Some(emu), address })
+    }
+
+    #[getter]
+    fn address(&self) -> String {
+        self.address.clone()
+    }
+
+    /// {"uplink": {...}, "downlink": {...}, "flows": n}: datagrams and bytes in/out, lost, queue drops, too big.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        if let Some(e) = self.emu.as_ref() {
+            let (up, down) = e.stats();
+            d.set_item("uplink", dir_dict(py, up)?)?;
+            d.set_item("downlink", dir_dict(py, down)?)?;
+            d.set_item("flows", e.flows())?;
+        }
+        Ok(d)
+    }
+
+    fn close(&mut self, py: Python<'_>) {
+        if let Some(mut e) = self.emu.take() {
+            py.detach(move || e.close());
+        }
+    }
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyEmulator>()?;
     Ok(())
 }

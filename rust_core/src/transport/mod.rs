@@ -1,1 +1,27 @@
-//! The QUIC tensor transport (see issue 3). Filled in by the transport work.
+//! The QUIC tensor transport: authenticated request/reply messages between tiers, on quinn + rustls (ring).
+//!
+//! - [`limits`]: [`Limits`] on what a peer may make us do, and the QUIC settings derived from them; ALPN.
+//! - [`identity`]: node certificates, SHA-256 fingerprints, and the pinning TLS verifiers (mutual TLS).
+//! - [`message`]: the message format on a stream (header + frames), I/O-free and fuzzable.
+//! - [`io`]: reading/writing a message on a quinn stream; quinn errors mapped onto [`crate::Error`].
+//! - [`server`] / [`client`]: the endpoints. One request = one bidirectional stream.
+//! - [`runtime`]: the shared tokio runtime, and how blocking threads wait on it without `block_on`.
+//!
+//! See docs/transport.md for the format, the trust model and the limits.
+
+pub mod client;
+pub mod identity;
+pub mod io;
+pub mod limits;
+pub mod message;
+pub mod runtime;
+pub mod server;
+
+pub use client::{Client, ClientConfig};
+pub use identity::{Identity, Trust};
+pub use limits::{Limits, ALPN};
+pub use message::{Header, Message};
+pub use server::{Handler, PeerInfo, Server, ServerConfig, ServerStats};
+
+#[cfg(test)]
+mod tests;

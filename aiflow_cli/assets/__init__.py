@@ -1,0 +1,1 @@
+"""Small bundled data files (a sample image for the captioner demo and tests)."""

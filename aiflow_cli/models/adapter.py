@@ -1,0 +1,140 @@
+"""The contract between :class:`~aiflow_cli.models.staged.StagedModel` and one model family.
+
+A family adapter knows three things about a transformers model: how to build its skeleton, which submodules make
+each stage (embeddings -> blocks -> head), and how to run one stage on a boundary state, calling the library's
+own modules (the same calls, with the same masks, as the monolithic forward, so that split == monolithic bitwise).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch import nn
+
+from aiflow_cli.errors import InputError, ModelError
+from aiflow_cli.models.state import BoundaryState
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: a name, a kind (embed | block | encoder_block | decoder_block | head | ...), the submodules whose
+    weights it needs, whether it runs in decode steps, and the global layer index of a block (for its cache)."""
+
+    name: str
+    kind: str
+    modules: tuple[str, ...]
+    decodes: bool = False
+    layer: Optional[int] = None
+
+
+@dataclass
+class StageCache:
+    """Per-request generation state of the stages one process runs: the KV cache of their attention layers and the
+    ``side`` tensors received once per request (reused by every decode step). One request at a time."""
+
+    kv: Any
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens_seen: int = 0
+
+    def crop(self, length: int) -> None:
+        """Forgets every cached position from ``length`` on (to re-time a decode step at a fixed cache length)."""
+        kv = self.kv
+        caches = [kv.self_attention_cache] if hasattr(kv, "self_attention_cache") else [kv]
+        for c in caches:
+            for layer in c.layers:
+                if getattr(layer, "is_initialized", False) and layer.keys.numel():
+                    layer.keys = layer.keys[..., :length, :]
+                    layer.values = layer.values[..., :length, :]
+        self.tokens_seen = length
+
+
+class Adapter:
+    """Base of the family adapters. Subclasses set ``family``, ``task`` and implement the methods below."""
+
+    family: ClassVar[str]
+    task: ClassVar[str]  # generate | encode | classify | caption
+    model_class: ClassVar[type[nn.Module]]
+
+    def __init__(self, model: nn.Module, config: Any, options: dict[str, Any] | None = None):
+        self.model = model
+        self.config = config
+        self.options = options or {}
+
+    @classmethod
+    def model_class_for(cls, config: Any) -> type[nn.Module]:
+        """The transformers class this adapter cuts, for this config."""
+        return cls.model_class
+
+    @staticmethod
+    def prune(model: nn.Module) -> None:
+        """Drops submodules no stage uses (poolers), so a fully loaded model has no weightless parts."""
+
+    # -- structure ------------------------------------------------------------------------------------------
+    def stage_specs(self) -> list[StageSpec]:
+        raise NotImplementedError
+
+    def run_stage(self, spec: StageSpec, state: BoundaryState, cache: StageCache | None) -> BoundaryState:
+        raise NotImplementedError
+
+    # -- inputs and outputs ---------------------------------------------------------------------------------
+    def make_inputs(
+        self, *, batch: int, seq_len: int | None, image_size: int | None, generator: torch.Generator,
+        device: torch.device, dtype: torch.dtype,
+    ) -> BoundaryState:
+        raise NotImplementedError
+
+    def default_seq_len(self) -> int | None:
+        return 32
+
+    def default_image_size(self) -> int | None:
+        return None
+
+    def prepare(self, *, text=None, image=None, device: torch.device, dtype: torch.dtype) -> BoundaryState:
+        raise InputError(f"{self.family} models take no {'text' if text is not None else 'image'} input")
+
+    def output(self, state: BoundaryState) -> torch.Tensor:
+        """The end output from the last stage's state (logits or embeddings)."""
+        key = "embeddings" if "embeddings" in state else "logits"
+        return state[key]
+
+    def output_description(self) -> str:
+        return "logits"
+
+    def monolithic(self, inputs: BoundaryState) -> torch.Tensor:
+        """The library's own full forward on the same inputs (needs every stage loaded)."""
+        raise NotImplementedError
+
+    # -- generation -----------------------------------------------------------------------------------------
+    @property
+    def generates(self) -> bool:
+        return self.task in ("generate", "caption")
+
+    def new_cache(self) -> StageCache:
+        raise ModelError(f"{self.family} models do not generate; they have no KV cache")
+
+    def next_inputs(self, prev_inputs: BoundaryState, tokens: torch.Tensor) -> BoundaryState:
+        raise ModelError(f"{self.family} models do not generate")
+
+    # -- helpers shared by the families ----------------------------------------------------------------------
+    @staticmethod
+    def check_ids(ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            raise InputError(f"{what} must lie in [0, {vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+
+
+def text_positions(batch: int, seq_len: int, device: torch.device, past: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention_mask of ones [batch, past+seq_len], position_ids [batch, seq_len]) for unpadded text."""
+    mask = torch.ones(batch, past + seq_len, dtype=torch.long, device=device)
+    pos = torch.arange(past, past + seq_len, device=device).unsqueeze(0).expand(batch, -1).contiguous()
+    return mask, pos
+
+
+def extend_for_token(prev: BoundaryState, tokens: torch.Tensor) -> BoundaryState:
+    """The stage-0 input of the next decode step: one token per row, mask grown by one, next positions."""
+    tokens = tokens.reshape(-1, 1).to(prev["input_ids"].device)
+    mask = prev["attention_mask"]
+    mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
+    pos = prev["position_ids"][:, -1:] + 1
+    return {"input_ids": tokens, "attention_mask": mask, "position_ids": pos}

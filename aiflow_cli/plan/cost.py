@@ -1,0 +1,281 @@
+"""The cost model: what one placement costs, written twice on purpose.
+
+:func:`evaluate` prices one fully specified placement term by term with plain loops; it is the reference (the
+brute force and every report use it). :func:`dp_tables` precomputes the same terms as arrays for the DP. The
+property tests check that the two agree on every plan the DP returns. docs/planner.md states the formulas.
+
+Assumptions (all documented in docs/planner.md): connections are kept open (steady state, no handshake); a
+one-way crossing of a link costs ``rtt_ms / 2`` plus serialisation ``bytes * 8 / goodput``; loss only lowers
+goodput, ``rate * (1 - loss_pct / 100)``; a tier that runs nothing but sits between two that do forwards frames
+store-and-forward without re-coding; the raw input is uploaded uncoded and the output returns uncoded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from aiflow_cli.links import LinkProfile
+from aiflow_cli.plan.problem import Problem
+
+#: Tolerance on the fidelity budget, so that a sum computed in another order is not refused by rounding.
+FIDELITY_EPS = 1e-12
+
+
+def goodput_mbps(link: LinkProfile, *, up: bool) -> float:
+    """Useful rate of a link direction in Mbit/s: the nominal rate less the share lost to packet loss."""
+    rate = link.uplink_mbps if up else link.downlink_mbps
+    return rate * (1.0 - link.loss_pct / 100.0)
+
+
+def serialise_ms(link: LinkProfile, n_bytes: float, *, up: bool) -> float:
+    """Time to put ``n_bytes`` on the link at its goodput (ms); no propagation delay."""
+    return n_bytes * 8e-3 / goodput_mbps(link, up=up)
+
+
+@dataclass
+class Placement:
+    """Which tier runs which stages and which codec each used cut takes.
+
+    ``bounds``: T+1 stage indices, tier ``t`` runs ``[bounds[t], bounds[t+1])`` (empty: the tier computes
+    nothing). ``codecs``: cut index (after_stage) -> codec index, exactly for the used cuts."""
+
+    bounds: tuple[int, ...]
+    codecs: dict[int, int]
+
+    def computing(self) -> list[int]:
+        """Tiers that run at least one stage, in flow order."""
+        return [t for t in range(len(self.bounds) - 1) if self.bounds[t + 1] > self.bounds[t]]
+
+    def used_cuts(self) -> list[tuple[int, int, int]]:
+        """(after_stage, from_tier, to_tier) for each boundary between consecutive computing tiers."""
+        comp = self.computing()
+        return [(self.bounds[a + 1] - 1, a, b) for a, b in zip(comp, comp[1:])]
+
+    def signature(self) -> tuple:
+        return (self.bounds, tuple(sorted(self.codecs.items())))
+
+
+@dataclass
+class Evaluation:
+    """The predicted cost of a placement, term by term (ms) and its feasibility."""
+
+    total_ms: float = 0.0  # one request, end to end (all decode steps included for 'generate')
+    prefill_ms: float = 0.0  # the part before the first decode step
+    per_token_ms: float = 0.0  # one decode step ('generate')
+    compute_ms: dict[str, float] = field(default_factory=dict)  # tier -> ms
+    codec_ms: dict[str, float] = field(default_factory=dict)  # cut label -> encode + decode ms
+    transfer_ms: dict[str, float] = field(default_factory=dict)  # link -> serialisation ms, both directions
+    propagation_ms: dict[str, float] = field(default_factory=dict)  # link -> rtt/2 per crossing
+    busy_ms: dict[str, float] = field(default_factory=dict)  # pipeline resource -> ms per request
+    bottleneck: str = ""
+    bottleneck_ms: float = 0.0
+    fidelity_loss: float = 0.0  # sum over used cuts of (1 - cosine)
+    violations: list[str] = field(default_factory=list)
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+    @property
+    def throughput_rps(self) -> float:
+        return 1e3 / self.bottleneck_ms if self.bottleneck_ms > 0 else float("inf")
+
+    def objective_value(self, objective: str) -> float:
+        """What the solver minimises: ms per request (latency, generate) or bottleneck ms (throughput)."""
+        return self.bottleneck_ms if objective == "throughput" else self.total_ms
+
+
+def cut_label(problem: Problem, after_stage: int, a: int, b: int) -> str:
+    return f"{problem.tiers[a]}->{problem.tiers[b]}@{after_stage}"
+
+
+def _add(d: dict[str, float], key: str, ms: float) -> None:
+    d[key] = d.get(key, 0.0) + ms
+
+
+def segment_memory_bytes(problem: Problem, tier: int, start: int, end: int) -> int:
+    """Parameters of stages [start, end) plus the largest peak activation among them (stages run in turn)."""
+    if end <= start:
+        return 0
+    return int(problem.param_bytes[start:end].sum() + problem.peak_bytes[tier, start:end].max())
+
+
+def evaluate(problem: Problem, placement: Placement) -> Evaluation:
+    """Prices ``placement`` term by term and lists every limit it breaks (see the module docstring)."""
+    p, pl, ev = problem, placement, Evaluation()
+    T, S, N = p.n_tiers, p.n_stages, p.tokens
+    b = pl.bounds
+    assert len(b) == T + 1 and b[0] == 0 and b[-1] == S and all(x <= y for x, y in zip(b, b[1:]))
+    comp = pl.computing()
+    names, links = p.link_names, p.links
+
+    for t in range(T):
+        lo, hi = b[t], b[t + 1]
+        if hi > lo:
+            if p.skip[t]:
+                ev.violations.append(f"tier {p.tiers[t]} is skipped but runs stages {lo}..{hi - 1}")
+            mem = segment_memory_bytes(p, t, lo, hi)
+            if p.memory_bytes[t] is not None and mem > p.memory_bytes[t]:
+                ev.violations.append(
+                    f"memory on {p.tiers[t]}: needs {mem / 2**20:,.0f} MiB, limit {p.memory_bytes[t] / 2**20:,.0f} MiB"
+                )
+        elif p.require[t]:
+            ev.violations.append(f"tier {p.tiers[t]} is required but runs no stage")
+        prefill = float(sum(p.prefill_ms[t, s] for s in range(lo, hi)))
+        decode = float(sum(p.decode_ms[t, s] for s in range(lo, hi) if p.decode_stage[s]))
+        ev.compute_ms[p.tiers[t]] = prefill + N * decode
+        ev.prefill_ms += prefill
+        ev.per_token_ms += decode
+        ev.busy_ms[f"compute:{p.tiers[t]}"] = prefill
+
+    first, last = comp[0], comp[-1]
+    for l in range(first):  # the raw input climbs to the first tier that computes
+        x = serialise_ms(links[l], p.input_bytes, up=True)
+        _add(ev.transfer_ms, names[l], x)
+        _add(ev.propagation_ms, names[l], links[l].one_way_ms)
+        ev.prefill_ms += x + links[l].one_way_ms
+        ev.busy_ms[f"up:{names[l]}"] = x
+    for l in range(last):  # the output returns to the device
+        x = serialise_ms(links[l], p.output_bytes, up=False)
+        _add(ev.transfer_ms, names[l], x)
+        _add(ev.propagation_ms, names[l], links[l].one_way_ms)
+        ev.prefill_ms += x + links[l].one_way_ms
+        ev.busy_ms[f"down:{names[l]}"] = x
+
+    used = pl.used_cuts()
+    if sorted(pl.codecs) != sorted(k for k, _, _ in used):
+        raise ValueError(f"placement codecs {sorted(pl.codecs)} do not match the used cuts {[k for k, _, _ in used]}")
+    for k, a, z in used:
+        c = pl.codecs[k]
+        label = cut_label(p, k, a, z)
+        if not p.available[k, c]:
+            ev.violations.append(f"codec {p.codecs[c]} is not available at cut {k}")
+            ev.total_ms = ev.bottleneck_ms = float("inf")
+            return ev
+        loss = float(p.cut_loss[k, c])
+        if loss > p.fidelity_budget + FIDELITY_EPS:
+            ev.violations.append(f"fidelity at cut {k}: codec {p.codecs[c]} has cosine {1 - loss:.6f} < {p.limits.min_fidelity}")
+        ev.fidelity_loss += loss
+        enc, dec = float(p.enc_ms[a, k, c]), float(p.dec_ms[z, k, c])
+        _add(ev.codec_ms, label, enc + dec)
+        ev.prefill_ms += enc + dec
+        ev.busy_ms[f"encode:{label}"] = enc
+        ev.busy_ms[f"decode:{label}"] = dec
+        per_step = 0.0
+        if N and p.decode_stage[k]:
+            step_codec = float(p.step_fraction[k]) * (enc + dec)
+            _add(ev.codec_ms, label, N * step_codec)
+            per_step += step_codec
+        for l in range(a, z):
+            x = serialise_ms(links[l], float(p.cut_bytes[k, c]), up=True)
+            _add(ev.transfer_ms, names[l], x)
+            _add(ev.propagation_ms, names[l], links[l].one_way_ms)
+            ev.prefill_ms += x + links[l].one_way_ms
+            ev.busy_ms[f"up:{names[l]}"] = x
+            if N and p.decode_stage[k]:
+                # one step's hidden state goes up, the sampled token comes back down to be fed in
+                up = serialise_ms(links[l], float(p.cut_step_bytes[k, c]), up=True)
+                down = serialise_ms(links[l], p.token_bytes, up=False)
+                _add(ev.transfer_ms, names[l], N * (up + down))
+                _add(ev.propagation_ms, names[l], N * 2 * links[l].one_way_ms)
+                per_step += up + down + 2 * links[l].one_way_ms
+        ev.per_token_ms += per_step
+    if ev.fidelity_loss > p.fidelity_budget + FIDELITY_EPS and len(used) > 1:
+        ev.violations.append(
+            f"end-to-end fidelity: the cuts' (1 - cosine) sum to {ev.fidelity_loss:.3g} > {p.fidelity_budget:.3g}"
+        )
+
+    if not N:
+        ev.per_token_ms = 0.0  # no decode steps: keep the field honest rather than report an unused figure
+    ev.total_ms = ev.prefill_ms + N * ev.per_token_ms
+    ev.bottleneck, ev.bottleneck_ms = max(ev.busy_ms.items(), key=lambda kv: kv[1])
+    return ev
+
+
+@dataclass
+class Tables:
+    """The cost terms as arrays for the DP (ms; inf where not allowed).
+
+    ``stage_ms[t, s]``: stage s on tier t (prefill, plus N decode steps for 'generate').
+    ``cut_ms[a, z, k, c]``: cut k coded with c, sent from tier a to tier z (a < z), all steps included.
+    ``input_ms[z]``: raw input climbing to tier z. ``output_ms[a]``: output returning from tier a.
+    ``cut_busy_ms[a, z, k, c]``: the busiest pipeline resource of that crossing (throughput).
+    ``input_busy_ms[z]``, ``output_busy_ms[a]``: the same for input and output."""
+
+    stage_ms: np.ndarray
+    prefix_ms: np.ndarray  # (T, S+1) cumulative stage_ms
+    prefill_prefix_ms: np.ndarray  # (T, S+1) cumulative prefill only (throughput: tier busy time)
+    cut_ms: np.ndarray
+    cut_busy_ms: np.ndarray
+    input_ms: np.ndarray
+    input_busy_ms: np.ndarray
+    output_ms: np.ndarray
+    output_busy_ms: np.ndarray
+
+
+def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
+    """Vectorised cost terms; a codec whose own cut breaks the fidelity floor is masked out (inf)."""
+    p = problem
+    T, S, C, N = p.n_tiers, p.n_stages, p.n_codecs, p.tokens
+    K = S - 1
+    stage = p.prefill_ms + N * np.where(p.decode_stage[None, :], p.decode_ms, 0.0)
+    prefix = np.concatenate([np.zeros((T, 1)), np.cumsum(stage, axis=1)], axis=1)
+    pprefix = np.concatenate([np.zeros((T, 1)), np.cumsum(p.prefill_ms, axis=1)], axis=1)
+
+    ok = p.available.copy()
+    if fidelity_mask:
+        ok &= p.cut_loss <= p.fidelity_budget + FIDELITY_EPS
+    cut = np.full((T, T, K, C), np.inf)
+    busy = np.full((T, T, K, C), np.inf)
+    bytes_ = np.where(ok, p.cut_bytes, 0.0)
+    per_step = np.where(p.decode_stage[:K], 1.0, 0.0)[:, None] * (N if N else 0)  # (K, 1) steps crossing the cut
+    with np.errstate(invalid="ignore"):  # inf * 0 where a codec is unavailable; masked just below
+        _fill_cuts(p, ok, bytes_, per_step, cut, busy)
+
+    inp = np.zeros(T)
+    inp_busy = np.zeros(T)
+    out = np.zeros(T)
+    out_busy = np.zeros(T)
+    for t in range(1, T):
+        link = p.links[t - 1]
+        xi = serialise_ms(link, p.input_bytes, up=True)
+        xo = serialise_ms(link, p.output_bytes, up=False)
+        inp[t] = inp[t - 1] + xi + link.one_way_ms
+        out[t] = out[t - 1] + xo + link.one_way_ms
+        inp_busy[t] = max(inp_busy[t - 1], xi)
+        out_busy[t] = max(out_busy[t - 1], xo)
+    # the first computing tier may not be above a required tier, nor the last below one
+    for t in range(T):
+        if p.require[:t].any():
+            inp[t] = np.inf
+        if p.require[t + 1 :].any():
+            out[t] = np.inf
+    return Tables(stage, prefix, pprefix, cut, busy, inp, inp_busy, out, out_busy)
+
+
+def _fill_cuts(p: Problem, ok: np.ndarray, bytes_: np.ndarray, per_step: np.ndarray, cut: np.ndarray, busy: np.ndarray) -> None:
+    """Fills ``cut`` and ``busy`` (see :class:`Tables`) for every pair of tiers a < z."""
+    T = p.n_tiers
+    for a in range(T):
+        for z in range(a + 1, T):
+            # an intermediate required tier must compute, so a crossing may not jump over it
+            if p.require[a + 1 : z].any():
+                continue
+            codec = p.enc_ms[a] + p.dec_ms[z]
+            total = codec + per_step * p.step_fraction[:, None] * codec
+            worst = np.maximum(p.enc_ms[a], p.dec_ms[z])
+            for l in range(a, z):
+                link = p.links[l]
+                x = bytes_ * 8e-3 / goodput_mbps(link, up=True)
+                step = (
+                    p.cut_step_bytes * 8e-3 / goodput_mbps(link, up=True)
+                    + p.token_bytes * 8e-3 / goodput_mbps(link, up=False)
+                    + 2 * link.one_way_ms
+                )
+                total = total + x + link.one_way_ms + per_step * step
+                worst = np.maximum(worst, x)
+            cut[a, z] = np.where(ok, total, np.inf)
+            busy[a, z] = np.where(ok, worst, np.inf)

@@ -1,0 +1,129 @@
+"""`aiflow profile`: structure and plausibility of a tiny model's profile, schema validation, CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from aiflow_cli import codec
+from aiflow_cli.cli import app
+from aiflow_cli.errors import InputError
+from aiflow_cli.models import load_model
+from aiflow_cli.profile import load_profile, profile_model, save_profile
+
+_ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
+
+
+@pytest.fixture(scope="module")
+def gpt2_profile():
+    return profile_model("builtin:gpt2-tiny", seq_len=16, decode_tokens=8, repeats=2, warmup=1)
+
+
+def test_profile_structure_and_plausible_numbers(gpt2_profile):
+    p = gpt2_profile
+    m = load_model("builtin:gpt2-tiny")
+    assert [s.name for s in p.stages] == m.stage_names and len(p.cuts) == m.num_stages - 1
+    assert p.family == "gpt2" and p.task == "generate" and p.model_hash == m.model_hash
+    for s in p.stages:
+        assert s.prefill_ms > 0 and s.prefill_p90_ms >= s.prefill_ms
+        assert s.decode_ms is not None and s.decode_ms > 0
+        assert s.param_bytes == m.stage_param_bytes(s.index) > 0
+        assert s.peak_activation_bytes > 0
+    for cut in p.cuts:
+        for t in cut.tensors:
+            n = 1
+            for d in t.shape:
+                n *= d
+            assert t.bytes == n * _ELEMENT_BYTES[t.dtype]
+        assert cut.activation_bytes == sum(t.bytes for t in cut.tensors)
+        hidden = next(t for t in cut.tensors if t.role == "hidden")
+        assert hidden.shape == [1, 16, 64] and hidden.decode_step_bytes == 64 * 4
+        assert set(cut.codecs) == set(codec.default_codecs())
+        raw, int8, fp16, int4 = (cut.codecs[c] for c in ("raw", "int8", "fp16", "int4"))
+        assert raw.bytes >= cut.activation_bytes  # frames carry headers
+        assert int4.bytes < int8.bytes < fp16.bytes < raw.bytes
+        assert raw.fidelity.cosine == 1.0 and raw.fidelity.max_abs_error == 0.0
+        assert 0.99 < int8.fidelity.cosine < 1.0 and int8.fidelity.top1_agreement is not None
+        assert int4.fidelity.cosine <= int8.fidelity.cosine
+        assert raw.encode_ms > 0 and raw.decode_ms > 0
+        assert raw.decode_step_bytes is not None and raw.decode_step_bytes < raw.bytes
+    assert p.input.bytes == 3 * 16 * 8  # input_ids, attention_mask, position_ids: int64
+    assert p.settings.seq_len == 16 and p.settings.decode_tokens == 8 and p.hardware.cores >= 1
+
+
+def test_profile_roundtrips_through_the_schema(gpt2_profile, tmp_path):
+    path = tmp_path / "p.json"
+    save_profile(gpt2_profile, path)
+    again = load_profile(str(path))
+    assert again == gpt2_profile
+    data = json.loads(path.read_text())
+    del data["cuts"][0]["codecs"]["raw"]
+    path.write_text(json.dumps(data))
+    from aiflow_cli.errors import SchemaError
+
+    with pytest.raises(SchemaError, match="raw"):
+        load_profile(str(path))
+
+
+def test_captioner_profile_marks_side_and_prefill_only_encoder():
+    p = profile_model("builtin:captioner-tiny", codecs=["int8"], repeats=1, warmup=0, decode_tokens=4)
+    enc = [s for s in p.stages if s.kind.startswith("encoder")]
+    assert enc and all(s.decode_ms is None for s in enc)
+    assert all(s.decode_ms is not None for s in p.stages if not s.kind.startswith("encoder"))
+    side_cuts = [c for c in p.cuts if any(t.role == "side" for t in c.tensors)]
+    assert side_cuts and side_cuts[0].after_stage == len(enc) - 1
+    for c in side_cuts:
+        side = next(t for t in c.tensors if t.role == "side")
+        assert side.decode_step_bytes is None
+        # a decode step does not resend the encoder output
+        assert c.codecs["raw"].decode_step_bytes < side.bytes
+    assert set(p.cuts[0].codecs) == {"raw", "int8"}
+
+
+def test_encoder_profile_has_no_decode():
+    p = profile_model("builtin:bert-tiny", codecs=["int8"], repeats=1, warmup=0)
+    assert p.task == "encode" and all(s.decode_ms is None for s in p.stages)
+    assert p.cuts[0].codecs["int8"].fidelity.top1_agreement is None
+    with pytest.raises(InputError, match="decode-tokens"):
+        profile_model("builtin:bert-tiny", decode_tokens=4, repeats=1)
+
+
+runner = CliRunner()
+
+
+def test_cli_profile_writes_valid_json(tmp_path):
+    out = tmp_path / "vit.json"
+    r = runner.invoke(app, ["profile", "builtin:vit-tiny", "--repeats", "1", "--warmup", "0", "--codecs", "int8,fp16",
+                            "-o", str(out), "--label", "test-box"])
+    assert r.exit_code == 0, r.output
+    p = load_profile(str(out))
+    assert p.hardware.label == "test-box" and p.settings.image_size == 32
+    r = runner.invoke(app, ["profile", "builtin:vit-tiny", "--repeats", "1", "--json", "--codecs", "int8"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["family"] == "vit"
+
+
+def test_cli_models_lists_builtins():
+    r = runner.invoke(app, ["models", "--json"])
+    assert r.exit_code == 0 and "builtin:vit-gpt2-captioner" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["profile", "builtin:no-such"], 5, "unknown built-in"),
+        (["profile", "builtin:vit-tiny", "--image-size", "64"], 3, "32x32"),
+        (["profile", "builtin:gpt2-tiny", "--seq-len", "0"], 3, "seq_len"),
+        (["profile", "builtin:gpt2-tiny", "--codecs", "int9"], 4, ""),
+        (["profile", "builtin:gpt2-tiny", "--dtype", "float64"], 3, "dtype"),
+        (["profile", "builtin:gpt2-tiny", "--repeats", "0"], 3, "repeats"),
+    ],
+)
+def test_cli_bad_inputs_exit_nonzero_without_traceback(args, code, message):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "aiflow_cli", *args], capture_output=True, text=True, timeout=120)
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr and message in r.stderr
