@@ -1,9 +1,187 @@
-"""CLI verbs of the runtime part (not built yet: see the issues)."""
+"""CLI verbs of the runtime: ``aiflow serve --role edge|cloud``, ``aiflow run`` (the device) and ``aiflow demo``."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any, Optional
+
 import typer
+
+from aiflow_cli.console import console, err_console, print_json
+from aiflow_cli.errors import InputError
+
+IMAGE_TASKS = ("caption", "classify")
+
+
+def _threads() -> None:
+    """Applies ``AIFLOW_THREADS`` (torch intra-op threads), so several tiers on one machine do not oversubscribe."""
+    n = os.environ.get("AIFLOW_THREADS")
+    if n:
+        import torch
+
+        torch.set_num_threads(max(1, int(n)))
+
+
+def serve(
+    role: str = typer.Option(..., "--role", help="edge or cloud."),
+    plan: Path = typer.Option(..., "--plan", help="Plan JSON from `aiflow plan --out` (the same file on every tier)."),
+    listen: str = typer.Option("127.0.0.1:4433", "--listen", help="UDP address to listen on (port 0: any free)."),
+    next_addr: Optional[str] = typer.Option(None, "--next", help="Next tier's address (edge -> cloud)."),
+    identity: Path = typer.Option(..., "--identity", help="Directory with node.key/node.crt (aiflow keygen)."),
+    trust: list[str] = typer.Option([], "--trust", help="Fingerprint of a peer to accept (repeat): devices, edges, the next tier."),
+    speed: float = typer.Option(1.0, "--speed", help="Emulate a slower machine: stretch compute by 1/SPEED (0 < SPEED <= 1)."),
+    cache_mib: int = typer.Option(1024, "--cache-mib", min=1, help="KV-cache memory for all sessions; least recently used are evicted."),
+    duration_s: Optional[float] = typer.Option(None, "--duration-s", min=0, help="Stop after this many seconds."),
+    insecure_dev: bool = typer.Option(False, "--insecure-dev", help="Accept any peer certificate (local experiments only)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the ready line and final counters as JSON lines."),
+) -> None:
+    """Serve one tier of a plan: load only its stages, run them for every device, forward to the next tier."""
+    import json
+    import sys
+
+    from aiflow_cli.runtime.serve import TierServer
+
+    _threads()
+    srv = TierServer(role, plan, listen=listen, identity=identity, trust=trust, next_addr=next_addr, speed=speed,
+                     cache_limit_bytes=cache_mib << 20, insecure_dev=insecure_dev)
+
+    def ready(info: dict[str, Any]) -> None:
+        if json_out:
+            sys.stdout.write(json.dumps(info) + "\n")
+            sys.stdout.flush()
+        else:
+            lo, hi = info["stages"]
+            err_console.print(
+                f"{role} ready on {info['address']} (fingerprint {info['fingerprint'][:16]}..): stages "
+                f"{'none (relay)' if hi == lo else f'[{lo}:{hi})'}, weights {info['loaded_param_bytes'] / 2**20:.1f} MiB, "
+                f"RSS {info['rss_bytes'] / 2**20:.0f} MiB" + ("" if duration_s else "; Ctrl-C to stop"),
+                highlight=False,
+            )
+
+    stats = srv.serve_forever(duration_s, on_ready=ready)
+    if json_out:
+        sys.stdout.write(json.dumps({"event": "stopped", "stats": stats}) + "\n")
+    else:
+        err_console.print(f"{role} stopped: {stats}", highlight=False)
+
+
+def _request_input(task: str, value: str) -> dict[str, Any]:
+    if task in IMAGE_TASKS:
+        p = Path(value)
+        if not p.is_file():
+            raise InputError(f"{task} models take an image file; no file {value!r}")
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            return {"image": Image.open(p).convert("RGB")}
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"cannot read image {value!r}: {e}") from None
+    return {"text": value}
+
+
+def run(
+    input_: str = typer.Argument(..., metavar="INPUT", help="Text prompt / sentence, or an image file (caption, classify)."),
+    plan: Path = typer.Option(..., "--plan", help="Plan JSON (the same file the edge and cloud serve)."),
+    edge: Optional[str] = typer.Option(None, "--edge", help="Edge address HOST:PORT (needed unless the device runs everything)."),
+    identity: Path = typer.Option(..., "--identity", help="Directory with this device's node.key/node.crt."),
+    trust: list[str] = typer.Option([], "--trust", help="Fingerprint of the edge to accept (repeat)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens to generate (default: the plan's, else 16)."),
+    timeout_s: float = typer.Option(60.0, "--timeout", help="Deadline of the whole request, seconds."),
+    fallback: str = typer.Option("none", "--fallback", help="none | local: finish on the device if the upper tiers fail."),
+    speed: float = typer.Option(1.0, "--speed", help="Emulate a slower device (0 < SPEED <= 1)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
+    from aiflow_cli.runtime.pipeline import Pipeline
+    from aiflow_cli.runtime.report import flow_table
+
+    _threads()
+    with Pipeline(plan, edge=edge, identity=identity, trust=trust, timeout_s=timeout_s, fallback=fallback,
+                  speed=speed) as p:
+        chain = p.hello() if p.node.next is not None else [p.node.describe()]
+        result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens)
+    if json_out:
+        print_json({**result.to_json(p.plan), "plan": p.plan.summary(), "tiers": chain})
+        return
+    if result.text is not None:
+        console.print(f"tokens: {result.tokens.tolist()}", highlight=False)
+        console.print(f"text: {result.text!r}", highlight=False)
+    elif result.output is not None:
+        console.print(f"output: shape {list(result.output.shape)}, first values "
+                      f"{[round(v, 4) for v in result.output.flatten()[:6].tolist()]}", highlight=False)
+    if result.fallback:
+        err_console.print(f"[yellow]finished locally[/]: {result.fallback}")
+    console.print(flow_table(p.plan, result))
+    for d in chain:
+        console.print(f"{d['tier']}: stages {d['stages']}, weights {d['loaded_param_bytes'] / 2**20:.1f} MiB, "
+                      f"RSS {d['rss_bytes'] / 2**20:.0f} MiB", highlight=False)
+
+
+def demo(
+    model: str = typer.Option("builtin:vit-gpt2-captioner", "--model", help="Model to split (aiflow models lists them)."),
+    link: str = typer.Option("lte", "--link", help="Device-to-edge link profile (profiles/links/, or a .toml path)."),
+    wan: str = typer.Option("wan", "--wan", help="Edge-to-cloud link profile."),
+    device_speed: float = typer.Option(0.25, "--device-speed", help="Emulated device speed as a share of this CPU (0 < x <= 1)."),
+    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens to generate (captioning / LMs)."),
+    input_: Optional[Path] = typer.Option(None, "--image", help="Image to caption/classify (default: the bundled sample)."),
+    text: Optional[str] = typer.Option(None, "--text", help="Prompt or sentence for text models."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, cached profile, plans, logs (default ~/.cache/aiflow/demo)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """The main job: device, edge and cloud on loopback through emulated links, one model split as planned."""
+    from rich.live import Live
+    from rich.table import Table
+
+    from aiflow_cli.runtime.demo import DemoConfig, run_demo
+    from aiflow_cli.runtime.report import flow_table
+
+    if not 0 < device_speed <= 1:
+        raise InputError(f"--device-speed {device_speed}: must be in (0, 1]")
+    cfg = DemoConfig(model=model, uplink=link, wan=wan, device_speed=device_speed, max_new_tokens=max_new_tokens,
+                     input_path=input_, text=text)
+    if workdir is not None:
+        cfg.workdir = workdir
+    steps: list[str] = []
+    out_console = err_console if json_out else console
+
+    def view() -> Table:
+        t = Table.grid(padding=(0, 1))
+        for i, s in enumerate(steps):
+            t.add_row("[green]✓[/]" if i < len(steps) - 1 else "[yellow]…[/]", s)
+        return t
+
+    with Live(view(), console=out_console, refresh_per_second=4, transient=False) as live:
+        def log(msg: str) -> None:
+            steps.append(msg)
+            live.update(view())
+
+        out = run_demo(cfg, log)
+        steps.append(f"done in {out['wall_s']:.1f} s")
+        live.update(view())
+    runs = out.pop("_runs")
+    if json_out:
+        print_json(out)
+        return
+    for name, r in runs.items():
+        console.print(flow_table(r.plan, r.result, title=f"{name}: {r.plan.summary()}"))
+    summary = Table(title="strategies side by side (same request, same emulated links)", title_justify="left")
+    for col in ("strategy", "plan", "measured ms", "predicted ms", "bytes device->edge", "agreement"):
+        summary.add_column(col, justify="left" if col in ("strategy", "plan") else "right")
+    for name, e in out["strategies"].items():
+        up = e["timings"]["links"].get("device-edge", {}).get("bytes_up", 0)
+        agree = e.get("token_agreement", e.get("cosine"))
+        summary.add_row(name, e["plan"], f"{e['total_ms']:.0f}", f"{e['predicted_ms']:.0f}", f"{up:,}",
+                        "-" if agree is None else f"{agree:.4f}")
+    console.print(summary)
+    a = out["strategies"]["aiflow"]
+    if a.get("text") is not None:
+        console.print(f"caption tokens: {a['tokens'][0]}  (random weights: nonsense text, compare token agreement)",
+                      highlight=False)
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Adds this module's commands to the CLI."""
+    app.command("serve")(serve)
+    app.command("run")(run)
+    app.command("demo")(demo)

@@ -1,0 +1,154 @@
+"""`aiflow demo`: the whole story on one machine, offline, in one command.
+
+keygen for three nodes -> profile the model (cached per model hash) -> plan for the chosen links -> cloud and
+edge as real subprocesses behind link emulators on loopback -> the device runs one request -> the same request
+device-only and cloud-only (each measured the same way) -> token agreement with the monolithic model.
+
+The device is slowed to ``device_speed`` of this CPU (compute stretched, see :class:`TierNode`); edge and cloud
+run at this CPU's speed. Link delay, rate and loss are emulated in userspace (:mod:`aiflow_cli.netem`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from aiflow_cli.links import load_link
+from aiflow_cli.models import load_model, load_stages
+from aiflow_cli.plan import Limits, solve
+from aiflow_cli.plan.schema import Plan, save_plan
+from aiflow_cli.profile import load_profile, profile_model, save_profile
+from aiflow_cli.profile.schema import ModelProfile
+from aiflow_cli.runtime.cluster import LocalCluster, identities
+from aiflow_cli.runtime.pipeline import Pipeline, RunResult
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+SAMPLE_IMAGE = ASSETS / "sample.jpg"
+SAMPLE_TEXT = "AI flow splits one model across device, edge and cloud"
+
+
+@dataclass
+class DemoConfig:
+    model: str = "builtin:vit-gpt2-captioner"
+    uplink: str = "lte"
+    wan: str = "wan"
+    device_speed: float = 0.25
+    max_new_tokens: int = 16
+    workdir: Path = field(default_factory=lambda: Path.home() / ".cache" / "aiflow" / "demo")
+    input_path: Optional[Path] = None
+    text: Optional[str] = None
+
+
+@dataclass
+class StrategyRun:
+    name: str
+    plan: Plan
+    result: RunResult
+    tiers: list[dict[str, Any]]
+    link_stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def cached_profile(model: str, workdir: Path, log: Callable[[str], None]) -> ModelProfile:
+    """This machine's profile of ``model``, measured once per model hash and kept in ``workdir/profiles``."""
+    model_hash = load_stages(model, []).model_hash
+    path = workdir / "profiles" / f"{_safe(model)}-{model_hash[:12]}.json"
+    if path.is_file():
+        log(f"profile: cached {path}")
+        return load_profile(str(path))
+    log(f"profile: measuring {model} on this CPU (once; cached in {path.parent})")
+    prof = profile_model(model, repeats=3, label="this-cpu")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(prof, path)
+    return prof
+
+
+def make_plans(prof: ModelProfile, cfg: DemoConfig) -> dict[str, Plan]:
+    """The planned split and the two baselines, solved on the same profile, links and speeds."""
+    links = {"device-edge": load_link(cfg.uplink), "edge-cloud": load_link(cfg.wan)}
+    speeds = {"device": cfg.device_speed, "edge": 1.0, "cloud": 1.0}
+    objective, tokens = ("generate", cfg.max_new_tokens) if prof.task in ("generate", "caption") else ("latency", 0)
+
+    def plan(**limits: Any) -> Plan:
+        return solve({"*": prof}, links, objective=objective, tokens=tokens, limits=Limits(**limits), speeds=speeds)
+
+    return {
+        "aiflow": plan(),
+        "device-only": plan(skip=frozenset({"edge", "cloud"})),
+        "cloud-only": plan(skip=frozenset({"device", "edge"})),
+    }
+
+
+def request_input(task: str, cfg: DemoConfig) -> dict[str, Any]:
+    if task in ("caption", "classify"):
+        from PIL import Image
+
+        return {"image": Image.open(cfg.input_path or SAMPLE_IMAGE).convert("RGB")}
+    return {"text": cfg.text or SAMPLE_TEXT}
+
+
+def run_strategy(name: str, plan: Plan, cfg: DemoConfig, inputs: dict[str, Any], log: Callable[[str], None]) -> StrategyRun:
+    """Starts the tiers ``plan`` needs (none for device-only), runs one warm-up and one measured request."""
+    plan_path = cfg.workdir / "plans" / f"{name}.json"
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    save_plan(plan, plan_path)
+    n = cfg.max_new_tokens if plan.task in ("generate", "caption") else None
+    if not any(t.end > t.start for t in plan.tiers[1:]):
+        keys = identities(cfg.workdir)
+        with Pipeline(plan, edge=None, identity=keys["device"], trust=[], speed=cfg.device_speed) as p:
+            log(f"{name}: device runs every stage")
+            p.run(**inputs, max_new_tokens=n)
+            return StrategyRun(name, plan, p.run(**inputs, max_new_tokens=n), [p.node.describe()])
+    links = {"device-edge": cfg.uplink, "edge-cloud": cfg.wan}
+    log(f"{name}: starting cloud and edge ({plan.summary()})")
+    with LocalCluster(plan_path, cfg.workdir, links=links, speeds={"device": cfg.device_speed}) as c:
+        with c.pipeline(timeout_s=300) as p:
+            tiers = p.hello()
+            log(f"{name}: running the request")
+            p.run(**inputs, max_new_tokens=n)  # warm-up: connections, allocator, first-call overheads
+            result = p.run(**inputs, max_new_tokens=n)
+            return StrategyRun(name, plan, result, tiers, c.link_stats())
+
+
+def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Share of generated positions where two token sequences agree."""
+    return float((a == b).float().mean())
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the demo; returns everything it measured (the CLI prints it)."""
+    t0 = time.perf_counter()
+    cfg.workdir.mkdir(parents=True, exist_ok=True)
+    keys = identities(cfg.workdir)
+    log("keys: " + ", ".join(f"{t} {k.fingerprint[:12]}" for t, k in keys.items()))
+    prof = cached_profile(cfg.model, cfg.workdir, log)
+    plans = make_plans(prof, cfg)
+    log(f"plan ({cfg.uplink} to the edge, {cfg.wan} to the cloud, device at {cfg.device_speed:g}x): {plans['aiflow'].summary()}")
+    full = load_model(cfg.model)
+    inputs = request_input(full.task, cfg)
+    runs = {name: run_strategy(name, plan, cfg, inputs, log) for name, plan in plans.items()}
+    reference = None
+    if full.generates:
+        reference = full.generate(full.prepare(**inputs), cfg.max_new_tokens)
+    else:
+        reference = full.output(full.run(full.prepare(**inputs)))
+    out: dict[str, Any] = {"model": cfg.model, "links": {"device-edge": cfg.uplink, "edge-cloud": cfg.wan},
+                           "device_speed": cfg.device_speed, "strategies": {}}
+    for name, r in runs.items():
+        entry = {"plan": r.plan.summary(), "predicted_ms": r.plan.prediction.total_ms, **r.result.to_json(),
+                 "tiers": r.tiers}
+        if reference is not None and r.result.tokens is not None:
+            entry["token_agreement"] = agreement(r.result.tokens, reference)
+        elif reference is not None and r.result.output is not None:
+            entry["cosine"] = float(torch.nn.functional.cosine_similarity(r.result.output.flatten(), reference.flatten(), dim=0))
+        out["strategies"][name] = entry
+    out["wall_s"] = time.perf_counter() - t0
+    out["_runs"] = runs
+    return out

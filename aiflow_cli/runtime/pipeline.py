@@ -1,0 +1,184 @@
+"""The device side of a plan: :class:`Pipeline` runs requests through device -> edge -> cloud.
+
+    with Pipeline("plan.json", edge="10.0.0.2:4433", identity="keys/device", trust=[edge_fp]) as p:
+        p.hello()                                    # checks every tier holds the same plan and model
+        r = p.run(image=PIL.Image.open("cat.jpg"))   # or text="...", or inputs={...}
+        print(r.text or r.output, r.total_ms, r.timings.to_json())
+
+``fallback="local"`` finishes a request on the device (its own stages plus a local copy of the rest, loaded on
+first need) when the upper tiers cannot be reached or time out; the result says so.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import torch
+
+from aiflow_cli import codec
+from aiflow_cli.errors import InputError, PeerRejected, TransportError
+from aiflow_cli.models import StagedModel, load_stages
+from aiflow_cli.models.state import BoundaryState
+from aiflow_cli.plan.schema import Plan, load_plan
+from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode, rss_bytes
+from aiflow_cli.runtime.protocol import PREFILL
+from aiflow_cli.runtime.timings import Timings
+from aiflow_cli.transport import Client, Identity, Limits
+
+Fallback = Literal["none", "local"]
+
+#: Tokens generated when the caller does not say (the plan's own figure when it was solved for generation).
+DEFAULT_NEW_TOKENS = 16
+
+
+@dataclass
+class RunResult:
+    """One request's answer and how it went."""
+
+    tokens: Optional[torch.Tensor]
+    """[B, n] generated token ids (generating models)."""
+    output: Optional[torch.Tensor]
+    """The output tensor (embeddings, class logits) of non-generating models."""
+    text: Optional[list[str]]
+    """Generated token ids as text (byte tokenizer for built-ins, the model's tokenizer otherwise)."""
+    total_ms: float
+    timings: Timings
+    fallback: Optional[str] = None
+    """Why the request finished locally (``fallback="local"``), or None."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, plan: Optional[Plan] = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"total_ms": round(self.total_ms, 3), "timings": self.timings.to_json(),
+                               "fallback": self.fallback}
+        if self.tokens is not None:
+            out["tokens"] = self.tokens.tolist()
+            out["text"] = self.text
+        if self.output is not None:
+            out["output_shape"] = list(self.output.shape)
+            out["output"] = self.output.flatten()[:16].tolist()
+        if plan is not None:
+            out["predicted"] = predicted(plan)
+        return out
+
+
+def predicted(plan: Plan) -> dict[str, Any]:
+    """The plan's prediction in the shape of :class:`Timings` (ms), for side-by-side printing."""
+    p = plan.prediction
+    links: dict[str, float] = {}
+    for d in (p.transfer_ms, p.rtt_ms):
+        for k, v in d.items():
+            links[k] = links.get(k, 0.0) + v
+    return {"total_ms": p.total_ms, "compute_ms": dict(p.compute_ms), "codec_ms": dict(p.codec_ms), "link_ms": links,
+            "tokens": p.tokens}
+
+
+def detokenize(model: StagedModel, tokens: torch.Tensor) -> list[str]:
+    """Token ids -> text: the model's tokenizer when it ships one, else the built-ins' byte tokenizer."""
+    tok_dir = model.adapter.options.get("tokenizer_dir")
+    if tok_dir:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(tok_dir))
+        return [tok.decode(row, skip_special_tokens=True) for row in tokens.tolist()]
+    return [bytes(t % 256 for t in row).decode("utf-8", errors="replace") for row in tokens.tolist()]
+
+
+class Pipeline:
+    """The device tier of ``plan`` (a :class:`Plan` or a path), talking to the next tier at ``edge``.
+
+    ``timeout_s`` bounds a whole request (every tier's work and every round trip); ``speed`` < 1 emulates a
+    slower device (see :class:`TierNode`). Thread-safe for concurrent :meth:`run` calls.
+    """
+
+    def __init__(self, plan: Plan | str | Path, *, edge: Optional[str], identity: Identity | str | Path,
+                 trust: Sequence[str | Identity], timeout_s: float = 60.0, fallback: Fallback = "none",
+                 speed: float = 1.0, limits: Optional[Limits] = None):
+        self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
+        if fallback not in ("none", "local"):
+            raise InputError(f"--fallback {fallback!r}: choose none or local")
+        if timeout_s <= 0:
+            raise InputError(f"--timeout {timeout_s}: must be > 0 seconds")
+        upper = [t.name for t in self.plan.tiers[1:] if t.end > t.start]
+        client = None
+        if upper:
+            if not edge:
+                raise InputError(f"the plan runs stages on {', '.join(upper)}: give the edge's address (--edge HOST:PORT)")
+            client = Client(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
+        self.timeout_s = timeout_s
+        self.fallback = fallback
+        self.node = TierNode(self.plan, "device", next_client=client, speed=speed, cache_limit_bytes=DEFAULT_CACHE_BYTES)
+        self._local: Optional[StagedModel] = None
+
+    @property
+    def model(self) -> StagedModel:
+        """The device's part of the model (it can prepare inputs even when it runs no stage)."""
+        return self.node.model
+
+    def hello(self) -> list[dict[str, Any]]:
+        """Checks that every tier holds this plan and model; returns each tier's description (device first)."""
+        return [self.node.describe()] + self.node.hello_chain(time.monotonic() + self.timeout_s)
+
+    def prepare(self, *, text: Any = None, image: Any = None) -> BoundaryState:
+        return self.model.prepare(text=text, image=image)
+
+    def run(self, *, text: Any = None, image: Any = None, inputs: Optional[BoundaryState] = None,
+            max_new_tokens: Optional[int] = None) -> RunResult:
+        """Runs one request (one of ``text``, ``image``, ``inputs``); generating models return ``max_new_tokens``
+        tokens (default: the plan's, else 16)."""
+        if inputs is None:
+            inputs = self.prepare(text=text, image=image)
+        n = 0
+        if self.node.generates:
+            n = max_new_tokens or self.plan.prediction.tokens or DEFAULT_NEW_TOKENS
+            if n < 1:
+                raise InputError(f"--max-new-tokens must be >= 1, got {n}")
+        key = ("local", random.getrandbits(63))
+        t0 = time.perf_counter()
+        try:
+            r = self.node.step(key, PREFILL, 0, Payload(state=inputs), max_new_tokens=n, last=n <= 1,
+                               deadline=time.monotonic() + self.timeout_s)
+        except TransportError as e:
+            if self.fallback != "local" or isinstance(e, PeerRejected):
+                raise
+            return self._run_locally(inputs, n, t0, reason=str(e))
+        total = (time.perf_counter() - t0) * 1e3
+        r.timings.tier("device").handle_ms = total
+        output = r.output
+        if output is None and r.output_packed is not None:
+            output = codec.decode(r.output_packed.frames[0])
+        text_out = detokenize(self.model, r.tokens) if r.tokens is not None else None
+        return RunResult(tokens=r.tokens, output=output, text=text_out, total_ms=total, timings=r.timings)
+
+    def _run_locally(self, inputs: BoundaryState, n: int, t0: float, reason: str) -> RunResult:
+        if self._local is None:
+            self._local = load_stages(self.plan.model, None)
+        m = self._local
+        t1 = time.perf_counter()
+        tokens = output = None
+        if m.generates:
+            tokens = m.generate(inputs, n)
+        else:
+            output = m.output(m.run(inputs))
+        timings = Timings()
+        timings.tier("device").compute_ms = (time.perf_counter() - t1) * 1e3
+        total = (time.perf_counter() - t0) * 1e3
+        timings.tier("device").handle_ms = total
+        return RunResult(tokens=tokens, output=output, text=detokenize(m, tokens) if tokens is not None else None,
+                         total_ms=total, timings=timings, fallback=reason)
+
+    def memory(self) -> dict[str, int]:
+        return {"rss_bytes": rss_bytes(), "loaded_param_bytes": self.model.loaded_param_bytes()}
+
+    def close(self) -> None:
+        if self.node.next is not None:
+            self.node.next.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
