@@ -279,6 +279,8 @@ class TierNode:
         try:
             return self.next.request(msg, timeout_s=budget)
         except TransportError as e:
-            self.next.close()  # drop the connection: the next request reconnects (e.g. to a restarted tier)
+            # drop the connection so the next request reconnects (e.g. to a restarted tier); closing waits for
+            # the peer up to half a second, which must not delay this error on its way to the device
+            threading.Thread(target=self.next.close, daemon=True).start()
             e.args = (f"request to {self.next_tier} ({self.next.server}) failed: {e}",)
             raise

@@ -1,0 +1,155 @@
+"""The runtime under faults and load: refused peers, dead tiers, fallback, restarts, malformed messages, 32
+concurrent devices, bounded session memory. Cloud and edge are real processes on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from aiflow_cli.errors import LimitExceeded, PeerRejected, TransportError
+from aiflow_cli.models import load_model
+from aiflow_cli.runtime import protocol
+from aiflow_cli.runtime.cluster import LocalCluster
+from aiflow_cli.runtime.pipeline import Pipeline
+from aiflow_cli.runtime.sessions import SessionStore
+from aiflow_cli.transport import Client, Identity, Message
+from runtime_support import three_tier_plan
+
+MODEL = "builtin:gpt2-tiny"
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return load_model(MODEL)
+
+
+def _reference(lm, text: str, n: int) -> torch.Tensor:
+    return lm.generate(lm.prepare(text=text), n)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    three_tier_plan(MODEL, d / "plan.json", codec="raw")
+    with LocalCluster(d / "plan.json", d) as c:
+        yield c
+
+
+def test_a_device_with_another_plan_is_refused_naming_the_side(cluster, tmp_path):
+    three_tier_plan(MODEL, tmp_path / "other.json", codec="int8")
+    with Pipeline(tmp_path / "other.json", edge=cluster.addresses["edge"], identity=cluster.keys["device"],
+                  trust=cluster.fingerprints(), timeout_s=20) as p:
+        with pytest.raises(PeerRejected, match="plan mismatch: edge holds plan"):
+            p.hello()
+        with pytest.raises(PeerRejected, match="plan mismatch"):
+            p.run(text="hi", max_new_tokens=2)
+
+
+def test_an_untrusted_device_is_refused_at_the_handshake(cluster, tmp_path):
+    stranger = Identity.generate(tmp_path / "stranger")
+    with Pipeline(cluster.plan_path, edge=cluster.addresses["edge"], identity=stranger,
+                  trust=cluster.fingerprints(), timeout_s=20) as p:
+        with pytest.raises(PeerRejected):
+            p.run(text="hi", max_new_tokens=2)
+
+
+def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
+    c = Client(cluster.addresses["edge"], identity=cluster.keys["device"], trust=cluster.fingerprints(), timeout_s=20)
+    plan_hash = protocol.plan_hash(Pipeline(cluster.plan_path, edge=cluster.addresses["edge"],
+                                            identity=cluster.keys["device"], trust=cluster.fingerprints()).plan)
+    base = {"plan_hash": plan_hash, "phase": "prefill", "stage": 2, "max_new_tokens": 1}
+    bad = [
+        Message("nonsense", dict(base)),
+        Message(protocol.INFER, {**base, "phase": "sideways"}),
+        Message(protocol.INFER, {**base, "tensors": [{"name": "hidden_states"}]}, [b"not a frame"]),
+        Message(protocol.INFER, {**base, "tensors": [{"name": "hidden_states"}, {"name": "x"}]}, [b"AIFW"]),
+        Message(protocol.INFER, {**base, "stage": 99, "tensors": []}),
+        Message(protocol.INFER, {**base, "phase": "decode", "tensors": []}, [], session_id=12345),
+        Message(protocol.INFER, {"phase": "prefill"}),  # no plan hash at all
+    ]
+    for m in bad:
+        reply = c.request(m)
+        assert reply.kind == protocol.ERROR, (m.kind, m.meta, reply.meta)
+        assert reply.meta["message"]
+    c.close()
+    with cluster.pipeline(timeout_s=20) as p:
+        assert torch.equal(p.run(text="still fine", max_new_tokens=3).tokens, _reference(lm, "still fine", 3))
+
+
+def test_32_concurrent_devices_each_get_their_own_answer(cluster, lm):
+    texts = [f"device number {i} says {'hi ' * (i % 5)}" for i in range(32)]
+    expected = {t: _reference(lm, t, 4) for t in texts}
+    pipes = [cluster.pipeline(timeout_s=120) for _ in texts]
+    barrier = threading.Barrier(len(texts))
+
+    def one(i: int):
+        barrier.wait()
+        return pipes[i].run(text=texts[i], max_new_tokens=4).tokens
+
+    with ThreadPoolExecutor(len(texts)) as pool:
+        got = list(pool.map(one, range(len(texts))))
+    for p in pipes:
+        p.close()
+    for t, tokens in zip(texts, got):
+        assert torch.equal(tokens, expected[t]), t
+
+
+def test_a_dead_tier_fails_fast_then_fallback_and_restart_recover(tmp_path, lm):
+    three_tier_plan(MODEL, tmp_path / "plan.json", codec="raw")
+    text, n = "a long generation", 40
+    ref = _reference(lm, text, n)
+    # the cloud is emulated slow so that it is surely killed mid-generation
+    with LocalCluster(tmp_path / "plan.json", tmp_path, speeds={"cloud": 0.05}) as c:
+        with c.pipeline(timeout_s=6) as p:
+            assert torch.equal(p.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
+            killer = threading.Timer(0.5, c.servers["cloud"].kill)
+            killer.start()
+            t0 = time.monotonic()
+            with pytest.raises(TransportError) as err:
+                p.run(text=text, max_new_tokens=n)
+            took = time.monotonic() - t0
+            killer.join()
+            assert took < 6 + 1.0, took
+            assert "cloud" in str(err.value)
+        # --fallback local: the device finishes on its own stages plus a local copy, with the same tokens
+        with c.pipeline(timeout_s=3, fallback="local") as p:
+            r = p.run(text=text, max_new_tokens=n)
+            assert r.fallback and "cloud" in r.fallback
+            assert torch.equal(r.tokens, ref)
+        # a restarted cloud is reached again without restarting the edge or the device
+        edge_pid = c.servers["edge"].proc.pid
+        c.restart("cloud")
+        with c.pipeline(timeout_s=30) as p:
+            r = p.run(text=text, max_new_tokens=5)
+            assert r.fallback is None and torch.equal(r.tokens, ref[:, :5])
+        assert c.servers["edge"].proc.pid == edge_pid and c.servers["edge"].alive()
+
+
+class _FakeCache:
+    def __init__(self, nbytes: int):
+        self.kv = torch.zeros(nbytes // 4)
+        self.side = {}
+
+
+def test_session_memory_is_bounded_and_evicted_sessions_fail_clearly():
+    store = SessionStore(lambda: _FakeCache(400 << 10), limit_bytes=1 << 20, tier="edge")
+    keys = [("peer", i) for i in range(3)]
+    for k in keys:
+        s = store.open(k)
+        store.done_step(k, s)
+    assert len(store) == 2  # 3 x 400 KiB > 1 MiB: the least recently used one went
+    with pytest.raises(LimitExceeded, match="evicted .*KV cache was full"):
+        store.get(keys[0])
+    s = store.get(keys[2])
+    store.done_step(keys[2], s)
+    store.close(keys[2])
+    with pytest.raises(LimitExceeded, match="no session"):
+        store.get(keys[2])
+    big = SessionStore(lambda: _FakeCache(2 << 20), limit_bytes=1 << 20, tier="cloud")
+    s = big.open(("p", 1))
+    with pytest.raises(LimitExceeded, match="more than the limit"):
+        big.done_step(("p", 1), s)
