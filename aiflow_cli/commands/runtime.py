@@ -180,8 +180,38 @@ def demo(
                       highlight=False)
 
 
+def bench_runtime(
+    model: list[str] = typer.Option([], "--model", help="Model(s) to measure (default: gpt2, the captioner, minilm)."),
+    tokens: int = typer.Option(16, "--tokens", min=1, help="Tokens generated per request (generating models)."),
+    repeats: Optional[int] = typer.Option(None, "--repeats", min=1, help="Timed requests per configuration."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny models, 8 tokens, 3 repeats (about a minute)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Runtime overhead: device -> edge -> cloud on loopback (raw codec) vs the monolithic model, same run."""
+    from rich.table import Table
+
+    from aiflow_cli.bench.runtime import GOAL_RATIO, run_bench
+
+    rows = run_bench(model or None, quick=quick, tokens=tokens, repeats=repeats,
+                     log=lambda s: err_console.print(s, highlight=False))
+    if json_out:
+        print_json({"goal_ratio_without_round_trips": GOAL_RATIO, "rows": [r.to_dict() for r in rows]})
+        return
+    t = Table(title="runtime overhead (3 processes on loopback, raw codec) vs monolithic, medians", title_justify="left")
+    for col in ("model", "tokens", "mono ms", "runtime ms", "ratio", "msgs", "rtt ms", "w/o rtts", f"<={GOAL_RATIO}x"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        t.add_row(r.model, str(r.tokens), f"{r.monolithic_ms:.1f}", f"{r.runtime_ms:.1f}", f"{r.ratio:.2f}x",
+                  str(r.messages), f"{r.loopback_rtt_ms:.2f}", f"{r.ratio_without_round_trips:.2f}x",
+                  "PASS" if r.goal_met else "MISS")
+    console.print(t)
+    for r in rows:
+        console.print(f"{r.model}: {r.plan}", highlight=False)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Adds this module's commands to the CLI."""
     app.command("serve")(serve)
     app.command("run")(run)
     app.command("demo")(demo)
+    bench.command("runtime")(bench_runtime)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from aiflow_cli.errors import TransportError
+from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.netem import LinkEmulator
 from aiflow_cli.runtime.pipeline import Pipeline
@@ -30,6 +30,8 @@ from aiflow_cli.transport import Identity
 
 TIERS = ("device", "edge", "cloud")
 START_TIMEOUT_S = 120.0
+#: How long :meth:`LocalCluster.set_link` retries binding the old emulator's port.
+REBIND_TIMEOUT_S = 5.0
 
 
 def identities(workdir: Path) -> dict[str, Identity]:
@@ -102,11 +104,13 @@ class LocalCluster:
 
     ``links``: ``{"device-edge": name|path|LinkProfile, "edge-cloud": ...}`` puts an emulator in front of the
     receiving tier (absent: a direct loopback connection). ``speeds``: tier -> emulated speed (<= 1).
+    ``threads``: torch intra-op threads per server (default 1: tiers that share a machine must not oversubscribe
+    its cores, or every op waits for a descheduled OpenMP thread; see docs/runtime.md).
     """
 
     def __init__(self, plan_path: str | Path, workdir: str | Path, *, links: Optional[dict[str, Any]] = None,
                  speeds: Optional[dict[str, float]] = None, cache_mib: int = 1024, seed: int = 0,
-                 threads: Optional[int] = None):
+                 threads: Optional[int] = 1):
         self.plan_path = Path(plan_path)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +175,29 @@ class LocalCluster:
         kw.setdefault("speed", self.speeds.get("device", 1.0))
         return Pipeline(self.plan_path, edge=self.addresses["edge"], identity=self.keys["device"],
                         trust=self.fingerprints(), **kw)
+
+    def set_link(self, link: str, profile: LinkProfile | str) -> str:
+        """Swaps the emulator of ``link`` for one of ``profile`` on the same address, so the servers keep running
+        (and an edge whose ``--next`` is that address keeps it); returns the address. Connections made through the
+        old emulator are cut: close the clients that used it (the next request reconnects)."""
+        if link not in self.emulators:
+            raise InputError(f"link {link!r} has no emulator to replace (emulated: {', '.join(self.emulators) or 'none'})")
+        old = self.emulators[link]
+        profile = profile if isinstance(profile, LinkProfile) else load_link(profile)
+        address = old.address
+        old.close()
+        deadline = time.monotonic() + REBIND_TIMEOUT_S
+        while True:  # the old relay's tasks release the port within its close(); retry briefly in case they lag
+            try:
+                emu = LinkEmulator(address, forward=old.forward, link=profile, seed=self.seed)
+                break
+            except TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.emulators[link] = emu
+        self.links[link] = profile
+        return address
 
     def link_stats(self) -> dict[str, Any]:
         return {k: e.stats() for k, e in self.emulators.items()}

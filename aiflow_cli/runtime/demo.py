@@ -29,6 +29,8 @@ from aiflow_cli.runtime.pipeline import Pipeline, RunResult
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_IMAGE = ASSETS / "sample.jpg"
 SAMPLE_TEXT = "AI flow splits one model across device, edge and cloud"
+#: Untimed requests before the measured one (the first requests of a new shape are several times slower).
+WARMUP_REQUESTS = 2
 
 
 @dataclass
@@ -41,6 +43,8 @@ class DemoConfig:
     workdir: Path = field(default_factory=lambda: Path.home() / ".cache" / "aiflow" / "demo")
     input_path: Optional[Path] = None
     text: Optional[str] = None
+    threads: int = 1
+    """torch threads of every tier (and of the profile): three tiers share this machine's cores."""
 
 
 @dataclass
@@ -57,9 +61,10 @@ def _safe(name: str) -> str:
 
 
 def cached_profile(model: str, workdir: Path, log: Callable[[str], None]) -> ModelProfile:
-    """This machine's profile of ``model``, measured once per model hash and kept in ``workdir/profiles``."""
+    """This machine's profile of ``model`` at the current torch thread count, measured once per model hash and
+    thread count and kept in ``workdir/profiles``."""
     model_hash = load_stages(model, []).model_hash
-    path = workdir / "profiles" / f"{_safe(model)}-{model_hash[:12]}.json"
+    path = workdir / "profiles" / f"{_safe(model)}-{model_hash[:12]}-t{torch.get_num_threads()}.json"
     if path.is_file():
         log(f"profile: cached {path}")
         return load_profile(str(path))
@@ -104,15 +109,18 @@ def run_strategy(name: str, plan: Plan, cfg: DemoConfig, inputs: dict[str, Any],
         keys = identities(cfg.workdir)
         with Pipeline(plan, edge=None, identity=keys["device"], trust=[], speed=cfg.device_speed) as p:
             log(f"{name}: device runs every stage")
-            p.run(**inputs, max_new_tokens=n)
+            for _ in range(WARMUP_REQUESTS):
+                p.run(**inputs, max_new_tokens=n)
             return StrategyRun(name, plan, p.run(**inputs, max_new_tokens=n), [p.node.describe()])
     links = {"device-edge": cfg.uplink, "edge-cloud": cfg.wan}
     log(f"{name}: starting cloud and edge ({plan.summary()})")
-    with LocalCluster(plan_path, cfg.workdir, links=links, speeds={"device": cfg.device_speed}) as c:
+    with LocalCluster(plan_path, cfg.workdir, links=links, speeds={"device": cfg.device_speed},
+                      threads=cfg.threads) as c:
         with c.pipeline(timeout_s=300) as p:
             tiers = p.hello()
             log(f"{name}: running the request")
-            p.run(**inputs, max_new_tokens=n)  # warm-up: connections, allocator, first-call overheads
+            for _ in range(WARMUP_REQUESTS):  # connections, allocator, oneDNN's per-shape set-up
+                p.run(**inputs, max_new_tokens=n)
             result = p.run(**inputs, max_new_tokens=n)
             return StrategyRun(name, plan, result, tiers, c.link_stats())
 
@@ -125,6 +133,7 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the demo; returns everything it measured (the CLI prints it)."""
     t0 = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     keys = identities(cfg.workdir)
     log("keys: " + ", ".join(f"{t} {k.fingerprint[:12]}" for t, k in keys.items()))
