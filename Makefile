@@ -43,6 +43,10 @@ test: test-rust test-python
 
 bench: build
 	$(VENV)/bin/aiflow bench codec $(QUICK)
+	$(VENV)/bin/aiflow bench transport $(QUICK)
+	$(VENV)/bin/aiflow bench plan
+	$(VENV)/bin/aiflow bench runtime $(QUICK)
+	$(VENV)/bin/aiflow bench e2e $(QUICK)
 
 clean:
 	rm -rf target $(VENV) aiflow_cli/_core*.so
