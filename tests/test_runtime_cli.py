@@ -1,0 +1,65 @@
+"""`aiflow serve`, `aiflow run` and `aiflow demo` as a user runs them: clear errors and exit codes, and the demo's
+JSON on the tiny captioner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aiflow_cli.transport import Identity
+from runtime_support import three_tier_plan
+
+
+def aiflow(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aiflow_cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    three_tier_plan("builtin:gpt2-tiny", d / "plan.json", codec="raw")
+    ident = Identity.generate(d / "keys")
+    return d, ident
+
+
+@pytest.mark.parametrize("args, code, text", [
+    ("serve --role fog --plan {plan} --identity {keys} --trust {fp}", 3, "choose edge or cloud"),
+    ("serve --role edge --plan nope.json --identity {keys} --trust {fp}", 3, "nope.json"),
+    ("serve --role cloud --plan {plan} --identity {keys}", 3, "--trust"),
+    ("serve --role edge --plan {plan} --identity {keys} --trust {fp}", 3, "--next"),
+    ("serve --role cloud --plan {plan} --identity {keys} --trust {fp} --speed 2", 3, "slower"),
+    ("run hi --plan {plan} --identity {keys} --trust {fp}", 3, "--edge"),
+    ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --timeout 1.5", 9, "edge"),
+    ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --fallback sideways", 3, "fallback"),
+    ("run missing.jpg --plan {plan} --identity nokeys --trust {fp} --edge 127.0.0.1:9", 3, "nokeys"),
+])
+def test_bad_runtime_invocations_exit_with_their_code_and_no_traceback(setup, args, code, text):
+    d, ident = setup
+    argv = args.format(plan=d / "plan.json", keys=d / "keys", fp=ident.fingerprint).split()
+    out = aiflow(*argv, timeout=60)
+    assert out.returncode == code, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    assert text in out.stderr, out.stderr
+
+
+def test_demo_json_on_the_tiny_captioner(tmp_path):
+    out = aiflow("demo", "--model", "builtin:captioner-tiny", "--workdir", str(tmp_path), "--max-new-tokens", "6",
+                 "--json", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    s = data["strategies"]
+    assert set(s) == {"aiflow", "device-only", "cloud-only"}
+    for name, e in s.items():
+        assert len(e["tokens"][0]) == 6
+        assert e["total_ms"] > 0 and e["predicted_ms"] > 0
+    # baselines run the model uncoded: same tokens as the monolithic model
+    assert s["device-only"]["token_agreement"] == 1.0 and s["cloud-only"]["token_agreement"] == 1.0
+    assert 0.0 <= s["aiflow"]["token_agreement"] <= 1.0
+    assert s["device-only"]["timings"]["links"] == {}
+    assert s["cloud-only"]["timings"]["links"]["device-edge"]["bytes_up"] > 0
+    # the profile is cached: a second run does not measure again
+    assert list((Path(tmp_path) / "profiles").glob("*.json"))
