@@ -130,3 +130,33 @@ def test_bench_plan_runs(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["small_agree"] is True and doc["solve_latency_ms"] > 0 and doc["brute_over_dp"] > 0
+
+
+def test_explain_says_what_input_goes_up_and_generate_labels_the_prefill_bottleneck(profiles) -> None:
+    r = _run("plan", "--profile", str(profiles["base"]), "--speed", "device=0.25", "--speed", "edge=1",
+             "--speed", "cloud=20", "--link", "device-edge=lte", "--link", "edge-cloud=wan",
+             "--objective", "generate", "--tokens", "8", "--explain")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # rich wraps long lines
+    # edge-only and cloud-only always ship the input; the note gives its size as profiled
+    assert "'edge-only', 'cloud-only'" in text and "sends the request input uncoded" in text
+    assert "150,528 bytes" in text
+    assert "pipeline bottleneck (prefill)" in text
+
+
+def test_plot_labels_a_strategy_that_equals_the_plan_everywhere(profiles) -> None:
+    from aiflow_cli.links import load_link
+    from aiflow_cli.plan.plot import strategy_series
+    from aiflow_cli.plan.problem import build_problem
+    from aiflow_cli.plan.sweep import sweep
+
+    # Only the raw codec profiled: the best raw-codec split is the optimum at every bandwidth.
+    raw_only = synthetic_profile(6, n_codecs=1, seed=3)
+    problem = build_problem({"*": raw_only}, {"device-edge": load_link("lte"), "edge-cloud": load_link("wan")},
+                            speeds={"device": 0.25, "edge": 1.0, "cloud": 20.0})
+    series = strategy_series(problem, sweep(problem, "device-edge", 0.1, 1000, points=6))
+    assert series["best split, raw codec"][1] == "best split, raw codec (= aiflow plan)"
+    assert series["aiflow plan"][1] == "aiflow plan"
+    assert series["device-only"][1] == "device-only"  # a flat line that the optimum leaves as bandwidth grows
+    plan_ms = series["aiflow plan"][0]
+    assert all((ys >= plan_ms - 1e-9).all() for ys, _ in series.values())

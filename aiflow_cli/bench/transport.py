@@ -19,12 +19,13 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from aiflow_cli.bench.common import JsonResult
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.netem import LinkEmulator
 from aiflow_cli.transport import Client, Identity, Limits, Message, Server
@@ -230,7 +231,7 @@ class NetemResult:
 
 
 @dataclass
-class TransportBenchResult:
+class TransportBenchResult(JsonResult):
     quick: bool
     cores: int
     throughput: list[ThroughputRow] = field(default_factory=list)
@@ -238,9 +239,6 @@ class TransportBenchResult:
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)
     netem: NetemResult | None = None
     targets: dict[str, dict] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def fp32_payload(n_bytes: int) -> bytes:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import typer
-from rich.table import Table
-
 from aiflow_cli import codec
-from aiflow_cli.console import console, err_console, print_json
+from aiflow_cli.console import console, err_console, goals_table, print_json, table
 
 
 def codecs(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
@@ -21,7 +19,7 @@ def codecs(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
 
 def bench_codec(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (tables go nowhere)."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer shapes, codecs and repeats (about a minute)."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer shapes, codecs and repeats (well under a minute)."),
     repeats: int = typer.Option(0, "--repeats", min=0, help="Timed repeats per measurement (0 = default)."),
 ) -> None:
     """Codec throughput and fidelity vs torch + python-zstandard, single-threaded, in one run."""
@@ -32,9 +30,11 @@ def bench_codec(
     if json_out:
         print_json(result.to_dict())
         return
-    t = Table(title="encode / decode throughput, GB/s of fp32 input, 1 thread (baseline: torch + zstandard)")
-    for col in ["shape", "codec", "ratio", "enc aiflow", "enc base", "enc x", "dec aiflow", "dec base", "dec x"]:
-        t.add_column(col, justify="right" if col not in ("shape", "codec") else "left")
+    t = table(
+        "encode / decode throughput, GB/s of fp32 input, 1 thread (baseline: torch + zstandard)",
+        ["shape", "codec", "ratio", "enc aiflow", "enc base", "enc x", "dec aiflow", "dec base", "dec x"],
+        left=2,
+    )
     for r in result.throughput:
         t.add_row(
             r.shape, r.codec, f"{r.input_bytes / r.encoded_bytes:.2f}",
@@ -42,20 +42,14 @@ def bench_codec(
             f"{r.aiflow_decode_gbps:.2f}", f"{r.baseline_decode_gbps:.2f}", f"{r.decode_speedup:.1f}x",
         )
     console.print(t)
-    f = Table(title=f"fidelity on real activations: {result.activations}")
-    for col in ["codec", "x smaller than fp32", "cosine min", "cosine mean", "max abs error"]:
-        f.add_column(col, justify="right" if col != "codec" else "left")
-    for r in result.fidelity:
-        f.add_row(r.codec, f"{r.ratio_vs_fp32:.2f}", f"{r.cosine_min:.6f}", f"{r.cosine_mean:.6f}", f"{r.max_abs_error:.4g}")
+    f = table(
+        f"fidelity on real activations: {result.activations}",
+        ["codec", "x smaller than fp32", "tensor cos min", "token cos min", "token cos mean", "max abs error"],
+        [(r.codec, f"{r.ratio_vs_fp32:.2f}", f"{r.tensor_cosine_min:.6f}", f"{r.token_cosine_min:.6f}",
+          f"{r.token_cosine_mean:.6f}", f"{r.max_abs_error:.4g}") for r in result.fidelity],
+    )
     console.print(f)
-    g = Table(title="goals")
-    g.add_column("goal")
-    g.add_column("measured")
-    g.add_column("met")
-    for name, v in result.targets.items():
-        measured = ", ".join(f"{k.removeprefix('measured_')}={val:.3f}" for k, val in v.items() if k != "met")
-        g.add_row(name, measured, "yes" if v["met"] else "[red]no[/]")
-    console.print(g)
+    console.print(goals_table(result.targets))
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

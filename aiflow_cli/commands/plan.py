@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from aiflow_cli.console import console, err_console, print_json
+from aiflow_cli.console import console, err_console, print_json, table
 from aiflow_cli.errors import InputError
 
 #: Where shipped hardware profiles live: ``--profile device=cpu-2core-gpt2`` resolves to this folder.
@@ -196,13 +196,17 @@ def _print_plan(p) -> None:
     if pred.tokens:
         b.add_row("  of which prefill", "", _ms(pred.prefill_ms))
         b.add_row("  per token", "", f"{pred.per_token_ms:,.2f}")
-    b.add_row("pipeline bottleneck", pred.bottleneck, f"{_ms(pred.bottleneck_ms)} ({pred.throughput_rps:,.1f} req/s)")
+    # The pipeline model pipelines one forward pass per request; with generation that is the prefill only.
+    b.add_row("pipeline bottleneck" + (" (prefill)" if pred.tokens else ""), pred.bottleneck,
+              f"{_ms(pred.bottleneck_ms)} ({pred.throughput_rps:,.1f} req/s)")
     if p.cuts:
         b.add_row("fidelity bound", "1 - sum(1 - cos)", f"{1 - pred.fidelity_loss_bound:.6f}")
     console.print(b)
 
 
 def _print_explain(problem, rows) -> None:
+    from aiflow_cli.plan.explain import ships_input
+
     value = "bottleneck ms" if problem.objective == "throughput" else "total ms"
     t = Table(title=f"why this plan ({problem.objective}): predicted ms per request", expand=True)
     for col in ["strategy", "placement", value, "compute", "codec", "transfer", "rtt", "vs plan"]:
@@ -218,6 +222,12 @@ def _print_explain(problem, rows) -> None:
         t.add_row(r.name, r.summary(problem), _ms(v), _ms(sum(ev.compute_ms.values())), _ms(sum(ev.codec_ms.values())),
                   _ms(sum(ev.transfer_ms.values())), _ms(sum(ev.propagation_ms.values())), ratio)
     console.print(t)
+    shipping = [f"'{r.name}'" for r in rows if ships_input(r)]
+    if shipping:
+        # The comparison with cloud-only hinges on this: say what goes up when the device computes nothing.
+        what = f" ({problem.input_description})" if problem.input_description else ""
+        console.print(f"in {', '.join(shipping)} the device computes nothing and sends the request input uncoded, "
+                      f"as profiled: {problem.input_bytes:,.0f} bytes{what}", highlight=False)
 
 
 def _print_sweep(problem, s) -> None:
@@ -254,23 +264,23 @@ def bench_plan(
     if json_out:
         print_json(r.to_dict())
         return
-    t = Table(title=f"aiflow plan solve time, {r.large_stages} stages x {r.large_tiers} tiers x {r.large_codecs} codecs (median ms)")
-    t.add_column("case")
-    t.add_column("ms", justify="right")
-    t.add_row("profiles -> problem arrays", f"{r.build_problem_ms:.2f}")
-    t.add_row("DP, latency", f"{r.solve_latency_ms:.2f}")
-    t.add_row("DP, latency + memory limits", f"{r.solve_latency_memory_ms:.2f}")
-    t.add_row("DP, generate 64 tokens", f"{r.solve_generate_ms:.2f}")
-    t.add_row("throughput (binary search of DPs)", f"{r.solve_throughput_ms:.2f}")
-    console.print(t)
-    s = Table(title=f"baseline: brute force, {r.small_stages} stages x 3 tiers x {r.small_codecs} codecs ({r.small_placements} plans)")
-    s.add_column("solver")
-    s.add_column("ms", justify="right")
-    s.add_row("DP", f"{r.small_dp_ms:.3f}")
-    s.add_row("brute force", f"{r.small_brute_ms:.3f}")
-    s.add_row("brute / DP", f"{r.brute_over_dp:.1f}x")
-    s.add_row("same optimum", "yes" if r.small_agree else "[red]NO[/]")
-    console.print(s)
+    console.print(table(
+        f"aiflow plan solve time, {r.large_stages} stages x {r.large_tiers} tiers x {r.large_codecs} codecs (median ms)",
+        ["case", "ms"],
+        [("profiles -> problem arrays", f"{r.build_problem_ms:.2f}"),
+         ("DP, latency", f"{r.solve_latency_ms:.2f}"),
+         ("DP, latency + memory limits", f"{r.solve_latency_memory_ms:.2f}"),
+         ("DP, generate 64 tokens", f"{r.solve_generate_ms:.2f}"),
+         ("throughput (binary search of DPs)", f"{r.solve_throughput_ms:.2f}")],
+    ))
+    console.print(table(
+        f"baseline: brute force, {r.small_stages} stages x 3 tiers x {r.small_codecs} codecs ({r.small_placements} plans)",
+        ["solver", "ms"],
+        [("DP", f"{r.small_dp_ms:.3f}"),
+         ("brute force", f"{r.small_brute_ms:.3f}"),
+         ("brute / DP", f"{r.brute_over_dp:.1f}x"),
+         ("same optimum", "yes" if r.small_agree else "[red]NO[/]")],
+    ))
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

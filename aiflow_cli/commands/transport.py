@@ -6,9 +6,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
-from aiflow_cli.console import console, err_console, print_json
+from aiflow_cli.console import console, err_console, goals_table, print_json, table
 
 
 def keygen(
@@ -71,44 +70,28 @@ def bench_transport(
     if json_out:
         print_json(result.to_dict())
         return
-    t = Table(title="throughput, GB/s, one request at a time (payload there, small ack back)")
-    t.add_column("transport")
     sizes = list(dict.fromkeys(r.size for r in result.throughput))
-    for s in sizes:
-        t.add_column(s, justify="right")
+    t = table("throughput, GB/s, one request at a time (payload there, small ack back)", ["transport", *sizes])
     for name in dict.fromkeys(r.transport for r in result.throughput):
         t.add_row(name, *[f"{r.gbps:.3f}" for s in sizes for r in result.throughput if r.transport == name and r.size == s])
     console.print(t)
-    r = Table(title="round trip of a 4 KiB echo, microseconds")
-    for col in ["transport", "p50", "p99"]:
-        r.add_column(col, justify="right" if col != "transport" else "left")
-    for row in result.rtt:
-        r.add_row(row.transport, f"{row.p50_us:.0f}", f"{row.p99_us:.0f}")
-    console.print(r)
-    x = Table(title="aiflow-quic / baseline (throughput ratio; round-trip speedup)")
-    x.add_column("baseline")
+    console.print(table("round trip of a 4 KiB echo, microseconds", ["transport", "p50", "p99"],
+                        [(row.transport, f"{row.p50_us:.0f}", f"{row.p99_us:.0f}") for row in result.rtt]))
     keys = list(next(iter(result.ratios.values())).keys())
-    for k in keys:
-        x.add_column(k, justify="right")
-    for base, row in result.ratios.items():
-        x.add_row(base.removeprefix("aiflow_vs_"), *[f"{row[k]:.2f}" for k in keys])
-    console.print(x)
+    console.print(table("aiflow-quic / baseline (throughput ratio; round-trip speedup)", ["baseline", *keys],
+                        [(base.removeprefix("aiflow_vs_"), *[f"{row[k]:.2f}" for k in keys]) for base, row in result.ratios.items()]))
     if result.netem is not None:
         n = result.netem
+        lk = n.link
+        link = (f"{lk['uplink_mbps']:g}/{lk['downlink_mbps']:g} Mbit/s, {lk['rtt_ms']:g} ms RTT, {lk['loss_pct']:g}% loss, "
+                f"{lk['queue_ms']:g} ms queue")
         console.print(
-            f"through the emulator ({n.link}): goodput {n.goodput_mbps:.2f} Mbit/s = {n.goodput_pct_of_rate:.1f}% of the "
+            f"through the emulator ({link}): goodput {n.goodput_mbps:.2f} Mbit/s = {n.goodput_pct_of_rate:.1f}% of the "
             f"rate; one 4 MiB activation {n.activation_s:.2f} s vs ideal {n.activation_ideal_s:.2f} s "
             f"({n.activation_vs_ideal:.2f}x)",
             highlight=False,
         )
-    g = Table(title="goals")
-    g.add_column("goal")
-    g.add_column("measured")
-    g.add_column("met")
-    for name, v in result.targets.items():
-        measured = ", ".join(f"{k.removeprefix('measured_')}={val:.3f}" for k, val in v.items() if k != "met")
-        g.add_row(name, measured, "yes" if v["met"] else "[red]no[/]")
-    console.print(g)
+    console.print(goals_table(result.targets))
 
 
 def register(app: typer.Typer, bench: typer.Typer) -> None:

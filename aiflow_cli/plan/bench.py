@@ -3,10 +3,9 @@
 
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from aiflow_cli.bench.common import JsonResult, median_ms
 from aiflow_cli.links import load_link
 from aiflow_cli.plan.brute import brute_force
 from aiflow_cli.plan.problem import Limits, build_problem
@@ -17,7 +16,7 @@ TIER_SPEEDS = (("device", 0.3), ("edge", 1.0), ("cloud", 10.0))
 
 
 @dataclass
-class PlanBench:
+class PlanBench(JsonResult):
     large_stages: int
     large_tiers: int
     large_codecs: int
@@ -34,18 +33,6 @@ class PlanBench:
     brute_over_dp: float
     small_agree: bool
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
 
 def _problem(n_stages: int, n_codecs: int, **kw):
     profiles = {t: synthetic_profile(n_stages, n_codecs=n_codecs, seed=7, speed=s) for t, s in TIER_SPEEDS}
@@ -55,21 +42,21 @@ def _problem(n_stages: int, n_codecs: int, **kw):
 
 def run(*, stages: int = 1000, codecs: int = 8, repeats: int = 7, small_stages: int = 8) -> PlanBench:
     problem, profiles, links = _problem(stages, codecs)
-    build_ms = _median_ms(lambda: build_problem(profiles, links), 3)
-    lat = _median_ms(lambda: solve_problem(problem), repeats)
+    build_ms = median_ms(lambda: build_problem(profiles, links), 3)
+    lat = median_ms(lambda: solve_problem(problem), repeats)
     mem = build_problem(profiles, links, limits=Limits(memory_bytes={"device": 2 * 2**30, "edge": 16 * 2**30}))
-    lat_mem = _median_ms(lambda: solve_problem(mem), repeats)
+    lat_mem = median_ms(lambda: solve_problem(mem), repeats)
     gen = build_problem(profiles, links, objective="generate", tokens=64)
-    gen_ms = _median_ms(lambda: solve_problem(gen), repeats)
+    gen_ms = median_ms(lambda: solve_problem(gen), repeats)
     thr = build_problem(profiles, links, objective="throughput")
-    thr_ms = _median_ms(lambda: solve_problem(thr), max(1, repeats // 2))
+    thr_ms = median_ms(lambda: solve_problem(thr), max(1, repeats // 2))
 
     small, _, _ = _problem(small_stages, 4)
     from aiflow_cli.plan.brute import all_placements
 
     n_placements = sum(1 for _ in all_placements(small))
-    small_dp = _median_ms(lambda: solve_problem(small), repeats)
-    small_brute = _median_ms(lambda: brute_force(small), 3)
+    small_dp = median_ms(lambda: solve_problem(small), repeats)
+    small_brute = median_ms(lambda: brute_force(small), 3)
     dp_ev, ref_ev = solve_problem(small)[1], brute_force(small)[1]
     agree = abs(dp_ev.total_ms - ref_ev.total_ms) <= 1e-9 * max(1.0, ref_ev.total_ms)
     return PlanBench(

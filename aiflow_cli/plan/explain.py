@@ -75,3 +75,10 @@ def strategies(problem: Problem) -> list[Strategy]:
         except PlanError as e:
             out.append(Strategy(name, None, None, str(e)))
     return out
+
+
+def ships_input(strategy: Strategy) -> bool:
+    """Whether the device computes nothing in this (feasible) strategy, so the request's input crosses the first
+    link as profiled, uncoded (``Problem.input_bytes``)."""
+    pl, ev = strategy.placement, strategy.evaluation
+    return pl is not None and ev is not None and ev.feasible and pl.bounds[1] == 0

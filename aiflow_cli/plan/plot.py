@@ -6,10 +6,30 @@ from pathlib import Path
 
 import numpy as np
 
+from aiflow_cli.plan.explain import OPTIMAL
 from aiflow_cli.plan.problem import Problem
 from aiflow_cli.plan.sweep import Sweep
 
 TIER_COLOURS = {"device": "#4c72b0", "edge": "#dd8452", "cloud": "#55a868"}
+
+
+def strategy_series(problem: Problem, result: Sweep) -> dict[str, tuple[np.ndarray, str]]:
+    """Strategy name -> (objective ms at each sweep point, nan where infeasible; its legend label). A strategy
+    that equals the optimum at every point says so in its label, since its line lies under the plan's."""
+    out = {}
+    for name in [s.name for s in result.points[0].strategies]:
+        ys = []
+        for p in result.points:
+            ev = next(x for x in p.strategies if x.name == name).evaluation
+            ok = ev is not None and ev.feasible
+            ys.append(ev.objective_value(problem.objective) if ok else np.nan)
+        out[name] = np.array(ys, dtype=float)
+    plan = out.get(OPTIMAL)
+    return {
+        name: (ys, f"{name} (= {OPTIMAL})" if name != OPTIMAL and plan is not None
+               and np.allclose(ys, plan, rtol=1e-9, equal_nan=True) else name)
+        for name, ys in out.items()
+    }
 
 
 def plot_sweep(problem: Problem, result: Sweep, path: str | Path) -> None:
@@ -20,23 +40,26 @@ def plot_sweep(problem: Problem, result: Sweep, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     xs = np.array([p.uplink_mbps for p in result.points])
-    names = [s.name for s in result.points[0].strategies]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 7.5), sharex=True, gridspec_kw={"height_ratios": [3, 2]})
     ylabel = "bottleneck ms / request" if problem.objective == "throughput" else "predicted ms / request"
-    for name in names:
-        ys = []
-        for p in result.points:
-            s = next(x for x in p.strategies if x.name == name)
-            ok = s.evaluation is not None and s.evaluation.feasible
-            ys.append(s.evaluation.objective_value(problem.objective) if ok else np.nan)
-        style = {"linewidth": 3, "color": "black"} if name == "aiflow plan" else {"linewidth": 1.5, "linestyle": "--"}
-        ax.plot(xs, ys, label=name, marker="o", markersize=3, **style)
-    for c in result.changes:
-        ax.axvline(c.at_mbps, color="grey", linewidth=0.8, linestyle=":")
+    for name, (ys, label) in strategy_series(problem, result).items():
+        # The plan is drawn first and thick, the others dashed on top, so a strategy equal to it stays visible.
+        style = ({"linewidth": 4, "color": "black", "zorder": 2} if name == OPTIMAL
+                 else {"linewidth": 1.5, "linestyle": "--", "zorder": 3})
+        ax.plot(xs, ys, label=label, marker="o", markersize=3, **style)
+    for i, c in enumerate(result.changes):
+        for a in (ax, ax2):
+            a.axvline(c.at_mbps, color="grey", linewidth=0.8, linestyle=":", zorder=4,
+                      label="optimal plan changes" if a is ax and i == 0 else None)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Plain numbers at 1-2-5 steps: a sweep often spans less than a decade, where 10^k ticks alone say nothing.
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.set_ylabel(ylabel)
     title = f"{problem.model}: {problem.objective}" + (f" ({problem.tokens} tokens)" if problem.tokens else "")
     ax.set_title(f"{title}, sweeping {result.link} uplink")

@@ -76,6 +76,7 @@ class Problem:
     skip: np.ndarray  # (T,) bool
     require: np.ndarray  # (T,) bool
     profile_ids: dict[str, dict] = field(default_factory=dict)  # tier -> identity of the profile it used
+    input_description: str = ""  # what the stage-0 input is (the profile's words), for explanations
 
     @property
     def n_tiers(self) -> int:
@@ -279,5 +280,5 @@ def build_problem(
         token_bytes=float(ref.output.decode_step_bytes if ref.output.decode_step_bytes is not None else DEFAULT_TOKEN_BYTES),
         limits=limits, memory_bytes=mem,
         skip=np.array([t in limits.skip for t in tiers]), require=np.array([t in limits.require for t in tiers]),
-        profile_ids=profile_ids,
+        profile_ids=profile_ids, input_description=ref.input.description,
     )

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from aiflow_cli import codec as codec_mod
+from aiflow_cli.bench.common import median_ms
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import StagedModel, load_model
 from aiflow_cli.models.state import BoundaryState, is_codec_tensor, role_of, state_bytes, tile_batch
@@ -70,15 +71,6 @@ def _frames(state: BoundaryState, spec: str) -> list[tuple[str, bytes]]:
 
 def _decode_state(frames: list[tuple[str, bytes]], device: torch.device) -> BoundaryState:
     return {k: codec_mod.decode(f).to(device) for k, f in frames}
-
-
-def _time_ms(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _same_state(a: BoundaryState, b: BoundaryState) -> bool:
@@ -171,8 +163,8 @@ class _Profiler:
             frames = _frames(state, spec)
             encoded[spec] = frames
             decoded[spec] = _decode_state(frames, self.device)
-            enc_ms = _time_ms(lambda: _frames(state, spec), _CODEC_TIMING_REPEATS)
-            dec_ms = _time_ms(lambda: _decode_state(frames, self.device), _CODEC_TIMING_REPEATS)
+            enc_ms = median_ms(lambda: _frames(state, spec), _CODEC_TIMING_REPEATS)
+            dec_ms = median_ms(lambda: _decode_state(frames, self.device), _CODEC_TIMING_REPEATS)
             timing[spec] = (enc_ms, dec_ms)
 
         # group codecs by decoded content: identical decodings share one rest-of-model run

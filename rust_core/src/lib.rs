@@ -6,6 +6,9 @@
 //! - [`netem`]: a userspace link emulator (rate, delay, jitter, loss, bounded queue) for UDP.
 //! - `python` (feature `python`): the PyO3 bindings, the only module that knows about Python.
 
+#[macro_use]
+mod counters;
+
 pub mod codec;
 pub mod error;
 pub mod frame;

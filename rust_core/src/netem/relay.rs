@@ -35,44 +35,22 @@ pub struct LinkParams {
     pub seed: u64,
 }
 
-/// Counters of one direction.
-#[derive(Debug, Default)]
-struct DirCounters {
-    packets_in: AtomicU64,
-    bytes_in: AtomicU64,
-    packets_out: AtomicU64,
-    bytes_out: AtomicU64,
-    lost: AtomicU64,
-    queue_drops: AtomicU64,
-    too_big: AtomicU64,
-}
-
-/// A snapshot of one direction's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct DirStats {
-    pub packets_in: u64,
-    pub bytes_in: u64,
-    pub packets_out: u64,
-    pub bytes_out: u64,
-    pub lost: u64,
-    pub queue_drops: u64,
-    pub too_big: u64,
+counters! {
+    /// Counters of one direction.
+    struct DirCounters;
+    /// A snapshot of one direction's counters.
+    pub struct DirStats {
+        packets_in,
+        bytes_in,
+        packets_out,
+        bytes_out,
+        lost,
+        queue_drops,
+        too_big,
+    }
 }
 
 impl DirCounters {
-    fn snapshot(&self) -> DirStats {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        DirStats {
-            packets_in: g(&self.packets_in),
-            bytes_in: g(&self.bytes_in),
-            packets_out: g(&self.packets_out),
-            bytes_out: g(&self.bytes_out),
-            lost: g(&self.lost),
-            queue_drops: g(&self.queue_drops),
-            too_big: g(&self.too_big),
-        }
-    }
-
     fn count(&self, v: &Verdict) {
         let c = match v {
             Verdict::Deliver(_) => return,

@@ -2,6 +2,7 @@
 //! each submodule converts types and errors for one part of the core and registers its functions here.
 
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 mod codec;
 mod errors;
@@ -15,4 +16,13 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     transport::register(m)?;
     netem::register(m)?;
     Ok(())
+}
+
+/// A core stats snapshot's `(name, value)` counters as a dict.
+fn counters_dict<'py>(py: Python<'py>, fields: Vec<(&'static str, u64)>) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (name, value) in fields {
+        d.set_item(name, value)?;
+    }
+    Ok(d)
 }

@@ -4,27 +4,16 @@
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use super::counters_dict;
 use super::errors::IntoPyResult;
 use super::transport::parse_addr;
-use crate::netem::{DirStats, Direction, Emulator, LinkParams};
+use crate::netem::{Direction, Emulator, LinkParams};
 
 /// The link emulator; see `aiflow_cli.netem.LinkEmulator`.
 #[pyclass(module = "aiflow_cli._core", name = "LinkEmulator")]
 struct PyEmulator {
     emu: Option<Emulator>,
     address: String,
-}
-
-fn dir_dict<'py>(py: Python<'py>, s: DirStats) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("packets_in", s.packets_in)?;
-    d.set_item("bytes_in", s.bytes_in)?;
-    d.set_item("packets_out", s.packets_out)?;
-    d.set_item("bytes_out", s.bytes_out)?;
-    d.set_item("lost", s.lost)?;
-    d.set_item("queue_drops", s.queue_drops)?;
-    d.set_item("too_big", s.too_big)?;
-    Ok(d)
 }
 
 #[pymethods]
@@ -62,8 +51,8 @@ impl PyEmulator {
         let d = PyDict::new(py);
         if let Some(e) = self.emu.as_ref() {
             let (up, down) = e.stats();
-            d.set_item("uplink", dir_dict(py, up)?)?;
-            d.set_item("downlink", dir_dict(py, down)?)?;
+            d.set_item("uplink", counters_dict(py, up.fields())?)?;
+            d.set_item("downlink", counters_dict(py, down.fields())?)?;
             d.set_item("flows", e.flows())?;
         }
         Ok(d)

@@ -17,6 +17,7 @@ use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView};
 
+use super::counters_dict;
 use super::errors::IntoPyResult;
 use crate::transport::identity::{self, Identity, Trust};
 use crate::transport::{Client, ClientConfig, Handler, Limits, Message, PeerInfo, Server, ServerConfig};
@@ -223,20 +224,9 @@ impl PyServer {
 
     /// Counters: connections, handshake failures, requests, errors (see ServerStats in Rust).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        let Some(s) = self.server.as_ref() else { return Ok(d) };
-        let st = s.stats();
-        d.set_item("connections_accepted", st.connections_accepted)?;
-        d.set_item("connections_active", st.connections_active)?;
-        d.set_item("connections_refused", st.connections_refused)?;
-        d.set_item("handshakes_failed", st.handshakes_failed)?;
-        d.set_item("connections_timed_out", st.connections_timed_out)?;
-        d.set_item("requests_ok", st.requests_ok)?;
-        d.set_item("requests_failed", st.requests_failed)?;
-        d.set_item("protocol_errors", st.protocol_errors)?;
-        d.set_item("limit_errors", st.limit_errors)?;
-        d.set_item("streams_aborted", st.streams_aborted)?;
-        d.set_item("last_handshake_error", st.last_handshake_error)?;
+        let Some(s) = self.server.as_ref() else { return Ok(PyDict::new(py)) };
+        let d = counters_dict(py, s.stats().fields())?;
+        d.set_item("last_handshake_error", s.last_handshake_error())?;
         Ok(d)
     }
 

@@ -51,7 +51,8 @@ impl Client {
         let tls = identity::client_tls(&cfg.identity, cfg.trust)?;
         let quic = QuicClientConfig::try_from(tls).map_err(|e| Error::Input(format!("QUIC TLS configuration: {e}")))?;
         let mut qc = quinn::ClientConfig::new(Arc::new(quic));
-        qc.transport_config(cfg.limits.transport_config(false)?);
+        // Keep-alives hold the connection open while a long request computes (longer than the idle timeout).
+        qc.transport_config(cfg.limits.transport_config(true)?);
         let bind: SocketAddr = if cfg.server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
         let _guard = runtime::handle().enter();
         let endpoint = super::limits::endpoint(bind, None)?;

@@ -4,7 +4,7 @@
 //! time, run concurrently, and themselves use a [`super::Client`] (edge forwarding to cloud).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -41,42 +41,28 @@ pub struct ServerConfig {
     pub limits: Limits,
 }
 
-/// Counters of what a server has seen (for tests, logs and `stats()`).
-#[derive(Debug, Default)]
-struct Counters {
-    connections_accepted: AtomicU64,
-    connections_active: AtomicU64,
-    connections_refused: AtomicU64,
-    handshakes_failed: AtomicU64,
-    connections_timed_out: AtomicU64,
-    requests_ok: AtomicU64,
-    requests_failed: AtomicU64,
-    protocol_errors: AtomicU64,
-    limit_errors: AtomicU64,
-    streams_aborted: AtomicU64,
-}
-
-/// A snapshot of the server's counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ServerStats {
-    pub connections_accepted: u64,
-    pub connections_active: u64,
-    /// Refused before the handshake (over `max_connections`).
-    pub connections_refused: u64,
-    /// Handshakes that failed: untrusted certificate, wrong ALPN, garbage.
-    pub handshakes_failed: u64,
-    /// Connections closed by the idle timeout.
-    pub connections_timed_out: u64,
-    /// Requests answered by the handler.
-    pub requests_ok: u64,
-    /// Requests answered with an error (handler failure, limit, malformed, timeout).
-    pub requests_failed: u64,
-    pub protocol_errors: u64,
-    pub limit_errors: u64,
-    /// Streams the peer abandoned mid-message (reset, disconnect).
-    pub streams_aborted: u64,
-    /// The last handshake failure, for a clear log line.
-    pub last_handshake_error: String,
+counters! {
+    /// Counters of what a server has seen (for tests, logs and `stats()`).
+    struct Counters;
+    /// A snapshot of the server's counters.
+    pub struct ServerStats {
+        connections_accepted,
+        connections_active,
+        /// Refused before the handshake (over `max_connections`).
+        connections_refused,
+        /// Handshakes that failed: untrusted certificate, wrong ALPN, garbage.
+        handshakes_failed,
+        /// Connections closed by the idle timeout.
+        connections_timed_out,
+        /// Requests answered by the handler.
+        requests_ok,
+        /// Requests answered with an error (handler failure, limit, malformed, timeout).
+        requests_failed,
+        protocol_errors,
+        limit_errors,
+        /// Streams the peer abandoned mid-message (reset, disconnect).
+        streams_aborted,
+    }
 }
 
 struct Shared {
@@ -120,21 +106,12 @@ impl Server {
     }
 
     pub fn stats(&self) -> ServerStats {
-        let c = &self.shared.counters;
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ServerStats {
-            connections_accepted: g(&c.connections_accepted),
-            connections_active: g(&c.connections_active),
-            connections_refused: g(&c.connections_refused),
-            handshakes_failed: g(&c.handshakes_failed),
-            connections_timed_out: g(&c.connections_timed_out),
-            requests_ok: g(&c.requests_ok),
-            requests_failed: g(&c.requests_failed),
-            protocol_errors: g(&c.protocol_errors),
-            limit_errors: g(&c.limit_errors),
-            streams_aborted: g(&c.streams_aborted),
-            last_handshake_error: self.shared.last_handshake_error.lock().map(|s| s.clone()).unwrap_or_default(),
-        }
+        self.shared.counters.snapshot()
+    }
+
+    /// The last handshake failure (empty if none), for a clear log line.
+    pub fn last_handshake_error(&self) -> String {
+        self.shared.last_handshake_error.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
     /// Closes every connection and the socket; waits (up to 2 s) for the peers to be told. Safe to call twice.
