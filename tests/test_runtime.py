@@ -21,6 +21,7 @@ FAMILIES = {
     "builtin:llama-tiny": {"text": "split me in three"},
     "builtin:captioner-tiny": {"image": "sample"},
     "builtin:bert-tiny": {"text": "a sentence to embed"},
+    "minilm": {"text": "real sentence-transformers weights, split in three"},
     "builtin:vit-tiny": {"image": "sample"},
 }
 
