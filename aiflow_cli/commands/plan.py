@@ -88,6 +88,7 @@ def plan(
     codecs: Optional[str] = typer.Option(None, "--codecs", help="Comma-separated codecs the solver may use (default: all profiled)."),
     skip_tier: list[str] = typer.Option([], "--skip-tier", help="A tier that must run no stage (it may still relay)."),
     require_tier: list[str] = typer.Option([], "--require-tier", help="A tier that must run at least one stage."),
+    input_bytes: Optional[str] = typer.Option(None, "--input-bytes", help="Upload size of one request's input when the device computes nothing, e.g. 7KB for a JPEG (default: the profile's uncoded stage-0 input)."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the plan JSON here."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object {plan, explain?, sweep?}."),
     explain: bool = typer.Option(False, "--explain", help="Compare with device-only, edge-only, cloud-only and the best raw-codec split."),
@@ -108,7 +109,8 @@ def plan(
     )
     if min_fidelity is not None and not (0 < min_fidelity <= 1):
         raise InputError(f"--min-fidelity {min_fidelity}: a cosine floor must be in (0, 1]")
-    problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds)
+    problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
+                            input_bytes=parse_bytes(input_bytes) if input_bytes is not None else None)
     t0 = time.perf_counter()
     placement, ev = solve_problem(problem)
     the_plan = plan_from_solution(problem, placement, ev, solve_ms=(time.perf_counter() - t0) * 1e3, sources=sources)

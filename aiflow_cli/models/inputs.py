@@ -74,3 +74,52 @@ def sample_image():
         im = Image.open(f)
         im.load()
     return im
+
+
+#: Largest image (pixels) accepted from encoded bytes: a bound on what a small file may expand to.
+MAX_IMAGE_PIXELS = 40_000_000
+#: Boundary-state name of an image shipped as its encoded file (JPEG/PNG bytes, uint8 [n]).
+IMAGE_FILE = "image_file"
+
+
+def image_file_tensor(image: Any) -> torch.Tensor:
+    """An image as its encoded file bytes in a uint8 tensor: a path or bytes as they are (JPEG stays JPEG), a PIL
+    image as lossless PNG. This is what a device that computes nothing uploads."""
+    import io
+    from pathlib import Path
+
+    from PIL import Image
+
+    if isinstance(image, (str, Path)):
+        try:
+            data = Path(image).read_bytes()
+        except OSError as e:
+            raise InputError(f"cannot read image {str(image)!r}: {e.strerror or e}") from None
+    elif isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    elif isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+    else:
+        raise InputError(f"image must be a path, bytes or a PIL.Image, got {type(image).__name__}")
+    decode_image_file(torch.frombuffer(bytearray(data), dtype=torch.uint8))  # refuse a bad file here, not remotely
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_image_file(data: torch.Tensor) -> Any:
+    """The RGB PIL image in an ``image_file`` tensor; :class:`InputError` for anything that is not a readable image
+    of at most :data:`MAX_IMAGE_PIXELS` pixels (checked from the header, before decoding)."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    if data.dtype != torch.uint8 or data.dim() != 1:
+        raise InputError(f"{IMAGE_FILE} must be a 1-d uint8 tensor of file bytes, got {data.dtype} {list(data.shape)}")
+    try:
+        im = Image.open(io.BytesIO(data.numpy().tobytes()))
+        if im.width * im.height > MAX_IMAGE_PIXELS:
+            raise InputError(f"image of {im.width}x{im.height} pixels is above the limit of {MAX_IMAGE_PIXELS:,}")
+        return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(f"not a readable image file: {e}") from None

@@ -31,6 +31,7 @@ ROLES: dict[str, Role] = {
     "attention_mask": "control",
     "position_ids": "control",
     "token_type_ids": "control",
+    "image_file": "control",  # an image as its encoded file (JPEG/PNG bytes), decoded by the first computing tier
 }
 
 

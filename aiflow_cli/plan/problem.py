@@ -151,13 +151,20 @@ def build_problem(
     tokens: int = 0,
     limits: Optional[Limits] = None,
     speeds: Optional[dict[str, float]] = None,
+    input_bytes: Optional[int] = None,
 ) -> Problem:
     """Checks and flattens the inputs.
+
+    ``input_bytes``: what one request's input costs to upload when the device computes nothing, if known (e.g.
+    the size of a JPEG file that the first computing tier decodes itself); default: the profile's uncoded
+    stage-0 input.
 
     ``profiles``: tier -> profile. A single entry under the key ``"*"`` is one profile used for every tier named
     in ``speeds``. ``speeds``: tier -> relative speed (stage and codec times are divided by it).
     ``links``: ``"device-edge"`` -> link, one per adjacent pair of tiers. ``tokens``: decode steps (generate).
     """
+    if input_bytes is not None and input_bytes < 0:
+        raise InputError(f"--input-bytes {input_bytes}: must be >= 0")
     limits = limits or Limits()
     speeds = dict(speeds or {})
     if objective not in OBJECTIVES:
@@ -276,9 +283,10 @@ def build_problem(
         prefill_ms=prefill, decode_ms=decode, decode_stage=decode_stage, param_bytes=params, peak_bytes=peak,
         cut_bytes=cut_bytes, cut_step_bytes=step_bytes, step_fraction=step_frac, enc_ms=enc, dec_ms=dec,
         cut_loss=loss, available=avail,
-        input_bytes=float(ref.input.bytes), output_bytes=float(ref.output.bytes),
+        input_bytes=float(ref.input.bytes if input_bytes is None else input_bytes), output_bytes=float(ref.output.bytes),
         token_bytes=float(ref.output.decode_step_bytes if ref.output.decode_step_bytes is not None else DEFAULT_TOKEN_BYTES),
         limits=limits, memory_bytes=mem,
         skip=np.array([t in limits.skip for t in tiers]), require=np.array([t in limits.require for t in tiers]),
-        profile_ids=profile_ids, input_description=ref.input.description,
+        profile_ids=profile_ids,
+        input_description=ref.input.description if input_bytes is None else "as given: the encoded input file",
     )

@@ -85,6 +85,7 @@ class SolvedFor(Strict):
     require: list[str]
     codecs: Optional[list[str]] = Field(description="codecs the solver could choose; None: every profiled one")
     profiles: dict[str, ProfileRef]
+    input_bytes: Optional[int] = Field(default=None, description="request input upload size used (None: the profile's)")
 
 
 class SolverInfo(Strict):
@@ -231,6 +232,7 @@ def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict
         memory_bytes={t: m for t, m in zip(p.tiers, p.memory_bytes) if m is not None},
         min_fidelity=p.limits.min_fidelity, skip=sorted(p.limits.skip), require=sorted(p.limits.require),
         codecs=list(p.limits.codecs) if p.limits.codecs is not None else None, profiles=refs,
+        input_bytes=int(p.input_bytes),
     )
     return Plan(
         model=p.model, model_hash=p.model_hash, family=p.family, task=p.task, n_stages=p.n_stages,

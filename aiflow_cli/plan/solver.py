@@ -309,13 +309,16 @@ def solve(
     limits: Optional[Limits] = None,
     speeds: Optional[dict[str, float]] = None,
     sources: Optional[dict[str, str]] = None,
+    input_bytes: Optional[int] = None,
 ):
     """Solves for the optimal plan. ``profiles``: tier -> profile (or ``{"*": profile}`` with ``speeds``);
-    ``links``: ``"device-edge"`` -> link; ``sources``: optional tier -> file path, recorded in the plan.
+    ``links``: ``"device-edge"`` -> link; ``sources``: optional tier -> file path, recorded in the plan;
+    ``input_bytes``: upload size of the request input when known (see :func:`build_problem`).
     Returns a :class:`aiflow_cli.plan.schema.Plan`; raises PlanError / InputError on bad or infeasible input."""
     from aiflow_cli.plan.schema import plan_from_solution
 
-    problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds)
+    problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
+                            input_bytes=input_bytes)
     t0 = time.perf_counter()
     placement, ev = solve_problem(problem)
     solve_ms = (time.perf_counter() - t0) * 1e3

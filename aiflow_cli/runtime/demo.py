@@ -19,6 +19,7 @@ import torch
 
 from aiflow_cli.links import load_link
 from aiflow_cli.models import load_model, load_stages
+from aiflow_cli.models.inputs import decode_image_file, image_file_tensor
 from aiflow_cli.plan import Limits, solve
 from aiflow_cli.plan.schema import Plan, save_plan
 from aiflow_cli.profile import load_profile, profile_model, save_profile
@@ -75,14 +76,16 @@ def cached_profile(model: str, workdir: Path, log: Callable[[str], None]) -> Mod
     return prof
 
 
-def make_plans(prof: ModelProfile, cfg: DemoConfig) -> dict[str, Plan]:
-    """The planned split and the two baselines, solved on the same profile, links and speeds."""
+def make_plans(prof: ModelProfile, cfg: DemoConfig, input_bytes: Optional[int] = None) -> dict[str, Plan]:
+    """The planned split and the two baselines, solved on the same profile, links and speeds. ``input_bytes``:
+    what the request's raw input costs to upload (the image file's size; default: the profile's input)."""
     links = {"device-edge": load_link(cfg.uplink), "edge-cloud": load_link(cfg.wan)}
     speeds = {"device": cfg.device_speed, "edge": 1.0, "cloud": 1.0}
     objective, tokens = ("generate", cfg.max_new_tokens) if prof.task in ("generate", "caption") else ("latency", 0)
 
     def plan(**limits: Any) -> Plan:
-        return solve({"*": prof}, links, objective=objective, tokens=tokens, limits=Limits(**limits), speeds=speeds)
+        return solve({"*": prof}, links, objective=objective, tokens=tokens, limits=Limits(**limits), speeds=speeds,
+                     input_bytes=input_bytes)
 
     return {
         "aiflow": plan(),
@@ -92,11 +95,16 @@ def make_plans(prof: ModelProfile, cfg: DemoConfig) -> dict[str, Plan]:
 
 
 def request_input(task: str, cfg: DemoConfig) -> dict[str, Any]:
+    """The demo's request: the image file's path (uploaded as is when the device computes nothing), or text."""
     if task in ("caption", "classify"):
-        from PIL import Image
-
-        return {"image": Image.open(cfg.input_path or SAMPLE_IMAGE).convert("RGB")}
+        return {"image": Path(cfg.input_path or SAMPLE_IMAGE)}
     return {"text": cfg.text or SAMPLE_TEXT}
+
+
+def upload_bytes(inputs: dict[str, Any]) -> Optional[int]:
+    """Upload size of a request's raw input when it is a file (None: use the profile's figure)."""
+    image = inputs.get("image")
+    return Path(image).stat().st_size if isinstance(image, (str, Path)) else None
 
 
 def run_strategy(name: str, plan: Plan, cfg: DemoConfig, inputs: dict[str, Any], log: Callable[[str], None]) -> StrategyRun:
@@ -138,16 +146,16 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     keys = identities(cfg.workdir)
     log("keys: " + ", ".join(f"{t} {k.fingerprint[:12]}" for t, k in keys.items()))
     prof = cached_profile(cfg.model, cfg.workdir, log)
-    plans = make_plans(prof, cfg)
-    log(f"plan ({cfg.uplink} to the edge, {cfg.wan} to the cloud, device at {cfg.device_speed:g}x): {plans['aiflow'].summary()}")
     full = load_model(cfg.model)
     inputs = request_input(full.task, cfg)
+    plans = make_plans(prof, cfg, upload_bytes(inputs))
+    log(f"plan ({cfg.uplink} to the edge, {cfg.wan} to the cloud, device at {cfg.device_speed:g}x): {plans['aiflow'].summary()}")
     runs = {name: run_strategy(name, plan, cfg, inputs, log) for name, plan in plans.items()}
-    reference = None
+    local = {k: decode_image_file(image_file_tensor(v)) if k == "image" else v for k, v in inputs.items()}
     if full.generates:
-        reference = full.generate(full.prepare(**inputs), cfg.max_new_tokens)
+        reference = full.generate(full.prepare(**local), cfg.max_new_tokens)
     else:
-        reference = full.output(full.run(full.prepare(**inputs)))
+        reference = full.output(full.run(full.prepare(**local)))
     out: dict[str, Any] = {"model": cfg.model, "links": {"device-edge": cfg.uplink, "edge-cloud": cfg.wan},
                            "device_speed": cfg.device_speed, "strategies": {}}
     for name, r in runs.items():

@@ -24,6 +24,7 @@ import torch
 
 from aiflow_cli.errors import InputError, PlanError, Timeout, TransportError
 from aiflow_cli.models import StagedModel, load_stages
+from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol
@@ -176,6 +177,10 @@ class TierNode:
         state = payload.state
         if state is None:
             state, _, mine.decode_ms = unpack_state(payload.packed.meta, payload.packed.frames)
+        if IMAGE_FILE in state:  # the device sent the image file itself: preprocess it here (counts as compute)
+            t0 = time.perf_counter()
+            state = self.model.prepare(image=decode_image_file(state[IMAGE_FILE]))
+            mine.compute_ms += (time.perf_counter() - t0) * 1e3
         session = None
         if self.keeps_cache:
             session = self.sessions.open(key) if phase == PREFILL else self.sessions.get(key)
