@@ -52,7 +52,8 @@ def test_demo_json_on_the_tiny_captioner(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     data = json.loads(out.stdout)
     s = data["strategies"]
-    assert set(s) == {"aiflow", "device-only", "cloud-only"}
+    assert set(s) == {"aiflow", "device-only", "cloud-only", "3-tier split"}
+    assert set(s["3-tier split"]["timings"]["links"]) == {"device-edge", "edge-cloud"}
     for name, e in s.items():
         assert len(e["tokens"][0]) == 6
         assert e["total_ms"] > 0 and e["predicted_ms"] > 0

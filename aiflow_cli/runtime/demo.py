@@ -77,7 +77,8 @@ def cached_profile(model: str, workdir: Path, log: Callable[[str], None]) -> Mod
 
 
 def make_plans(prof: ModelProfile, cfg: DemoConfig, input_bytes: Optional[int] = None) -> dict[str, Plan]:
-    """The planned split and the two baselines, solved on the same profile, links and speeds. ``input_bytes``:
+    """The planned split, the two baselines and the best three-tier split, solved on the same profile, links and
+    speeds. ``input_bytes``:
     what the request's raw input costs to upload (the image file's size; default: the profile's input)."""
     links = {"device-edge": load_link(cfg.uplink), "edge-cloud": load_link(cfg.wan)}
     speeds = {"device": cfg.device_speed, "edge": 1.0, "cloud": 1.0}
@@ -91,6 +92,9 @@ def make_plans(prof: ModelProfile, cfg: DemoConfig, input_bytes: Optional[int] =
         "aiflow": plan(),
         "device-only": plan(skip=frozenset({"edge", "cloud"})),
         "cloud-only": plan(skip=frozenset({"device", "edge"})),
+        # the best plan that runs stages on every tier: shows activations crossing both links, and what the
+        # planner's choice saves over it
+        "3-tier split": plan(require=frozenset({"device", "edge", "cloud"})),
     }
 
 
