@@ -13,7 +13,6 @@ store-and-forward without re-coding; the raw input is uploaded uncoded and the o
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 

@@ -323,3 +323,15 @@ def solve(
     placement, ev = solve_problem(problem)
     solve_ms = (time.perf_counter() - t0) * 1e3
     return plan_from_solution(problem, placement, ev, solve_ms=solve_ms, sources=sources or {})
+
+
+def solve_variants(profile: ModelProfile, links: dict[str, LinkProfile], speeds: dict[str, float],
+                   variants: dict[str, Limits], *, tokens: int = 16, input_bytes: Optional[int] = None) -> dict:
+    """One plan per named set of limits (``{"device-only": Limits(skip=...), ...}``), all on the same profile,
+    links and speeds; generating models are planned for ``tokens`` decode steps, the others for one request."""
+    generates = profile.task in ("generate", "caption")
+    return {
+        name: solve({"*": profile}, links, objective="generate" if generates else "latency",
+                    tokens=tokens if generates else 0, limits=lim, speeds=speeds, input_bytes=input_bytes)
+        for name, lim in variants.items()
+    }

@@ -181,7 +181,8 @@ class LocalCluster:
         (and an edge whose ``--next`` is that address keeps it); returns the address. Connections made through the
         old emulator are cut: close the clients that used it (the next request reconnects)."""
         if link not in self.emulators:
-            raise InputError(f"link {link!r} has no emulator to replace (emulated: {', '.join(self.emulators) or 'none'})")
+            have = ", ".join(self.emulators) or "none"
+            raise InputError(f"link {link!r} has no emulator to replace (emulated: {have})")
         old = self.emulators[link]
         profile = profile if isinstance(profile, LinkProfile) else load_link(profile)
         address = old.address

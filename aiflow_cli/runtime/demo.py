@@ -20,7 +20,8 @@ import torch
 from aiflow_cli.links import load_link
 from aiflow_cli.models import load_model, load_stages
 from aiflow_cli.models.inputs import decode_image_file, image_file_tensor
-from aiflow_cli.plan import Limits, solve
+from aiflow_cli.plan import Limits
+from aiflow_cli.plan.solver import solve_variants
 from aiflow_cli.plan.schema import Plan, save_plan
 from aiflow_cli.profile import load_profile, profile_model, save_profile
 from aiflow_cli.profile.schema import ModelProfile
@@ -82,20 +83,15 @@ def make_plans(prof: ModelProfile, cfg: DemoConfig, input_bytes: Optional[int] =
     what the request's raw input costs to upload (the image file's size; default: the profile's input)."""
     links = {"device-edge": load_link(cfg.uplink), "edge-cloud": load_link(cfg.wan)}
     speeds = {"device": cfg.device_speed, "edge": 1.0, "cloud": 1.0}
-    objective, tokens = ("generate", cfg.max_new_tokens) if prof.task in ("generate", "caption") else ("latency", 0)
-
-    def plan(**limits: Any) -> Plan:
-        return solve({"*": prof}, links, objective=objective, tokens=tokens, limits=Limits(**limits), speeds=speeds,
-                     input_bytes=input_bytes)
-
-    return {
-        "aiflow": plan(),
-        "device-only": plan(skip=frozenset({"edge", "cloud"})),
-        "cloud-only": plan(skip=frozenset({"device", "edge"})),
+    variants = {
+        "aiflow": Limits(),
+        "device-only": Limits(skip=frozenset({"edge", "cloud"})),
+        "cloud-only": Limits(skip=frozenset({"device", "edge"})),
         # the best plan that runs stages on every tier: shows activations crossing both links, and what the
         # planner's choice saves over it
-        "3-tier split": plan(require=frozenset({"device", "edge", "cloud"})),
+        "3-tier split": Limits(require=frozenset({"device", "edge", "cloud"})),
     }
+    return solve_variants(prof, links, speeds, variants, tokens=cfg.max_new_tokens, input_bytes=input_bytes)
 
 
 def request_input(task: str, cfg: DemoConfig) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.protocol import DECODE, INFER, PREFILL
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
-from aiflow_cli.runtime.timings import Stopwatch, Timings
+from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import PackedState, pack_state, unpack_state
 from aiflow_cli.transport import Client, Message, PeerInfo
 
@@ -213,15 +213,14 @@ class TierNode:
 
     def _run_stages(self, stage: int, state: BoundaryState, cache, mine) -> tuple[BoundaryState, Optional[BoundaryState]]:
         prompt = None
+        t0 = time.perf_counter()
         for i in range(stage, self.stages.stop):
             if i == self.decode_start and self.is_driver:
                 prompt = self.model.decode_inputs_of(state)
-            t0 = time.perf_counter()
             state = self.model.run_stage(i, state, cache)
-            took = time.perf_counter() - t0
-            if self.speed < 1:
-                time.sleep(took * (1 / self.speed - 1))
-            mine.compute_ms += (time.perf_counter() - t0) * 1e3
+        if self.speed < 1:  # one sleep per step: per-stage sleeps would add the timer's overshoot per stage
+            time.sleep((time.perf_counter() - t0) * (1 / self.speed - 1))
+        mine.compute_ms += (time.perf_counter() - t0) * 1e3
         return state, prompt
 
     def _output(self, state: BoundaryState, mine) -> StepResult:

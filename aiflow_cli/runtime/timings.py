@@ -8,7 +8,6 @@ All times are milliseconds, summed over every step of the request (prefill and d
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -67,17 +66,3 @@ class Timings:
             for k, v in (data.get("links") or {}).items():
                 out.links[str(k)] = LinkTiming(**{f.name: type(f.default)(v.get(f.name, 0)) for f in fields(LinkTiming)})
         return out
-
-
-class Stopwatch:
-    """``with sw: ...`` adds the elapsed milliseconds to ``sw.ms``."""
-
-    def __init__(self) -> None:
-        self.ms = 0.0
-
-    def __enter__(self) -> "Stopwatch":
-        self._t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.ms += (time.perf_counter() - self._t0) * 1e3

@@ -14,7 +14,6 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.models.adapter import Adapter, StageSpec, text_positions
-from aiflow_cli.models.state import BoundaryState
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:

@@ -13,7 +13,6 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.models.adapter import Adapter, StageSpec
-from aiflow_cli.models.state import BoundaryState
 
 IMAGE_MEAN = (0.5, 0.5, 0.5)
 IMAGE_STD = (0.5, 0.5, 0.5)
