@@ -104,6 +104,9 @@ class Limits:
     """QUIC flow-control window per stream."""
     connection_window_bytes: int = 64 << 20
     """QUIC flow-control window per connection."""
+    congestion: str = "rate"
+    """Congestion controller of what this endpoint sends: ``"rate"`` (aiflow's delivery-rate controller, BBR's
+    model: keeps a lossy link busy), ``"cubic"``, ``"newreno"``, or ``"bbr"`` (quinn's, experimental)."""
 
 
 @dataclass
@@ -248,7 +251,9 @@ class Client:
 
         Raises :class:`RemoteError` if the remote handler failed, :class:`LimitExceeded` if either side's limits
         refuse the message, :class:`Timeout` past ``timeout_s`` (default: the client's), :class:`PeerRejected`
-        for an untrusted peer, :class:`TransportError` for other network failures.
+        for an untrusted peer, :class:`TransportError` for other network failures. The exception's
+        ``connection_id`` attribute names the connection the request used (None if none was open): pass it to
+        :meth:`reset` to drop exactly that connection.
         """
         rid, sid, kind, meta_json, frames = self._cli.request(
             message.kind, _meta_json(message.meta), message.frames, message.session_id, timeout_s or self.timeout_s
@@ -259,8 +264,38 @@ class Client:
         """:meth:`request` for asyncio code: runs on a worker thread, so the event loop keeps going."""
         return await asyncio.to_thread(self.request, message, timeout_s)
 
+    @property
+    def connection_id(self) -> int | None:
+        """Id of the open connection (connections of one client are numbered 1, 2, ...), or None."""
+        return self._cli.connection_id
+
+    def reset(self, connection_id: int | None = None) -> bool:
+        """Drops a connection at once, without waiting for the peer (unlike :meth:`close`); requests still on it
+        fail, and the next request opens a new connection. Never blocks.
+
+        ``connection_id`` names the connection to drop: pass the ``connection_id`` attribute of the
+        :class:`TransportError` a request raised, so that a connection other threads have already replaced is
+        left alone. ``None`` drops whichever connection is open. Returns whether a connection was dropped.
+        """
+        return self._cli.reset(connection_id)
+
+    def reset_after(self, error: BaseException) -> bool:
+        """Drops the connection on which ``error`` (raised by :meth:`request`) happened, if the client still uses
+        it: ``reset(error.connection_id)``, and nothing when the request failed before a connection was open.
+        Never blocks. Returns whether a connection was dropped."""
+        connection_id = getattr(error, "connection_id", None)
+        return connection_id is not None and self.reset(connection_id)
+
+    def path_info(self) -> dict[str, int] | None:
+        """Figures of the open connection's path, or None: ``rtt_us``, ``min_rtt_us``, ``cwnd_bytes``,
+        ``mtu_bytes`` (largest UDP payload found by MTU discovery), ``sent_packets``, ``lost_packets``,
+        ``congestion_events``, ``black_holes``, ``connection_id``."""
+        info = self._cli.path_info()
+        return None if info is None else dict(info)
+
     def close(self) -> None:
-        """Closes the connection. The client reconnects if used again."""
+        """Closes the connection, waiting up to 0.5 s for the server to be told. The client reconnects if used
+        again. After a failure, :meth:`reset` drops the connection without the wait."""
         self._cli.close()
 
     def __enter__(self) -> "Client":

@@ -296,3 +296,74 @@ def test_handler_threads_do_not_hold_the_gil_while_waiting(ids):
         stop.set()
         th.join()
     assert len(ticks) > 20
+
+
+def test_reset_drops_the_failed_connection_without_waiting(ids):
+    """reset(connection_id) fails the requests on that connection at once and never touches a newer one."""
+    from aiflow_cli.errors import TransportError
+
+    release = threading.Event()
+    running = []
+
+    def handler(msg: Message, peer: PeerInfo) -> Message:
+        if msg.kind == "block":
+            running.append(1)
+            release.wait(10)  # released before the test ends: no handler may outlive the interpreter
+            running.pop()
+        return Message("re:" + msg.kind)
+
+    with serve(ids, handler) as srv, client_of(srv, ids) as cli:
+        try:
+            assert cli.connection_id is None and cli.path_info() is None
+            cli.request(Message("a"))
+            first = cli.connection_id
+            assert first is not None
+            errors = []
+
+            def blocked() -> None:
+                try:
+                    cli.request(Message("block"))
+                except TransportError as e:
+                    errors.append(e)
+
+            th = threading.Thread(target=blocked)
+            th.start()
+            time.sleep(0.2)
+            t0 = time.perf_counter()
+            assert cli.reset(first)
+            th.join(timeout=2)
+            assert time.perf_counter() - t0 < 0.5, "reset must not wait for the handler or the peer"
+            assert len(errors) == 1 and errors[0].connection_id == first
+            assert not cli.reset_after(errors[0])  # already dropped
+            # The next request reconnects; resetting the old connection again spares the new one.
+            assert cli.request(Message("b")).kind == "re:b"
+            second = cli.connection_id
+            assert second != first
+            assert not cli.reset(first)
+            assert cli.connection_id == second and cli.request(Message("c")).kind == "re:c"
+            # A timeout names its connection too, so the caller can drop it.
+            with pytest.raises(Timeout) as exc:
+                cli.request(Message("block"), timeout_s=0.1)
+            assert exc.value.connection_id == second
+            assert cli.reset_after(exc.value) and cli.connection_id is None
+            assert not cli.reset_after(ValueError("not from a request"))
+            cli.request(Message("d"))
+            assert cli.reset()  # None: whichever connection is open
+            assert cli.connection_id is None
+        finally:
+            release.set()
+            deadline = time.monotonic() + 5
+            while running and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+def test_congestion_controllers_and_path_info(ids):
+    payload = bytes(1 << 20)
+    for cc in ("rate", "cubic", "newreno", "bbr"):
+        lim = Limits(congestion=cc)
+        with serve(ids, limits=lim) as srv, client_of(srv, ids, limits=lim) as cli:
+            assert len(cli.request(Message("x", {}, [payload])).frames[0]) == len(payload)
+            info = cli.path_info()
+            assert info["connection_id"] == cli.connection_id and info["cwnd_bytes"] > 0 and info["rtt_us"] > 0
+    with pytest.raises(InputError, match="congestion"):
+        serve(ids, limits=Limits(congestion="vegas"))

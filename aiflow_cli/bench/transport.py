@@ -220,6 +220,7 @@ class RttRow:
 @dataclass
 class NetemResult:
     link: dict
+    congestion: str
     goodput_mbps: float
     goodput_pct_of_rate: float
     transfer_bytes: int
@@ -227,6 +228,8 @@ class NetemResult:
     activation_s: float
     activation_ideal_s: float
     activation_vs_ideal: float
+    transfer_queue_drops: int = 0
+    path: dict = field(default_factory=dict)
     emulator: dict = field(default_factory=dict)
 
 
@@ -234,10 +237,14 @@ class NetemResult:
 class TransportBenchResult(JsonResult):
     quick: bool
     cores: int
+    congestion: str = ""
+    """aiflow-quic's congestion controller (the default of :class:`Limits`)."""
     throughput: list[ThroughputRow] = field(default_factory=list)
     rtt: list[RttRow] = field(default_factory=list)
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)
     netem: NetemResult | None = None
+    quic_path: dict = field(default_factory=dict)
+    """The loopback QUIC connection after the measurements: MTU found, congestion window, RTT, losses."""
     targets: dict[str, dict] = field(default_factory=dict)
 
 
@@ -280,9 +287,11 @@ def measure_netem(quic: Quic, ids: dict[str, Identity], quick: bool) -> NetemRes
             t0 = time.perf_counter()
             cli.request(Message("ack", {}, [act]))
             act_s = time.perf_counter() - t0
+            drops_before = emu.stats()["uplink"]["queue_drops"]
             t0 = time.perf_counter()
             cli.request(Message("ack", {}, [transfer]))
             transfer_s = time.perf_counter() - t0
+            path = cli.path_info() or {}
         stats = emu.stats()
     # One request/reply costs one RTT besides the bytes; goodput counts the payload over the rest.
     rtt_s = link.rtt_ms / 1e3
@@ -290,6 +299,7 @@ def measure_netem(quic: Quic, ids: dict[str, Identity], quick: bool) -> NetemRes
     ideal_s = len(act) * 8 / (link.uplink_mbps * 1e6) + rtt_s
     return NetemResult(
         link=link.model_dump(include={"uplink_mbps", "downlink_mbps", "rtt_ms", "loss_pct", "queue_ms"}),
+        congestion=Limits().congestion,
         goodput_mbps=goodput_mbps,
         goodput_pct_of_rate=100 * goodput_mbps / link.uplink_mbps,
         transfer_bytes=len(transfer),
@@ -297,13 +307,15 @@ def measure_netem(quic: Quic, ids: dict[str, Identity], quick: bool) -> NetemRes
         activation_s=act_s,
         activation_ideal_s=ideal_s,
         activation_vs_ideal=act_s / ideal_s,
+        transfer_queue_drops=stats["uplink"]["queue_drops"] - drops_before,
+        path=path,
         emulator=stats,
     )
 
 
 def run(quick: bool = False, progress: Callable[[str], None] = lambda s: None) -> TransportBenchResult:
     """Runs the whole benchmark; ``quick`` shortens every measurement (well under a minute in all)."""
-    res = TransportBenchResult(quick=quick, cores=os.cpu_count() or 1)
+    res = TransportBenchResult(quick=quick, cores=os.cpu_count() or 1, congestion=Limits().congestion)
     budget = BUDGET_S[quick]
     max_bytes = max(SIZES.values())
     with tempfile.TemporaryDirectory(prefix="aiflow-bench-") as tmp:
@@ -327,6 +339,7 @@ def run(quick: bool = False, progress: Callable[[str], None] = lambda s: None) -
                 p50, p99 = measure_rtt(t, rtt_payload, 300 if quick else 2000)
                 res.rtt.append(RttRow(tname, RTT_BYTES, 300 if quick else 2000, p50, p99))
                 if isinstance(t, Quic):
+                    res.quic_path = t.client.path_info() or {}
                     progress("aiflow-quic through the link emulator")
                     res.netem = measure_netem(t, ids, quick)
             finally:

@@ -80,6 +80,10 @@ def bench_transport(
     keys = list(next(iter(result.ratios.values())).keys())
     console.print(table("aiflow-quic / baseline (throughput ratio; round-trip speedup)", ["baseline", *keys],
                         [(base.removeprefix("aiflow_vs_"), *[f"{row[k]:.2f}" for k in keys]) for base, row in result.ratios.items()]))
+    if result.quic_path:
+        p = result.quic_path
+        console.print(f"aiflow-quic on loopback: {p['mtu_bytes']} B datagrams (found by MTU discovery), "
+                      f"{result.congestion} congestion control", highlight=False)
     if result.netem is not None:
         n = result.netem
         lk = n.link
@@ -88,7 +92,8 @@ def bench_transport(
         console.print(
             f"through the emulator ({link}): goodput {n.goodput_mbps:.2f} Mbit/s = {n.goodput_pct_of_rate:.1f}% of the "
             f"rate; one 4 MiB activation {n.activation_s:.2f} s vs ideal {n.activation_ideal_s:.2f} s "
-            f"({n.activation_vs_ideal:.2f}x)",
+            f"({n.activation_vs_ideal:.2f}x); {n.congestion} congestion control, {n.transfer_queue_drops} queue drops, "
+            f"{n.path.get('mtu_bytes', '?')} B datagrams",
             highlight=False,
         )
     console.print(goals_table(result.targets))

@@ -283,8 +283,8 @@ class TierNode:
         try:
             return self.next.request(msg, timeout_s=budget)
         except TransportError as e:
-            # drop the connection so the next request reconnects (e.g. to a restarted tier); closing waits for
-            # the peer up to half a second, which must not delay this error on its way to the device
-            threading.Thread(target=self.next.close, daemon=True).start()
+            # drop the failed connection at once so the next request reconnects (e.g. to a restarted tier); a
+            # newer connection another thread already opened is left alone
+            self.next.reset_after(e)
             e.args = (f"request to {self.next_tier} ({self.next.server}) failed: {e}",)
             raise

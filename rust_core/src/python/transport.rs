@@ -20,7 +20,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView};
 use super::counters_dict;
 use super::errors::IntoPyResult;
 use crate::transport::identity::{self, Identity, Trust};
-use crate::transport::{Client, ClientConfig, Handler, Limits, Message, PeerInfo, Server, ServerConfig};
+use crate::transport::{Client, ClientConfig, Congestion, Handler, Limits, Message, PeerInfo, Server, ServerConfig};
 use crate::Error;
 
 /// Resolves "host:port" (IPv6 as "[::1]:port") to one socket address.
@@ -46,6 +46,7 @@ fn limits_from(d: Option<&Bound<'_, PyDict>>) -> PyResult<Limits> {
             "request_timeout_ms" => l.request_timeout_ms = v.extract()?,
             "stream_window_bytes" => l.stream_window_bytes = v.extract()?,
             "connection_window_bytes" => l.connection_window_bytes = v.extract()?,
+            "congestion" => l.congestion = Congestion::parse(&v.extract::<String>()?).py()?,
             other => return Err(super::errors::to_pyerr(Error::Input(format!("unknown transport limit {other:?}")))),
         }
     }
@@ -303,7 +304,13 @@ impl PyClient {
             Some(t) => Some(Duration::from_secs_f64(t)),
             None => None,
         };
-        let reply = wait_pending(py, self.client.request_pending(msg, timeout))?.py()?;
+        let (result, connection_id) = wait_pending(py, self.client.request_pending(msg, timeout))?;
+        let reply = result.map_err(|e| {
+            // The caller may reset exactly the connection that failed (`Client.reset(err.connection_id)`).
+            let err = super::errors::to_pyerr(e);
+            let _ = err.value(py).setattr("connection_id", connection_id);
+            err
+        })?;
         let h = reply.header;
         Ok((h.request_id, h.session_id, h.kind, h.meta_json, frames_to(py, reply.frames)?))
     }
@@ -317,6 +324,35 @@ impl PyClient {
     #[getter]
     fn server(&self) -> String {
         self.client.server().to_string()
+    }
+
+    /// Id of the open connection (1, 2, ... per client), or None.
+    #[getter]
+    fn connection_id(&self) -> Option<u64> {
+        self.client.connection_id()
+    }
+
+    /// reset(connection_id=None) -> bool: drops that connection now if it is still the current one (None: the
+    /// current one), without waiting for the peer. Never blocks.
+    #[pyo3(signature = (connection_id = None))]
+    fn reset(&self, connection_id: Option<u64>) -> bool {
+        self.client.reset(connection_id)
+    }
+
+    /// Path figures of the open connection (rtt, cwnd, mtu, losses), or None.
+    fn path_info<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(p) = self.client.path_info() else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("connection_id", p.connection_id)?;
+        d.set_item("rtt_us", p.rtt_us)?;
+        d.set_item("min_rtt_us", p.min_rtt_us)?;
+        d.set_item("cwnd_bytes", p.cwnd_bytes)?;
+        d.set_item("mtu_bytes", p.mtu_bytes)?;
+        d.set_item("sent_packets", p.sent_packets)?;
+        d.set_item("lost_packets", p.lost_packets)?;
+        d.set_item("congestion_events", p.congestion_events)?;
+        d.set_item("black_holes", p.black_holes)?;
+        Ok(Some(d))
     }
 
     /// Closes the connection; the client reconnects if used again.

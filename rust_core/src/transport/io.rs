@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, SendStream, VarInt, WriteError};
 
+use super::buffers;
 use super::limits::Limits;
 use super::message::{self, Message, PREAMBLE_LEN};
 use crate::error::{Error, Result};
@@ -13,6 +14,8 @@ pub const CODE_PROTOCOL: VarInt = VarInt::from_u32(1);
 pub const CODE_LIMIT: VarInt = VarInt::from_u32(2);
 pub const CODE_TIMEOUT: VarInt = VarInt::from_u32(3);
 pub const CODE_CANCELLED: VarInt = VarInt::from_u32(4);
+/// A client dropped its connection (`Client::reset`), typically after a failure on it.
+pub const CODE_RESET: VarInt = VarInt::from_u32(5);
 
 fn alert_name(alert: u64) -> &'static str {
     match alert {
@@ -165,7 +168,7 @@ async fn read_frame(recv: &mut RecvStream, n: usize) -> Result<Bytes> {
     if first.bytes.len() == n {
         return Ok(first.bytes);
     }
-    let mut buf = Vec::with_capacity(n);
+    let mut buf = buffers::take(n);
     buf.extend_from_slice(&first.bytes);
     while buf.len() < n {
         match recv.read_chunk(n - buf.len(), true).await.map_err(read_err)? {
@@ -178,5 +181,5 @@ async fn read_frame(recv: &mut RecvStream, n: usize) -> Result<Bytes> {
             }
         }
     }
-    Ok(Bytes::from(buf))
+    Ok(buffers::into_bytes(buf))
 }

@@ -1,8 +1,10 @@
 //! Limits and tuning of the transport: what one peer may make us do, and the QUIC settings derived from them.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use quinn::congestion::{BbrConfig, CubicConfig, NewRenoConfig};
 use quinn::{IdleTimeout, MtuDiscoveryConfig, TransportConfig, VarInt};
 
 use crate::error::{Error, Result};
@@ -31,6 +33,57 @@ pub struct Limits {
     pub stream_window_bytes: u64,
     /// Flow-control window per connection (bytes), shared by its streams.
     pub connection_window_bytes: u64,
+    /// The congestion controller of the data we send.
+    pub congestion: Congestion,
+}
+
+/// Congestion controllers: quinn's three and aiflow's own. Each endpoint controls what it sends, so the two sides
+/// may differ. docs/transport.md has the measurements behind the default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Congestion {
+    /// CUBIC (RFC 9438), loss-based; what TCP uses on Linux.
+    Cubic,
+    /// quinn's BBR (v1), marked experimental by quinn. Its bandwidth estimate takes the largest instantaneous
+    /// rate between two sends or two acks, which bursts inflate: through the link emulator it kept a window of
+    /// several MB and overflowed the queue constantly (see [`super::congestion`]). Kept for comparison.
+    Bbr,
+    /// NewReno (RFC 9002's reference controller).
+    NewReno,
+    /// aiflow's delivery-rate controller (BBR's model, see [`super::congestion`]): the window follows the
+    /// measured bandwidth-delay product, so random loss does not shrink it; heavy loss caps it.
+    Rate,
+}
+
+impl Congestion {
+    pub const NAMES: [&'static str; 4] = ["cubic", "bbr", "newreno", "rate"];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Congestion::Cubic => "cubic",
+            Congestion::Bbr => "bbr",
+            Congestion::NewReno => "newreno",
+            Congestion::Rate => "rate",
+        }
+    }
+
+    pub fn parse(name: &str) -> Result<Congestion> {
+        match name.to_ascii_lowercase().as_str() {
+            "cubic" => Ok(Congestion::Cubic),
+            "bbr" => Ok(Congestion::Bbr),
+            "newreno" | "new_reno" => Ok(Congestion::NewReno),
+            "rate" => Ok(Congestion::Rate),
+            other => Err(Error::Input(format!("unknown congestion controller {other:?} (expected one of {:?})", Congestion::NAMES))),
+        }
+    }
+
+    fn factory(self) -> Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> {
+        match self {
+            Congestion::Cubic => Arc::new(CubicConfig::default()),
+            Congestion::Bbr => Arc::new(BbrConfig::default()),
+            Congestion::NewReno => Arc::new(NewRenoConfig::default()),
+            Congestion::Rate => Arc::new(super::congestion::RateConfig::default()),
+        }
+    }
 }
 
 impl Default for Limits {
@@ -48,6 +101,7 @@ impl Default for Limits {
             // is only committed while a reader lags, and then bounded by these figures per connection.
             stream_window_bytes: 32 << 20,
             connection_window_bytes: 64 << 20,
+            congestion: DEFAULT_CONGESTION,
         }
     }
 }
@@ -88,8 +142,9 @@ impl Limits {
         Duration::from_millis(self.request_timeout_ms)
     }
 
-    /// The QUIC transport settings these limits imply (both endpoints use the same construction).
-    pub fn transport_config(&self, keep_alive: bool) -> Result<Arc<TransportConfig>> {
+    /// The QUIC transport settings these limits imply for a path (both endpoints use the same construction).
+    /// `keep_alive` for clients; `path` says whether the peer is on this host (see [`PathKind`]).
+    pub fn transport_config(&self, keep_alive: bool, path: PathKind) -> Result<Arc<TransportConfig>> {
         self.validate()?;
         let mut t = TransportConfig::default();
         t.max_concurrent_bidi_streams(VarInt::from_u32(self.max_concurrent_streams));
@@ -104,26 +159,72 @@ impl Limits {
         t.stream_receive_window(var(self.stream_window_bytes)?);
         t.receive_window(var(self.connection_window_bytes)?);
         t.send_window(self.connection_window_bytes);
+        t.congestion_controller_factory(self.congestion.factory());
+        // Every path starts at QUIC's safe 1200 bytes and MTU discovery (RFC 8899) probes upwards; a path that
+        // drops large datagrams (the link emulator's 1472) just loses the probes and stays below them.
         let mut mtu = MtuDiscoveryConfig::default();
-        mtu.upper_bound(MTU_UPPER_BOUND);
+        match path {
+            PathKind::Network => {
+                mtu.upper_bound(NETWORK_MTU_UPPER_BOUND);
+            }
+            PathKind::Loopback { ipv6 } => {
+                // Loopback carries 64 KiB datagrams: 45x fewer packets to seal, send, ack and track than at
+                // 1452 bytes. GSO must then be off: quinn batches up to 10 datagrams into one GSO send, the kernel
+                // refuses a batch over 64 KiB (EMSGSIZE, which quinn-udp swallows), and the silent losses make
+                // quinn's black-hole detection fall back to 1200 bytes: the old 'large MTU stalls' symptom.
+                mtu.upper_bound(if ipv6 { LOOPBACK_MAX_UDP_PAYLOAD_V6 } else { LOOPBACK_MAX_UDP_PAYLOAD_V4 });
+                t.enable_segmentation_offload(false);
+            }
+        }
         t.mtu_discovery_config(Some(mtu));
         Ok(Arc::new(t))
     }
 }
 
-/// Highest UDP payload that MTU discovery probes for (bytes): quinn's default, Ethernet minus headers.
-/// Larger bounds (8952, 65527) were tried: bulk loopback throughput did not improve and 64 KiB messages
-/// collapsed to ~1 MB/s (not yet understood; see docs/transport.md), so the bound stays at 1452.
-pub const MTU_UPPER_BOUND: u16 = 1452;
+/// The congestion controller unless configured otherwise (see docs/transport.md for the measurements).
+pub const DEFAULT_CONGESTION: Congestion = Congestion::Rate;
+
+/// Which kind of path a connection takes; the transport settings differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathKind {
+    /// A real network: datagrams of at most [`NETWORK_MTU_UPPER_BOUND`] bytes, GSO batches.
+    Network,
+    /// Both ends on this host (127.0.0.0/8, ::1): the loopback device's 64 KiB MTU.
+    Loopback { ipv6: bool },
+}
+
+impl PathKind {
+    /// The path to a peer at `addr`.
+    pub fn to(addr: SocketAddr) -> PathKind {
+        match addr.ip().to_canonical() {
+            IpAddr::V4(a) if a.is_loopback() => PathKind::Loopback { ipv6: false },
+            IpAddr::V6(a) if a.is_loopback() => PathKind::Loopback { ipv6: true },
+            _ => PathKind::Network,
+        }
+    }
+}
+
+/// Highest UDP payload MTU discovery probes for on a network path (bytes): quinn's default, a 1500-byte
+/// Ethernet MTU minus IPv6 and UDP headers, so that the same figure is safe for both families.
+pub const NETWORK_MTU_UPPER_BOUND: u16 = 1452;
+/// Largest UDP payload over IPv4 loopback (bytes): IPv4's 65535-byte packets minus the IPv4 and UDP headers.
+pub const LOOPBACK_MAX_UDP_PAYLOAD_V4: u16 = 65507;
+/// Largest UDP payload over IPv6 loopback (bytes): Linux's 65536-byte loopback MTU minus the IPv6 and UDP headers.
+pub const LOOPBACK_MAX_UDP_PAYLOAD_V6: u16 = 65488;
+/// Largest UDP payload an endpoint that may have loopback peers accepts (bytes): quinn's maximum.
+const LOOPBACK_ENDPOINT_MAX_UDP_PAYLOAD: u16 = 65527;
 
 /// Requested UDP socket buffer sizes (bytes).
 pub const SOCKET_BUFFER_BYTES: usize = 8 << 20;
 
-/// A quinn endpoint on `addr` that accepts datagrams up to [`MTU_UPPER_BOUND`] (quinn's default stops at 1472).
+/// A quinn endpoint on `addr`. With `loopback_peers` it accepts 64 KiB datagrams (see [`PathKind::Loopback`]);
+/// otherwise quinn's default 1472 bytes, which also keeps quinn's receive buffers small.
 /// Must be called inside the runtime's context.
-pub fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> Result<quinn::Endpoint> {
+pub fn endpoint(addr: SocketAddr, server: Option<quinn::ServerConfig>, loopback_peers: bool) -> Result<quinn::Endpoint> {
     let mut ec = quinn::EndpointConfig::default();
-    ec.max_udp_payload_size(MTU_UPPER_BOUND).map_err(|e| Error::Input(format!("endpoint config: {e}")))?;
+    if loopback_peers {
+        ec.max_udp_payload_size(LOOPBACK_ENDPOINT_MAX_UDP_PAYLOAD).map_err(|e| Error::Input(format!("endpoint config: {e}")))?;
+    }
     let sock = std::net::UdpSocket::bind(addr).map_err(|e| Error::Transport(format!("cannot bind udp {addr}: {e}")))?;
     // The kernel's default UDP buffers (~208 KiB) overflow under a QUIC window of bursts of large datagrams,
     // which turns into losses and retransmission timeouts; ask for more (the kernel caps it at rmem_max).

@@ -13,7 +13,7 @@ use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 
 use super::identity::{self, Identity, Trust};
 use super::io::{self, ReadFail, CODE_LIMIT, CODE_OK, CODE_PROTOCOL, CODE_TIMEOUT};
-use super::limits::Limits;
+use super::limits::{Limits, PathKind};
 use super::message::{ErrorCode, Message};
 use super::runtime;
 use crate::error::{Error, Result};
@@ -70,6 +70,24 @@ struct Shared {
     limits: Limits,
     counters: Counters,
     last_handshake_error: Mutex<String>,
+    configs: PathConfigs,
+}
+
+/// The server's QUIC configuration for each kind of path (see [`PathKind`]).
+struct PathConfigs {
+    network: Arc<quinn::ServerConfig>,
+    loopback_v4: Arc<quinn::ServerConfig>,
+    loopback_v6: Arc<quinn::ServerConfig>,
+}
+
+impl PathConfigs {
+    fn to(&self, peer: SocketAddr) -> Arc<quinn::ServerConfig> {
+        match PathKind::to(peer) {
+            PathKind::Network => self.network.clone(),
+            PathKind::Loopback { ipv6: false } => self.loopback_v4.clone(),
+            PathKind::Loopback { ipv6: true } => self.loopback_v6.clone(),
+        }
+    }
 }
 
 /// A running server. Dropping it (or [`Server::close`]) stops it.
@@ -85,16 +103,26 @@ impl Server {
         cfg.limits.validate()?;
         let tls = identity::server_tls(&cfg.identity, cfg.trust)?;
         let quic = QuicServerConfig::try_from(tls).map_err(|e| Error::Input(format!("QUIC TLS configuration: {e}")))?;
-        let mut sc = quinn::ServerConfig::with_crypto(Arc::new(quic));
-        sc.transport_config(cfg.limits.transport_config(false)?);
+        let quic = Arc::new(quic);
+        // One configuration per kind of path: a connection from this host gets the loopback tuning.
+        let path_config = |path| -> Result<Arc<quinn::ServerConfig>> {
+            let mut sc = quinn::ServerConfig::with_crypto(quic.clone());
+            sc.transport_config(cfg.limits.transport_config(false, path)?);
+            Ok(Arc::new(sc))
+        };
+        let network = path_config(PathKind::Network)?;
+        let loopback_v4 = path_config(PathKind::Loopback { ipv6: false })?;
+        let loopback_v6 = path_config(PathKind::Loopback { ipv6: true })?;
+        let loopback_peers = cfg.listen.ip().is_loopback() || cfg.listen.ip().is_unspecified();
         let _guard = runtime::handle().enter();
-        let endpoint = super::limits::endpoint(cfg.listen, Some(sc))?;
+        let endpoint = super::limits::endpoint(cfg.listen, Some((*network).clone()), loopback_peers)?;
         let local_addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
             handler,
             limits: cfg.limits,
             counters: Counters::default(),
             last_handshake_error: Mutex::new(String::new()),
+            configs: PathConfigs { network, loopback_v4, loopback_v6 },
         });
         runtime::handle().spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(Server { endpoint, local_addr, shared })
@@ -152,7 +180,12 @@ fn peer_fingerprint(conn: &Connection) -> String {
 
 async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     let c = &shared.counters;
-    let conn = match incoming.await {
+    let config = shared.configs.to(incoming.remote_address());
+    let accepted = match incoming.accept_with(config) {
+        Ok(connecting) => connecting.await,
+        Err(e) => Err(e),
+    };
+    let conn = match accepted {
         Ok(conn) => conn,
         Err(e) => {
             c.handshakes_failed.fetch_add(1, Ordering::Relaxed);
