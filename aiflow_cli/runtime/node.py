@@ -15,7 +15,6 @@ Tiers in front of the driver see one prefill and get all tokens back at once.
 from __future__ import annotations
 
 import os
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -105,7 +104,6 @@ class TierNode:
         self.is_output = self.stages.stop == plan.n_stages and len(self.stages) > 0
         self.keeps_cache = self.generates and self.stages.stop > self.decode_start
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
-        self._next_lock = threading.Lock()
 
     # -- identity -------------------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence
 
@@ -25,7 +25,7 @@ from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file, image_file_tensor
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan, load_plan
-from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode, rss_bytes
+from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import Client, Identity, Limits
@@ -50,7 +50,6 @@ class RunResult:
     timings: Timings
     fallback: Optional[str] = None
     """Why the request finished locally (``fallback="local"``), or None."""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self, plan: Optional[Plan] = None) -> dict[str, Any]:
         out: dict[str, Any] = {"total_ms": round(self.total_ms, 3), "timings": self.timings.to_json(),
@@ -181,9 +180,6 @@ class Pipeline:
         timings.tier("device").handle_ms = total
         return RunResult(tokens=tokens, output=output, text=detokenize(m, tokens) if tokens is not None else None,
                          total_ms=total, timings=timings, fallback=reason)
-
-    def memory(self) -> dict[str, int]:
-        return {"rss_bytes": rss_bytes(), "loaded_param_bytes": self.model.loaded_param_bytes()}
 
     def close(self) -> None:
         if self.node.next is not None:
