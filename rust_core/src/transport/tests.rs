@@ -60,7 +60,13 @@ fn echo_round_trip_and_errors() {
     let e = client.request_blocking(Message::new("x", "", vec![Bytes::from(vec![0u8; 2 << 20])]), T).unwrap_err();
     assert!(matches!(e, Error::LimitExceeded(_)), "{e:?}");
     assert!(client.request_blocking(Message::new("x", "", vec![]), T).is_ok());
-    let st = server.stats();
+    // The server counts a request after its reply is on the wire, so the client may read the stats first.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut st = server.stats();
+    while (st.requests_ok, st.limit_errors) != (2, 1) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+        st = server.stats();
+    }
     assert_eq!((st.requests_ok, st.limit_errors), (2, 1));
     server.close();
 }
