@@ -83,7 +83,7 @@ def detokenize(model: StagedModel, tokens: torch.Tensor) -> list[str]:
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        return [tok.decode(row, skip_special_tokens=True) for row in tokens.tolist()]
+        return [str(tok.decode(row, skip_special_tokens=True)) for row in tokens.tolist()]
     return [bytes(t % 256 for t in row).decode("utf-8", errors="replace") for row in tokens.tolist()]
 
 

@@ -34,6 +34,11 @@ def _add(into: Any, other: Any) -> None:
         setattr(into, f.name, getattr(into, f.name) + getattr(other, f.name))
 
 
+def _like(default: Any, value: Any) -> Any:
+    """``value`` as the type of the field's ``default`` (int counters stay ints)."""
+    return type(default)(value)
+
+
 @dataclass
 class Timings:
     """Figures of one request, keyed by tier name and link name (``device-edge``)."""
@@ -48,10 +53,10 @@ class Timings:
         return self.links.setdefault(name, LinkTiming())
 
     def merge(self, other: "Timings") -> None:
-        for k, v in other.tiers.items():
-            _add(self.tier(k), v)
-        for k, v in other.links.items():
-            _add(self.link(k), v)
+        for k, tier in other.tiers.items():
+            _add(self.tier(k), tier)
+        for k, link in other.links.items():
+            _add(self.link(k), link)
 
     def to_json(self) -> dict[str, Any]:
         return {"tiers": {k: asdict(v) for k, v in self.tiers.items()},
@@ -62,7 +67,7 @@ class Timings:
         out = cls()
         if isinstance(data, dict):
             for k, v in (data.get("tiers") or {}).items():
-                out.tiers[str(k)] = TierTiming(**{f.name: type(f.default)(v.get(f.name, 0)) for f in fields(TierTiming)})
+                out.tiers[str(k)] = TierTiming(**{f.name: _like(f.default, v.get(f.name, 0)) for f in fields(TierTiming)})
             for k, v in (data.get("links") or {}).items():
-                out.links[str(k)] = LinkTiming(**{f.name: type(f.default)(v.get(f.name, 0)) for f in fields(LinkTiming)})
+                out.links[str(k)] = LinkTiming(**{f.name: _like(f.default, v.get(f.name, 0)) for f in fields(LinkTiming)})
         return out
