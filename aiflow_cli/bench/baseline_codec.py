@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import zstandard
+
+from aiflow_cli.bench import require_extra
+
+zstandard = require_extra("zstandard", "zstandard")
 
 
 def _split(spec: str) -> tuple[str, int | None]:

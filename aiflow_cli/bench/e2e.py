@@ -45,6 +45,7 @@ from aiflow_cli.profile.schema import ModelProfile
 from aiflow_cli.runtime.cluster import LocalCluster, identities
 from aiflow_cli.runtime.demo import SAMPLE_IMAGE, SAMPLE_TEXT, agreement, cached_profile, upload_bytes
 from aiflow_cli.runtime.pipeline import Pipeline, RunResult, predicted
+from aiflow_cli.shipped import HARDWARE_DIR
 
 STRATEGIES = ("device-only", "cloud-only", "raw-split", "aiflow")
 BASELINES = STRATEGIES[:3]
@@ -57,7 +58,6 @@ QUICK_LINKS = ("lte", "lan")
 WARMUP_REQUESTS = 2
 #: Timed requests kept even when the time budget of a configuration has run out.
 MIN_SAMPLES = 3
-HARDWARE_DIR = Path(__file__).resolve().parent.parent.parent / "profiles" / "hardware"
 IMAGE_TASKS = ("caption", "classify")
 
 Progress = Callable[[str], None]

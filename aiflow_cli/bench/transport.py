@@ -25,6 +25,7 @@ from typing import Callable
 
 import numpy as np
 
+from aiflow_cli.bench import require_extra
 from aiflow_cli.bench.common import JsonResult
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.netem import LinkEmulator
@@ -176,7 +177,7 @@ class Grpc(Transport):
     name = "grpc"
 
     def __init__(self, max_bytes: int) -> None:
-        import grpc
+        grpc = require_extra("grpc", "grpcio")
 
         opts = [("grpc.max_receive_message_length", max_bytes + MiB), ("grpc.max_send_message_length", max_bytes + MiB)]
         handlers = {
@@ -315,6 +316,7 @@ def measure_netem(quic: Quic, ids: dict[str, Identity], quick: bool) -> NetemRes
 
 def run(quick: bool = False, progress: Callable[[str], None] = lambda s: None) -> TransportBenchResult:
     """Runs the whole benchmark; ``quick`` shortens every measurement (well under a minute in all)."""
+    require_extra("grpc", "grpcio")  # before minutes of measurements, not after
     res = TransportBenchResult(quick=quick, cores=os.cpu_count() or 1, congestion=Limits().congestion)
     budget = BUDGET_S[quick]
     max_bytes = max(SIZES.values())

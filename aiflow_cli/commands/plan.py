@@ -13,9 +13,7 @@ from rich.table import Table
 
 from aiflow_cli.console import console, err_console, print_json, table
 from aiflow_cli.errors import InputError
-
-#: Where shipped hardware profiles live: ``--profile device=cpu-2core-gpt2`` resolves to this folder.
-HARDWARE_DIR = Path(__file__).resolve().parent.parent.parent / "profiles" / "hardware"
+from aiflow_cli.shipped import HARDWARE_DIR, shipped_names
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
@@ -51,7 +49,7 @@ def _resolve_profile(name: str) -> str:
     shipped = HARDWARE_DIR / f"{name}.json"
     if shipped.is_file():
         return str(shipped)
-    have = ", ".join(sorted(x.stem for x in HARDWARE_DIR.glob("*.json"))) or "none yet"
+    have = ", ".join(shipped_names(HARDWARE_DIR, ".json")) or "none yet"
     raise InputError(f"no profile {name!r}: not a file, nor in profiles/hardware/ ({have}); run aiflow profile first")
 
 

@@ -1,23 +1,18 @@
-"""A whole plan on one machine: cloud and edge as real `aiflow serve` subprocesses on loopback, optional link
-emulators in front of each, and the device in this process. Used by `aiflow demo`, the tests and the e2e
-benchmark.
+"""A whole plan on one machine: cloud and edge as server processes on loopback
+(:class:`aiflow_cli.runtime.serve.TierProcess`), optional link emulators in front of each, and the device in
+this process. Used by `aiflow demo`, the tests and the benchmarks.
 
     with LocalCluster(plan_path, workdir, links={"device-edge": "lte", "edge-cloud": "wan"}) as c:
         r = c.pipeline().run(image=img)
 
 Start order: cloud, its emulator, edge (``--next`` = that emulator), the edge's emulator; the device connects
-to the last. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``). Every subprocess is
-stopped (SIGTERM, then SIGKILL) on exit; a server that fails to start raises with its stderr.
+to the last. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``), logs go to
+``workdir/<tier>.log``. Every child is stopped on exit (SIGTERM to all at once, then SIGKILL) and dies with this
+process if it is killed; a server that fails to start raises its own error.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import select
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -26,10 +21,10 @@ from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.netem import LinkEmulator
 from aiflow_cli.runtime.pipeline import Pipeline
+from aiflow_cli.runtime.serve import TierProcess, TierSpec
 from aiflow_cli.transport import Identity
 
 TIERS = ("device", "edge", "cloud")
-START_TIMEOUT_S = 120.0
 #: How long :meth:`LocalCluster.set_link` retries binding the old emulator's port.
 REBIND_TIMEOUT_S = 5.0
 
@@ -41,62 +36,6 @@ def identities(workdir: Path) -> dict[str, Identity]:
         d = workdir / "keys" / tier
         out[tier] = Identity.load(d) if (d / "node.crt").exists() else Identity.generate(d)
     return out
-
-
-class ServerProcess:
-    """One `aiflow serve` subprocess; :attr:`info` is its ``ready`` line."""
-
-    def __init__(self, args: list[str], log_path: Path, env: Optional[dict[str, str]] = None):
-        self.args = args
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "aiflow_cli", *args], stdout=subprocess.PIPE,
-                                     stderr=self._log, env=env, start_new_session=True)
-        self.info = self._wait_ready()
-
-    def _wait_ready(self) -> dict[str, Any]:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        buf = b""
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                break
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                chunk = os.read(self.proc.stdout.fileno(), 65536)
-                if not chunk:
-                    break
-                buf += chunk
-                for line in buf.splitlines():
-                    if line.startswith(b"{") and b'"ready"' in line:
-                        return json.loads(line)
-        self.stop()
-        log = self.log_path.read_text(errors="replace")[-2000:]
-        raise TransportError(f"`aiflow {' '.join(self.args[:3])}` did not start (exit {self.proc.returncode}): {log.strip()}")
-
-    @property
-    def address(self) -> str:
-        return self.info["address"]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL, as a crash would."""
-        if self.alive():
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self._log.close()
 
 
 class LocalCluster:
@@ -120,30 +59,20 @@ class LocalCluster:
         self.seed = seed
         self.threads = threads
         self.keys = identities(self.workdir)
-        self.servers: dict[str, ServerProcess] = {}
+        self.servers: dict[str, TierProcess] = {}
         self.emulators: dict[str, LinkEmulator] = {}
         self.addresses: dict[str, str] = {}
 
     def fingerprints(self) -> list[str]:
         return [i.fingerprint for i in self.keys.values()]
 
-    def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if self.threads:
-            env["AIFLOW_THREADS"] = str(self.threads)
-        return env
-
-    def start_tier(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> ServerProcess:
+    def start_tier(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierProcess:
         """Starts (or restarts, on the same ``listen``) one server tier."""
-        args = ["serve", "--role", tier, "--plan", str(self.plan_path), "--listen", listen, "--identity",
-                str(self.keys[tier].cert_path.parent), "--cache-mib", str(self.cache_mib), "--json"]
-        for fp in self.fingerprints():
-            args += ["--trust", fp]
-        if next_addr:
-            args += ["--next", next_addr]
-        if tier in self.speeds:
-            args += ["--speed", str(self.speeds[tier])]
-        proc = ServerProcess(args, self.workdir / f"{tier}.log", env=self._env())
+        spec = TierSpec(role=tier, plan_path=str(self.plan_path), identity_dir=str(self.keys[tier].cert_path.parent),
+                        trust=tuple(self.fingerprints()), listen=listen, next_addr=next_addr,
+                        speed=self.speeds.get(tier, 1.0), cache_limit_bytes=self.cache_mib << 20,
+                        threads=self.threads)
+        proc = TierProcess(spec, self.workdir / f"{tier}.log")
         self.servers[tier] = proc
         return proc
 
@@ -162,7 +91,7 @@ class LocalCluster:
         self.addresses["edge"] = self._front("device-edge", edge.address)
         return self
 
-    def restart(self, tier: str) -> ServerProcess:
+    def restart(self, tier: str) -> TierProcess:
         """Kills ``tier`` (if alive) and starts it again on the same port."""
         old = self.servers[tier]
         old.kill()
@@ -204,6 +133,8 @@ class LocalCluster:
         return {k: e.stats() for k, e in self.emulators.items()}
 
     def close(self) -> None:
+        for s in self.servers.values():  # all at once: each takes a moment to close its connections
+            s.terminate()
         for s in self.servers.values():
             s.stop()
         for e in self.emulators.values():

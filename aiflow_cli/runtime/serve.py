@@ -1,17 +1,28 @@
-"""A server tier (`aiflow serve --role edge|cloud`): a :class:`TierNode` behind a transport server.
+"""A server tier: a :class:`TierNode` behind a transport server, in this process (:class:`TierServer`, what
+`aiflow serve --role edge|cloud` runs) or in a child process (:class:`TierProcess`, what
+:class:`aiflow_cli.runtime.cluster.LocalCluster` starts).
 
-The process loads only its own stages, listens, prints one ``ready`` line (JSON with ``--json``: that is how
-:mod:`aiflow_cli.runtime.cluster` learns the bound address), and serves until SIGTERM/SIGINT or ``duration_s``.
+A server loads only its own stages, listens, and serves until SIGTERM/SIGINT or ``duration_s``. A child process
+is described by a :class:`TierSpec`; it dies with its parent (:func:`aiflow_cli.signals.die_with_parent`) and
+reports a :class:`TierReady` (or a :class:`TierFailed`) over a pipe once it listens.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import select
 import signal
+import subprocess
+import sys
 import threading
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from aiflow_cli.errors import InputError
+from aiflow_cli import errors, signals
+from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.node import TierNode
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
@@ -53,7 +64,12 @@ class TierServer:
     def serve_forever(self, duration_s: Optional[float] = None, on_ready: Callable[[dict], None] | None = None) -> dict:
         """Blocks until SIGTERM/SIGINT (or ``duration_s``), then closes and returns the transport's counters."""
         stop = threading.Event()
-        previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+
+        def on_signal(signum: int, frame: object) -> None:
+            signals.record(signum)  # the CLI exits 128 + signum once the server is closed
+            stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in signals.SIGNALS}
         try:
             if on_ready:
                 on_ready(self.ready_info())
@@ -69,3 +85,171 @@ class TierServer:
         self.server.close()
         if self.node.next is not None:
             self.node.next.close()
+
+
+# ---- a tier in a child process -------------------------------------------------------------------------------
+
+#: Seconds a child tier may take to load its stages and listen.
+START_TIMEOUT_S = 120.0
+#: Seconds :meth:`TierProcess.stop` waits after SIGTERM before SIGKILL.
+STOP_TIMEOUT_S = 5.0
+#: What a tier child runs: it asks to die with its parent before importing anything heavy.
+_CHILD_CODE = ("import sys; from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[2])); "
+               "from aiflow_cli.runtime.serve import tier_main; tier_main(int(sys.argv[1]))")
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    """Everything a tier child needs to build its :class:`TierServer` (sent to it as JSON)."""
+
+    role: str
+    plan_path: str
+    identity_dir: str
+    trust: tuple[str, ...]
+    listen: str = "127.0.0.1:0"
+    next_addr: Optional[str] = None
+    speed: float = 1.0
+    cache_limit_bytes: int = 1 << 30
+    threads: Optional[int] = None
+    """torch intra-op threads (None: torch's default)."""
+
+
+@dataclass(frozen=True)
+class TierReady:
+    """A tier child listens: its bound ``address``, certificate ``fingerprint`` and what ``hello`` reports."""
+
+    role: str
+    address: str
+    fingerprint: str
+    pid: int
+    node: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TierFailed:
+    """A tier child could not start: ``kind`` names the :class:`AiflowError` class to raise in the parent."""
+
+    role: str
+    kind: str
+    message: str
+
+    def error(self) -> AiflowError:
+        cls = getattr(errors, self.kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, AiflowError)):
+            cls = AiflowError
+        return cls(f"the {self.role} tier did not start: {self.message}")
+
+
+def _send(fd: int, event: TierReady | TierFailed) -> None:
+    line = json.dumps({"type": type(event).__name__, **asdict(event)}) + "\n"
+    os.write(fd, line.encode())
+
+
+def _receive(line: bytes) -> TierReady | TierFailed:
+    d = json.loads(line)
+    kind = d.pop("type")
+    return TierReady(**d) if kind == "TierReady" else TierFailed(**d)
+
+
+def tier_main(ready_fd: int) -> None:
+    """The body of a tier child: reads a :class:`TierSpec` (JSON) on stdin, reports on ``ready_fd``, serves
+    until SIGTERM/SIGINT, then exits at once (128 + the signal) without the interpreter's slow teardown."""
+    d = json.loads(sys.stdin.read())
+    spec = TierSpec(**{**d, "trust": tuple(d["trust"])})
+    try:
+        if spec.threads:
+            import torch
+
+            torch.set_num_threads(spec.threads)
+        srv = TierServer(spec.role, spec.plan_path, listen=spec.listen, identity=spec.identity_dir,
+                         trust=spec.trust, next_addr=spec.next_addr, speed=spec.speed,
+                         cache_limit_bytes=spec.cache_limit_bytes)
+    except AiflowError as e:
+        _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
+        os._exit(e.exit_code)
+
+    def ready(info: dict[str, Any]) -> None:
+        _send(ready_fd, TierReady(spec.role, srv.address, srv.identity.fingerprint, os.getpid(), srv.node.describe()))
+        os.close(ready_fd)
+        print(f"{spec.role} ready on {srv.address} (pid {os.getpid()})", file=sys.stderr, flush=True)
+
+    stats = srv.serve_forever(on_ready=ready)
+    print(f"{spec.role} stopped: {stats}", file=sys.stderr, flush=True)
+    os._exit(signals.exit_code(0))
+
+
+class TierProcess:
+    """A tier served by a child process (see :class:`TierSpec`); :attr:`ready` once it listens. Raises the
+    child's own error class if it fails to start, or :class:`TransportError` with its log's tail if it dies."""
+
+    def __init__(self, spec: TierSpec, log_path: Path, *, env: Optional[dict[str, str]] = None,
+                 timeout_s: float = START_TIMEOUT_S):
+        self.spec = spec
+        self.log_path = Path(log_path)
+        self._log = open(self.log_path, "wb")
+        r, w = os.pipe()
+        try:
+            self.proc = signals.spawn([sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid())],
+                                      stdin=subprocess.PIPE, stdout=self._log, stderr=self._log, env=env,
+                                      pass_fds=(w,), start_new_session=True)
+        finally:
+            os.close(w)
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(asdict(spec)).encode())
+            self.proc.stdin.close()
+            self.ready = self._wait_ready(r, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            os.close(r)
+
+    def _wait_ready(self, fd: int, timeout_s: float) -> TierReady:
+        deadline = time.monotonic() + timeout_s
+        buf = b""
+        while b"\n" not in buf and time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+        if b"\n" in buf:
+            event = _receive(buf.split(b"\n", 1)[0])
+            if isinstance(event, TierFailed):
+                raise event.error()
+            return event
+        self.stop()
+        log = self.log_path.read_text(errors="replace")[-2000:].strip()
+        why = f"exit {self.proc.returncode}" if self.proc.returncode is not None else f"not ready in {timeout_s:g} s"
+        raise TransportError(f"the {self.spec.role} tier did not start ({why}): {log}")
+
+    @property
+    def address(self) -> str:
+        return self.ready.address
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def terminate(self) -> None:
+        """Sends SIGTERM (the child closes its server and exits); :meth:`stop` waits for it."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
+        """SIGTERM, then SIGKILL after ``timeout_s``; reaps the child and closes its log."""
+        self.terminate()
+        try:
+            self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        signals.forget(self.proc)
+        self._log.close()
