@@ -61,20 +61,27 @@ def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
     c = Client(cluster.addresses["edge"], identity=cluster.keys["device"], trust=cluster.fingerprints(), timeout_s=20)
     plan_hash = protocol.plan_hash(Pipeline(cluster.plan_path, edge=cluster.addresses["edge"],
                                             identity=cluster.keys["device"], trust=cluster.fingerprints()).plan)
-    base = {"plan_hash": plan_hash, "phase": "prefill", "stage": 2, "max_new_tokens": 1}
+    base = {"v": protocol.PROTOCOL_VERSION, "plan_hash": plan_hash, "from": "test", "phase": "prefill", "stage": 2,
+            "max_new_tokens": 1}
+    hidden = ["hidden_states", "hidden", "raw"]
     bad = [
-        Message("nonsense", dict(base)),
-        Message(protocol.INFER, {**base, "phase": "sideways"}),
-        Message(protocol.INFER, {**base, "tensors": [{"name": "hidden_states"}]}, [b"not a frame"]),
-        Message(protocol.INFER, {**base, "tensors": [{"name": "hidden_states"}, {"name": "x"}]}, [b"AIFW"]),
-        Message(protocol.INFER, {**base, "stage": 99, "tensors": []}),
-        Message(protocol.INFER, {**base, "phase": "decode", "tensors": []}, [], session_id=12345),
-        Message(protocol.INFER, {"phase": "prefill"}),  # no plan hash at all
+        (Message("nonsense", dict(base)), "unknown message kind"),
+        (Message(protocol.INFER, {**base, "v": 1}), "version mismatch: this tier speaks version 2, the peer sent version 1"),
+        (Message(protocol.INFER, {k: v for k, v in base.items() if k != "v"}), "version mismatch"),
+        (Message(protocol.INFER, {**base, "phase": "sideways"}), "unknown phase"),
+        (Message(protocol.INFER, {**base, "stage": "2"}), "field 'stage' must be an integer"),
+        (Message(protocol.INFER, {**base, "tensors": [{"name": "hidden_states"}]}, [b"AIFW"]), "field 'tensors'"),
+        (Message(protocol.INFER, {**base, "tensors": [hidden]}, [b"not a frame"]), ""),
+        (Message(protocol.INFER, {**base, "tensors": [hidden, ["x", "hidden", "raw"]]}, [b"AIFW"]), "2 tensors but"),
+        (Message(protocol.INFER, {**base, "stage": 99, "tensors": []}), "stage 99"),
+        (Message(protocol.INFER, {**base, "phase": "decode", "tensors": []}, [], session_id=12345), ""),
+        (Message(protocol.INFER, {"v": protocol.PROTOCOL_VERSION, "phase": "prefill", "stage": 0}), "'plan_hash'"),
+        (Message(protocol.RESULT, {"v": protocol.PROTOCOL_VERSION, "timings": {}}), "reply, not a request"),
     ]
-    for m in bad:
+    for m, why in bad:
         reply = c.request(m)
         assert reply.kind == protocol.ERROR, (m.kind, m.meta, reply.meta)
-        assert reply.meta["message"]
+        assert reply.meta["message"] and why in reply.meta["message"], (why, reply.meta)
     c.close()
     with cluster.pipeline(timeout_s=20) as p:
         assert torch.equal(p.run(text="still fine", max_new_tokens=3).tokens, _reference(lm, "still fine", 3))

@@ -15,8 +15,8 @@ def test_state_round_trip_keeps_names_roles_and_integers() -> None:
     }
     roles = {"hidden_states": "hidden", "attention_mask": "control", "encoder_hidden_states": "side"}
     packed = pack_state(state, roles, "int8+zstd3")
-    assert [m["codec"] for m in packed.meta] == ["int8+zstd3", "raw", "int8+zstd3"]
-    back, back_roles, _ = unpack_state(packed.meta, packed.frames)
+    assert [t.codec for t in packed.tensors] == ["int8+zstd3", "raw", "int8+zstd3"]
+    back, back_roles, _ = unpack_state(packed.tensors, packed.frames)
     assert back_roles == roles and list(back) == list(state)
     assert torch.equal(back["attention_mask"], state["attention_mask"])
     assert torch.allclose(back["hidden_states"], state["hidden_states"], atol=0.05)
@@ -25,6 +25,6 @@ def test_state_round_trip_keeps_names_roles_and_integers() -> None:
 def test_frame_count_mismatch_is_a_frame_error() -> None:
     packed = pack_state({"h": torch.zeros(2)}, {}, "raw")
     with pytest.raises(FrameError):
-        unpack_state(packed.meta + packed.meta, packed.frames)
+        unpack_state(packed.tensors + packed.tensors, packed.frames)
     with pytest.raises(FrameError):
-        unpack_state([{"nom": 1}], packed.frames)
+        unpack_state(packed.tensors, [b"not a frame"])

@@ -4,7 +4,6 @@ in :mod:`aiflow_cli.plan`."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -95,9 +94,7 @@ def plan(
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG of the sweep (default sweep: first link, 1/100x to 100x)."),
 ) -> None:
     """Choose which tier runs which stages and the codec of each cut (exact DP)."""
-    from aiflow_cli.plan.problem import Limits, build_problem
-    from aiflow_cli.plan.schema import plan_from_solution, save_plan
-    from aiflow_cli.plan.solver import solve_problem
+    from aiflow_cli.plan import Limits, build_problem, save_plan, solve
 
     profiles, sources, speeds, links = _load_inputs(profile, speed, link)
     limits = Limits(
@@ -107,11 +104,12 @@ def plan(
     )
     if min_fidelity is not None and not (0 < min_fidelity <= 1):
         raise InputError(f"--min-fidelity {min_fidelity}: a cosine floor must be in (0, 1]")
-    problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
-                            input_bytes=parse_bytes(input_bytes) if input_bytes is not None else None)
-    t0 = time.perf_counter()
-    placement, ev = solve_problem(problem)
-    the_plan = plan_from_solution(problem, placement, ev, solve_ms=(time.perf_counter() - t0) * 1e3, sources=sources)
+    inputs = dict(objective=objective, tokens=tokens, limits=limits, speeds=speeds,
+                  input_bytes=parse_bytes(input_bytes) if input_bytes is not None else None)
+    the_plan = solve(profiles, links, sources=sources, **inputs)
+    # explain and sweep compare strategies on the problem the plan was solved from: build it once more for them
+    if explain or sweep or plot:
+        problem = build_problem(profiles, links, **inputs)
     if output is not None:
         save_plan(the_plan, output)
 

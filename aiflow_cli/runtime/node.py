@@ -27,7 +27,7 @@ from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol
-from aiflow_cli.runtime.protocol import DECODE, INFER, PREFILL
+from aiflow_cli.runtime.protocol import DECODE, PREFILL, Hello, HelloReply, Infer, Result, TierInfo
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import PackedState, pack_state, unpack_state
@@ -106,43 +106,41 @@ class TierNode:
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
 
     # -- identity -------------------------------------------------------------------------------------------
-    def describe(self) -> dict[str, Any]:
+    def info(self) -> TierInfo:
         """What ``hello`` reports about this tier."""
-        return {
-            "tier": self.tier, "plan_hash": self.plan_hash, "model_hash": self.plan.model_hash,
-            "stages": [self.stages.start, self.stages.stop], "loaded_param_bytes": self.model.loaded_param_bytes(),
-            "rss_bytes": rss_bytes(), "load_ms": round(self.load_ms, 1), "speed": self.speed, "pid": os.getpid(),
-        }
+        return TierInfo(self.tier, self.plan_hash, self.plan.model_hash, (self.stages.start, self.stages.stop),
+                        self.model.loaded_param_bytes(), rss_bytes(), round(self.load_ms, 1), self.speed, os.getpid())
+
+    def describe(self) -> dict[str, Any]:
+        """:meth:`info` as a JSON-able dict."""
+        return self.info().to_json()
 
     def hello_chain(self, deadline: float) -> list[dict[str, Any]]:
         """Greets the tiers behind this one (checking their plan and model); returns their descriptions."""
+        return [t.to_json() for t in self._hello_behind(deadline)]
+
+    def _hello_behind(self, deadline: float) -> tuple[TierInfo, ...]:
         if self.next is None:
-            return []
-        msg = Message(protocol.HELLO, {"plan_hash": self.plan_hash, "model_hash": self.plan.model_hash, "from": self.tier})
-        reply = self._request(msg, deadline)
-        protocol.raise_error_reply(reply)
-        return list(reply.meta.get("chain", []))
+            return ()
+        budget_s = self._budget_s(deadline)
+        hello = Hello(self.plan_hash, self.plan.model_hash, self.tier, budget_s * 1e3)
+        return protocol.expect_reply(self._request(protocol.encode(hello), budget_s), HelloReply).chain
 
     # -- serving --------------------------------------------------------------------------------------------
-    def handle(self, msg: Message, peer: PeerInfo) -> Message:
+    def handle(self, env: Message, peer: PeerInfo) -> Message:
         """The transport handler of a server tier: never raises; failures become ``error`` replies."""
         t0 = time.perf_counter()
         try:
-            meta = msg.meta
-            deadline = time.monotonic() + max(0.0, float(meta.get("deadline_ms", 60_000))) / 1e3
-            protocol.check_peer(self.tier, self.plan, self.plan_hash, meta)
-            if msg.kind == protocol.HELLO:
-                return Message(protocol.RESULT, {"chain": [self.describe()] + self.hello_chain(deadline)})
-            if msg.kind != INFER:
-                raise TransportError(f"{self.tier}: unknown message kind {msg.kind!r}")
-            phase = meta.get("phase")
-            if phase not in (PREFILL, DECODE):
-                raise TransportError(f"{self.tier}: unknown phase {phase!r}")
-            packed = PackedState(meta=meta.get("tensors", []), frames=list(msg.frames), encode_ms=0.0)
-            result = self.step(
-                (peer.fingerprint, msg.session_id), phase, int(meta.get("stage", -1)), Payload(packed=packed),
-                max_new_tokens=int(meta.get("max_new_tokens", 0)), last=bool(meta.get("last", True)), deadline=deadline,
-            )
+            msg = protocol.decode(env)
+            if not isinstance(msg, (Hello, Infer)):
+                raise TransportError(f"{self.tier}: a {env.kind} message is a reply, not a request")
+            deadline = time.monotonic() + max(0.0, msg.deadline_ms) / 1e3
+            protocol.check_peer(self.tier, self.plan, self.plan_hash, msg)
+            if isinstance(msg, Hello):
+                return protocol.encode(HelloReply((self.info(),) + self._hello_behind(deadline)))
+            packed = PackedState(tensors=msg.tensors, frames=list(env.frames), encode_ms=0.0)
+            result = self.step((peer.fingerprint, env.session_id), msg.phase, msg.stage, Payload(packed=packed),
+                               max_new_tokens=msg.max_new_tokens, last=msg.last, deadline=deadline)
             result.timings.tier(self.tier).handle_ms += (time.perf_counter() - t0) * 1e3
             return self._reply(result)
         except Exception as e:  # every failure goes back as a reply; the server keeps serving
@@ -150,14 +148,9 @@ class TierNode:
 
     @staticmethod
     def _reply(result: StepResult) -> Message:
-        meta: dict[str, Any] = {"timings": result.timings.to_json()}
-        frames: list = []
-        if result.tokens is not None:
-            meta["tokens"] = result.tokens.tolist()
-        if result.output_packed is not None:
-            meta["tensors"] = result.output_packed.meta
-            frames = result.output_packed.frames
-        return Message(protocol.RESULT, meta, frames)
+        tokens = result.tokens.tolist() if result.tokens is not None else None
+        out = result.output_packed
+        return protocol.encode(Result(result.timings, tokens, out.tensors if out else ()), out.frames if out else ())
 
     # -- one step -------------------------------------------------------------------------------------------
     def step(self, key: SessionKey, phase: str, stage: int, payload: Payload, *, max_new_tokens: int = 0,
@@ -174,7 +167,7 @@ class TierNode:
         mine.steps += 1
         state = payload.state
         if state is None:
-            state, _, mine.decode_ms = unpack_state(payload.packed.meta, payload.packed.frames)
+            state, _, mine.decode_ms = unpack_state(payload.packed.tensors, payload.packed.frames)
         if IMAGE_FILE in state:  # the device sent the image file itself: preprocess it here (counts as compute)
             t0 = time.perf_counter()
             state = self.model.prepare(image=decode_image_file(state[IMAGE_FILE]))
@@ -205,7 +198,8 @@ class TierNode:
             if session is not None:
                 self.sessions.close(key)
             raise
-        if session is not None and (last or (self.is_driver and phase == PREFILL)):
+        ended = result.tokens is not None and bool(self.model.finished(result.tokens[:, -1:]).all())  # EOS: no next step
+        if session is not None and (last or ended or (self.is_driver and phase == PREFILL)):
             self.sessions.close(key)
         return result
 
@@ -234,6 +228,8 @@ class TierNode:
         tokens, timings = [first.tokens], first.timings
         step_in = session.step_inputs
         for n in range(1, max_new_tokens):
+            if bool(self.model.finished(torch.cat(tokens, dim=1)).all()):  # every row ended (EOS): stop early
+                break
             step_in = self.model.next_inputs(step_in, tokens[-1].reshape(-1))
             session.step_inputs = step_in
             r = self.step(key, DECODE, self.decode_start, Payload(state=step_in), deadline=deadline,
@@ -251,35 +247,37 @@ class TierNode:
         packed = payload.packed
         if packed is None:  # a device that runs nothing uploads its raw input uncoded
             packed = pack_state(payload.state, self.model.roles(payload.state), "raw")
-        meta = {"plan_hash": self.plan_hash, "from": self.tier, "phase": phase, "stage": stage,
-                "tensors": packed.meta, "max_new_tokens": max_new_tokens, "last": last}
+        budget_s = self._budget_s(deadline)
+        request = Infer(self.plan_hash, self.tier, phase, stage, packed.tensors, max_new_tokens, last, budget_s * 1e3)
         t0 = time.perf_counter()
-        reply = self._request(Message(INFER, meta, packed.frames, session_id=key[1]), deadline)
+        env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
         rtt_ms = (time.perf_counter() - t0) * 1e3
-        protocol.raise_error_reply(reply)
-        behind = Timings.from_json(reply.meta.get("timings"))
+        reply = protocol.expect_reply(env, Result)
+        behind = reply.timings
         link = timings.link(self.link)
         link.bytes_up += packed.nbytes
-        link.bytes_down += sum(len(f) for f in reply.frames) + 8 * sum(map(len, reply.meta.get("tokens", [])))
+        link.bytes_down += sum(len(f) for f in env.frames) + 8 * reply.token_count
         link.messages += 1
         handled = sum(t.handle_ms for name, t in behind.tiers.items() if name == self.next_tier)
         link.wire_ms += max(0.0, rtt_ms - handled)
         timings.merge(behind)
         result = StepResult(timings=timings)
-        if "tokens" in reply.meta:
-            result.tokens = torch.tensor(reply.meta["tokens"], dtype=torch.long)
-        if reply.meta.get("tensors"):
-            result.output_packed = PackedState(reply.meta["tensors"], list(reply.frames), 0.0)
+        if reply.tokens is not None:
+            result.tokens = torch.tensor(reply.tokens, dtype=torch.long)
+        if reply.tensors:
+            result.output_packed = PackedState(reply.tensors, list(env.frames), 0.0)
         return result
 
-    def _request(self, msg: Message, deadline: float) -> Message:
+    def _budget_s(self, deadline: float) -> float:
+        """What the next tier gets of what is left of ``deadline`` (s): all but this tier's margin."""
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Timeout(f"{self.tier}: the request's deadline passed before it could reach {self.next_tier}")
-        budget = remaining * DEADLINE_MARGIN
-        msg.meta["deadline_ms"] = budget * 1e3
+        return remaining * DEADLINE_MARGIN
+
+    def _request(self, env: Message, budget_s: float) -> Message:
         try:
-            return self.next.request(msg, timeout_s=budget)
+            return self.next.request(env, timeout_s=budget_s)
         except TransportError as e:
             # drop the failed connection at once so the next request reconnects (e.g. to a restarted tier); a
             # newer connection another thread already opened is left alone

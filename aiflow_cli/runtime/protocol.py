@@ -1,53 +1,333 @@
-"""The runtime's messages on top of the transport, and how errors cross tiers.
+"""The tier protocol: typed, versioned messages on top of the transport's envelope, and how errors cross tiers.
 
-Kinds (requests go down the chain device -> edge -> cloud, replies come back up):
+Every message is one dataclass below (slotted, not frozen: a frozen one costs microseconds more per message to
+build, and each decode step builds several; treat them as values). :func:`encode` turns it into the transport's
+:class:`Message` (``kind`` names the class, ``meta`` holds its fields plus the protocol version ``v``, ``frames``
+its tensors, ``session_id`` names a request across its decode steps) and :func:`decode` validates a received
+envelope back into the class its kind names: the version first (:class:`PeerRejected` naming both versions), then every field's
+type (:class:`TransportError` naming the field), so a handler only ever sees well-formed messages.
 
-- ``hello``: ``{plan_hash, model_hash, from}`` -> ``{tier, plan_hash, model_hash, stages, loaded_param_bytes,
-  rss_bytes, next}``. Each server answers for itself and (when it forwards) for the tiers behind it, so the
-  device learns the whole chain in one round trip. A mismatch is refused naming the side that differs.
-- ``infer``: one step of one request. ``meta`` = ``{plan_hash, phase: "prefill" | "decode", stage, tensors,
-  max_new_tokens, last, deadline_ms}``; ``stage`` is the index of the first stage the carried state feeds;
-  ``tensors`` (see :mod:`aiflow_cli.runtime.wire`) describes the frames. ``session_id`` (transport header) names
-  the request across its decode steps.
-- replies: ``result`` = ``{tensors, tokens?, timings}`` with the output frames, or ``error`` =
-  ``{error_kind, message, tier}``, re-raised on the device as the same :class:`AiflowError` class.
+Requests go down the chain device -> edge -> cloud, replies come back up:
+
+- :class:`Hello` -> :class:`HelloReply`: each server answers for itself and (when it forwards) for the tiers
+  behind it, so the device learns the whole chain in one round trip. A plan or model mismatch is refused naming
+  the side that differs.
+- :class:`Infer` (one prefill or decode step of one request) -> :class:`Result` (output frames or tokens, plus
+  every tier's timings).
+- :class:`Error`: the reply to any request that failed, re-raised on the device as the same
+  :class:`AiflowError` class, tagged with the tier where it happened.
+
+Wire form, kept small because it is paid on every decode step: tensors are ``[name, role, codec]`` triples in
+frame order, timings are arrays in field order (see :mod:`aiflow_cli.runtime.timings`). New messages (e.g. the
+draft and verify steps of cooperative decoding) are a new dataclass with ``KIND``, ``to_wire`` and
+``from_wire``, registered in :data:`MESSAGES`; a change to an existing message's fields bumps
+:data:`PROTOCOL_VERSION`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 from aiflow_cli import errors
-from aiflow_cli.errors import AiflowError, PeerRejected, RemoteError
+from aiflow_cli.errors import AiflowError, PeerRejected, RemoteError, TransportError
 from aiflow_cli.plan.schema import Plan
-from aiflow_cli.transport import Message
+from aiflow_cli.runtime.timings import Timings
+from aiflow_cli.transport import FrameLike, Message
 
-HELLO, INFER, RESULT, ERROR = "hello", "infer", "result", "error"
+#: Version of the messages below. 1 was the untyped protocol (dicts without a version field).
+PROTOCOL_VERSION = 2
+
+HELLO, HELLO_REPLY, INFER, RESULT, ERROR = "hello", "hello_reply", "infer", "result", "error"
 PREFILL, DECODE = "prefill", "decode"
+Phase = Literal["prefill", "decode"]
+PHASES = (PREFILL, DECODE)
+
+#: A deadline for requests that carry none (ms).
+DEFAULT_DEADLINE_MS = 60_000.0
 
 
-def plan_hash(plan: Plan) -> str:
-    """SHA-256 of the plan's canonical JSON: two tiers agree on a plan iff they hold byte-equal plans."""
-    text = json.dumps(plan.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
+# -- field validation -------------------------------------------------------------------------------------------
+def _bad(kind: str, key: str, want: str, got: Any) -> TransportError:
+    return TransportError(f"malformed {kind} message: field {key!r} must be {want}, got {type(got).__name__}"
+                          f" {str(got)[:40]!r}" if got is not None else
+                          f"malformed {kind} message: field {key!r} ({want}) is missing")
 
 
-def check_peer(tier: str, plan: Plan, my_plan_hash: str, meta: dict[str, Any]) -> None:
-    """Refuses a peer whose plan or model differs from ours, saying which side holds what."""
-    theirs = meta.get("plan_hash")
-    sender = meta.get("from", "the peer")
-    if theirs != my_plan_hash:
-        raise PeerRejected(
-            f"plan mismatch: {tier} holds plan {my_plan_hash[:12]} ({plan.summary()}), {sender} sent "
-            f"{str(theirs)[:12] or 'none'}; give every tier the same plan file"
-        )
-    if meta.get("model_hash") not in (None, plan.model_hash):
-        raise PeerRejected(
-            f"model mismatch: {tier} runs {plan.model} (hash {plan.model_hash[:12]}), {sender} runs hash "
-            f"{str(meta.get('model_hash'))[:12]}"
-        )
+_WANT = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+
+
+def _get(meta: dict, kind: str, key: str, typ: type, default: Any = None) -> Any:
+    """``meta[key]`` (or ``default``) if it has exactly type ``typ`` (a bool is no int here)."""
+    v = meta.get(key, default)
+    if type(v) is not typ:
+        raise _bad(kind, key, _WANT[typ], v)
+    return v
+
+
+def _num(meta: dict, kind: str, key: str, default: Optional[float] = None) -> float:
+    v = meta.get(key, default)
+    if type(v) not in (int, float) or v != v:
+        raise _bad(kind, key, "a number", v)
+    return float(v)  # type: ignore[arg-type]  # an int or a float: checked above, exactly (no bool)
+
+
+# -- the messages -----------------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class TensorSpec:
+    """One tensor of a message, in frame order: its state name, role (hidden, control, side) and codec."""
+
+    name: str
+    role: str
+    codec: str
+
+    def to_wire(self) -> list:
+        return [self.name, self.role, self.codec]
+
+    @classmethod
+    def from_wire(cls, v: Any, kind: str) -> "TensorSpec":
+        if type(v) is not list or len(v) != 3 or not (type(v[0]) is type(v[1]) is type(v[2]) is str):
+            raise _bad(kind, "tensors", "a list of [name, role, codec] string triples", v)
+        return cls(v[0], v[1], v[2])
+
+
+def _tensors(meta: dict, kind: str) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec.from_wire(v, kind) for v in _get(meta, kind, "tensors", list, []))
+
+
+@dataclass(slots=True)
+class Hello:
+    """A request to check that the next tiers hold ``plan_hash`` and ``model_hash``; ``sender`` names the tier."""
+
+    KIND: ClassVar[str] = HELLO
+    plan_hash: str
+    model_hash: str
+    sender: str
+    deadline_ms: float = DEFAULT_DEADLINE_MS
+
+    def to_wire(self) -> dict:
+        return {"plan_hash": self.plan_hash, "model_hash": self.model_hash, "from": self.sender,
+                "deadline_ms": self.deadline_ms}
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "Hello":
+        return cls(_get(meta, HELLO, "plan_hash", str), _get(meta, HELLO, "model_hash", str),
+                   _get(meta, HELLO, "from", str), _num(meta, HELLO, "deadline_ms", DEFAULT_DEADLINE_MS))
+
+
+@dataclass(slots=True)
+class TierInfo:
+    """What a tier reports about itself in a :class:`HelloReply`: its stages ``[start, stop)``, memory (bytes),
+    load time (ms), emulated speed and process id."""
+
+    tier: str
+    plan_hash: str
+    model_hash: str
+    stages: tuple[int, int]
+    loaded_param_bytes: int
+    rss_bytes: int
+    load_ms: float
+    speed: float
+    pid: int
+
+    def to_wire(self) -> dict:
+        return {"tier": self.tier, "plan_hash": self.plan_hash, "model_hash": self.model_hash,
+                "stages": [self.stages[0], self.stages[1]], "loaded_param_bytes": self.loaded_param_bytes,
+                "rss_bytes": self.rss_bytes, "load_ms": self.load_ms, "speed": self.speed, "pid": self.pid}
+
+    to_json = to_wire
+
+    @classmethod
+    def from_wire(cls, meta: Any) -> "TierInfo":
+        k = HELLO_REPLY
+        if type(meta) is not dict:
+            raise _bad(k, "chain", "a list of tier descriptions", meta)
+        stages = _get(meta, k, "stages", list)
+        if len(stages) != 2 or not all(type(s) is int for s in stages):
+            raise _bad(k, "stages", "[start, stop]", stages)
+        return cls(_get(meta, k, "tier", str), _get(meta, k, "plan_hash", str), _get(meta, k, "model_hash", str),
+                   (stages[0], stages[1]), _get(meta, k, "loaded_param_bytes", int), _get(meta, k, "rss_bytes", int),
+                   _num(meta, k, "load_ms"), _num(meta, k, "speed"), _get(meta, k, "pid", int))
+
+
+@dataclass(slots=True)
+class HelloReply:
+    """The answer to :class:`Hello`: the answering tier first, then every tier behind it."""
+
+    KIND: ClassVar[str] = HELLO_REPLY
+    chain: tuple[TierInfo, ...]
+
+    def to_wire(self) -> dict:
+        return {"chain": [t.to_wire() for t in self.chain]}
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "HelloReply":
+        return cls(tuple(TierInfo.from_wire(t) for t in _get(meta, HELLO_REPLY, "chain", list)))
+
+
+@dataclass(slots=True)
+class Infer:
+    """One step of one request: the boundary state (``tensors``, one frame each) that feeds stage ``stage``.
+
+    ``max_new_tokens``: tokens the whole request generates; ``last``: the request's last step on this session
+    (the receiver frees its KV cache after it); ``deadline_ms``: what is left of the request's deadline."""
+
+    KIND: ClassVar[str] = INFER
+    plan_hash: str
+    sender: str
+    phase: Phase
+    stage: int
+    tensors: tuple[TensorSpec, ...]
+    max_new_tokens: int = 0
+    last: bool = True
+    deadline_ms: float = DEFAULT_DEADLINE_MS
+
+    def to_wire(self) -> dict:
+        return {"plan_hash": self.plan_hash, "from": self.sender, "phase": self.phase, "stage": self.stage,
+                "tensors": [t.to_wire() for t in self.tensors], "max_new_tokens": self.max_new_tokens,
+                "last": self.last, "deadline_ms": self.deadline_ms}
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "Infer":
+        # fast path (every decode step pays it): one test of every field; the slow path below names the bad one
+        g = meta.get
+        ph, sender, phase, stage, tensors = g("plan_hash"), g("from"), g("phase"), g("stage"), g("tensors", [])
+        new, last, dl = g("max_new_tokens", 0), g("last", True), g("deadline_ms", DEFAULT_DEADLINE_MS)
+        if (type(ph) is str and type(sender) is str and (phase == PREFILL or phase == DECODE) and type(stage) is int
+                and stage >= 0 and type(new) is int and new >= 0 and type(last) is bool
+                and (type(dl) is float or type(dl) is int) and dl == dl and type(tensors) is list):
+            return cls(ph, sender, phase, stage, tuple([TensorSpec.from_wire(t, INFER) for t in tensors]), new, last,
+                       float(dl))
+        phase = _get(meta, INFER, "phase", str)
+        if phase not in PHASES:
+            raise TransportError(f"malformed infer message: unknown phase {phase[:20]!r} (expected prefill or decode)")
+        stage = _get(meta, INFER, "stage", int)
+        new = _get(meta, INFER, "max_new_tokens", int, 0)
+        if stage < 0 or new < 0:
+            raise TransportError(f"malformed infer message: stage {stage} and max_new_tokens {new} must be >= 0")
+        return cls(_get(meta, INFER, "plan_hash", str), _get(meta, INFER, "from", str), phase, stage,
+                   _tensors(meta, INFER), new, _get(meta, INFER, "last", bool, True),
+                   _num(meta, INFER, "deadline_ms", DEFAULT_DEADLINE_MS))
+
+
+@dataclass(slots=True)
+class Result:
+    """The answer to :class:`Infer`: generated ``tokens`` ([batch][n] ids) or output ``tensors`` (one frame
+    each), and the figures of every tier that worked on the step."""
+
+    KIND: ClassVar[str] = RESULT
+    timings: Timings
+    tokens: Optional[list[list[int]]] = None
+    tensors: tuple[TensorSpec, ...] = ()
+
+    def to_wire(self) -> dict:
+        meta: dict[str, Any] = {"timings": self.timings.to_wire()}
+        if self.tokens is not None:
+            meta["tokens"] = self.tokens
+        if self.tensors:
+            meta["tensors"] = [t.to_wire() for t in self.tensors]
+        return meta
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "Result":
+        tokens = meta.get("tokens")
+        if tokens is not None and not (type(tokens) is list and all(
+                type(row) is list and all(type(t) is int for t in row) for row in tokens)):
+            raise _bad(RESULT, "tokens", "a list of lists of token ids", tokens)
+        try:
+            timings = Timings.from_wire(meta.get("timings"))
+        except (TypeError, ValueError) as e:
+            raise TransportError(f"malformed result message: field 'timings': {e}") from None
+        return cls(timings, tokens, _tensors(meta, RESULT))
+
+    @property
+    def token_count(self) -> int:
+        return sum(map(len, self.tokens or ()))
+
+
+@dataclass(slots=True)
+class Error:
+    """A failed request: the :class:`AiflowError` class name, its message, and the tier where it happened."""
+
+    KIND: ClassVar[str] = ERROR
+    error_kind: str
+    message: str
+    tier: str
+
+    def to_wire(self) -> dict:
+        return {"error_kind": self.error_kind, "message": self.message, "tier": self.tier}
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "Error":
+        # lenient: an error must still reach the user when a field is off
+        return cls(str(meta.get("error_kind", "RemoteError")), str(meta.get("message", "no message")),
+                   str(meta.get("tier", "?")))
+
+    def exception(self) -> AiflowError:
+        """The error as the exception to raise (its class when it names one of :mod:`aiflow_cli.errors`)."""
+        cls = getattr(errors, self.error_kind, None)
+        if not (isinstance(cls, type) and issubclass(cls, AiflowError)):
+            cls = RemoteError
+        msg = self.message if self.message.startswith(f"{self.tier}:") else f"{self.tier}: {self.message}"
+        exc = cls(msg)
+        exc.tier = self.tier  # type: ignore[attr-defined]
+        return exc
+
+
+Request = Union[Hello, Infer]
+Reply = Union[HelloReply, Result, Error]
+AnyMessage = Union[Hello, HelloReply, Infer, Result, Error]
+
+#: Every message class by its kind.
+MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Result, Error)}
+#: Messages that carry one frame per entry of ``tensors``.
+_WITH_FRAMES = (Infer, Result)
+
+
+# -- the envelope -----------------------------------------------------------------------------------------------
+def encode(msg: AnyMessage, frames: Sequence[FrameLike] = (), session_id: int = 0) -> Message:
+    """The transport envelope of ``msg`` (its frames, if it carries tensors, in ``tensors`` order)."""
+    meta = msg.to_wire()
+    meta["v"] = PROTOCOL_VERSION
+    return Message(msg.KIND, meta, list(frames), session_id)
+
+
+def check_version(meta: dict) -> None:
+    """Refuses a message of another protocol version (:class:`PeerRejected`, naming both versions)."""
+    v = meta.get("v", 1)
+    if v != PROTOCOL_VERSION:
+        raise PeerRejected(f"protocol version mismatch: this tier speaks version {PROTOCOL_VERSION}, the peer sent "
+                           f"version {str(v)[:20]}; run the same aiflow version on every tier")
+
+
+def decode(env: Message) -> AnyMessage:
+    """Validates a received envelope into its message class; raises :class:`PeerRejected` for another protocol
+    version, :class:`TransportError` for an unknown kind or a malformed field. An :class:`Error` of another
+    version is still decoded, so that the peer's reason (often that very mismatch) reaches the user."""
+    cls = MESSAGES.get(env.kind)
+    if cls is None:
+        raise TransportError(f"unknown message kind {env.kind[:40]!r} (expected one of {', '.join(MESSAGES)})")
+    meta = env.meta
+    if meta.get("v") != PROTOCOL_VERSION and cls is not Error:
+        check_version(meta)
+    msg = cls.from_wire(meta)
+    if cls in _WITH_FRAMES and len(msg.tensors) != len(env.frames):
+        raise TransportError(f"malformed {env.kind} message: it lists {len(msg.tensors)} tensors but carries "
+                             f"{len(env.frames)} frames")
+    return msg
+
+
+def expect_reply(env: Message, cls: Any) -> Any:
+    """The reply ``env`` decoded as ``cls``; raises the error an :class:`Error` reply carries, or
+    :class:`TransportError` for a reply of another kind."""
+    msg = decode(env)
+    if isinstance(msg, Error):
+        raise msg.exception()
+    if not isinstance(msg, cls):
+        raise TransportError(f"expected a {cls.KIND} reply, got {env.kind!r}")
+    return msg
 
 
 def error_reply(tier: str, exc: BaseException) -> Message:
@@ -58,19 +338,26 @@ def error_reply(tier: str, exc: BaseException) -> Message:
     else:
         kind, origin = "RemoteError", tier
         exc = RemoteError(f"{type(exc).__name__}: {exc}")
-    return Message(ERROR, {"error_kind": kind, "message": str(exc), "tier": origin})
+    return encode(Error(kind, str(exc), origin))
 
 
-def raise_error_reply(reply: Message) -> None:
-    """Raises the :class:`AiflowError` an ``error`` reply carries (tagged with ``.tier``); returns otherwise."""
-    if reply.kind != ERROR:
-        return
-    meta = reply.meta
-    cls = getattr(errors, str(meta.get("error_kind")), None)
-    if not (isinstance(cls, type) and issubclass(cls, AiflowError)):
-        cls = RemoteError
-    tier = str(meta.get("tier", "?"))
-    message = str(meta.get("message", "no message"))
-    exc = cls(message if message.startswith(f"{tier}:") else f"{tier}: {message}")
-    exc.tier = tier  # type: ignore[attr-defined]
-    raise exc
+# -- checks -----------------------------------------------------------------------------------------------------
+def plan_hash(plan: Plan) -> str:
+    """SHA-256 of the plan's canonical JSON: two tiers agree on a plan iff they hold byte-equal plans."""
+    text = json.dumps(plan.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_peer(tier: str, plan: Plan, my_plan_hash: str, msg: Request) -> None:
+    """Refuses a peer whose plan or model differs from ours, saying which side holds what."""
+    if msg.plan_hash != my_plan_hash:
+        raise PeerRejected(
+            f"plan mismatch: {tier} holds plan {my_plan_hash[:12]} ({plan.summary()}), {msg.sender} sent "
+            f"{msg.plan_hash[:12] or 'none'}; give every tier the same plan file"
+        )
+    model_hash = getattr(msg, "model_hash", None)
+    if model_hash is not None and model_hash != plan.model_hash:
+        raise PeerRejected(
+            f"model mismatch: {tier} runs {plan.model} (hash {plan.model_hash[:12]}), {msg.sender} runs hash "
+            f"{model_hash[:12]}"
+        )

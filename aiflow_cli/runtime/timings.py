@@ -4,6 +4,10 @@ Every tier adds its own figures to those of the tiers behind it, so the reply th
 the whole request. Wire time of a link = the round trip its sender measured minus the time the receiver spent
 handling the message (so it holds serialisation, propagation, queueing and the transport's own work).
 All times are milliseconds, summed over every step of the request (prefill and decode steps).
+
+On the wire (:meth:`Timings.to_wire`, inside every result message) each tier and link is an array of its fields
+in declaration order: ``{"tiers": {"edge": [compute_ms, encode_ms, decode_ms, handle_ms, steps]}, "links":
+{"edge-cloud": [bytes_up, bytes_down, wire_ms, messages]}}``.
 """
 
 from __future__ import annotations
@@ -34,9 +38,7 @@ def _add(into: Any, other: Any) -> None:
         setattr(into, f.name, getattr(into, f.name) + getattr(other, f.name))
 
 
-def _like(default: Any, value: Any) -> Any:
-    """``value`` as the type of the field's ``default`` (int counters stay ints)."""
-    return type(default)(value)
+_TYPES: dict[type, list[Any]] = {c: [type(f.default) for f in fields(c)] for c in (TierTiming, LinkTiming)}
 
 
 @dataclass
@@ -62,12 +64,26 @@ class Timings:
         return {"tiers": {k: asdict(v) for k, v in self.tiers.items()},
                 "links": {k: asdict(v) for k, v in self.links.items()}}
 
+    def to_wire(self) -> dict[str, Any]:
+        """The compact form carried in result messages (see the module docstring)."""
+        return {"tiers": {k: list(vars(v).values()) for k, v in self.tiers.items()},
+                "links": {k: list(vars(v).values()) for k, v in self.links.items()}}
+
     @classmethod
-    def from_json(cls, data: Any) -> "Timings":
+    def from_wire(cls, data: Any) -> "Timings":
+        """Parses :meth:`to_wire`'s form; raises ValueError/TypeError on anything else."""
+        if type(data) is not dict or set(data) - {"tiers", "links"}:
+            raise ValueError("expected {tiers, links}")
         out = cls()
-        if isinstance(data, dict):
-            for k, v in (data.get("tiers") or {}).items():
-                out.tiers[str(k)] = TierTiming(**{f.name: _like(f.default, v.get(f.name, 0)) for f in fields(TierTiming)})
-            for k, v in (data.get("links") or {}).items():
-                out.links[str(k)] = LinkTiming(**{f.name: _like(f.default, v.get(f.name, 0)) for f in fields(LinkTiming)})
+        sections: tuple[tuple[str, dict[str, Any], Any], ...] = (("tiers", out.tiers, TierTiming),
+                                                                  ("links", out.links, LinkTiming))
+        for key, into, kind in sections:
+            types = _TYPES[kind]
+            entries = data.get(key, {})
+            if type(entries) is not dict:
+                raise ValueError(f"{key} must be a mapping")
+            for k, v in entries.items():
+                if type(v) is not list or len(v) != len(types) or not all(type(x) in (int, float) for x in v):
+                    raise ValueError(f"{key} entry {str(k)[:20]!r} must be {len(types)} numbers")
+                into[k] = kind(*(t(x) for t, x in zip(types, v)))
         return out

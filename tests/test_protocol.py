@@ -1,0 +1,105 @@
+"""The tier protocol without a network: every message survives encode -> JSON -> decode, and a malformed or
+foreign-version envelope is refused naming the field or both versions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from aiflow_cli.errors import LimitExceeded, PeerRejected, RemoteError, TransportError
+from aiflow_cli.runtime import protocol
+from aiflow_cli.runtime.protocol import Error, Hello, HelloReply, Infer, Result, TensorSpec, TierInfo
+from aiflow_cli.runtime.timings import Timings
+from aiflow_cli.transport import Message
+
+
+def _timings() -> Timings:
+    t = Timings()
+    t.tier("edge").compute_ms, t.tier("edge").steps = 1.5, 3
+    t.link("edge-cloud").bytes_up, t.link("edge-cloud").wire_ms = 4096, 0.25
+    return t
+
+
+def _through_json(env: Message) -> Message:
+    """What the receiver gets: the meta goes through JSON as the transport sends it."""
+    return Message(env.kind, json.loads(json.dumps(env.meta)), list(env.frames), env.session_id)
+
+
+MESSAGES = [
+    (Hello("a" * 64, "b" * 64, "device", 1234.5), []),
+    (HelloReply((TierInfo("edge", "a" * 64, "b" * 64, (2, 5), 1 << 20, 1 << 27, 12.5, 0.5, 42),)), []),
+    (Infer("a" * 64, "device", "decode", 3, (TensorSpec("hidden_states", "hidden", "int8"),
+                                             TensorSpec("attention_mask", "control", "raw")), 8, False, 900.0),
+     [b"f1", b"f2"]),
+    (Result(_timings(), tokens=[[1, 2, 3]]), []),
+    (Result(_timings(), tensors=(TensorSpec("output", "hidden", "raw"),)), [b"out"]),
+    (Error("LimitExceeded", "edge: too big", "edge"), []),
+]
+
+
+@pytest.mark.parametrize("msg,frames", MESSAGES, ids=[type(m).__name__ for m, _ in MESSAGES])
+def test_every_message_round_trips(msg, frames) -> None:
+    env = protocol.encode(msg, frames, session_id=7)
+    assert env.kind == msg.KIND and env.meta["v"] == protocol.PROTOCOL_VERSION and env.session_id == 7
+    assert protocol.decode(_through_json(env)) == msg
+
+
+def test_other_versions_are_refused_naming_both() -> None:
+    env = _through_json(protocol.encode(*MESSAGES[2]))
+    for v, shown in ((1, "1"), (3, "3")):
+        env.meta["v"] = v
+        want = f"speaks version {protocol.PROTOCOL_VERSION}, the peer sent version {shown}"
+        with pytest.raises(PeerRejected, match=want):
+            protocol.decode(env)
+    del env.meta["v"]  # the untyped protocol had no version field
+    with pytest.raises(PeerRejected, match="sent version 1"):
+        protocol.decode(env)
+
+
+def test_an_error_of_another_version_still_reaches_the_user() -> None:
+    env = Message(protocol.ERROR, {"v": 1, "error_kind": "LimitExceeded", "message": "too big", "tier": "cloud"})
+    with pytest.raises(LimitExceeded, match="^cloud: too big$") as e:
+        protocol.expect_reply(env, Result)
+    assert e.value.tier == "cloud"
+    env = Message(protocol.ERROR, {"error_kind": "NotAnAiflowClass", "message": "boom", "tier": "edge"})
+    with pytest.raises(RemoteError, match="edge: boom"):
+        protocol.expect_reply(env, Result)
+
+
+@pytest.mark.parametrize("change,why", [
+    ({"stage": "3"}, "field 'stage' must be an integer, got str"),
+    ({"stage": True}, "field 'stage' must be an integer"),
+    ({"stage": -1}, "must be >= 0"),
+    ({"phase": "sideways"}, "unknown phase 'sideways'"),
+    ({"last": 1}, "field 'last' must be true or false"),
+    ({"plan_hash": None}, "field 'plan_hash' .* is missing"),
+    ({"tensors": [{"name": "x"}, ["y", "hidden", "raw"]]}, "field 'tensors' must be a list of .*triples"),
+    ({"tensors": [["x", "hidden", "raw"]]}, "lists 1 tensors but carries 2 frames"),
+    ({"deadline_ms": "soon"}, "field 'deadline_ms' must be a number"),
+])
+def test_malformed_fields_are_named(change, why) -> None:
+    env = _through_json(protocol.encode(*MESSAGES[2]))
+    env.meta.update(change)
+    env.meta = {k: v for k, v in env.meta.items() if v is not None}
+    with pytest.raises(TransportError, match=why):
+        protocol.decode(env)
+
+
+def test_malformed_replies_are_refused() -> None:
+    v = protocol.PROTOCOL_VERSION
+    with pytest.raises(TransportError, match="field 'timings'"):
+        protocol.decode(Message(protocol.RESULT, {"v": v, "timings": {"tiers": {"edge": [1.0]}}}))
+    with pytest.raises(TransportError, match="field 'tokens'"):
+        protocol.decode(Message(protocol.RESULT, {"v": v, "timings": {}, "tokens": [["a"]]}))
+    with pytest.raises(TransportError, match="expected a result reply, got 'hello_reply'"):
+        protocol.expect_reply(protocol.encode(MESSAGES[1][0]), Result)
+    with pytest.raises(TransportError, match="unknown message kind 'bogus'"):
+        protocol.decode(Message("bogus", {"v": v}))
+
+
+def test_timings_keep_their_figures_on_the_wire() -> None:
+    t = _timings()
+    back = Timings.from_wire(json.loads(json.dumps(t.to_wire())))
+    assert back == t and back.to_json() == t.to_json()
+    assert isinstance(back.tier("edge").steps, int) and isinstance(back.link("edge-cloud").bytes_up, int)
