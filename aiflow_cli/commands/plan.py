@@ -108,7 +108,8 @@ def plan(
                   input_bytes=parse_bytes(input_bytes) if input_bytes is not None else None)
     the_plan = solve(profiles, links, sources=sources, **inputs)
     # explain and sweep compare strategies on the problem the plan was solved from: build it once more for them
-    problem = build_problem(profiles, links, **inputs) if explain or sweep or plot else None
+    if explain or sweep or plot:
+        problem = build_problem(profiles, links, **inputs)
     if output is not None:
         save_plan(the_plan, output)
 

@@ -92,14 +92,14 @@ def run(
     from aiflow_cli.runtime.report import flow_table
 
     _threads()
-    with Pipeline(plan, edge=edge, identity=identity, trust=trust, timeout_s=timeout_s, fallback=fallback,
-                  speed=speed) as p:
+    with Pipeline(plan, edge=edge, identity=identity, trust=trust, timeout_s=timeout_s,
+                  fallback=fallback, speed=speed) as p:  # type: ignore[arg-type]  # Pipeline checks it
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens)
     if json_out:
         print_json({**result.to_json(p.plan), "plan": p.plan.summary(), "tiers": chain})
         return
-    if result.text is not None:
+    if result.text is not None and result.tokens is not None:
         console.print("\n".join(result.text), highlight=False, markup=False)
         console.print(f"({result.tokens.shape[1]} tokens: {result.tokens.tolist()})", highlight=False)
     elif result.output is not None:

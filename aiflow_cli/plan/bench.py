@@ -57,7 +57,9 @@ def run(*, stages: int = 1000, codecs: int = 8, repeats: int = 7, small_stages: 
     n_placements = sum(1 for _ in all_placements(small))
     small_dp = median_ms(lambda: solve_problem(small), repeats)
     small_brute = median_ms(lambda: brute_force(small), 3)
-    dp_ev, ref_ev = solve_problem(small)[1], brute_force(small)[1]
+    ref = brute_force(small)
+    assert ref is not None, "the small problem has no limits: some placement is feasible"
+    dp_ev, ref_ev = solve_problem(small)[1], ref[1]
     agree = abs(dp_ev.total_ms - ref_ev.total_ms) <= 1e-9 * max(1.0, ref_ev.total_ms)
     return PlanBench(
         large_stages=stages, large_tiers=len(TIER_SPEEDS), large_codecs=codecs, build_problem_ms=build_ms,

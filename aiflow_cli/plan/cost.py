@@ -117,9 +117,10 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
             if p.skip[t]:
                 ev.violations.append(f"tier {p.tiers[t]} is skipped but runs stages {lo}..{hi - 1}")
             mem = segment_memory_bytes(p, t, lo, hi)
-            if p.memory_bytes[t] is not None and mem > p.memory_bytes[t]:
+            limit = p.memory_bytes[t]
+            if limit is not None and mem > limit:
                 ev.violations.append(
-                    f"memory on {p.tiers[t]}: needs {mem / 2**20:,.0f} MiB, limit {p.memory_bytes[t] / 2**20:,.0f} MiB"
+                    f"memory on {p.tiers[t]}: needs {mem / 2**20:,.0f} MiB, limit {limit / 2**20:,.0f} MiB"
                 )
         elif p.require[t]:
             ev.violations.append(f"tier {p.tiers[t]} is required but runs no stage")

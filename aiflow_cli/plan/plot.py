@@ -21,8 +21,7 @@ def strategy_series(problem: Problem, result: Sweep) -> dict[str, tuple[np.ndarr
         ys = []
         for p in result.points:
             ev = next(x for x in p.strategies if x.name == name).evaluation
-            ok = ev is not None and ev.feasible
-            ys.append(ev.objective_value(problem.objective) if ok else np.nan)
+            ys.append(ev.objective_value(problem.objective) if ev is not None and ev.feasible else np.nan)
         out[name] = np.array(ys, dtype=float)
     plan = out.get(OPTIMAL)
     return {

@@ -7,7 +7,7 @@ Nothing here is a measurement: times and sizes are drawn from ranges shaped like
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import Any, Optional
 
 from aiflow_cli.profile.schema import ModelProfile
 
@@ -57,7 +57,7 @@ def synthetic_profile(
     cuts = []
     for k in range(n_stages - 1):
         scale = 10 ** r.uniform(-1.5, 0.5)  # some boundaries much smaller than others, as in real models
-        tensors = [{"name": "hidden", "role": "hidden", "dtype": "float32", "shape": [1, seq, width],
+        tensors: list[dict[str, Any]] = [{"name": "hidden", "role": "hidden", "dtype": "float32", "shape": [1, seq, width],
                     "bytes": int(hidden_bytes * scale), "decode_step_bytes": int(4 * width * scale)}]
         if side_from is not None and k >= side_from:
             tensors.append({"name": "encoder_out", "role": "side", "dtype": "float32", "shape": [1, 197, width],

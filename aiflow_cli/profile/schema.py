@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 
 from aiflow_cli.schema import Strict
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION: Literal[1] = 1
 
 
 class Hardware(Strict):

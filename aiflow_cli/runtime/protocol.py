@@ -71,7 +71,7 @@ def _num(meta: dict, kind: str, key: str, default: Optional[float] = None) -> fl
     v = meta.get(key, default)
     if type(v) not in (int, float) or v != v:
         raise _bad(kind, key, "a number", v)
-    return float(v)
+    return float(v)  # type: ignore[arg-type]  # an int or a float: checked above, exactly (no bool)
 
 
 # -- the messages -----------------------------------------------------------------------------------------------
@@ -281,7 +281,7 @@ Reply = Union[HelloReply, Result, Error]
 AnyMessage = Union[Hello, HelloReply, Infer, Result, Error]
 
 #: Every message class by its kind.
-MESSAGES: dict[str, type] = {c.KIND: c for c in (Hello, HelloReply, Infer, Result, Error)}
+MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Result, Error)}
 #: Messages that carry one frame per entry of ``tensors``.
 _WITH_FRAMES = (Infer, Result)
 
@@ -319,7 +319,7 @@ def decode(env: Message) -> AnyMessage:
     return msg
 
 
-def expect_reply(env: Message, cls: type) -> Any:
+def expect_reply(env: Message, cls: Any) -> Any:
     """The reply ``env`` decoded as ``cls``; raises the error an :class:`Error` reply carries, or
     :class:`TransportError` for a reply of another kind."""
     msg = decode(env)

@@ -38,7 +38,7 @@ def _add(into: Any, other: Any) -> None:
         setattr(into, f.name, getattr(into, f.name) + getattr(other, f.name))
 
 
-_TYPES = {c: [type(f.default) for f in fields(c)] for c in (TierTiming, LinkTiming)}
+_TYPES: dict[type, list[Any]] = {c: [type(f.default) for f in fields(c)] for c in (TierTiming, LinkTiming)}
 
 
 @dataclass
@@ -55,10 +55,10 @@ class Timings:
         return self.links.setdefault(name, LinkTiming())
 
     def merge(self, other: "Timings") -> None:
-        for k, v in other.tiers.items():
-            _add(self.tier(k), v)
-        for k, v in other.links.items():
-            _add(self.link(k), v)
+        for k, tier in other.tiers.items():
+            _add(self.tier(k), tier)
+        for k, link in other.links.items():
+            _add(self.link(k), link)
 
     def to_json(self) -> dict[str, Any]:
         return {"tiers": {k: asdict(v) for k, v in self.tiers.items()},
@@ -75,7 +75,9 @@ class Timings:
         if type(data) is not dict or set(data) - {"tiers", "links"}:
             raise ValueError("expected {tiers, links}")
         out = cls()
-        for key, into, kind in (("tiers", out.tiers, TierTiming), ("links", out.links, LinkTiming)):
+        sections: tuple[tuple[str, dict[str, Any], Any], ...] = (("tiers", out.tiers, TierTiming),
+                                                                  ("links", out.links, LinkTiming))
+        for key, into, kind in sections:
             types = _TYPES[kind]
             entries = data.get(key, {})
             if type(entries) is not dict:

@@ -35,7 +35,8 @@ class PackedState:
 def pack_state(state: Mapping[str, torch.Tensor], roles: Mapping[str, str], codec_spec: str) -> PackedState:
     """Encodes every tensor of ``state``; floating ones with ``codec_spec``, the rest ``raw``."""
     t0 = time.perf_counter()
-    tensors, frames = [], []
+    tensors: list[TensorSpec] = []
+    frames: list[FrameLike] = []
     for name, tensor in state.items():
         spec = codec_spec if tensor.is_floating_point() else "raw"
         frames.append(codec.encode(tensor, spec))
