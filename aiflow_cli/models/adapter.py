@@ -15,6 +15,7 @@ from torch import nn
 
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.state import BoundaryState
+from aiflow_cli.task import Task, generates
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Adapter:
     """Base of the family adapters. Subclasses set ``family``, ``task`` and implement the methods below."""
 
     family: ClassVar[str]
-    task: ClassVar[str]  # generate | encode | classify | caption
+    task: ClassVar[Task]
     model_class: ClassVar[type[nn.Module]]
 
     def __init__(self, model: nn.Module, config: Any, options: dict[str, Any] | None = None):
@@ -109,7 +110,7 @@ class Adapter:
     # -- generation -----------------------------------------------------------------------------------------
     @property
     def generates(self) -> bool:
-        return self.task in ("generate", "caption")
+        return generates(self.task)
 
     def new_cache(self) -> StageCache:
         raise ModelError(f"{self.family} models do not generate; they have no KV cache")
