@@ -18,7 +18,8 @@ import torch
 
 from aiflow_cli import codec
 from aiflow_cli.bench import baseline_codec, require_extra
-from aiflow_cli.bench.common import JsonResult, median_s
+from aiflow_cli.bench.common import JsonResult
+from aiflow_cli.timing import median_s
 
 #: name -> shape; fp32 sizes 0.6 MB, 1.5 MB, 16 KB and 64 MiB.
 SHAPES: dict[str, tuple[int, ...]] = {

@@ -25,6 +25,7 @@ from aiflow_cli.plan import Limits, solve
 from aiflow_cli.plan.schema import save_plan
 from aiflow_cli.profile import profile_model
 from aiflow_cli.runtime.cluster import LocalCluster
+from aiflow_cli.task import takes_image
 
 MODELS = ["builtin:gpt2", "builtin:vit-gpt2-captioner", "minilm"]
 QUICK_MODELS = ["builtin:gpt2-tiny", "builtin:captioner-tiny", "builtin:bert-tiny"]
@@ -76,7 +77,7 @@ def bench_model(model: str, *, tokens: int, repeats: int, workdir: Path,
     from aiflow_cli.runtime.demo import SAMPLE_IMAGE
 
     full = load_model(model)
-    request = {"image": Image.open(SAMPLE_IMAGE).convert("RGB")} if full.task in ("caption", "classify") else {"text": TEXT}
+    request = {"image": Image.open(SAMPLE_IMAGE).convert("RGB")} if takes_image(full.task) else {"text": TEXT}
     inputs = full.prepare(**request)
     n = tokens if full.generates else 0
 

@@ -11,6 +11,7 @@ from rich import box
 from rich.table import Table
 
 from aiflow_cli.console import console, err_console, print_json
+from aiflow_cli.task import generates
 
 _TABLE_CODECS = ["fp16", "int8", "int4"]
 
@@ -55,7 +56,7 @@ def print_profile(p) -> None:
                   _ms(st.decode_ms), _ms(st.decode_p90_ms), _kb(st.peak_activation_bytes))
     console.print(t)
     shown = [c for c in _TABLE_CODECS if p.cuts and c in p.cuts[0].codecs and c != "raw"]
-    lm = p.task in ("generate", "caption")
+    lm = generates(p.task)
     c = Table(title="cuts: KB crossing after stage # (raw, by role; per decode step), and per codec: KB sent, "
                     "cosine of the end output" + (", top-1 agreement" if lm else ""), box=box.SIMPLE_HEAD)
     for col in ["after", "hidden", "side", "ctrl", "step"] + shown:

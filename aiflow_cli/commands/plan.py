@@ -255,7 +255,7 @@ def bench_plan(
     repeats: int = typer.Option(7, "--repeats", min=1, help="Timed repeats (median reported)."),
 ) -> None:
     """Solve time of the planner's DP (large synthetic instance) and the DP vs brute force on a small one."""
-    from aiflow_cli.plan.bench import run
+    from aiflow_cli.bench.plan import run
 
     with err_console.status("timing the solver"):
         r = run(stages=stages, codecs=codecs, repeats=repeats)

@@ -10,8 +10,8 @@ import typer
 
 from aiflow_cli.console import console, err_console, print_json
 from aiflow_cli.errors import InputError
+from aiflow_cli.task import takes_image
 
-IMAGE_TASKS = ("caption", "classify")
 
 
 def _threads() -> None:
@@ -67,7 +67,7 @@ def serve(
 
 
 def _request_input(task: str, value: str) -> dict[str, Any]:
-    if task in IMAGE_TASKS:
+    if takes_image(task):
         p = Path(value)
         if not p.is_file():
             raise InputError(f"{task} models take an image file; no file {value!r}")

@@ -18,6 +18,7 @@ from transformers.masking_utils import create_causal_mask
 
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.state import BoundaryState
+from aiflow_cli.task import Task, generates
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Adapter:
     """Base of the family adapters. Subclasses set ``family``, ``task`` and implement the methods below."""
 
     family: ClassVar[str]
-    task: ClassVar[str]  # generate | encode | classify | caption
+    task: ClassVar[Task]
     model_class: ClassVar[type[nn.Module]]
 
     def __init__(self, model: nn.Module, config: Any, options: dict[str, Any] | None = None):
@@ -112,7 +113,7 @@ class Adapter:
     # -- generation -----------------------------------------------------------------------------------------
     @property
     def generates(self) -> bool:
-        return self.task in ("generate", "caption")
+        return generates(self.task)
 
     def new_cache(self) -> StageCache:
         raise ModelError(f"{self.family} models do not generate; they have no KV cache")

@@ -23,6 +23,7 @@ import torch
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec
 from aiflow_cli.models.state import BoundaryState, Role, roles
+from aiflow_cli.task import Task
 from aiflow_cli.models.weights import LoadStats, loaded_param_bytes, module_param_bytes
 
 
@@ -32,7 +33,7 @@ class ModelInfo:
 
     name: str
     family: str
-    task: str
+    task: Task
     model_hash: str
     description: str = ""
 
@@ -60,7 +61,7 @@ class StagedModel:
         return self.info.family
 
     @property
-    def task(self) -> str:
+    def task(self) -> Task:
         return self.info.task
 
     @property

@@ -18,6 +18,7 @@ import numpy as np
 from aiflow_cli.errors import InputError, PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.profile.schema import ModelProfile
+from aiflow_cli.task import Task
 
 #: Tier names aiflow knows, in flow order. A problem uses a subset of them, always including ``device``.
 TIER_ORDER = ("device", "edge", "cloud")
@@ -49,7 +50,7 @@ class Problem:
     model: str
     model_hash: str
     family: str
-    task: str
+    task: Task
     tiers: list[str]
     stage_names: list[str]
     codecs: list[str]

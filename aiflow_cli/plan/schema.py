@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.schema import Strict, load_model, save_model
+from aiflow_cli.task import Task
 
 PLAN_SCHEMA_VERSION: Literal[1] = 1
 
@@ -98,7 +99,7 @@ class Plan(Strict):
     model: str
     model_hash: str
     family: str
-    task: str
+    task: Task
     n_stages: int = Field(ge=1)
     stage_names: list[str]
     tiers: list[TierPlan]

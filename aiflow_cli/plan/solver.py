@@ -24,6 +24,7 @@ from typing import Optional
 
 import numpy as np
 
+from aiflow_cli import task
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.plan.cost import FIDELITY_EPS, Evaluation, Placement, Tables, dp_tables, evaluate
@@ -329,7 +330,7 @@ def solve_variants(profile: ModelProfile, links: dict[str, LinkProfile], speeds:
                    variants: dict[str, Limits], *, tokens: int = 16, input_bytes: Optional[int] = None) -> dict:
     """One plan per named set of limits (``{"device-only": Limits(skip=...), ...}``), all on the same profile,
     links and speeds; generating models are planned for ``tokens`` decode steps, the others for one request."""
-    generates = profile.task in ("generate", "caption")
+    generates = task.generates(profile.task)
     return {
         name: solve({"*": profile}, links, objective="generate" if generates else "latency",
                     tokens=tokens if generates else 0, limits=lim, speeds=speeds, input_bytes=input_bytes)

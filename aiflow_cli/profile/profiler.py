@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from aiflow_cli import codec as codec_mod
-from aiflow_cli.bench.common import median_ms
+from aiflow_cli.timing import median_ms
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import StagedModel, load_model
 from aiflow_cli.models.state import BoundaryState, is_codec_tensor, role_of, state_bytes, tile_batch

@@ -18,6 +18,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from aiflow_cli.schema import Strict
+from aiflow_cli.task import Task
 
 PROFILE_SCHEMA_VERSION: Literal[1] = 1
 
@@ -109,7 +110,7 @@ class ModelProfile(Strict):
     model: str = Field(description="as given to aiflow profile: builtin:gpt2, an HF id, a path, minilm")
     model_hash: str = Field(description="sha256 of the model's config and weights; plans and peers check it")
     family: str = Field(description="gpt2 | llama | bert | vit | captioner | fx")
-    task: str = Field(description="generate | encode | classify | caption")
+    task: Task = Field(description="generate | encode | classify | caption (aiflow_cli.task)")
     hardware: Hardware
     settings: Settings
     input: Endpoint

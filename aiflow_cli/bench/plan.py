@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aiflow_cli.bench.common import JsonResult, median_ms
+from aiflow_cli.bench.common import JsonResult
 from aiflow_cli.links import load_link
 from aiflow_cli.plan.brute import brute_force
 from aiflow_cli.plan.problem import Limits, build_problem
 from aiflow_cli.plan.solver import solve_problem
 from aiflow_cli.plan.synthetic import synthetic_profile
+from aiflow_cli.timing import median_ms
 
 TIER_SPEEDS = (("device", 0.3), ("edge", 1.0), ("cloud", 10.0))
 
