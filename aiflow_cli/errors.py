@@ -2,7 +2,8 @@
 
 Every failure a user can cause or meet is an :class:`AiflowError`; the CLI turns it into a one-line message and
 the exit code of its class (no tracebacks). The Rust core raises these same classes: its error enum is mapped
-onto them in ``rust_core/src/python/errors.rs`` by class name, so this module is the single source of truth.
+onto them in ``rust_core/python/src/errors.rs`` by class name, so this module is the single source of truth
+(``tests/test_errors_map.py`` checks every variant).
 """
 
 from __future__ import annotations

@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, Union
 
 from aiflow_cli import _core
+
+# What a peer may make an endpoint do (sizes in bytes, times in ms), e.g. ``Limits(max_message_bytes=1 << 20)``.
+# Defined once, in Rust (``aiflow_proto::limits_fields!`` in rust_core/proto/src/limits.rs); ``help(Limits)``.
+from aiflow_cli._core import Limits
 from aiflow_cli.errors import InputError
 
 ALPN: str = _core.ALPN
@@ -77,36 +81,6 @@ def normalize_fingerprint(text: str) -> str:
 
 def _trust_list(trust: Iterable[str | Identity] | None) -> list[str]:
     return [t.fingerprint if isinstance(t, Identity) else str(t) for t in (trust or [])]
-
-
-@dataclass
-class Limits:
-    """What a peer may make an endpoint do. Sizes in bytes, times in milliseconds.
-
-    The server enforces them on requests; the client on its own requests (before sending) and on replies.
-    """
-
-    max_message_bytes: int = 1 << 30
-    """Largest total of frame bytes in one message."""
-    max_frames: int = 4096
-    """Most frames in one message."""
-    max_meta_bytes: int = 1 << 20
-    """Largest ``meta`` (as JSON) of one message."""
-    max_concurrent_streams: int = 256
-    """Most requests in flight on one connection (more wait for a slot)."""
-    max_connections: int = 1024
-    """Most connections a server holds; further handshakes are refused."""
-    idle_timeout_ms: int = 30_000
-    """A connection without traffic for this long is closed (the client reconnects on its next request)."""
-    request_timeout_ms: int = 120_000
-    """Server: deadline to receive a request. Client: default deadline of a whole round trip."""
-    stream_window_bytes: int = 32 << 20
-    """QUIC flow-control window per stream."""
-    connection_window_bytes: int = 64 << 20
-    """QUIC flow-control window per connection."""
-    congestion: str = "rate"
-    """Congestion controller of what this endpoint sends: ``"rate"`` (aiflow's delivery-rate controller, BBR's
-    model: keeps a lossy link busy), ``"cubic"``, ``"newreno"``, or ``"bbr"`` (quinn's, experimental)."""
 
 
 @dataclass
@@ -185,7 +159,7 @@ class Server:
             str(ident.key_path),
             _trust_list(trust),
             dispatch,
-            asdict(limits or Limits()),
+            limits,
             insecure_dev,
         )
         self.identity = ident
@@ -232,7 +206,7 @@ class Client:
     ) -> None:
         ident = as_identity(identity)
         self._cli = _core.TransportClient(
-            server, str(ident.cert_path), str(ident.key_path), _trust_list(trust), asdict(limits or Limits()), insecure_dev
+            server, str(ident.cert_path), str(ident.key_path), _trust_list(trust), limits, insecure_dev
         )
         self.timeout_s = timeout_s
         self.identity = ident

@@ -3,8 +3,8 @@
 //! above the limit. Each input is tried twice: as it is, and with its checksum recomputed so that mutations reach
 //! the checks behind the CRC (sizes, codec payloads, zstd).
 
-use aiflow_core::codec;
-use aiflow_core::frame::{self, Limits, FIXED_HEADER_BYTES};
+use aiflow_proto::codec;
+use aiflow_proto::frame::{self, Limits, FIXED_HEADER_BYTES};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -1,0 +1,295 @@
+//! The server: accepts connections from pinned peers and answers each stream's message with a handler.
+//!
+//! Handlers are blocking functions run on tokio's blocking pool (never on an I/O worker), so they may take their
+//! time, run concurrently, and themselves use a [`super::Client`] (edge forwarding to cloud).
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
+
+use super::identity::{self, Identity, Trust};
+use super::io::{self, ReadFail, CODE_LIMIT, CODE_OK, CODE_PROTOCOL, CODE_TIMEOUT};
+use super::config::{self, PathKind};
+use super::Limits;
+use super::message::{ErrorCode, Message};
+use super::runtime;
+use crate::error::{Error, Result};
+
+/// Who sent a request.
+#[derive(Debug, Clone)]
+pub struct PeerInfo {
+    pub address: SocketAddr,
+    /// SHA-256 fingerprint (hex) of the peer's certificate.
+    pub fingerprint: String,
+    /// Stable id of the connection (requests on the same connection share it).
+    pub connection_id: u64,
+}
+
+/// A blocking request handler: gets a request, returns the reply (its request and session ids are filled in).
+/// An `Err` is sent to the peer as an error reply.
+pub type Handler = Arc<dyn Fn(Message, PeerInfo) -> Result<Message> + Send + Sync>;
+
+/// What a server needs to start.
+#[derive(Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub identity: Identity,
+    pub trust: Trust,
+    pub limits: Limits,
+}
+
+counters! {
+    /// Counters of what a server has seen (for tests, logs and `stats()`).
+    struct Counters;
+    /// A snapshot of the server's counters.
+    pub struct ServerStats {
+        connections_accepted,
+        connections_active,
+        /// Refused before the handshake (over `max_connections`).
+        connections_refused,
+        /// Handshakes that failed: untrusted certificate, wrong ALPN, garbage.
+        handshakes_failed,
+        /// Connections closed by the idle timeout.
+        connections_timed_out,
+        /// Requests answered by the handler.
+        requests_ok,
+        /// Requests answered with an error (handler failure, limit, malformed, timeout).
+        requests_failed,
+        protocol_errors,
+        limit_errors,
+        /// Streams the peer abandoned mid-message (reset, disconnect).
+        streams_aborted,
+    }
+}
+
+struct Shared {
+    handler: Handler,
+    limits: Limits,
+    counters: Counters,
+    last_handshake_error: Mutex<String>,
+    configs: PathConfigs,
+}
+
+/// The server's QUIC configuration for each kind of path (see [`PathKind`]).
+struct PathConfigs {
+    network: Arc<quinn::ServerConfig>,
+    loopback_v4: Arc<quinn::ServerConfig>,
+    loopback_v6: Arc<quinn::ServerConfig>,
+}
+
+impl PathConfigs {
+    fn to(&self, peer: SocketAddr) -> Arc<quinn::ServerConfig> {
+        match PathKind::to(peer) {
+            PathKind::Network => self.network.clone(),
+            PathKind::Loopback { ipv6: false } => self.loopback_v4.clone(),
+            PathKind::Loopback { ipv6: true } => self.loopback_v6.clone(),
+        }
+    }
+}
+
+/// A running server. Dropping it (or [`Server::close`]) stops it.
+pub struct Server {
+    endpoint: Endpoint,
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl Server {
+    /// Binds the UDP socket and starts accepting; returns once listening.
+    pub fn start(cfg: ServerConfig, handler: Handler) -> Result<Server> {
+        cfg.limits.validate()?;
+        let tls = identity::server_tls(&cfg.identity, cfg.trust)?;
+        let quic = QuicServerConfig::try_from(tls).map_err(|e| Error::Input(format!("QUIC TLS configuration: {e}")))?;
+        let quic = Arc::new(quic);
+        // One configuration per kind of path: a connection from this host gets the loopback tuning.
+        let path_config = |path| -> Result<Arc<quinn::ServerConfig>> {
+            let mut sc = quinn::ServerConfig::with_crypto(quic.clone());
+            sc.transport_config(config::transport_config(&cfg.limits, false, path)?);
+            Ok(Arc::new(sc))
+        };
+        let network = path_config(PathKind::Network)?;
+        let loopback_v4 = path_config(PathKind::Loopback { ipv6: false })?;
+        let loopback_v6 = path_config(PathKind::Loopback { ipv6: true })?;
+        let loopback_peers = cfg.listen.ip().is_loopback() || cfg.listen.ip().is_unspecified();
+        let _guard = runtime::handle().enter();
+        let endpoint = config::endpoint(cfg.listen, Some((*network).clone()), loopback_peers)?;
+        let local_addr = endpoint.local_addr()?;
+        let shared = Arc::new(Shared {
+            handler,
+            limits: cfg.limits,
+            counters: Counters::default(),
+            last_handshake_error: Mutex::new(String::new()),
+            configs: PathConfigs { network, loopback_v4, loopback_v6 },
+        });
+        runtime::handle().spawn(accept_loop(endpoint.clone(), shared.clone()));
+        Ok(Server { endpoint, local_addr, shared })
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> ServerStats {
+        self.shared.counters.snapshot()
+    }
+
+    /// The last handshake failure (empty if none), for a clear log line.
+    pub fn last_handshake_error(&self) -> String {
+        self.shared.last_handshake_error.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Closes every connection and the socket; waits (up to 2 s) for the peers to be told. Safe to call twice.
+    pub fn close(&self) {
+        self.endpoint.close(CODE_OK, b"server closing");
+        let ep = self.endpoint.clone();
+        let _ = runtime::block_on(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+        });
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // No waiting here: a drop may happen on a runtime thread.
+        self.endpoint.close(CODE_OK, b"server closing");
+    }
+}
+
+async fn accept_loop(endpoint: Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let c = &shared.counters;
+        if c.connections_active.load(Ordering::Relaxed) >= shared.limits.max_connections as u64 {
+            c.connections_refused.fetch_add(1, Ordering::Relaxed);
+            incoming.refuse();
+            continue;
+        }
+        tokio::spawn(serve_connection(incoming, shared.clone()));
+    }
+}
+
+fn peer_fingerprint(conn: &Connection) -> String {
+    conn.peer_identity()
+        .and_then(|any| any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+        .and_then(|certs| certs.first().map(|c| identity::fingerprint(c)))
+        .unwrap_or_default()
+}
+
+async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
+    let c = &shared.counters;
+    let config = shared.configs.to(incoming.remote_address());
+    let accepted = match incoming.accept_with(config) {
+        Ok(connecting) => connecting.await,
+        Err(e) => Err(e),
+    };
+    let conn = match accepted {
+        Ok(conn) => conn,
+        Err(e) => {
+            c.handshakes_failed.fetch_add(1, Ordering::Relaxed);
+            if let Ok(mut last) = shared.last_handshake_error.lock() {
+                *last = io::conn_err(&e).to_string();
+            }
+            return;
+        }
+    };
+    c.connections_accepted.fetch_add(1, Ordering::Relaxed);
+    c.connections_active.fetch_add(1, Ordering::Relaxed);
+    let peer = PeerInfo { address: conn.remote_address(), fingerprint: peer_fingerprint(&conn), connection_id: conn.stable_id() as u64 };
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                tokio::spawn(serve_stream(send, recv, conn.clone(), peer.clone(), shared.clone()));
+            }
+            Err(e) => {
+                if matches!(e, quinn::ConnectionError::TimedOut) {
+                    c.connections_timed_out.fetch_add(1, Ordering::Relaxed);
+                }
+                break;
+            }
+        }
+    }
+    c.connections_active.fetch_sub(1, Ordering::Relaxed);
+}
+
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connection, peer: PeerInfo, shared: Arc<Shared>) {
+    let c = &shared.counters;
+    let limits = &shared.limits;
+    let read = tokio::time::timeout(limits.request_timeout(), io::read_message(&mut recv, limits)).await;
+    let request = match read {
+        Ok(Ok(m)) => m,
+        Ok(Err(ReadFail::Limit(e))) => {
+            // Refuse this message but keep the connection: tell the peer to stop sending, then say why.
+            c.limit_errors.fetch_add(1, Ordering::Relaxed);
+            c.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let _ = recv.stop(CODE_LIMIT);
+            reply_error(&mut send, ErrorCode::Limit, &e.to_string(), limits).await;
+            return;
+        }
+        Ok(Err(ReadFail::Gone(_))) => {
+            // The peer went away mid-message; nobody to answer.
+            c.streams_aborted.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        Ok(Err(ReadFail::Malformed(e))) => {
+            // Not our protocol (bad magic, version, meta): answer once, then close the connection, since the
+            // peer's idea of the stream is unknown. Other connections are unaffected.
+            let msg = e.to_string();
+            c.protocol_errors.fetch_add(1, Ordering::Relaxed);
+            c.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let _ = recv.stop(CODE_PROTOCOL);
+            reply_error(&mut send, ErrorCode::BadMessage, &msg, limits).await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+            conn.close(CODE_PROTOCOL, format!("protocol violation: {msg}").as_bytes());
+            return;
+        }
+        Err(_) => {
+            c.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let _ = recv.stop(CODE_TIMEOUT);
+            let msg = format!("the request did not arrive within {} ms (request_timeout_ms)", limits.request_timeout_ms);
+            reply_error(&mut send, ErrorCode::Timeout, &msg, limits).await;
+            return;
+        }
+    };
+    let (request_id, session_id) = (request.header.request_id, request.header.session_id);
+    let handler = shared.handler.clone();
+    let outcome = tokio::task::spawn_blocking(move || handler(request, peer)).await;
+    let mut reply = match outcome {
+        Ok(Ok(m)) => m,
+        Ok(Err(e)) => {
+            c.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let code = if matches!(e, Error::LimitExceeded(_)) { ErrorCode::Limit } else { ErrorCode::Handler };
+            Message::error(request_id, session_id, code, &e.to_string())
+        }
+        Err(join) => {
+            c.requests_failed.fetch_add(1, Ordering::Relaxed);
+            Message::error(request_id, session_id, ErrorCode::Handler, &format!("the handler panicked: {join}"))
+        }
+    };
+    reply.header.request_id = request_id;
+    reply.header.session_id = session_id;
+    let is_error = reply.header.is_error;
+    match io::write_message(&mut send, reply, limits).await {
+        Ok(()) => {
+            if !is_error {
+                c.requests_ok.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Err(Error::LimitExceeded(msg)) | Err(Error::Input(msg)) => {
+            // The handler's reply breaks our own limits: say so instead.
+            c.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let m = Message::error(request_id, session_id, ErrorCode::Handler, &format!("the handler's reply was refused: {msg}"));
+            let _ = io::write_message(&mut send, m, limits).await;
+        }
+        Err(_) => {
+            c.streams_aborted.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn reply_error(send: &mut SendStream, code: ErrorCode, msg: &str, limits: &Limits) {
+    let _ = io::write_message(send, Message::error(0, 0, code, msg), limits).await;
+}
