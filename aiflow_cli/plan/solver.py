@@ -27,7 +27,7 @@ import numpy as np
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.plan.cost import FIDELITY_EPS, Evaluation, Placement, Tables, dp_tables, evaluate
-from aiflow_cli.plan.problem import Limits, Problem, build_problem
+from aiflow_cli.plan.problem import Limits, Overheads, Problem, build_problem
 from aiflow_cli.profile.schema import ModelProfile
 
 
@@ -310,15 +310,17 @@ def solve(
     speeds: Optional[dict[str, float]] = None,
     sources: Optional[dict[str, str]] = None,
     input_bytes: Optional[int] = None,
+    overheads: Optional[Overheads] = None,
 ):
     """Solves for the optimal plan. ``profiles``: tier -> profile (or ``{"*": profile}`` with ``speeds``);
     ``links``: ``"device-edge"`` -> link; ``sources``: optional tier -> file path, recorded in the plan;
-    ``input_bytes``: upload size of the request input when known (see :func:`build_problem`).
+    ``input_bytes``: upload size of the request input when known (see :func:`build_problem`); ``overheads``:
+    measured fixed costs per message and connection (:class:`Overheads`; default none).
     Returns a :class:`aiflow_cli.plan.schema.Plan`; raises PlanError / InputError on bad or infeasible input."""
     from aiflow_cli.plan.schema import plan_from_solution
 
     problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
-                            input_bytes=input_bytes)
+                            input_bytes=input_bytes, overheads=overheads)
     t0 = time.perf_counter()
     placement, ev = solve_problem(problem)
     solve_ms = (time.perf_counter() - t0) * 1e3
@@ -326,12 +328,15 @@ def solve(
 
 
 def solve_variants(profile: ModelProfile, links: dict[str, LinkProfile], speeds: dict[str, float],
-                   variants: dict[str, Limits], *, tokens: int = 16, input_bytes: Optional[int] = None) -> dict:
+                   variants: dict[str, Limits], *, tokens: int = 16, input_bytes: Optional[int] = None,
+                   overheads: Optional[Overheads] = None) -> dict:
     """One plan per named set of limits (``{"device-only": Limits(skip=...), ...}``), all on the same profile,
-    links and speeds; generating models are planned for ``tokens`` decode steps, the others for one request."""
+    links, speeds and overheads; generating models are planned for ``tokens`` generated tokens, the others for
+    one request."""
     generates = profile.task in ("generate", "caption")
     return {
         name: solve({"*": profile}, links, objective="generate" if generates else "latency",
-                    tokens=tokens if generates else 0, limits=lim, speeds=speeds, input_bytes=input_bytes)
+                    tokens=tokens if generates else 0, limits=lim, speeds=speeds, input_bytes=input_bytes,
+                    overheads=overheads)
         for name, lim in variants.items()
     }

@@ -110,7 +110,7 @@ class LocalCluster:
 
     def __init__(self, plan_path: str | Path, workdir: str | Path, *, links: Optional[dict[str, Any]] = None,
                  speeds: Optional[dict[str, float]] = None, cache_mib: int = 1024, seed: int = 0,
-                 threads: Optional[int] = 1):
+                 threads: Optional[int] = 1, dilation: float = 1.0):
         self.plan_path = Path(plan_path)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +119,7 @@ class LocalCluster:
         self.cache_mib = cache_mib
         self.seed = seed
         self.threads = threads
+        self.dilation = dilation  # time dilation (aiflow_cli/runtime/dilation.py): passed to every tier
         self.keys = identities(self.workdir)
         self.servers: dict[str, ServerProcess] = {}
         self.emulators: dict[str, LinkEmulator] = {}
@@ -143,6 +144,8 @@ class LocalCluster:
             args += ["--next", next_addr]
         if tier in self.speeds:
             args += ["--speed", str(self.speeds[tier])]
+        if self.dilation != 1:
+            args += ["--dilation", str(self.dilation)]
         proc = ServerProcess(args, self.workdir / f"{tier}.log", env=self._env())
         self.servers[tier] = proc
         return proc
@@ -173,6 +176,7 @@ class LocalCluster:
     def pipeline(self, **kw: Any) -> Pipeline:
         """A device :class:`Pipeline` connected to the edge (through its emulator if any)."""
         kw.setdefault("speed", self.speeds.get("device", 1.0))
+        kw.setdefault("dilation", self.dilation)
         return Pipeline(self.plan_path, edge=self.addresses["edge"], identity=self.keys["device"],
                         trust=self.fingerprints(), **kw)
 

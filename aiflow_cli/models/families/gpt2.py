@@ -15,6 +15,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec, extend_for_token, text_positions
+from aiflow_cli.models.families.masks import cache_arg
 from aiflow_cli.models.state import BoundaryState
 
 
@@ -48,7 +49,7 @@ def gpt2_block(transformer, config, layer: int, state: BoundaryState, cache: Sta
         config=config,
         inputs_embeds=hidden,
         attention_mask=state["attention_mask"],
-        past_key_values=kv,
+        **cache_arg(kv),
         position_ids=state["position_ids"],
         layer_idx=layer if kv is not None else None,
     )

@@ -15,6 +15,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec, extend_for_token
+from aiflow_cli.models.families.masks import cache_arg
 from aiflow_cli.models.families.gpt2 import random_text
 
 
@@ -56,12 +57,12 @@ class LlamaAdapter(Adapter):
         hidden, pos = state["hidden_states"], state["position_ids"]
         kv = cache.kv if cache is not None else None
         mask = self._mask_fn(spec.layer)(
-            config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"], past_key_values=kv,
+            config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"], **cache_arg(kv),
             position_ids=pos, **({"layer_idx": spec.layer} if kv is not None else {}),
         )
         pe = m.rotary_emb(hidden, position_ids=pos)
         hidden = m.layers[spec.layer](hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos,
-                                      past_key_values=kv, use_cache=kv is not None)
+                                      **cache_arg(kv), use_cache=kv is not None)
         out = dict(state)
         out["hidden_states"] = hidden
         return out
