@@ -36,7 +36,7 @@ import torch
 from aiflow_cli.bench.common import JsonResult
 from aiflow_cli.errors import AiflowError, InputError
 from aiflow_cli.links import LinkProfile, load_link
-from aiflow_cli.models import load_model
+from aiflow_cli.models import load_model, load_stages
 from aiflow_cli.plan.problem import Overheads
 from aiflow_cli.plan.schema import Plan, save_plan
 from aiflow_cli.plan.strategies import OPTIMAL, RAW_SPLIT, only, solve_strategies
@@ -454,8 +454,9 @@ def run(cfg: E2EConfig, progress: Progress = lambda s: None) -> E2EResult:
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)  # the device tier gets as many threads as each server
     try:
-        prof = cached_profile(cfg.model, cfg.workdir, progress)  # keyed by model hash and torch threads
-        inputs = _inputs(prof.task, cfg)
+        inputs = _inputs(load_stages(cfg.model, []).task, cfg)
+        prof = cached_profile(cfg.model, cfg.workdir, progress, inputs, cfg.max_new_tokens)  # per model hash,
+        # torch threads and request shape
         input_bytes = upload_bytes(inputs)
         overheads = calibrate(log=progress).overheads(emulated=True, dilation=cfg.dilation.factor)
         plans = {name: plan_strategies(prof, link, wan, cfg, input_bytes, overheads) for name, link in links.items()}

@@ -73,16 +73,26 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
-def cached_profile(model: str, workdir: Path, log: Callable[[str], None]) -> ModelProfile:
-    """This machine's profile of ``model`` at the current torch thread count, measured once per model hash and
-    thread count and kept in ``workdir/profiles``."""
-    model_hash = load_stages(model, []).model_hash
-    path = workdir / "profiles" / f"{_safe(model)}-{model_hash[:12]}-t{torch.get_num_threads()}.json"
+def cached_profile(model: str, workdir: Path, log: Callable[[str], None], inputs: Optional[dict[str, Any]] = None,
+                   max_new_tokens: int = 0) -> ModelProfile:
+    """This machine's profile of ``model`` at the current torch thread count, measured once per model hash,
+    thread count and request shape and kept in ``workdir/profiles``. For a text request (``inputs``), the
+    prefill is profiled at the prompt's length and the decode step at the KV length half-way through the
+    ``max_new_tokens`` generated: prefill time grows with the prompt, so a profile at another length would
+    mispredict it."""
+    stages = load_stages(model, [])
+    seq_len = decode_tokens = None
+    if inputs and "text" in inputs:
+        seq_len = int(stages.prepare(text=inputs["text"])["input_ids"].shape[1])
+        if stages.generates:
+            decode_tokens = seq_len + max(max_new_tokens // 2, 1)
+    shape = "" if seq_len is None else f"-s{seq_len}" + ("" if decode_tokens is None else f"d{decode_tokens}")
+    path = workdir / "profiles" / f"{_safe(model)}-{stages.model_hash[:12]}-t{torch.get_num_threads()}{shape}.json"
     if path.is_file():
         log(f"profile: cached {path}")
         return load_profile(str(path))
     log(f"profile: measuring {model} on this CPU (once; cached in {path.parent})")
-    prof = profile_model(model, repeats=3, label="this-cpu")
+    prof = profile_model(model, repeats=3, label="this-cpu", seq_len=seq_len, decode_tokens=decode_tokens)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(prof, path)
     return prof
@@ -253,9 +263,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     keys = identities(cfg.workdir)
     log("keys: " + ", ".join(f"{t} {k.fingerprint[:12]}" for t, k in keys.items()))
     overheads = overheads_for(cfg, log)
-    prof = cached_profile(cfg.model, cfg.workdir, log)
     full = load_model(cfg.model)
     inputs = request_input(full.task, cfg)
+    prof = cached_profile(cfg.model, cfg.workdir, log, inputs, cfg.max_new_tokens)
     links = {"device-edge": load_link(cfg.uplink), "edge-cloud": load_link(cfg.wan)}
     solved = solve_strategies(prof, links, cfg.speeds, tokens=cfg.max_new_tokens, input_bytes=upload_bytes(inputs),
                               overheads=overheads, min_fidelity=cfg.min_fidelity)
