@@ -112,7 +112,10 @@ def upload_bytes(inputs: dict[str, Any]) -> Optional[int]:
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of generated positions where two token sequences agree."""
+    """Share of generated positions where two token sequences agree (a sequence that stopped early at its
+    end-of-sequence token disagrees at every position it did not generate)."""
+    n = max(a.shape[1], b.shape[1])
+    a, b = (torch.nn.functional.pad(t, (0, n - t.shape[1]), value=-1) for t in (a, b))
     return float((a == b).float().mean())
 
 
@@ -285,7 +288,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
             log(f"{name}: same placement as {first[key]} (measured once)")
     reference = _reference(full, inputs, cfg.max_new_tokens)
     out: dict[str, Any] = {
-        "model": cfg.model, "task": full.task, "input": {k: str(v) for k, v in inputs.items()},
+        "model": cfg.model, "task": full.task, "has_tokenizer": full.has_tokenizer, "input": {k: str(v) for k, v in inputs.items()},
         "links": {"device-edge": cfg.uplink, "edge-cloud": cfg.wan}, "speeds": cfg.speeds,
         "dilation": cfg.dilation.factor, "time": "emulated ms: measured / dilation" if cfg.dilation.active else "ms",
         "cloud_speed_note": CLOUD_SPEED_NOTE if cfg.cloud_speed > 1 else "",

@@ -64,9 +64,9 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
     a = s[OPTIMAL]
     when = f", {out['time']}" if out["dilation"] > 1 else ""
     if a.get("text") is not None:
-        what = "random weights: the text is noise, compare agreement" if out["model"].startswith("builtin:") else ""
+        what = "" if out.get("has_tokenizer") else "random weights: the text is noise, compare agreement"
         console.print(f"[bold]answer[/] (aiflow){' (' + what + ')' if what else ''}:", highlight=False)
-        console.print(f"  {a['text'][0].strip()!r}", highlight=False)
+        console.print(f"  {a['text'][0].strip()}", highlight=False, markup=False)
     gen = "ttft_ms" in a and a.get("tokens") is not None
     t = Table(title=f"warm requests, median of {len(a['samples_ms'])} (ms{when})", title_justify="left",
               box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
