@@ -52,7 +52,7 @@ def test_plan_json_explain_and_file(profiles, tmp_path) -> None:
     covered = [i for t in plan.tiers for i in plan.stages_for(t.name)]
     assert covered == list(range(10))
     for cut in plan.cuts:
-        assert plan.cut_codec(cut.after_stage) == cut.codec and cut.cosine >= 0.999
+        assert plan.cut_codec(cut.after_stage) == cut.codec and cut.fidelity >= 0.999
     assert plan.tier("device").memory_bytes <= 200 * 2**20
     names = [s["name"] for s in doc["explain"]]
     assert names == ["device-only", "edge-only", "cloud-only", "raw-split", "aiflow"]

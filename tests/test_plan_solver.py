@@ -122,7 +122,7 @@ def test_end_to_end_fidelity_budget_is_enforced_exactly() -> None:
                 st_.prefill_ms *= {"device": 10, "edge": 3, "cloud": 1}[t]
         for p in profiles.values():
             for c in p.cuts:
-                c.codecs["int4"].fidelity.cosine = 1 - 6e-4
+                c.codecs["int4"].fidelity.min = c.codecs["int4"].fidelity.mean = 1 - 6e-4
         slow = LinkProfile(name="x", source="t", uplink_mbps=r.uniform(0.5, 5), downlink_mbps=50, rtt_ms=1)
         links = {"device-edge": slow, "edge-cloud": slow}
         problem = build_problem(profiles, links, limits=Limits(min_fidelity=0.999))

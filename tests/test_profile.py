@@ -18,7 +18,8 @@ _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 
 @pytest.fixture(scope="module")
 def gpt2_profile():
-    return profile_model("builtin:gpt2-tiny", seq_len=16, decode_tokens=8, repeats=2, warmup=1)
+    return profile_model("builtin:gpt2-tiny", seq_len=16, decode_tokens=8, repeats=2, warmup=1,
+                         calibration_items=4, calibration_tokens=8)
 
 
 def test_profile_structure_and_plausible_numbers(gpt2_profile):
@@ -44,13 +45,16 @@ def test_profile_structure_and_plausible_numbers(gpt2_profile):
         raw, int8, fp16, int4 = (cut.codecs[c] for c in ("raw", "int8", "fp16", "int4"))
         assert raw.bytes >= cut.activation_bytes  # frames carry headers
         assert int4.bytes < int8.bytes < fp16.bytes < raw.bytes
-        assert raw.fidelity.cosine == 1.0 and raw.fidelity.max_abs_error == 0.0
-        assert 0.99 < int8.fidelity.cosine < 1.0 and int8.fidelity.top1_agreement is not None
-        assert int4.fidelity.cosine <= int8.fidelity.cosine
+        assert raw.fidelity.min == raw.fidelity.mean == 1.0 and raw.fidelity.max_abs_error == 0.0
+        assert 0.0 <= int8.fidelity.min <= int8.fidelity.mean <= 1.0 and int8.fidelity.kl_mean is not None
+        assert 0.99 < int8.fidelity.cosine < 1.0 and int4.fidelity.cosine <= int8.fidelity.cosine
         assert raw.encode_ms > 0 and raw.decode_ms > 0
         assert raw.decode_step_bytes is not None and raw.decode_step_bytes < raw.bytes
     assert p.input.bytes == 3 * 16 * 8  # input_ids, attention_mask, position_ids: int64
     assert p.settings.seq_len == 16 and p.settings.decode_tokens == 8 and p.hardware.cores >= 1
+    cal = p.calibration
+    assert (cal.metric, cal.source, cal.items, cal.tokens) == ("token_agreement", "calibration set", 4, 8)
+    assert cal.measured_cuts == list(range(len(p.cuts))) and cal.hash
 
 
 def test_profile_roundtrips_through_the_schema(gpt2_profile, tmp_path):
@@ -68,7 +72,8 @@ def test_profile_roundtrips_through_the_schema(gpt2_profile, tmp_path):
 
 
 def test_captioner_profile_marks_side_and_prefill_only_encoder():
-    p = profile_model("builtin:captioner-tiny", codecs=["int8"], repeats=1, warmup=0, decode_tokens=4)
+    p = profile_model("builtin:captioner-tiny", codecs=["int8"], repeats=1, warmup=0, decode_tokens=4,
+                      calibration_items=2, calibration_tokens=4)
     enc = [s for s in p.stages if s.kind.startswith("encoder")]
     assert enc and all(s.decode_ms is None for s in enc)
     assert all(s.decode_ms is not None for s in p.stages if not s.kind.startswith("encoder"))
@@ -85,7 +90,7 @@ def test_captioner_profile_marks_side_and_prefill_only_encoder():
 def test_encoder_profile_has_no_decode():
     p = profile_model("builtin:bert-tiny", codecs=["int8"], repeats=1, warmup=0)
     assert p.task == "encode" and all(s.decode_ms is None for s in p.stages)
-    assert p.cuts[0].codecs["int8"].fidelity.top1_agreement is None
+    assert p.calibration.metric == "embedding_cosine" and p.cuts[0].codecs["int8"].fidelity.kl_mean is None
     with pytest.raises(InputError, match="decode-tokens"):
         profile_model("builtin:bert-tiny", decode_tokens=4, repeats=1)
 

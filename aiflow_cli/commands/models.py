@@ -40,6 +40,20 @@ def _ms(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
+def parse_cuts(spec: Optional[str]) -> Optional[list[int]] | str:
+    """``--fidelity-cuts``: None (all), ``0,4,8`` or ``every:N`` (passed on as is; the profiler knows the cuts)."""
+    from aiflow_cli.errors import InputError
+
+    if spec is None or spec.strip() == "all":
+        return None
+    if spec.startswith("every:"):
+        return spec
+    try:
+        return [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"--fidelity-cuts {spec!r}: give cut indices like 0,4,8, or every:N, or all") from None
+
+
 def print_profile(p) -> None:
     """The stage and cut tables of a profile (for people)."""
     s = p.settings
@@ -54,27 +68,29 @@ def print_profile(p) -> None:
         t.add_row(str(st.index), st.name, f"{st.param_bytes / 1e6:.1f}", _ms(st.prefill_ms), _ms(st.prefill_p90_ms),
                   _ms(st.decode_ms), _ms(st.decode_p90_ms), _kb(st.peak_activation_bytes))
     console.print(t)
-    shown = [c for c in _TABLE_CODECS if p.cuts and c in p.cuts[0].codecs and c != "raw"]
-    lm = p.task in ("generate", "caption")
+    shown = [c for c in _TABLE_CODECS if any(c in cut.codecs for cut in p.cuts)]
+    cal = p.calibration
     c = Table(title="cuts: KB crossing after stage # (raw, by role; per decode step), and per codec: KB sent, "
-                    "cosine of the end output" + (", top-1 agreement" if lm else ""), box=box.SIMPLE_HEAD)
+                    f"{cal.metric} min / mean over {cal.items} {cal.source} items", box=box.SIMPLE_HEAD)
     for col in ["after", "hidden", "side", "ctrl", "step"] + shown:
         c.add_column(col, justify="right", no_wrap=True)
     for cut in p.cuts:
         by_role = {r: sum(t.bytes for t in cut.tensors if t.role == r) for r in ("hidden", "side", "control")}
         cells = []
         for name in shown:
-            r = cut.codecs[name]
-            cell = f"{_kb(r.bytes)}\n{r.fidelity.cosine:.5f}"
-            if r.fidelity.top1_agreement is not None:
-                cell += f" {r.fidelity.top1_agreement:.2f}"
-            cells.append(cell)
+            r = cut.codecs.get(name)
+            cells.append("-" if r is None else f"{_kb(r.bytes)}\n{r.fidelity.min:.4f} / {r.fidelity.mean:.4f}")
         c.add_row(str(cut.after_stage), _kb(by_role["hidden"]) if by_role["hidden"] else "-",
                   _kb(by_role["side"]) if by_role["side"] else "-", _kb(by_role["control"]),
                   _kb(cut.codecs["raw"].decode_step_bytes), *cells)
     console.print(c)
     console.print(f"input {_kb(p.input.bytes)} KB ({p.input.description}); output {p.output.bytes} bytes "
                   f"({p.output.description}); profiled in {p.profile_wall_s:.1f} s")
+    console.print(f"fidelity: {cal.metric} against {cal.reference}"
+                  + (f" (exact model vs reference: {cal.reference_min:.6f} lowest item)" if cal.reference_min is not None else "")
+                  + (f", {cal.tokens} tokens per item" if cal.tokens else "")
+                  + f"; lossy codecs measured at {len(cal.measured_cuts)} of {len(p.cuts)} cuts, in {cal.wall_s:.1f} s",
+                  highlight=False)
 
 
 def profile(
@@ -92,6 +108,9 @@ def profile(
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the profile JSON here."),
     label: str = typer.Option("", "--label", help="Name of this machine, recorded in the profile."),
     json_out: bool = typer.Option(False, "--json", help="Print the profile JSON on stdout."),
+    calibration_items: Optional[int] = typer.Option(None, "--calibration-items", help="Fidelity on the first N calibration items (default: all)."),
+    calibration_tokens: int = typer.Option(32, "--calibration-tokens", help="Generated tokens per item that fidelity is measured on (LMs, captioners)."),
+    fidelity_cuts: Optional[str] = typer.Option(None, "--fidelity-cuts", help="Cuts where lossy codecs are measured: comma-separated indices, or every:N (default: all)."),
 ) -> None:
     """Profile a model on this hardware: per-stage latency and memory, per-cut bytes and fidelity per codec."""
     from aiflow_cli.profile import profile_model, save_profile
@@ -107,7 +126,8 @@ def profile(
         prof = profile_model(
             model, device=device, dtype=dtype, batch=batch, seq_len=seq_len, image_size=image_size,
             decode_tokens=decode_tokens, codecs=codec_list, repeats=repeats, warmup=warmup, label=label,
-            progress=progress,
+            progress=progress, calibration_items=calibration_items, calibration_tokens=calibration_tokens,
+            fidelity_cuts=parse_cuts(fidelity_cuts),
         )
     if output is not None:
         save_profile(prof, output)

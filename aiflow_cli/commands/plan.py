@@ -82,7 +82,8 @@ def plan(
     speed: list[str] = typer.Option([], "--speed", help="TIER=X: stage and codec times divided by X (one-profile mode)."),
     link: list[str] = typer.Option([], "--link", help="A-B=NAME|PATH per adjacent tier pair, e.g. device-edge=lte (profiles/links/)."),
     memory: list[str] = typer.Option([], "--memory", help="TIER=SIZE: params + peak activation limit, e.g. device=2GiB."),
-    min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="Cosine floor per cut and end to end (sum of 1-cos bound)."),
+    min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="Floor on the profile's fidelity metric (token agreement, embedding cosine), per cut and end to end; the chosen codecs are measured on the calibration set when the model is here."),
+    verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Measure the plan's fidelity end to end (default: when --min-fidelity is given)."),
     objective: str = typer.Option("latency", "--objective", help="latency | generate | throughput."),
     tokens: int = typer.Option(0, "--tokens", min=0, help="Tokens generated for --objective generate (the prefill gives the first, then N - 1 decode steps)."),
     codecs: Optional[str] = typer.Option(None, "--codecs", help="Comma-separated codecs the solver may use (default: all profiled)."),
@@ -99,7 +100,7 @@ def plan(
     """Choose which tier runs which stages and the codec of each cut (exact DP)."""
     from aiflow_cli.plan.problem import Limits, build_problem
     from aiflow_cli.plan.schema import plan_from_solution, save_plan
-    from aiflow_cli.plan.solver import solve_problem
+    from aiflow_cli.plan.verify import solve_verified
 
     profiles, sources, speeds, links = _load_inputs(profile, speed, link)
     limits = Limits(
@@ -108,12 +109,16 @@ def plan(
         codecs=tuple(c.strip() for c in codecs.split(",") if c.strip()) if codecs else None,
     )
     if min_fidelity is not None and not (0 < min_fidelity <= 1):
-        raise InputError(f"--min-fidelity {min_fidelity}: a cosine floor must be in (0, 1]")
+        raise InputError(f"--min-fidelity {min_fidelity}: a fidelity floor must be in (0, 1]")
     problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
                             input_bytes=parse_bytes(input_bytes) if input_bytes is not None else None)
     t0 = time.perf_counter()
-    placement, ev = solve_problem(problem)
-    the_plan = plan_from_solution(problem, placement, ev, solve_ms=(time.perf_counter() - t0) * 1e3, sources=sources)
+    with err_console.status("solving") as status:
+        v = solve_verified(problem, verify=verify, log=status.update)
+    problem = v.problem  # with the (cut, codec) pairs that measured below the floor excluded
+    solve_ms = (time.perf_counter() - t0) * 1e3 - v.fidelity.measure_s * 1e3
+    the_plan = plan_from_solution(problem, v.placement, v.evaluation, solve_ms=solve_ms, sources=sources,
+                                  fidelity=v.fidelity)
     if output is not None:
         save_plan(the_plan, output)
 
@@ -178,12 +183,12 @@ def _print_plan(p) -> None:
     console.print(t)
     if p.cuts:
         c = Table(title="cuts")
-        for col in ["after stage", "from -> to", "links", "codec", "bytes", "step bytes", "cosine", "enc+dec ms"]:
-            c.add_column(col, justify="right" if col in ("bytes", "step bytes", "cosine", "enc+dec ms", "after stage") else "left")
+        for col in ["after stage", "from -> to", "links", "codec", "bytes", "step bytes", "fidelity", "enc+dec ms"]:
+            c.add_column(col, justify="right" if col in ("bytes", "step bytes", "fidelity", "enc+dec ms", "after stage") else "left")
         for cut in p.cuts:
             c.add_row(f"{cut.after_stage} ({p.stage_names[cut.after_stage]})", f"{cut.from_tier} -> {cut.to_tier}",
                       ", ".join(cut.links), cut.codec, f"{cut.bytes:,}",
-                      "-" if cut.decode_step_bytes is None else f"{cut.decode_step_bytes:,}", f"{cut.cosine:.6f}",
+                      "-" if cut.decode_step_bytes is None else f"{cut.decode_step_bytes:,}", f"{cut.fidelity:.6f}",
                       _ms(cut.encode_ms + cut.decode_ms))
         console.print(c)
     b = Table(title="predicted latency per request (ms)")
@@ -201,9 +206,16 @@ def _print_plan(p) -> None:
     # The pipeline model pipelines one forward pass per request; with generation that is the prefill only.
     b.add_row("pipeline bottleneck" + (" (prefill)" if pred.tokens else ""), pred.bottleneck,
               f"{_ms(pred.bottleneck_ms)} ({pred.throughput_rps:,.1f} req/s)")
-    if p.cuts:
-        b.add_row("fidelity bound", "1 - sum(1 - cos)", f"{1 - pred.fidelity_loss_bound:.6f}")
     console.print(b)
+    f = p.fidelity
+    line = f"fidelity ({f.metric}): bound {f.bound:.4f} from the profile"
+    if f.measured_min is not None:
+        line += (f"; measured end to end on {f.items} calibration items"
+                 + (f" x {f.tokens} tokens" if f.tokens else "") + f": min {f.measured_min:.4f}, mean {f.measured_mean:.4f}")
+    line += f" [{f.status}]" + (f" {f.note}" if f.note else "")
+    if f.excluded:
+        line += f"; excluded after measuring below the floor: {', '.join(f.excluded)}"
+    console.print(line, highlight=False)
 
 
 def _print_explain(problem, rows) -> None:

@@ -89,16 +89,30 @@ def _minilm_dir() -> Path:
 
 
 def _sentence_transformers_options(d: Path) -> dict[str, Any]:
-    """Pooling and normalisation from a sentence-transformers directory (modules.json), else mean pooling."""
+    """Pooling, normalisation and truncation from a sentence-transformers directory (modules.json,
+    1_Pooling/config.json, sentence_bert_config.json), as ``encode()`` applies them; else mean pooling."""
     opts: dict[str, Any] = {"pooling": "mean", "normalize": False}
     modules = d / "modules.json"
     if modules.is_file():
         for m in json.loads(modules.read_text()):
             if m["type"].endswith("Pooling"):
                 pc = json.loads((d / m["path"] / "config.json").read_text())
-                opts["pooling"] = "cls" if pc.get("pooling_mode_cls_token") else "mean"
+                modes = [k for k in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")
+                         if pc.get(f"pooling_mode_{k}")]
+                others = [k for k, v in pc.items() if k.startswith("pooling_mode_") and v and k[13:] not in modes]
+                if len(modes) != 1 or others:
+                    raise ModelError(f"{d}: pooling {', '.join(modes + others) or 'none'} is not supported; aiflow "
+                                     f"pools with exactly one of cls_token, mean_tokens, max_tokens, mean_sqrt_len_tokens")
+                opts["pooling"] = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max",
+                                   "mean_sqrt_len_tokens": "mean_sqrt_len"}[modes[0]]
             if m["type"].endswith("Normalize"):
                 opts["normalize"] = True
+    st = d / "sentence_bert_config.json"
+    if st.is_file():
+        cfg = json.loads(st.read_text())
+        if cfg.get("max_seq_length"):
+            opts["max_seq_length"] = int(cfg["max_seq_length"])  # encode() truncates here, not at the position table
+        opts["do_lower_case"] = bool(cfg.get("do_lower_case", False))
     return opts
 
 
@@ -142,7 +156,8 @@ def resolve(name: str) -> ModelSource:
     if any((directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")):
         options["tokenizer_dir"] = directory
     hashed = [directory / "config.json"] + WeightFiles.from_dir(directory).files
-    hashed += [p for p in (directory / "modules.json", directory / "1_Pooling" / "config.json") if p.is_file()]
+    hashed += [p for p in (directory / "modules.json", directory / "1_Pooling" / "config.json",
+                           directory / "sentence_bert_config.json") if p.is_file()]
     return ModelSource(name, directory, config, description or config.model_type, options, hashed)
 
 

@@ -83,7 +83,7 @@ class Evaluation:
     busy_ms: dict[str, float] = field(default_factory=dict)  # pipeline resource -> ms per request
     bottleneck: str = ""
     bottleneck_ms: float = 0.0
-    fidelity_loss: float = 0.0  # sum over used cuts of (1 - cosine)
+    fidelity_loss: float = 0.0  # sum over used cuts of (1 - fidelity), the profile's metric
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -170,7 +170,7 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
             return ev
         loss = float(p.cut_loss[k, c])
         if loss > p.fidelity_budget + FIDELITY_EPS:
-            ev.violations.append(f"fidelity at cut {k}: codec {p.codecs[c]} has cosine {1 - loss:.6f} < {p.limits.min_fidelity}")
+            ev.violations.append(f"fidelity at cut {k}: codec {p.codecs[c]} has {p.fidelity_metric} {1 - loss:.6f} < {p.limits.min_fidelity}")
         ev.fidelity_loss += loss
         enc, dec = float(p.enc_ms[a, k, c]), float(p.dec_ms[z, k, c])
         _add(ev.codec_ms, label, enc + dec)
@@ -200,7 +200,7 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
         ev.per_token_ms += per_step
     if ev.fidelity_loss > p.fidelity_budget + FIDELITY_EPS and len(used) > 1:
         ev.violations.append(
-            f"end-to-end fidelity: the cuts' (1 - cosine) sum to {ev.fidelity_loss:.3g} > {p.fidelity_budget:.3g}"
+            f"end-to-end fidelity: the cuts' (1 - {p.fidelity_metric}) sum to {ev.fidelity_loss:.3g} > {p.fidelity_budget:.3g}"
         )
 
     if not N:

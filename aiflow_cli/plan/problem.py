@@ -32,7 +32,8 @@ DEFAULT_TOKEN_BYTES = 8
 @dataclass
 class Limits:
     """What a plan must respect. ``memory_bytes``: tier -> limit on params + peak activation (bytes).
-    ``min_fidelity``: cosine floor, per cut and end to end (see docs/planner.md for the composition).
+    ``min_fidelity``: floor on the profile's fidelity metric (token agreement, embedding cosine, ...; see the
+    profile's ``calibration``), per cut and end to end (docs/planner.md, "Fidelity", gives the composition).
     ``skip``: tiers that must run no stage (they may still relay). ``require``: tiers that must run a stage."""
 
     memory_bytes: dict[str, int] = field(default_factory=dict)
@@ -86,7 +87,7 @@ class Problem:
     step_fraction: np.ndarray  # (S-1,) raw step bytes / raw prefill bytes: scales codec time per step
     enc_ms: np.ndarray  # (T, S-1, C) encode time when the tier sends across the cut
     dec_ms: np.ndarray  # (T, S-1, C) decode time when the tier receives
-    cut_loss: np.ndarray  # (S-1, C) 1 - cosine of the end output with only this cut coded (>= 0)
+    cut_loss: np.ndarray  # (S-1, C) 1 - fidelity (the profile's metric, lowest calibration item) with only this cut coded (>= 0)
     available: np.ndarray  # (S-1, C) bool: codec measured at this cut (and allowed)
     input_bytes: float
     output_bytes: float
@@ -98,6 +99,9 @@ class Problem:
     profile_ids: dict[str, dict] = field(default_factory=dict)  # tier -> identity of the profile it used
     input_description: str = ""  # what the stage-0 input is (the profile's words), for explanations
     overheads: Overheads = field(default_factory=Overheads)  # fixed per-message / per-connection costs (ms)
+    fidelity_metric: str = "output_cosine"  # what cut_loss measures (the profile's calibration.metric)
+    calibration_hash: Optional[str] = None  # the calibration set the profiles' fidelity was measured on
+    excluded: tuple[str, ...] = ()  # 'codec@cut' removed after measuring below the floor (plan/verify.py)
 
     @property
     def n_tiers(self) -> int:
@@ -117,7 +121,7 @@ class Problem:
 
     @property
     def fidelity_budget(self) -> float:
-        """Allowed sum of (1 - cosine) over the used cuts; inf without a floor."""
+        """Allowed sum of (1 - fidelity) over the used cuts; inf without a floor."""
         return np.inf if self.limits.min_fidelity is None else 1.0 - self.limits.min_fidelity
 
     def with_link(self, index: int, link: LinkProfile) -> "Problem":
@@ -125,6 +129,12 @@ class Problem:
         links = list(self.links)
         links[index] = link
         return _replace(self, links=links)
+
+    def without(self, cut: int, codec: int) -> "Problem":
+        """A copy where codec index ``codec`` may not be chosen at cut ``cut`` (it measured below the floor)."""
+        available = self.available.copy()
+        available[cut, codec] = False
+        return _replace(self, available=available, excluded=self.excluded + (f"{self.codecs[codec]}@{cut}",))
 
     def with_codecs(self, names: list[str]) -> "Problem":
         """A copy where only ``names`` may be chosen (``raw`` is always measured)."""
@@ -162,6 +172,9 @@ def _check_same_model(profiles: dict[str, ModelProfile]) -> None:
             a, b = getattr(p.settings, key), getattr(ref.settings, key)
             if a != b:
                 raise PlanError(f"the {tier} profile has {key}={a}, the {ref_tier} profile {key}={b}: profile every tier with the same input shape")
+        if p.calibration.metric != ref.calibration.metric:
+            raise PlanError(f"the {tier} profile measures fidelity as {p.calibration.metric}, the {ref_tier} profile as "
+                            f"{ref.calibration.metric}: re-profile both with the same aiflow")
 
 
 def build_problem(
@@ -288,8 +301,8 @@ def build_problem(
             for ti, c in enumerate(cuts):
                 enc[ti, k, ci] = c.codecs[name].encode_ms / speed[ti]
                 dec[ti, k, ci] = c.codecs[name].decode_ms / speed[ti]
-            # The most pessimistic measurement across tiers: fidelity must hold wherever it was measured.
-            loss[k, ci] = max(0.0, 1.0 - min(c.codecs[name].fidelity.cosine for c in cuts))
+            # The most pessimistic measurement across tiers (and, within one, its worst calibration item).
+            loss[k, ci] = max(0.0, 1.0 - min(c.codecs[name].fidelity.min for c in cuts))
 
     mem = [limits.memory_bytes.get(t) for t in tiers]
     profile_ids = {
@@ -314,4 +327,5 @@ def build_problem(
         profile_ids=profile_ids,
         input_description=ref.input.description if input_bytes is None else "as given: the encoded input file",
         overheads=overheads or Overheads(),
+        fidelity_metric=ref.calibration.metric, calibration_hash=ref.calibration.hash,
     )

@@ -1,4 +1,5 @@
-"""The plan: what `aiflow plan` writes and the runtime reads. Schema version 1.
+"""The plan: what `aiflow plan` writes and the runtime reads. Schema version 2 (adds ``fidelity``: the task's
+metric, bounded from the profile and measured end to end on the calibration set).
 
 A plan places every stage of one model (``model_hash``) on one tier and names the codec of every cut between
 tiers. ``tiers`` lists every tier of the problem in flow order (device first) with its stage range
@@ -20,7 +21,7 @@ from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.schema import Strict, load_model, save_model
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 
 class ProfileRef(Strict):
@@ -51,7 +52,8 @@ class CutPlan(Strict):
     codec: str
     bytes: int = Field(ge=0, description="encoded boundary state per request")
     decode_step_bytes: Optional[int] = Field(default=None, ge=0, description="per decode step ('generate')")
-    cosine: float = Field(description="end-output cosine with only this cut coded (measured)")
+    fidelity: float = Field(description="the profile's fidelity (plan.fidelity.metric, lowest calibration item) with "
+                                        "only this cut coded")
     encode_ms: float = Field(ge=0)
     decode_ms: float = Field(ge=0)
 
@@ -76,7 +78,7 @@ class Prediction(Strict):
     bottleneck: str
     bottleneck_ms: float
     throughput_rps: float
-    fidelity_loss_bound: float = Field(description="sum over cuts of (1 - cosine); end-to-end cosine >= 1 - this")
+    fidelity_loss_bound: float = Field(description="sum over cuts of (1 - fidelity): the profile's composition (docs/planner.md)")
 
 
 class SolvedFor(Strict):
@@ -92,13 +94,33 @@ class SolvedFor(Strict):
     input_bytes: Optional[int] = Field(default=None, description="request input upload size used (None: the profile's)")
 
 
+class PlanFidelity(Strict):
+    """The plan's fidelity in the task's metric: the bound composed from the profile and, when measured, the
+    chosen codecs at the chosen cuts run end to end on the calibration set (free-running for generation)."""
+
+    metric: str = Field(description="token_agreement | embedding_cosine | label_agreement | output_cosine")
+    floor: Optional[float] = Field(description="--min-fidelity the plan was solved for")
+    bound: float = Field(description="1 - sum over used cuts of (1 - per-cut fidelity), from the profile")
+    status: Literal["exact", "verified", "not measured"] = Field(
+        description="exact: only lossless codecs; verified: measured >= floor; not measured: see note")
+    measured_min: Optional[float] = Field(default=None, description="lowest calibration item, end to end")
+    measured_mean: Optional[float] = None
+    items: int = Field(default=0, ge=0, description="calibration items measured")
+    tokens: int = Field(default=0, ge=0, description="generated tokens per item (generation)")
+    calibration_hash: Optional[str] = None
+    tries: int = Field(default=1, ge=1, description="solves until a combination measured at or above the floor")
+    excluded: list[str] = Field(default_factory=list, description="'codec@cut' excluded after measuring below the floor")
+    measure_s: float = Field(default=0.0, ge=0, description="time spent measuring (0 when every measurement was cached)")
+    note: str = ""
+
+
 class SolverInfo(Strict):
     method: str
     solve_ms: float
 
 
 class Plan(Strict):
-    schema_version: Literal[1] = PLAN_SCHEMA_VERSION
+    schema_version: Literal[2] = PLAN_SCHEMA_VERSION
     model: str
     model_hash: str
     family: str
@@ -110,6 +132,7 @@ class Plan(Strict):
     input_tier: str = Field(description="first tier that computes: the raw input is uploaded to it")
     output_tier: str = Field(description="last tier that computes: the output returns from it to the device")
     prediction: Prediction
+    fidelity: PlanFidelity
     solved_for: SolvedFor
     solver: SolverInfo
 
@@ -201,8 +224,10 @@ def save_plan(plan: Plan, path: str | Path) -> None:
     save_model(plan, path)
 
 
-def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict[str, str], method: str = "dp") -> Plan:
-    """Builds the :class:`Plan` of a solved :class:`~aiflow_cli.plan.problem.Problem`."""
+def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict[str, str], method: str = "dp",
+                       fidelity: Optional[PlanFidelity] = None) -> Plan:
+    """Builds the :class:`Plan` of a solved :class:`~aiflow_cli.plan.problem.Problem`. ``fidelity``: what the
+    verifier measured (:mod:`aiflow_cli.plan.verify`); default: the profile's bound, not measured."""
     from aiflow_cli.plan.cost import segment_memory_bytes
 
     p, b = problem, placement.bounds
@@ -221,7 +246,7 @@ def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict
         step = int(p.cut_step_bytes[k, c]) if p.tokens and p.decode_stage[k] else None
         cuts.append(CutPlan(
             after_stage=k, from_tier=p.tiers[a], to_tier=p.tiers[z], links=p.link_names[a:z], codec=p.codecs[c],
-            bytes=int(p.cut_bytes[k, c]), decode_step_bytes=step, cosine=1.0 - float(p.cut_loss[k, c]),
+            bytes=int(p.cut_bytes[k, c]), decode_step_bytes=step, fidelity=1.0 - float(p.cut_loss[k, c]),
             encode_ms=float(p.enc_ms[a, k, c]), decode_ms=float(p.dec_ms[z, k, c]),
         ))
     comp = placement.computing()
@@ -239,9 +264,13 @@ def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict
         codecs=list(p.limits.codecs) if p.limits.codecs is not None else None, profiles=refs,
         input_bytes=int(p.input_bytes),
     )
+    if fidelity is None:
+        from aiflow_cli.plan.verify import unmeasured
+
+        fidelity = unmeasured(p, placement, "not verified (plan solved without a model)")
     return Plan(
         model=p.model, model_hash=p.model_hash, family=p.family, task=p.task, n_stages=p.n_stages,
         stage_names=p.stage_names, tiers=tiers, cuts=cuts, input_tier=p.tiers[comp[0]],
-        output_tier=p.tiers[comp[-1]], prediction=pred, solved_for=solved_for,
+        output_tier=p.tiers[comp[-1]], prediction=pred, fidelity=fidelity, solved_for=solved_for,
         solver=SolverInfo(method=method, solve_ms=solve_ms),
     )

@@ -9,7 +9,7 @@ it is an interval ``[lo(e), e-1]`` with ``lo`` monotone, answered by a sparse ta
 O(T^2 * S * C + T * S log S), vectorised over stages.
 
 Fidelity: a codec whose own cut breaks the floor is masked out. The end-to-end bound (the used cuts' losses
-``1 - cosine`` must sum to at most ``1 - min_fidelity``) couples cuts; when the plan above breaks it, an exact
+``1 - fidelity`` must sum to at most ``1 - min_fidelity``) couples cuts; when the plan above breaks it, an exact
 Pareto DP over (cost, loss) takes over (slower: O(T^2 * S^2 * C * front)), so the answer stays optimal.
 
 Throughput: minimise the busiest pipeline resource. Feasibility at a bound B is monotone in B and is the same DP
@@ -311,32 +311,40 @@ def solve(
     sources: Optional[dict[str, str]] = None,
     input_bytes: Optional[int] = None,
     overheads: Optional[Overheads] = None,
+    model=None,
+    verify: Optional[bool] = None,
 ):
     """Solves for the optimal plan. ``profiles``: tier -> profile (or ``{"*": profile}`` with ``speeds``);
     ``links``: ``"device-edge"`` -> link; ``sources``: optional tier -> file path, recorded in the plan;
     ``input_bytes``: upload size of the request input when known (see :func:`build_problem`); ``overheads``:
     measured fixed costs per message and connection (:class:`Overheads`; default none).
+    With a fidelity floor the chosen codecs are measured end to end before the plan is accepted
+    (:func:`aiflow_cli.plan.verify.solve_verified`; ``model``: the loaded model, default loaded by name;
+    ``verify``: force or skip the measurement).
     Returns a :class:`aiflow_cli.plan.schema.Plan`; raises PlanError / InputError on bad or infeasible input."""
     from aiflow_cli.plan.schema import plan_from_solution
+    from aiflow_cli.plan.verify import solve_verified
 
     problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
                             input_bytes=input_bytes, overheads=overheads)
     t0 = time.perf_counter()
-    placement, ev = solve_problem(problem)
-    solve_ms = (time.perf_counter() - t0) * 1e3
-    return plan_from_solution(problem, placement, ev, solve_ms=solve_ms, sources=sources or {})
+    v = solve_verified(problem, model=model, verify=verify)
+    solve_ms = (time.perf_counter() - t0) * 1e3 - v.fidelity.measure_s * 1e3
+    return plan_from_solution(v.problem, v.placement, v.evaluation, solve_ms=solve_ms, sources=sources or {},
+                              fidelity=v.fidelity)
 
 
 def solve_variants(profile: ModelProfile, links: dict[str, LinkProfile], speeds: dict[str, float],
                    variants: dict[str, Limits], *, tokens: int = 16, input_bytes: Optional[int] = None,
-                   overheads: Optional[Overheads] = None) -> dict:
+                   overheads: Optional[Overheads] = None, model=None) -> dict:
     """One plan per named set of limits (``{"device-only": Limits(skip=...), ...}``), all on the same profile,
     links, speeds and overheads; generating models are planned for ``tokens`` generated tokens, the others for
-    one request."""
+    one request. Variants with a fidelity floor are verified end to end (``model``: the loaded model, default
+    loaded by name)."""
     generates = profile.task in ("generate", "caption")
     return {
         name: solve({"*": profile}, links, objective="generate" if generates else "latency",
                     tokens=tokens if generates else 0, limits=lim, speeds=speeds, input_bytes=input_bytes,
-                    overheads=overheads)
+                    overheads=overheads, model=model)
         for name, lim in variants.items()
     }

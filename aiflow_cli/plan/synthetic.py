@@ -11,7 +11,7 @@ from typing import Optional
 
 from aiflow_cli.profile.schema import ModelProfile
 
-#: Codec specs in order of compression, with the byte ratio against raw fp32 and a typical cosine loss.
+#: Codec specs in order of compression, with the byte ratio against raw fp32 and a typical fidelity loss.
 CODEC_SHAPES = [
     ("raw", 1.0, 0.0),
     ("raw+zstd3", 0.93, 0.0),
@@ -72,11 +72,11 @@ def synthetic_profile(
                 "decode_step_bytes": None if step_raw is None else int(step_raw * ratio) + 64,
                 "encode_ms": raw_bytes / 1e6 * r.uniform(0.05, 1.0) / speed,
                 "decode_ms": raw_bytes / 1e6 * r.uniform(0.05, 1.0) / speed,
-                "fidelity": {"cosine": 1.0 - loss * r.uniform(0.5, 2.0)},
+                "fidelity": {"mean": 1.0 - loss * 0.5, "min": 1.0 - loss * r.uniform(0.5, 2.0)},
             }
         cuts.append({"after_stage": k, "tensors": tensors, "activation_bytes": raw_bytes, "codecs": results})
     data = {
-        "schema_version": 1, "model": "synthetic", "model_hash": model_hash, "family": "fx", "task": "generate",
+        "schema_version": 2, "model": "synthetic", "model_hash": model_hash, "family": "fx", "task": "generate",
         "hardware": {"device": "cpu", "cpu": "synthetic", "cores": 2, "torch_threads": 2, "torch_version": "0",
                      "label": f"synthetic-x{speed:g}"},
         "settings": {"dtype": "float32", "batch": 1, "seq_len": seq, "decode_tokens": 8, "repeats": 1, "warmup": 0},
@@ -84,5 +84,7 @@ def synthetic_profile(
                   "description": "synthetic"},
         "output": {"bytes": r.choice([8, 4 * 50257, 64]), "decode_step_bytes": 8},
         "stages": stages, "cuts": cuts, "profile_wall_s": 0.0,
+        "calibration": {"metric": "token_agreement", "source": "synthetic", "items": 1, "reference": "synthetic",
+                        "measured_cuts": list(range(n_stages - 1)), "wall_s": 0.0},
     }
     return ModelProfile.model_validate(data)

@@ -1,21 +1,272 @@
-"""Fidelity of an end output against the exact one: the numbers a codec's cut is judged by."""
+"""Fidelity in the task's own metric: what a codec at a cut does to the answer a user gets.
+
+Metrics (``Calibration.metric``), each per calibration item, then mean and min over items:
+
+- ``token_agreement`` (generation, captioning): share of generated positions whose token equals the exact model's
+  greedy token. The profiler measures it *teacher-forced* (:class:`Reference`): the prompt plus the exact greedy
+  continuation go through the model in one forward, and the argmax at each continuation position is compared
+  with the exact model's at the same position; it also reports next-token KL. The plan verifier measures it
+  *free-running* (greedy generation with the codecs in place, :func:`token_agreement` of the two sequences).
+- ``embedding_cosine`` (sentence embeddings): cosine of the pooled embedding with the reference implementation's
+  (sentence-transformers ``encode()`` for sentence-transformers models, else the exact model).
+- ``label_agreement`` (classifiers): 1 when the top class equals the exact model's, else 0.
+- ``output_cosine`` (models that take no text or image, e.g. fx): cosine of the end output rows on random inputs.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
 import torch
 
+from aiflow_cli.errors import InputError
+from aiflow_cli.models import BoundaryState, StagedModel
+from aiflow_cli.profile.calibration import (
+    DEFAULT_TOKENS,
+    calibration_items,
+    load_calibration,
+    metric_for,
+    raw_items,
+)
 from aiflow_cli.profile.schema import Fidelity
 
+#: Keys of a text prompt that grow with every generated token (right-padded when items are batched).
+TEXT_KEYS = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
+#: Random rows scored for ``output_cosine`` (models without calibration inputs).
+RANDOM_ITEMS = 4
 
-def compare(exact: torch.Tensor, approx: torch.Tensor, *, token_outputs: bool) -> Fidelity:
-    """Cosine similarity (mean over output rows: one per position for logits, one per sequence for embeddings),
-    max absolute error, and for LMs the share of positions whose argmax token agrees."""
-    e = exact.float().reshape(-1, exact.shape[-1])
-    a = approx.float().reshape(-1, approx.shape[-1])
-    cos = torch.nn.functional.cosine_similarity(e, a, dim=-1, eps=1e-12)
-    same = torch.equal(e, a)
-    cosine = 1.0 if same else float(cos.mean().clamp(-1.0, 1.0))
-    top1 = None
-    if token_outputs:
-        top1 = float((e.argmax(-1) == a.argmax(-1)).float().mean())
-    return Fidelity(cosine=cosine, max_abs_error=float((e - a).abs().max()) if e.numel() else 0.0, top1_agreement=top1)
+
+def cache_root() -> Path:
+    """``$AIFLOW_CACHE_DIR/fidelity`` (default ``~/.cache/aiflow/fidelity``): references and verifications."""
+    return Path(os.environ.get("AIFLOW_CACHE_DIR", Path.home() / ".cache" / "aiflow")) / "fidelity"
+
+
+def token_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of generated positions where two token sequences ([B, n] or [n]) agree; shapes must match."""
+    if tokens.shape != reference.shape:
+        raise InputError(f"token sequences of shapes {list(tokens.shape)} and {list(reference.shape)} cannot be compared")
+    return float((tokens.reshape(-1) == reference.reshape(-1).to(tokens.device)).float().mean()) if tokens.numel() else 1.0
+
+
+def embedding_cosine(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """Lowest cosine between matching rows of two [B, H] outputs (one row per input), in float64."""
+    a = output.reshape(output.shape[0], -1).double()
+    b = reference.reshape(reference.shape[0], -1).double().to(a.device)
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).min())
+
+
+def output_fidelity(metric: str, output: torch.Tensor, reference: torch.Tensor) -> float:
+    """One request's fidelity in ``metric``: generated ids against the reference ids (token metrics), or the
+    output against the reference output (cosine metrics; label agreement compares argmax)."""
+    if metric == "token_agreement":
+        return token_agreement(output, reference)
+    if metric == "label_agreement":
+        return float((output.argmax(-1) == reference.to(output.device).argmax(-1)).float().mean())
+    return embedding_cosine(output, reference)
+
+
+# -- batching calibration items --------------------------------------------------------------------------------
+def pad_batch(items: list[BoundaryState]) -> tuple[BoundaryState, list[int]]:
+    """Stacks batch-1 items into one batch: text keys right-padded (mask 0, positions continuing), every other
+    tensor concatenated on dim 0. Returns the batch and each item's text length."""
+    if not items:
+        raise InputError("no calibration items")
+    keys = list(items[0])
+    if any(list(it) != keys for it in items):
+        raise InputError("calibration items have different boundary tensors")
+    lengths = [int(it["input_ids"].shape[1]) if "input_ids" in it else 0 for it in items]
+    width = max(lengths)
+    out: BoundaryState = {}
+    for k in keys:
+        if k in TEXT_KEYS:
+            rows = []
+            for it, n in zip(items, lengths):
+                t = it[k]
+                pad = width - t.shape[1]
+                if k == "position_ids":
+                    extra = t[:, -1:] + torch.arange(1, pad + 1, device=t.device)
+                else:
+                    extra = torch.zeros(t.shape[0], pad, dtype=t.dtype, device=t.device)
+                rows.append(torch.cat([t, extra], dim=1))
+            out[k] = torch.cat(rows, dim=0)
+        else:
+            out[k] = torch.cat([it[k] for it in items], dim=0)
+    return out, lengths
+
+
+def _cached_json(path: Path, compute):
+    if path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is recomputed
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)
+    return value
+
+
+def greedy_references(m: StagedModel, items: list[BoundaryState], tokens: int) -> list[list[int]]:
+    """The exact model's greedy continuation of each item (batch 1, as the runtime generates), cached on disk per
+    (model hash, calibration set, item count, tokens)."""
+    cal = load_calibration()
+    key = f"{m.model_hash[:16]}-{cal.hash}-n{len(items)}-t{tokens}-{str(m.dtype).removeprefix('torch.')}"
+    return _cached_json(cache_root() / "references" / f"{key}.json",
+                        lambda: [m.generate(it, tokens)[0].tolist() for it in items])
+
+
+# -- the reference a profile is scored against ------------------------------------------------------------------
+@dataclass
+class Reference:
+    """The exact model on the calibration batch, and how a coded run's end output is scored against it.
+
+    ``inputs``: the batched stage-0 input. Generation: ``positions`` [B, T] are the output positions compared,
+    ``exact`` the exact log-probabilities there [B, T, V] and ``target`` the exact argmax [B, T]. Embeddings:
+    ``target`` is the reference implementation's embeddings [B, H]. Classifiers and ``output_cosine``: ``exact``
+    is the exact output."""
+
+    metric: str
+    inputs: BoundaryState
+    items: int
+    tokens: Optional[int] = None
+    positions: Optional[torch.Tensor] = None
+    exact: Optional[torch.Tensor] = None
+    target: Optional[torch.Tensor] = None
+    reference: str = "the exact model"
+    reference_min: Optional[float] = None
+    exact_fidelity: Optional[Fidelity] = None
+    greedy: Optional[torch.Tensor] = None
+    """Generation: the exact model's free-running greedy tokens [B, T] (batch 1 each)."""
+    exact_logits: Optional[torch.Tensor] = None
+
+    def run_from(self, m: StagedModel, state: BoundaryState, start: int) -> torch.Tensor:
+        """The scored part of the end output of stages ``start ..`` on ``state``: for generation, the logits at
+        :attr:`positions` only (the LM head, position-wise, runs on those positions alone: most of a small
+        model's head cost is the vocabulary projection of prompt positions nobody scores)."""
+        last = m.num_stages - 1
+        if self.positions is None:
+            return m.output(m.run(state, range(start, m.num_stages)))
+        if start <= last and m.stages[last].kind == "head":
+            state = m.run(state, range(start, last))
+            if "hidden_states" in state:
+                return m.output(m.run_stage(last, {**state, "hidden_states": self._gather(state["hidden_states"])}))
+            start = last
+        return self._gather(m.output(m.run(state, range(start, m.num_stages))))
+
+    def _gather(self, t: torch.Tensor) -> torch.Tensor:
+        idx = self.positions.to(t.device).unsqueeze(-1).expand(-1, -1, t.shape[-1])
+        return t.gather(1, idx)
+
+    def score(self, output: torch.Tensor) -> Fidelity:
+        """Scores a coded run's end output (as :meth:`run_from` returns it)."""
+        out = output.float()
+        if self.metric == "token_agreement":
+            per_item = (out.argmax(-1) == self.target).float().mean(1)
+            logp = torch.log_softmax(out, dim=-1)
+            kl = (self.exact.exp() * (self.exact - logp)).sum(-1).clamp(min=0)
+            cos = torch.nn.functional.cosine_similarity(out, self.exact_logits, dim=-1, eps=1e-12)
+            return Fidelity(mean=float(per_item.mean()), min=float(per_item.min()), kl_mean=float(kl.mean()),
+                            cosine=float(cos.mean().clamp(-1, 1)),
+                            max_abs_error=float((out - self.exact_logits).abs().max()))
+        if self.metric == "label_agreement":
+            per_item = (out.argmax(-1) == self.exact.argmax(-1)).float()
+        else:
+            target = self.target if self.target is not None else self.exact
+            per_item = torch.nn.functional.cosine_similarity(
+                out.reshape(out.shape[0], -1).double(), target.reshape(target.shape[0], -1).double(), dim=-1, eps=1e-12
+            ).clamp(-1, 1)
+        cos = torch.nn.functional.cosine_similarity(out.reshape(out.shape[0], -1), self.exact.reshape(out.shape[0], -1).float(),
+                                                    dim=-1, eps=1e-12)
+        return Fidelity(mean=min(1.0, float(per_item.mean())), min=min(1.0, float(per_item.min())),
+                        cosine=float(cos.mean().clamp(-1, 1)),
+                        max_abs_error=float((out - self.exact.float()).abs().max()))
+
+    def finish(self, exact_output: torch.Tensor) -> None:
+        """Records the exact model's end output on :attr:`inputs` (as :meth:`run_from` returns it) and scores it."""
+        out = exact_output.float()
+        if self.metric == "token_agreement":
+            self.exact_logits = out
+            self.exact = torch.log_softmax(out, dim=-1)
+            self.target = out.argmax(-1)
+            # teacher-forced exact argmax against the batch-1 greedy tokens: 1 unless batching moved a near tie
+            self.reference_min = float((self.target == self.greedy).float().mean(1).min())
+        elif self.exact is None:
+            self.exact = out
+        self.exact_fidelity = self.score(out)
+        if self.metric == "embedding_cosine":
+            self.reference_min = self.exact_fidelity.min
+
+
+def _sentence_transformers_reference(m: StagedModel, texts: list[str]) -> Optional[torch.Tensor]:
+    """``encode()`` of a sentence-transformers model directory (its own pooling, normalisation, truncation), or
+    None when the model is not one or sentence-transformers is not installed."""
+    from aiflow_cli.models import resolve
+
+    try:
+        directory = resolve(m.name).directory
+    except Exception:  # noqa: BLE001 - a model without a directory has no reference implementation
+        return None
+    if not (directory / "modules.json").is_file():
+        return None
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return None
+    st = SentenceTransformer(str(directory), device=str(m.device))
+    return st.encode(texts, convert_to_tensor=True, batch_size=len(texts)).to(m.device).float()
+
+
+def build_reference(m: StagedModel, *, items: Optional[int] = None, tokens: int = DEFAULT_TOKENS,
+                    progress=None) -> Reference:
+    """The calibration batch of ``m`` and what its coded runs are scored against (exact output still to be
+    recorded with :meth:`Reference.finish` after the exact pass, which the profiler shares with its cuts)."""
+    metric = metric_for(m)
+    if metric == "output_cosine":
+        n = items or RANDOM_ITEMS
+        return Reference(metric, m.make_inputs(batch=n, seed=0), n, reference="the exact model on random inputs")
+    prepared = calibration_items(m, items)
+    if metric == "token_agreement":
+        if tokens < 1:
+            raise InputError(f"--calibration-tokens must be >= 1, got {tokens}")
+        if progress:
+            progress("reference generations", 0, 1)
+        conts = greedy_references(m, prepared, tokens)
+        if progress:
+            progress("reference generations", 1, 1)
+        forced = [_teacher_forced(it, cont, m.device) for it, cont in zip(prepared, conts)]
+        batch, lengths = pad_batch(forced)
+        prompt = [n - (tokens - 1) for n in lengths]
+        positions = torch.stack([torch.arange(p - 1, p - 1 + tokens) for p in prompt])
+        return Reference(metric, batch, len(prepared), tokens=tokens, positions=positions,
+                         reference="the exact model's greedy continuation (teacher-forced)",
+                         greedy=torch.tensor(conts, device=m.device))
+    batch, _ = pad_batch(prepared)
+    ref = Reference(metric, batch, len(prepared))
+    if metric == "embedding_cosine":
+        st = _sentence_transformers_reference(m, list(raw_items(m, items)))
+        if st is not None:
+            ref.target, ref.reference = st, "sentence-transformers encode()"
+        else:
+            ref.reference = "the exact model"
+    return ref
+
+
+def _teacher_forced(item: BoundaryState, continuation: list[int], device: torch.device) -> BoundaryState:
+    """The prompt followed by all but the last generated token, as one batch-1 input."""
+    extra = torch.tensor([continuation[:-1]], dtype=item["input_ids"].dtype, device=device)
+    n = extra.shape[1]
+    out = dict(item)
+    out["input_ids"] = torch.cat([item["input_ids"], extra], dim=1)
+    out["attention_mask"] = torch.cat([item["attention_mask"], torch.ones_like(extra)], dim=1)
+    last = item["position_ids"][:, -1:]
+    out["position_ids"] = torch.cat([item["position_ids"], last + torch.arange(1, n + 1, device=device)], dim=1)
+    if "token_type_ids" in item:
+        out["token_type_ids"] = torch.cat([item["token_type_ids"], torch.zeros_like(extra)], dim=1)
+    return out
+

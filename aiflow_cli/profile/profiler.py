@@ -7,10 +7,16 @@ What it does, in order (each step reuses what the previous one computed):
 3. for generating models, a prefill with ``decode_tokens`` tokens into a KV cache, then ``repeats`` timed decode
    steps of one token each (the cache is cropped back after each, so every step sees ``decode_tokens`` positions);
    the boundary states of one decode step are kept to size what crosses each cut per token;
-4. per cut: every codec encodes the real boundary state with the Rust codec (bytes, encode/decode ms), and the
-   rest of the model runs on the decoded state. Codecs whose decoded tensors are bit-identical to another's
-   (``raw``, ``X`` vs ``X+zstd3``) share its result; the distinct ones run the rest of the model together, stacked
-   on the batch dimension next to the exact state, which is the reference they are compared with.
+4. one exact pass over the calibration batch (:mod:`aiflow_cli.profile.calibration`: real prompts, sentences or
+   images, one row each; for generation each prompt is followed by the exact model's greedy continuation,
+   teacher-forced), keeping every boundary state;
+5. per cut: every codec encodes the boundary state of step 1 with the Rust codec (bytes, encode/decode ms), and
+   the calibration boundary state of step 4; the rest of the model runs on each distinct decoded calibration
+   state and is scored in the task's metric (:mod:`aiflow_cli.profile.fidelity`). Codecs whose decoded tensors
+   are bit-identical to the exact state (``raw``, ``raw+zstd3``) get the exact model's score without a run, and
+   codecs identical to another (``X`` vs ``X+zstd3``) share its result. With ``fidelity_cuts`` only those cuts
+   measure lossy codecs; the other cuts list lossless codecs only (the planner cannot choose what was not
+   measured).
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ from aiflow_cli import codec as codec_mod
 from aiflow_cli.bench.common import median_ms
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import StagedModel, load_model
-from aiflow_cli.models.state import BoundaryState, is_codec_tensor, role_of, state_bytes, tile_batch
-from aiflow_cli.profile.fidelity import compare
+from aiflow_cli.models.state import BoundaryState, is_codec_tensor, role_of, state_bytes
+from aiflow_cli.profile.calibration import DEFAULT_TOKENS, load_calibration
+from aiflow_cli.profile.fidelity import Reference, build_reference
 from aiflow_cli.profile.hardware import detect
 from aiflow_cli.profile.memory import peak_activation_bytes
 from aiflow_cli.profile.schema import (
+    Calibration,
     CodecResult,
     CutProfile,
     CutTensor,
@@ -47,7 +55,6 @@ DEFAULT_REPEATS = 5
 DEFAULT_WARMUP = 1
 DEFAULT_DECODE_TOKENS = 32
 _CODEC_TIMING_REPEATS = 3
-_FIDELITY_CHUNK_BYTES = 256 << 20  # output bytes per stacked rest-of-model run
 
 
 def _sync(device: torch.device) -> None:
@@ -79,14 +86,17 @@ def _same_state(a: BoundaryState, b: BoundaryState) -> bool:
 
 class _Profiler:
     def __init__(self, m: StagedModel, *, batch: int, seq_len: Optional[int], image_size: Optional[int],
-                 decode_tokens: int, codecs: list[str], repeats: int, warmup: int, progress: Progress):
+                 decode_tokens: int, codecs: list[str], repeats: int, warmup: int, progress: Progress,
+                 fidelity_cuts: set[int]):
         self.m, self.batch, self.repeats, self.warmup = m, batch, repeats, warmup
         self.codecs, self.decode_tokens, self.progress = codecs, decode_tokens, progress
         self.seq_len = seq_len if seq_len is not None else m.adapter.default_seq_len()
         self.image_size = image_size if image_size is not None else m.adapter.default_image_size()
         self.inputs = m.make_inputs(batch=batch, seq_len=seq_len, image_size=image_size, seed=0)
         self.device = m.device
-        self._output_bytes = 0  # bytes of the end output per batch row group, set after the exact pass
+        self.fidelity_cuts = fidelity_cuts
+        self.ref: Optional[Reference] = None
+        self.cal_states: list[BoundaryState] = []
 
     # 1 + 2: exact pass, memory, prefill timing
     def prefill(self) -> tuple[list[BoundaryState], list[int], list[list[float]]]:
@@ -141,7 +151,17 @@ class _Profiler:
             self.progress("decode timing", r + 1, total)
         return times, step_states
 
-    # 4: codecs and fidelity per cut
+    # 4: the exact model on the calibration batch
+    def calibrate(self, ref: Reference) -> None:
+        m, state = self.m, ref.inputs
+        self.cal_states = []
+        for i in range(m.num_stages - 1):
+            state = m.run_stage(i, state)
+            self.cal_states.append(state)
+        ref.finish(ref.run_from(m, state, m.num_stages - 1))
+        self.ref = ref
+
+    # 5: codecs and fidelity per cut
     def cut(self, k: int, state: BoundaryState, step_state: Optional[BoundaryState]) -> CutProfile:
         m = self.m
         tensors = []
@@ -156,63 +176,48 @@ class _Profiler:
         # the part of a decode step's state that crosses: everything but side tensors (kept by the receiver)
         step_cross = None if step_state is None else {n: t for n, t in step_state.items() if role_of(n) != "side"}
 
-        encoded: dict[str, list[tuple[str, bytes]]] = {}
-        decoded: dict[str, BoundaryState] = {}
-        timing: dict[str, tuple[float, float]] = {}
-        for spec in self.codecs:
-            frames = _frames(state, spec)
-            encoded[spec] = frames
-            decoded[spec] = _decode_state(frames, self.device)
-            enc_ms = median_ms(lambda: _frames(state, spec), _CODEC_TIMING_REPEATS)
-            dec_ms = median_ms(lambda: _decode_state(frames, self.device), _CODEC_TIMING_REPEATS)
-            timing[spec] = (enc_ms, dec_ms)
-
-        # group codecs by decoded content: identical decodings share one rest-of-model run
-        exact_fid = Fidelity(cosine=1.0, max_abs_error=0.0, top1_agreement=1.0 if m.generates else None)
-        fidelity: dict[str, Fidelity] = {}
-        representatives: list[str] = []
-        alias: dict[str, str] = {}
-        for spec in self.codecs:
-            if _same_state(decoded[spec], state):
-                fidelity[spec] = exact_fid
-                continue
-            match = next((r for r in representatives if _same_state(decoded[r], decoded[spec])), None)
-            if match is None:
-                representatives.append(spec)
-            else:
-                alias[spec] = match
-        fidelity.update(self._rest_of_model(k, state, [decoded[r] for r in representatives], representatives))
-        for spec, r in alias.items():
-            fidelity[spec] = fidelity[r]
-
+        fidelity = self._fidelity(k)
         results = {}
         for spec in self.codecs:
+            if spec not in fidelity:
+                continue  # lossy, at a cut where lossy codecs are not measured
+            frames = _frames(state, spec)
+            enc_ms = median_ms(lambda: _frames(state, spec), _CODEC_TIMING_REPEATS)
+            dec_ms = median_ms(lambda: _decode_state(frames, self.device), _CODEC_TIMING_REPEATS)
             step_bytes = None
             if step_cross is not None:
                 step_bytes = sum(len(f) for _, f in _frames(step_cross, spec))
             results[spec] = CodecResult(
-                bytes=sum(len(f) for _, f in encoded[spec]), decode_step_bytes=step_bytes,
-                encode_ms=timing[spec][0], decode_ms=timing[spec][1], fidelity=fidelity[spec],
+                bytes=sum(len(f) for _, f in frames), decode_step_bytes=step_bytes,
+                encode_ms=enc_ms, decode_ms=dec_ms, fidelity=fidelity[spec],
             )
         return CutProfile(after_stage=k, tensors=tensors, activation_bytes=state_bytes(state), codecs=results)
 
-    def _rest_of_model(self, k: int, exact: BoundaryState, variants: list[BoundaryState],
-                       names: list[str]) -> dict[str, Fidelity]:
-        """Runs stages k+1.. on [exact] + variants stacked on the batch dim; compares each with the exact row."""
-        if not variants:
-            return {}
-        m = self.m
-        out_bytes = max(1, self._output_bytes)
-        per_run = max(1, _FIDELITY_CHUNK_BYTES // out_bytes - 1)
-        result: dict[str, Fidelity] = {}
-        for start in range(0, len(variants), per_run):
-            chunk = variants[start:start + per_run]
-            stacked = tile_batch([exact] + chunk)
-            out = m.output(m.run(stacked, range(k + 1, m.num_stages)))
-            rows = out.split(self.batch, dim=0)
-            for name, approx in zip(names[start:start + per_run], rows[1:]):
-                result[name] = compare(rows[0], approx, token_outputs=m.generates)
-        return result
+    def _fidelity(self, k: int) -> dict[str, Fidelity]:
+        """Each codec's score at cut ``k``: the rest of the model runs once per distinct decoded calibration
+        state (one run per codec, at the exact pass's batch shape, so that a lossless codec scores exactly as the
+        exact model does)."""
+        m, ref, exact = self.m, self.ref, self.cal_states[k]
+        fidelity: dict[str, Fidelity] = {}
+        decoded: dict[str, BoundaryState] = {}
+        alias: dict[str, str] = {}
+        for spec in self.codecs:
+            dec = _decode_state(_frames(exact, spec), self.device)
+            if _same_state(dec, exact):
+                fidelity[spec] = ref.exact_fidelity
+                continue
+            if k not in self.fidelity_cuts:
+                continue
+            match = next((r for r in decoded if _same_state(decoded[r], dec)), None)
+            if match is None:
+                decoded[spec] = dec
+            else:
+                alias[spec] = match
+        for spec, dec in decoded.items():
+            fidelity[spec] = ref.score(ref.run_from(m, dec, k + 1))
+        for spec, r in alias.items():
+            fidelity[spec] = fidelity[r]
+        return fidelity
 
 
 def _endpoints(m: StagedModel, inputs: BoundaryState, final: BoundaryState, batch: int) -> tuple[Endpoint, Endpoint]:
@@ -226,6 +231,20 @@ def _endpoints(m: StagedModel, inputs: BoundaryState, final: BoundaryState, batc
         out = Endpoint(bytes=t.numel() * t.element_size(),
                        description=f"{m.adapter.output_description()} {list(t.shape)} {_dtype_name(t)}")
     return inp, out
+
+
+def _measured_cuts(spec: Optional[list[int] | str], n_cuts: int) -> set[int]:
+    if spec is None:
+        return set(range(n_cuts))
+    if isinstance(spec, str):
+        try:
+            step = int(spec.removeprefix("every:"))
+        except ValueError:
+            step = 0
+        if not spec.startswith("every:") or step < 1:
+            raise InputError(f"--fidelity-cuts {spec!r}: give cut indices like 0,4,8, or every:N with N >= 1")
+        return set(range(0, n_cuts, step)) | {n_cuts - 1}
+    return set(spec)
 
 
 def profile_model(
@@ -242,6 +261,9 @@ def profile_model(
     warmup: int = DEFAULT_WARMUP,
     label: str = "",
     progress: Optional[Progress] = None,
+    calibration_items: Optional[int] = None,
+    calibration_tokens: int = DEFAULT_TOKENS,
+    fidelity_cuts: Optional[list[int] | str] = None,
 ) -> ModelProfile:
     """Profiles a model (a name for :func:`aiflow_cli.models.load_model`, or a loaded :class:`StagedModel`).
 
@@ -250,6 +272,11 @@ def profile_model(
     for generating models; 0 skips it). ``codecs`` default to :func:`aiflow_cli.codec.default_codecs`; ``raw`` is
     always included. Times are ms, sizes bytes. Raises :class:`InputError` for bad settings, :class:`ModelError`
     for a model that cannot be loaded or cut.
+
+    Fidelity: on the first ``calibration_items`` items of the calibration set (default: all), with
+    ``calibration_tokens`` generated tokens per item for generating models; lossy codecs are measured at the cuts
+    in ``fidelity_cuts`` (default: every cut; ``"every:N"``: cuts 0, N, 2N, ... and the last) and left out of the
+    other cuts.
     """
     t_start = time.perf_counter()
     progress = progress or (lambda phase, done, total: None)
@@ -271,14 +298,20 @@ def profile_model(
         raise InputError(f"--decode-tokens must be >= 0, got {decode_tokens}")
     if decode_tokens and not m.generates:
         raise InputError(f"--decode-tokens applies to generating models; {m.name} is a {m.task} model")
+    n_cuts = m.num_stages - 1
+    measured = _measured_cuts(fidelity_cuts, n_cuts)
+    bad = sorted(k for k in measured if not 0 <= k < n_cuts)
+    if bad:
+        raise InputError(f"--fidelity-cuts {bad[0]}: {m.name} has cuts 0..{n_cuts - 1}")
     progress("loading model", 1, 1)
 
     p = _Profiler(m, batch=batch, seq_len=seq_len, image_size=image_size, decode_tokens=decode_tokens,
-                  codecs=specs, repeats=repeats, warmup=warmup, progress=progress)
+                  codecs=specs, repeats=repeats, warmup=warmup, progress=progress, fidelity_cuts=measured)
     states, peaks, prefill_times = p.prefill()
-    final_out = m.output(states[-1])
-    p._output_bytes = final_out.numel() * final_out.element_size() // batch
     decode_times, step_states = p.decode()
+    t_fid = time.perf_counter()
+    ref = build_reference(m, items=calibration_items, tokens=calibration_tokens, progress=progress)
+    p.calibrate(ref)
 
     stages = []
     for i, spec in enumerate(m.stages):
@@ -290,9 +323,16 @@ def profile_model(
             peak_activation_bytes=peaks[i],
         ))
     cuts = []
-    for k in range(m.num_stages - 1):
+    for k in range(n_cuts):
         cuts.append(p.cut(k, states[k], step_states.get(k)))
-        progress("codecs and fidelity per cut", k + 1, m.num_stages - 1)
+        progress("codecs and fidelity per cut", k + 1, n_cuts)
+    calibrated = ref.metric != "output_cosine"
+    calibration = Calibration(
+        metric=ref.metric, source="calibration set" if calibrated else "random inputs",
+        hash=load_calibration().hash if calibrated else None, items=ref.items, tokens=ref.tokens,
+        reference=ref.reference, reference_min=ref.reference_min, measured_cuts=sorted(measured),
+        wall_s=time.perf_counter() - t_fid,
+    )
 
     inp, out = _endpoints(m, p.inputs, states[-1], batch)
     settings = Settings(
@@ -301,6 +341,6 @@ def profile_model(
     )
     return ModelProfile(
         model=m.name, model_hash=m.model_hash, family=m.family, task=m.task, hardware=detect(m.device, label),
-        settings=settings, input=inp, output=out, stages=stages, cuts=cuts,
+        settings=settings, input=inp, output=out, stages=stages, cuts=cuts, calibration=calibration,
         profile_wall_s=time.perf_counter() - t_start,
     )

@@ -1,4 +1,4 @@
-"""The model profile: what `aiflow profile` measures and `aiflow plan` reads. Schema version 1.
+"""The model profile: what `aiflow profile` measures and `aiflow plan` reads. Schema version 2.
 
 Indexing: a model is a chain of ``len(stages)`` stages; ``cuts[k]`` is the boundary after stage ``k``
 (k = 0 .. len(stages) - 2). What crosses a cut is a *boundary state*: several tensors, each with a role:
@@ -9,6 +9,12 @@ Indexing: a model is a chain of ``len(stages)`` stages; ``cuts[k]`` is the bound
 - ``control``: small integer tensors (attention mask, position ids); always sent ``raw``.
 
 Codecs apply to the floating tensors (``hidden`` and ``side``). Times are milliseconds, sizes bytes.
+
+Fidelity (version 2) is the task's own metric on the shipped calibration set (:class:`Calibration` says which):
+``token_agreement`` for generation and captioning, ``embedding_cosine`` for sentence embeddings,
+``label_agreement`` for classifiers; ``output_cosine`` on random inputs only for models that take no text or
+image. Version 1 measured the cosine of end logits on random tokens, which real inputs do not resemble: such
+profiles are refused with a message naming ``aiflow profile``.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ from pydantic import Field, model_validator
 
 from aiflow_cli.schema import Strict
 
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
+
+#: What a profile's fidelity figures measure (see docs/planner.md, "Fidelity").
+FidelityMetric = Literal["token_agreement", "embedding_cosine", "label_agreement", "output_cosine"]
 
 
 class Hardware(Strict):
@@ -76,11 +85,34 @@ class CutTensor(Strict):
 
 
 class Fidelity(Strict):
-    """End output with only this cut passed through the codec, against the exact output."""
+    """The end output with only this cut passed through the codec, against the reference, over the calibration
+    items: ``mean`` and ``min`` of the profile's metric (:attr:`Calibration.metric`). The planner reads ``min``."""
 
-    cosine: float = Field(ge=-1.0, le=1.0 + 1e-6)
+    mean: float = Field(ge=-1.0, le=1.0 + 1e-6, description="metric, mean over calibration items")
+    min: float = Field(ge=-1.0, le=1.0 + 1e-6, description="metric, lowest calibration item")
+    kl_mean: Optional[float] = Field(default=None, ge=0, description="LMs: next-token KL(exact || coded), nats, mean over positions")
+    cosine: Optional[float] = Field(default=None, ge=-1.0, le=1.0 + 1e-6, description="cosine of the end output rows (logits or embeddings), mean")
     max_abs_error: Optional[float] = Field(default=None, ge=0)
-    top1_agreement: Optional[float] = Field(default=None, ge=0, le=1, description="LMs: share of positions whose argmax agrees")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Fidelity":
+        if self.min > self.mean + 1e-9:
+            raise ValueError(f"fidelity min {self.min} is above its mean {self.mean}")
+        return self
+
+
+class Calibration(Strict):
+    """What the fidelity figures of a profile were measured on, and against what."""
+
+    metric: FidelityMetric
+    source: str = Field(description="'calibration set' (aiflow_cli/assets/calibration) or 'random inputs'")
+    hash: Optional[str] = Field(default=None, description="sha256 (16 hex) of the calibration files used")
+    items: int = Field(ge=1, description="calibration items (prompts, images, sentences)")
+    tokens: Optional[int] = Field(default=None, ge=1, description="generation: continuation tokens per item, teacher-forced")
+    reference: str = Field(description="what outputs are compared with, e.g. sentence-transformers encode()")
+    reference_min: Optional[float] = Field(default=None, description="the exact model against that reference, lowest item (1: identical)")
+    measured_cuts: list[int] = Field(description="cuts where lossy codecs were measured; elsewhere only lossless ones are listed")
+    wall_s: float = Field(ge=0, description="time spent measuring fidelity")
 
 
 class CodecResult(Strict):
@@ -105,7 +137,7 @@ class CutProfile(Strict):
 
 
 class ModelProfile(Strict):
-    schema_version: Literal[1] = PROFILE_SCHEMA_VERSION
+    schema_version: Literal[2] = PROFILE_SCHEMA_VERSION
     model: str = Field(description="as given to aiflow profile: builtin:gpt2, an HF id, a path, minilm")
     model_hash: str = Field(description="sha256 of the model's config and weights; plans and peers check it")
     family: str = Field(description="gpt2 | llama | bert | vit | captioner | fx")
@@ -116,6 +148,7 @@ class ModelProfile(Strict):
     output: Endpoint
     stages: list[StageProfile] = Field(min_length=1)
     cuts: list[CutProfile]
+    calibration: Calibration
     profile_wall_s: float = Field(ge=0, description="how long profiling took")
 
     @model_validator(mode="after")
@@ -132,7 +165,17 @@ class ModelProfile(Strict):
 
 
 def load_profile(path: str) -> ModelProfile:
-    """Reads and validates a profile JSON; errors name the file and field."""
-    from aiflow_cli.schema import load_model
+    """Reads and validates a profile JSON; errors name the file and field. Older schema versions are refused in
+    one line that says how to regenerate the file."""
+    from aiflow_cli.errors import SchemaError
+    from aiflow_cli.schema import read_data_file, validate
 
-    return load_model(ModelProfile, path, kind="model profile")
+    data = read_data_file(path)
+    got = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(got, int) and got < PROFILE_SCHEMA_VERSION:
+        model = data.get("model", "MODEL")
+        raise SchemaError(
+            f"{path}: model profile schema_version {got} measured fidelity as logit cosine on random inputs; "
+            f"regenerate it with `aiflow profile {model} -o {path}` (schema version {PROFILE_SCHEMA_VERSION})"
+        )
+    return validate(ModelProfile, data, source=str(path), kind="model profile")

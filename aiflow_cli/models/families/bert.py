@@ -18,11 +18,15 @@ from aiflow_cli.models.adapter import Adapter, StageSpec, text_positions
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
     """Sentence embedding [B, H] from token states [B, S, H] (sentence-transformers' Pooling + Normalize)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
     if mode == "cls":
         emb = hidden[:, 0]
+    elif mode == "max":
+        emb = hidden.masked_fill(m == 0, -1e9).max(1).values
     else:
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        emb = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        emb = (hidden * m).sum(1)
+        n = m.sum(1).clamp(min=1e-9)
+        emb = emb / (n.sqrt() if mode == "mean_sqrt_len" else n)
     if normalize:
         emb = torch.nn.functional.normalize(emb, p=2, dim=1)
     return emb
@@ -78,7 +82,11 @@ class BertAdapter(Adapter):
 
         if text is None or image is not None:
             raise InputError("bert models take text only")
-        return tokenize(self.options, text, self.config.vocab_size, device, max_len=self.config.max_position_embeddings)
+        if self.options.get("do_lower_case"):
+            text = text.lower() if isinstance(text, str) else [t.lower() for t in text]
+        # sentence-transformers models truncate at their max_seq_length (256 for MiniLM), as encode() does
+        max_len = self.options.get("max_seq_length") or self.config.max_position_embeddings
+        return tokenize(self.options, text, self.config.vocab_size, device, max_len=max_len)
 
     def monolithic(self, inputs):
         hidden = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
