@@ -45,8 +45,8 @@ from aiflow_cli.profile.schema import ModelProfile
 from aiflow_cli.runtime.calibrate import calibrate
 from aiflow_cli.runtime.cluster import LocalCluster, identities
 from aiflow_cli.runtime.demo import (SAMPLE_IMAGE, SAMPLE_PROMPT, SAMPLE_TEXT, Timed, agreement, cached_profile,
-                                     placement_key, predicted_cold_ms, predicted_ttft_ms, runs_locally, timed_request,
-                                     upload_bytes)
+                                     placement_key, predicted_cold_ms, predicted_ms, predicted_ttft_ms, runs_locally,
+                                     timed_request, upload_bytes)
 from aiflow_cli.runtime.dilation import Dilation, TierSpeeds
 from aiflow_cli.runtime.pipeline import Pipeline, RunResult, predicted
 
@@ -61,7 +61,7 @@ FULL_LINKS = ("100kbps", "thin-uplink", "3g", "lte", "5g", "wifi", "lan")
 QUICK_MODEL = "builtin:captioner-tiny"
 QUICK_MODELS = (QUICK_MODEL, LLM_MODEL)
 QUICK_LINKS = ("100kbps", "lte")
-QUICK_TOKENS = 6
+QUICK_TOKENS = 4
 #: Untimed requests per configuration before timing: the cold one (connection handshake, first-call paths; its
 #: time is reported apart) and warm-ups.
 WARMUP_REQUESTS = 2
@@ -108,7 +108,7 @@ class E2EConfig(TierSpeeds):
     @classmethod
     def quick_config(cls, **overrides: Any) -> "E2EConfig":
         """The CI-sized run: a tiny model, two link profiles, few repeats."""
-        base = {"model": QUICK_MODEL, "links": QUICK_LINKS, "repeats": 5, "budget_s": 10.0, "quick": True,
+        base = {"model": QUICK_MODEL, "links": QUICK_LINKS, "repeats": 4, "budget_s": 8.0, "quick": True,
                 "max_new_tokens": QUICK_TOKENS}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
@@ -426,7 +426,7 @@ def _rounded(d: dict[str, Any], digits: int = 2) -> dict[str, Any]:
 
 def _entry(plan: Plan, m: Measurement, measured_as: Optional[str], decode_start: int) -> dict[str, Any]:
     """One (link profile, strategy) of the JSON: the measurement beside the plan's prediction."""
-    p50, pred_ms = m.p50_ms, plan.prediction.total_ms
+    p50, pred_ms = m.p50_ms, predicted_ms(plan, m.tokens or None)  # for the tokens generated (EOS may stop early)
     gen: dict[str, Any] = {}
     if m.tokens:
         ttft = float(statistics.median(m.ttft_ms))
@@ -434,7 +434,7 @@ def _entry(plan: Plan, m: Measurement, measured_as: Optional[str], decode_start:
                "tokens_per_s": round(m.tokens / (p50 / 1e3), 2), "tokens": m.tokens}
     return {**gen,
         "cold_ms": None if m.cold_ms is None else round(m.cold_ms, 2),
-        "predicted_cold_ms": round(predicted_cold_ms(plan), 2),
+        "predicted_cold_ms": round(predicted_cold_ms(plan, m.tokens or None), 2),
         "plan": plan.summary(), "p50_ms": round(p50, 2), "p90_ms": round(m.p90_ms, 2),
         "samples_ms": [round(x, 2) for x in m.samples_ms], "predicted_ms": round(pred_ms, 2),
         "prediction_error": round((pred_ms - p50) / p50, 4), "predicted": _rounded(predicted(plan)),
@@ -455,8 +455,8 @@ def run(cfg: E2EConfig, progress: Progress = lambda s: None) -> E2EResult:
     torch.set_num_threads(cfg.threads)  # the device tier gets as many threads as each server
     try:
         inputs = _inputs(load_stages(cfg.model, []).task, cfg)
-        prof = cached_profile(cfg.model, cfg.workdir, progress, inputs, cfg.max_new_tokens)  # per model hash,
-        # torch threads and request shape
+        prof = cached_profile(cfg.model, progress, inputs, cfg.max_new_tokens)  # per model hash, torch threads
+        # and request shape, shared with the demo
         input_bytes = upload_bytes(inputs)
         overheads = calibrate(log=progress).overheads(emulated=True, dilation=cfg.dilation.factor)
         plans = {name: plan_strategies(prof, link, wan, cfg, input_bytes, overheads) for name, link in links.items()}
