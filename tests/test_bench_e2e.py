@@ -142,7 +142,8 @@ def test_bad_settings_are_clean_errors(tmp_path):
     with pytest.raises(InputError, match="--repeats"):
         E2EConfig(repeats=2).check()
     with pytest.raises(InputError, match="--device-speed"):
-        E2EConfig(device_speed=1.5).check()
+        E2EConfig(device_speed=0).check()
+    assert E2EConfig(device_speed=0.25, cloud_speed=4).dilation.factor == 4  # faster tiers: by dilation
     r = _aiflow("bench", "e2e", "--quick", "--json", "--links", "nosuch", "--workdir", str(tmp_path))
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert "nosuch" in json.loads(r.stdout)["error"]

@@ -14,7 +14,7 @@ from aiflow_cli.errors import InputError, PlanError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.plan.brute import REL_TOL, brute_force
 from aiflow_cli.plan.cost import Placement, dp_tables, evaluate
-from aiflow_cli.plan.problem import Limits, build_problem
+from aiflow_cli.plan.problem import Limits, Overheads, build_problem
 from aiflow_cli.plan.solver import _chain_dp, _pareto_dp, _window_argmin, _windows, solve, solve_problem
 from aiflow_cli.plan.synthetic import synthetic_profile
 
@@ -51,7 +51,9 @@ def random_problem(seed: int):
     skip = frozenset(t for t in tiers[1:] if r.random() < 0.1)
     require = frozenset(t for t in tiers if t not in skip and r.random() < 0.1)
     limits = Limits(memory_bytes=memory, min_fidelity=r.choice([None, 0.9999, 0.9995, 0.999]), skip=skip, require=require)
-    return build_problem(profiles, links, objective=objective, tokens=r.randint(1, 50) if objective == "generate" else 0, limits=limits)
+    overheads = Overheads(message_ms=r.choice([0.0, r.uniform(0.1, 5.0)]), handshake_ms=r.uniform(0, 5))
+    return build_problem(profiles, links, objective=objective, tokens=r.randint(1, 50) if objective == "generate" else 0,
+                         limits=limits, overheads=overheads)
 
 
 def _close(a: float, b: float) -> bool:
@@ -156,10 +158,11 @@ def test_side_tensor_crosses_once_and_not_per_decode_step() -> None:
     # prefill-only cuts: the link is crossed once up (the state) and once down (the output), no per-step traffic
     assert _close(in_encoder.propagation_ms[link], 2 * one_way)
     assert _close(between.propagation_ms[link], 2 * one_way)
-    # a cut in the decoder: each of the 20 steps goes up and the token comes back
-    assert _close(in_decoder.propagation_ms[link], 2 * one_way + 20 * 2 * one_way)
+    # a cut in the decoder: each of the 19 decode steps (the prefill gave the first of 20 tokens) goes up and the
+    # token comes back
+    assert _close(in_decoder.propagation_ms[link], 2 * one_way + 19 * 2 * one_way)
     step_up = problem.cut_step_bytes[4, 0] * 8e-3 / (links[link].uplink_mbps * (1 - links[link].loss_pct / 100))
-    assert in_decoder.transfer_ms[link] < problem.cut_bytes[4, 0] * 8e-3 / links[link].uplink_mbps + 20 * step_up * 2 + 1
+    assert in_decoder.transfer_ms[link] < problem.cut_bytes[4, 0] * 8e-3 / links[link].uplink_mbps + 19 * step_up * 2 + 1
     assert problem.cut_step_bytes[4, 0] < side  # per step only the hidden state, never the side tensor again
 
 
@@ -252,3 +255,39 @@ def test_missing_link_and_tier_are_input_errors() -> None:
         solve({"edge": prof, "cloud": prof}, {"edge-cloud": load_link("wan")})
     with pytest.raises(InputError, match="--tokens"):
         solve(_three(prof), _links3(), objective="generate")
+
+
+def test_message_overhead_is_paid_once_per_round_trip_and_per_decode_step() -> None:
+    """The fixed per-message cost: once per link the prefill crosses, once per link per decode step in the decode
+    path, never for a device-only plan; the handshake is reported per link but never enters the total."""
+    prof = synthetic_profile(4, n_codecs=1, seed=3)
+    links = {"device-edge": load_link("lte"), "edge-cloud": load_link("wan")}
+    speeds = {"device": 0.5, "edge": 1.0, "cloud": 4.0}
+
+    def ev(overheads, bounds, codecs, tokens=10):
+        p = build_problem({"*": prof}, links, objective="generate", tokens=tokens, speeds=speeds, overheads=overheads)
+        return evaluate(p, Placement(bounds, codecs))
+
+    none, some = Overheads(), Overheads(message_ms=2.0, handshake_ms=7.0)
+    split = ((0, 1, 1, 4), {0: 0})  # device runs the embedding-like first stage, the cloud the rest (edge relays)
+    cloud_only = ((0, 0, 0, 4), {})
+    device_only = ((0, 4, 4, 4), {})
+    # split: 1 prefill + 9 decode steps, each one message on each of the two links
+    assert _close(ev(some, *split).total_ms - ev(none, *split).total_ms, 2.0 * 2 * (1 + 9))
+    assert _close(ev(some, *cloud_only).total_ms - ev(none, *cloud_only).total_ms, 2.0 * 2)  # input up, tokens back
+    assert _close(ev(some, *device_only).total_ms, ev(none, *device_only).total_ms)
+    hs = ev(some, *split).handshake_ms
+    assert set(hs) == {"device-edge", "edge-cloud"} and _close(hs["device-edge"], 50.0 + 7.0)
+    assert ev(some, *device_only).handshake_ms == {}
+    # the DP prices the same terms
+    p = build_problem({"*": prof}, links, objective="generate", tokens=10, speeds=speeds, overheads=some)
+    pl, found = solve_problem(p)
+    assert _close(found.total_ms, evaluate(p, pl).total_ms)
+
+
+def test_generating_one_token_has_no_decode_step() -> None:
+    prof = synthetic_profile(3, n_codecs=1, seed=5)
+    p = build_problem({"*": prof}, {"device-cloud": load_link("lte")}, objective="generate", tokens=1,
+                      speeds={"device": 1.0, "cloud": 1.0})
+    ev = evaluate(p, Placement((0, 1, 3), {0: 0}))
+    assert ev.per_token_ms == 0.0 and _close(ev.total_ms, ev.prefill_ms)

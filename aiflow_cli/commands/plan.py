@@ -83,7 +83,7 @@ def plan(
     min_fidelity: Optional[float] = typer.Option(None, "--min-fidelity", help="Floor on the profile's fidelity metric (token agreement, embedding cosine), per cut and end to end; the chosen codecs are measured on the calibration set when the model is here."),
     verify: Optional[bool] = typer.Option(None, "--verify/--no-verify", help="Measure the plan's fidelity end to end (default: when --min-fidelity is given)."),
     objective: str = typer.Option("latency", "--objective", help="latency | generate | throughput."),
-    tokens: int = typer.Option(0, "--tokens", min=0, help="Decode steps for --objective generate."),
+    tokens: int = typer.Option(0, "--tokens", min=0, help="Tokens generated for --objective generate (the prefill gives the first, then N - 1 decode steps)."),
     codecs: Optional[str] = typer.Option(None, "--codecs", help="Comma-separated codecs the solver may use (default: all profiled)."),
     skip_tier: list[str] = typer.Option([], "--skip-tier", help="A tier that must run no stage (it may still relay)."),
     require_tier: list[str] = typer.Option([], "--require-tier", help="A tier that must run at least one stage."),
@@ -218,12 +218,13 @@ def _print_plan(p) -> None:
 
 def _print_explain(problem, rows) -> None:
     from aiflow_cli.plan.explain import ships_input
+    from aiflow_cli.plan.strategies import OPTIMAL
 
     value = "bottleneck ms" if problem.objective == "throughput" else "total ms"
     t = Table(title=f"why this plan ({problem.objective}): predicted ms per request", expand=True)
     for col in ["strategy", "placement", value, "compute", "codec", "transfer", "rtt", "vs plan"]:
         t.add_column(col, justify="left" if col in ("strategy", "placement") else "right")
-    best = next((r.evaluation.objective_value(problem.objective) for r in rows if r.name == "aiflow plan" and r.evaluation), None)
+    best = next((r.evaluation.objective_value(problem.objective) for r in rows if r.name == OPTIMAL and r.evaluation), None)
     for r in rows:
         ev = r.evaluation
         if ev is None or not ev.feasible:
@@ -244,7 +245,7 @@ def _print_explain(problem, rows) -> None:
 
 def _print_sweep(problem, s) -> None:
     t = Table(title=f"sweep of {s.link} uplink: ms per strategy and the optimal plan")
-    short = {"best split, raw codec": "raw split", "aiflow plan": "plan"}
+    short = {"raw-split": "raw split", "aiflow": "plan"}
     t.add_column("Mbit/s", justify="right")
     for x in s.points[0].strategies:
         t.add_column(short.get(x.name, x.name.removesuffix("-only")), justify="right")

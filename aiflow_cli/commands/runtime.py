@@ -30,7 +30,8 @@ def serve(
     next_addr: Optional[str] = typer.Option(None, "--next", help="Next tier's address (edge -> cloud)."),
     identity: Path = typer.Option(..., "--identity", help="Directory with node.key/node.crt (aiflow keygen)."),
     trust: list[str] = typer.Option([], "--trust", help="Fingerprint of a peer to accept (repeat): devices, edges, the next tier."),
-    speed: float = typer.Option(1.0, "--speed", help="Emulate a slower machine: stretch compute by 1/SPEED (0 < SPEED <= 1)."),
+    speed: float = typer.Option(1.0, "--speed", help="Emulate a machine SPEED x this CPU: compute stretched by DILATION/SPEED (0 < SPEED <= DILATION)."),
+    dilation: float = typer.Option(1.0, "--dilation", help="Time dilation factor D >= 1 (docs/runtime.md): lets SPEED reach D; every tier of a run must use the same D."),
     cache_mib: int = typer.Option(1024, "--cache-mib", min=1, help="KV-cache memory for all sessions; least recently used are evicted."),
     duration_s: Optional[float] = typer.Option(None, "--duration-s", min=0, help="Stop after this many seconds."),
     insecure_dev: bool = typer.Option(False, "--insecure-dev", help="Accept any peer certificate (local experiments only)."),
@@ -44,7 +45,7 @@ def serve(
 
     _threads()
     srv = TierServer(role, plan, listen=listen, identity=identity, trust=trust, next_addr=next_addr, speed=speed,
-                     cache_limit_bytes=cache_mib << 20, insecure_dev=insecure_dev)
+                     cache_limit_bytes=cache_mib << 20, insecure_dev=insecure_dev, dilation=dilation)
 
     def ready(info: dict[str, Any]) -> None:
         if json_out:
@@ -114,11 +115,15 @@ def run(
 
 
 def demo(
-    model: str = typer.Option("builtin:vit-gpt2-captioner", "--model", help="Model to split (aiflow models lists them)."),
+    model: str = typer.Option("smollm2", "--model", help="Model to split (aiflow models lists them), e.g. builtin:vit-gpt2-captioner."),
     link: str = typer.Option("lte", "--link", help="Device-to-edge link profile (profiles/links/, or a .toml path)."),
     wan: str = typer.Option("wan", "--wan", help="Edge-to-cloud link profile."),
-    device_speed: float = typer.Option(0.25, "--device-speed", help="Emulated device speed as a share of this CPU (0 < x <= 1)."),
-    max_new_tokens: int = typer.Option(16, "--max-new-tokens", min=1, help="Tokens to generate (captioning / LMs)."),
+    device_speed: float = typer.Option(0.25, "--device-speed", help="Device speed as a multiple of this CPU."),
+    edge_speed: float = typer.Option(1.0, "--edge-speed", help="Edge speed as a multiple of this CPU."),
+    cloud_speed: float = typer.Option(4.0, "--cloud-speed", help="Cloud speed as a multiple of this CPU (an assumption; above 1 emulated by time dilation)."),
+    max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate (captioning / LMs)."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Warm requests timed per strategy (median reported)."),
+    min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="Fidelity floor of the aiflow plan; measured agreement below it is flagged."),
     input_: Optional[Path] = typer.Option(None, "--image", help="Image to caption/classify (default: the bundled sample)."),
     text: Optional[str] = typer.Option(None, "--text", help="Prompt or sentence for text models."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, cached profile, plans, logs (default ~/.cache/aiflow/demo)."),
@@ -129,21 +134,26 @@ def demo(
     from rich.table import Table
 
     from aiflow_cli.runtime.demo import DemoConfig, run_demo
-    from aiflow_cli.runtime.report import flow_table
+    from aiflow_cli.runtime.report import print_demo
 
-    if not 0 < device_speed <= 1:
-        raise InputError(f"--device-speed {device_speed}: must be in (0, 1]")
-    cfg = DemoConfig(model=model, uplink=link, wan=wan, device_speed=device_speed, max_new_tokens=max_new_tokens,
-                     input_path=input_, text=text)
+    for name, v in (("--device-speed", device_speed), ("--edge-speed", edge_speed), ("--cloud-speed", cloud_speed)):
+        if not v > 0:
+            raise InputError(f"{name} {v}: must be > 0 (a multiple of this CPU's speed)")
+    if not 0 < min_fidelity <= 1:
+        raise InputError(f"--min-fidelity {min_fidelity}: must be in (0, 1]")
+    cfg = DemoConfig(model=model, uplink=link, wan=wan, device_speed=device_speed, edge_speed=edge_speed,
+                     cloud_speed=cloud_speed, max_new_tokens=max_new_tokens, repeats=repeats,
+                     min_fidelity=min_fidelity, input_path=input_, text=text)
     if workdir is not None:
         cfg.workdir = workdir
     steps: list[str] = []
+    finished = []
     out_console = err_console if json_out else console
 
     def view() -> Table:
         t = Table.grid(padding=(0, 1))
         for i, s in enumerate(steps):
-            t.add_row("[green]✓[/]" if i < len(steps) - 1 else "[yellow]…[/]", s)
+            t.add_row("[green]✓[/]" if i < len(steps) - 1 or finished else "[yellow]…[/]", s)
         return t
 
     with Live(view(), console=out_console, refresh_per_second=4, transient=False) as live:
@@ -153,28 +163,13 @@ def demo(
 
         out = run_demo(cfg, log)
         steps.append(f"done in {out['wall_s']:.1f} s")
+        finished.append(True)
         live.update(view())
-    runs = out.pop("_runs")
+    out_console.print()
     if json_out:
         print_json(out)
         return
-    for name, r in runs.items():
-        console.print(flow_table(r.plan, r.result, title=f"{name}: {r.plan.summary()}"))
-    summary = Table(title="strategies side by side (same request, same emulated links)", title_justify="left")
-    for col in ("strategy", "plan", "measured ms", "predicted ms", "bytes device->edge", "agreement"):
-        summary.add_column(col, justify="left" if col in ("strategy", "plan") else "right")
-    for name, e in out["strategies"].items():
-        up = e["timings"]["links"].get("device-edge", {}).get("bytes_up", 0)
-        agree = e.get("token_agreement", e.get("cosine"))
-        summary.add_row(name, e["plan"], f"{e['total_ms']:.0f}", f"{e['predicted_ms']:.0f}", f"{up:,}",
-                        "-" if agree is None else f"{agree:.4f}")
-    console.print(summary)
-    a = out["strategies"]["aiflow"]
-    if a.get("text") is not None and out.get("has_tokenizer"):
-        console.print(f"answer: {a['text'][0]}", highlight=False, markup=False)
-    elif a.get("text") is not None:
-        console.print(f"caption tokens: {a['tokens'][0]}  (random weights: nonsense text, compare token agreement)",
-                      highlight=False)
+    print_demo(out, console)
 
 
 def bench_runtime(

@@ -4,10 +4,14 @@
 brute force and every report use it). :func:`dp_tables` precomputes the same terms as arrays for the DP. The
 property tests check that the two agree on every plan the DP returns. docs/planner.md states the formulas.
 
-Assumptions (all documented in docs/planner.md): connections are kept open (steady state, no handshake); a
-one-way crossing of a link costs ``rtt_ms / 2`` plus serialisation ``bytes * 8 / goodput``; loss only lowers
-goodput, ``rate * (1 - loss_pct / 100)``; a tier that runs nothing but sits between two that do forwards frames
-store-and-forward without re-coding; the raw input is uploaded uncoded and the output returns uncoded.
+Assumptions (all documented in docs/planner.md): connections are kept open (steady state; the handshake is
+priced apart, per link, and never enters the objective); a one-way crossing of a link costs ``rtt_ms / 2`` plus
+serialisation ``bytes * 8 / goodput``, and every message round trip over a link pays a fixed
+``Overheads.message_ms`` (framing, Python hand-offs, the emulator's timer: measured on the machine by
+:mod:`aiflow_cli.runtime.calibrate`); loss only lowers goodput, ``rate * (1 - loss_pct / 100)``; a tier that
+runs nothing but sits between two that do forwards frames store-and-forward without re-coding; the raw input is
+uploaded uncoded and the output returns uncoded. Generating N tokens is one prefill (which yields the first
+token) and N - 1 decode steps.
 """
 
 from __future__ import annotations
@@ -17,10 +21,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aiflow_cli.links import LinkProfile
-from aiflow_cli.plan.problem import Problem
+from aiflow_cli.plan.problem import Overheads, Problem  # noqa: F401  (Overheads: re-exported)
 
 #: Tolerance on the fidelity budget, so that a sum computed in another order is not refused by rounding.
 FIDELITY_EPS = 1e-12
+
+
+def decode_steps(problem: Problem) -> int:
+    """Decode steps of one request: the prefill yields the first of ``tokens`` tokens."""
+    return max(problem.tokens - 1, 0)
 
 
 def goodput_mbps(link: LinkProfile, *, up: bool) -> float:
@@ -61,13 +70,16 @@ class Placement:
 class Evaluation:
     """The predicted cost of a placement, term by term (ms) and its feasibility."""
 
-    total_ms: float = 0.0  # one request, end to end (all decode steps included for 'generate')
-    prefill_ms: float = 0.0  # the part before the first decode step
+    total_ms: float = 0.0  # one warm request, end to end (all decode steps included for 'generate')
+    prefill_ms: float = 0.0  # the part before the first decode step (time to the first token when the device
+    # drives the generation)
     per_token_ms: float = 0.0  # one decode step ('generate')
     compute_ms: dict[str, float] = field(default_factory=dict)  # tier -> ms
     codec_ms: dict[str, float] = field(default_factory=dict)  # cut label -> encode + decode ms
     transfer_ms: dict[str, float] = field(default_factory=dict)  # link -> serialisation ms, both directions
     propagation_ms: dict[str, float] = field(default_factory=dict)  # link -> rtt/2 per crossing
+    message_ms: dict[str, float] = field(default_factory=dict)  # link -> fixed cost per message round trip
+    handshake_ms: dict[str, float] = field(default_factory=dict)  # link -> connection set-up (not in total_ms)
     busy_ms: dict[str, float] = field(default_factory=dict)  # pipeline resource -> ms per request
     bottleneck: str = ""
     bottleneck_ms: float = 0.0
@@ -105,7 +117,8 @@ def segment_memory_bytes(problem: Problem, tier: int, start: int, end: int) -> i
 def evaluate(problem: Problem, placement: Placement) -> Evaluation:
     """Prices ``placement`` term by term and lists every limit it breaks (see the module docstring)."""
     p, pl, ev = problem, placement, Evaluation()
-    T, S, N = p.n_tiers, p.n_stages, p.tokens
+    T, S, N = p.n_tiers, p.n_stages, decode_steps(p)
+    msg, hs = p.overheads.message_ms, p.overheads.handshake_ms
     b = pl.bounds
     assert len(b) == T + 1 and b[0] == 0 and b[-1] == S and all(x <= y for x, y in zip(b, b[1:]))
     comp = pl.computing()
@@ -136,7 +149,8 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
         x = serialise_ms(links[l], p.input_bytes, up=True)
         _add(ev.transfer_ms, names[l], x)
         _add(ev.propagation_ms, names[l], links[l].one_way_ms)
-        ev.prefill_ms += x + links[l].one_way_ms
+        _add(ev.message_ms, names[l], msg)
+        ev.prefill_ms += x + links[l].one_way_ms + msg
         ev.busy_ms[f"up:{names[l]}"] = x
     for l in range(last):  # the output returns to the device
         x = serialise_ms(links[l], p.output_bytes, up=False)
@@ -173,7 +187,8 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
             x = serialise_ms(links[l], float(p.cut_bytes[k, c]), up=True)
             _add(ev.transfer_ms, names[l], x)
             _add(ev.propagation_ms, names[l], links[l].one_way_ms)
-            ev.prefill_ms += x + links[l].one_way_ms
+            _add(ev.message_ms, names[l], msg)
+            ev.prefill_ms += x + links[l].one_way_ms + msg
             ev.busy_ms[f"up:{names[l]}"] = x
             if N and p.decode_stage[k]:
                 # one step's hidden state goes up, the sampled token comes back down to be fed in
@@ -181,7 +196,8 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
                 down = serialise_ms(links[l], p.token_bytes, up=False)
                 _add(ev.transfer_ms, names[l], N * (up + down))
                 _add(ev.propagation_ms, names[l], N * 2 * links[l].one_way_ms)
-                per_step += up + down + 2 * links[l].one_way_ms
+                _add(ev.message_ms, names[l], N * msg)
+                per_step += up + down + 2 * links[l].one_way_ms + msg
         ev.per_token_ms += per_step
     if ev.fidelity_loss > p.fidelity_budget + FIDELITY_EPS and len(used) > 1:
         ev.violations.append(
@@ -191,6 +207,8 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
     if not N:
         ev.per_token_ms = 0.0  # no decode steps: keep the field honest rather than report an unused figure
     ev.total_ms = ev.prefill_ms + N * ev.per_token_ms
+    for l in range(last):  # every link up to the last computing tier carries a connection
+        ev.handshake_ms[names[l]] = links[l].rtt_ms + hs
     ev.bottleneck, ev.bottleneck_ms = max(ev.busy_ms.items(), key=lambda kv: kv[1])
     return ev
 
@@ -219,7 +237,7 @@ class Tables:
 def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
     """Vectorised cost terms; a codec whose own cut breaks the fidelity floor is masked out (inf)."""
     p = problem
-    T, S, C, N = p.n_tiers, p.n_stages, p.n_codecs, p.tokens
+    T, S, C, N = p.n_tiers, p.n_stages, p.n_codecs, decode_steps(p)
     K = S - 1
     stage = p.prefill_ms + N * np.where(p.decode_stage[None, :], p.decode_ms, 0.0)
     prefix = np.concatenate([np.zeros((T, 1)), np.cumsum(stage, axis=1)], axis=1)
@@ -243,7 +261,7 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
         link = p.links[t - 1]
         xi = serialise_ms(link, p.input_bytes, up=True)
         xo = serialise_ms(link, p.output_bytes, up=False)
-        inp[t] = inp[t - 1] + xi + link.one_way_ms
+        inp[t] = inp[t - 1] + xi + link.one_way_ms + p.overheads.message_ms
         out[t] = out[t - 1] + xo + link.one_way_ms
         inp_busy[t] = max(inp_busy[t - 1], xi)
         out_busy[t] = max(out_busy[t - 1], xo)
@@ -258,7 +276,7 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
 
 def _fill_cuts(p: Problem, ok: np.ndarray, bytes_: np.ndarray, per_step: np.ndarray, cut: np.ndarray, busy: np.ndarray) -> None:
     """Fills ``cut`` and ``busy`` (see :class:`Tables`) for every pair of tiers a < z."""
-    T = p.n_tiers
+    T, msg = p.n_tiers, p.overheads.message_ms
     for a in range(T):
         for z in range(a + 1, T):
             # an intermediate required tier must compute, so a crossing may not jump over it
@@ -274,8 +292,9 @@ def _fill_cuts(p: Problem, ok: np.ndarray, bytes_: np.ndarray, per_step: np.ndar
                     p.cut_step_bytes * 8e-3 / goodput_mbps(link, up=True)
                     + p.token_bytes * 8e-3 / goodput_mbps(link, up=False)
                     + 2 * link.one_way_ms
+                    + msg
                 )
-                total = total + x + link.one_way_ms + per_step * step
+                total = total + x + link.one_way_ms + msg + per_step * step
                 worst = np.maximum(worst, x)
             cut[a, z] = np.where(ok, total, np.inf)
             busy[a, z] = np.where(ok, worst, np.inf)

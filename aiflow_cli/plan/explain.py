@@ -1,8 +1,7 @@
 """Why this plan: the optimum side by side with the plans people would try first.
 
-Strategies: every tier alone (device-only, edge-only, cloud-only: the input goes up raw, the output comes back),
-the best placement when only the ``raw`` codec is allowed (what a split without compression gets), and the
-optimum. Each is priced by the same reference evaluator, so the columns are comparable.
+The strategies and their names are those of :mod:`aiflow_cli.plan.strategies` (device-only, edge-only,
+cloud-only, raw-split, aiflow). Each is priced by the same reference evaluator, so the columns are comparable.
 """
 
 from __future__ import annotations
@@ -14,9 +13,7 @@ from aiflow_cli.errors import PlanError
 from aiflow_cli.plan.cost import Evaluation, Placement, evaluate
 from aiflow_cli.plan.problem import Problem
 from aiflow_cli.plan.solver import solve_problem
-
-OPTIMAL = "aiflow plan"
-RAW_SPLIT = "best split, raw codec"
+from aiflow_cli.plan.strategies import OPTIMAL, RAW_SPLIT, only
 
 
 @dataclass
@@ -67,7 +64,7 @@ def strategies(problem: Problem) -> list[Strategy]:
     for t, name in enumerate(problem.tiers):
         pl = single_tier(problem, t)
         ev = evaluate(problem, pl)
-        out.append(Strategy(f"{name}-only", pl, ev, "; ".join(ev.violations)))
+        out.append(Strategy(only(name), pl, ev, "; ".join(ev.violations)))
     for name, prob in ((RAW_SPLIT, problem.with_codecs(["raw"])), (OPTIMAL, problem)):
         try:
             pl, ev = solve_problem(prob)

@@ -44,6 +44,26 @@ class Limits:
     codecs: Optional[tuple[str, ...]] = None  # restrict the codecs the solver may choose (None: all profiled)
 
 
+@dataclass(frozen=True)
+class Overheads:
+    """Fixed costs that a model profile cannot see (ms), measured on this machine by
+    :func:`aiflow_cli.runtime.calibrate.calibrate` (zero when no calibration is given).
+
+    ``message_ms``: one request/reply over one link beyond propagation and serialisation (framing, the Python
+    hand-offs of both tiers, the transport, the link emulator's timer when there is one); paid once per message
+    round trip: once per link a request crosses, and once per link per decode step in the decode path.
+    ``handshake_ms``: opening one connection beyond one round trip of its link (QUIC + TLS 1.3 is a 1-RTT
+    handshake); paid once per connection, reported apart from warm requests, never in the objective."""
+
+    message_ms: float = 0.0
+    handshake_ms: float = 0.0
+    source: str = "none"
+
+    def dilated(self, factor: float) -> "Overheads":
+        """Under time dilation by ``factor`` these real-time costs appear ``factor`` times smaller."""
+        return Overheads(self.message_ms / factor, self.handshake_ms / factor, f"{self.source} / {factor:g} (dilated)")
+
+
 @dataclass
 class Problem:
     """A planning instance as arrays (times ms, sizes bytes). Built by :func:`build_problem`."""
@@ -79,6 +99,7 @@ class Problem:
     require: np.ndarray  # (T,) bool
     profile_ids: dict[str, dict] = field(default_factory=dict)  # tier -> identity of the profile it used
     input_description: str = ""  # what the stage-0 input is (the profile's words), for explanations
+    overheads: Overheads = field(default_factory=Overheads)  # fixed per-message / per-connection costs (ms)
     fidelity_metric: str = "output_cosine"  # what cut_loss measures (the profile's calibration.metric)
     calibration_hash: Optional[str] = None  # the calibration set the profiles' fidelity was measured on
     excluded: tuple[str, ...] = ()  # 'codec@cut' removed after measuring below the floor (plan/verify.py)
@@ -166,8 +187,11 @@ def build_problem(
     limits: Optional[Limits] = None,
     speeds: Optional[dict[str, float]] = None,
     input_bytes: Optional[int] = None,
+    overheads: Optional[Overheads] = None,
 ) -> Problem:
     """Checks and flattens the inputs.
+
+    ``overheads``: fixed costs per message round trip and per connection (see :class:`Overheads`; default none).
 
     ``input_bytes``: what one request's input costs to upload when the device computes nothing, if known (e.g.
     the size of a JPEG file that the first computing tier decodes itself); default: the profile's uncoded
@@ -303,5 +327,6 @@ def build_problem(
         skip=np.array([t in limits.skip for t in tiers]), require=np.array([t in limits.require for t in tiers]),
         profile_ids=profile_ids,
         input_description=ref.input.description if input_bytes is None else "as given: the encoded input file",
+        overheads=overheads or Overheads(),
         fidelity_metric=ref.calibration.metric, calibration_hash=ref.calibration.hash,
     )

@@ -60,7 +60,8 @@ class CutPlan(Strict):
 
 
 class Prediction(Strict):
-    """Predicted cost of one request. ``total_ms`` = sum of compute_ms + codec_ms + transfer_ms + rtt_ms."""
+    """Predicted cost of one warm request. ``total_ms`` = sum of compute_ms + codec_ms + transfer_ms + rtt_ms +
+    message_ms."""
 
     objective_value: float = Field(description="what was minimised: total_ms, or bottleneck_ms for throughput")
     total_ms: float
@@ -71,6 +72,9 @@ class Prediction(Strict):
     codec_ms: dict[str, float] = Field(description="cut 'from->to@after_stage' -> encode + decode ms")
     transfer_ms: dict[str, float] = Field(description="link -> serialisation ms (both directions)")
     rtt_ms: dict[str, float] = Field(description="link -> propagation ms (rtt/2 per crossing)")
+    message_ms: dict[str, float] = Field(default_factory=dict, description="link -> fixed ms per message round trip")
+    handshake_ms: dict[str, float] = Field(default_factory=dict,
+                                           description="link -> connection set-up ms, paid once (not in total_ms)")
     busy_ms: dict[str, float] = Field(description="pipeline resource -> ms per request (throughput model)")
     bottleneck: str
     bottleneck_ms: float
@@ -250,7 +254,8 @@ def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict
     pred = Prediction(
         objective_value=ev.objective_value(p.objective), total_ms=ev.total_ms, prefill_ms=ev.prefill_ms,
         per_token_ms=ev.per_token_ms, tokens=p.tokens, compute_ms=ev.compute_ms, codec_ms=ev.codec_ms,
-        transfer_ms=ev.transfer_ms, rtt_ms=ev.propagation_ms, busy_ms=ev.busy_ms, bottleneck=ev.bottleneck,
+        transfer_ms=ev.transfer_ms, rtt_ms=ev.propagation_ms, message_ms=ev.message_ms,
+        handshake_ms=ev.handshake_ms, busy_ms=ev.busy_ms, bottleneck=ev.bottleneck,
         bottleneck_ms=ev.bottleneck_ms, throughput_rps=ev.throughput_rps, fidelity_loss_bound=ev.fidelity_loss,
     )
     solved_for = SolvedFor(

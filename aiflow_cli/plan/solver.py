@@ -28,7 +28,7 @@ from aiflow_cli import task
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.plan.cost import FIDELITY_EPS, Evaluation, Placement, Tables, dp_tables, evaluate
-from aiflow_cli.plan.problem import Limits, Problem, build_problem
+from aiflow_cli.plan.problem import Limits, Overheads, Problem, build_problem
 from aiflow_cli.profile.schema import ModelProfile
 
 
@@ -311,12 +311,14 @@ def solve(
     speeds: Optional[dict[str, float]] = None,
     sources: Optional[dict[str, str]] = None,
     input_bytes: Optional[int] = None,
+    overheads: Optional[Overheads] = None,
     model=None,
     verify: Optional[bool] = None,
 ):
     """Solves for the optimal plan. ``profiles``: tier -> profile (or ``{"*": profile}`` with ``speeds``);
     ``links``: ``"device-edge"`` -> link; ``sources``: optional tier -> file path, recorded in the plan;
-    ``input_bytes``: upload size of the request input when known (see :func:`build_problem`).
+    ``input_bytes``: upload size of the request input when known (see :func:`build_problem`); ``overheads``:
+    measured fixed costs per message and connection (:class:`Overheads`; default none).
     With a fidelity floor the chosen codecs are measured end to end before the plan is accepted
     (:func:`aiflow_cli.plan.verify.solve_verified`; ``model``: the loaded model, default loaded by name;
     ``verify``: force or skip the measurement).
@@ -325,7 +327,7 @@ def solve(
     from aiflow_cli.plan.verify import solve_verified
 
     problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
-                            input_bytes=input_bytes)
+                            input_bytes=input_bytes, overheads=overheads)
     t0 = time.perf_counter()
     v = solve_verified(problem, model=model, verify=verify)
     solve_ms = (time.perf_counter() - t0) * 1e3 - v.fidelity.measure_s * 1e3
@@ -335,14 +337,15 @@ def solve(
 
 def solve_variants(profile: ModelProfile, links: dict[str, LinkProfile], speeds: dict[str, float],
                    variants: dict[str, Limits], *, tokens: int = 16, input_bytes: Optional[int] = None,
-                   model=None) -> dict:
+                   overheads: Optional[Overheads] = None, model=None) -> dict:
     """One plan per named set of limits (``{"device-only": Limits(skip=...), ...}``), all on the same profile,
-    links and speeds; generating models are planned for ``tokens`` decode steps, the others for one request.
-    Variants with a fidelity floor are verified end to end (``model``: the loaded model, default loaded by name)."""
+    links, speeds and overheads; generating models are planned for ``tokens`` generated tokens, the others for
+    one request. Variants with a fidelity floor are verified end to end (``model``: the loaded model, default
+    loaded by name)."""
     generates = task.generates(profile.task)
     return {
         name: solve({"*": profile}, links, objective="generate" if generates else "latency",
                     tokens=tokens if generates else 0, limits=lim, speeds=speeds, input_bytes=input_bytes,
-                    model=model)
+                    overheads=overheads, model=model)
         for name, lim in variants.items()
     }

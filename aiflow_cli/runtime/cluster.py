@@ -49,7 +49,7 @@ class LocalCluster:
 
     def __init__(self, plan_path: str | Path, workdir: str | Path, *, links: Optional[dict[str, Any]] = None,
                  speeds: Optional[dict[str, float]] = None, cache_mib: int = 1024, seed: int = 0,
-                 threads: Optional[int] = 1):
+                 threads: Optional[int] = 1, dilation: float = 1.0):
         self.plan_path = Path(plan_path)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +58,7 @@ class LocalCluster:
         self.cache_mib = cache_mib
         self.seed = seed
         self.threads = threads
+        self.dilation = dilation  # time dilation (aiflow_cli/runtime/dilation.py): passed to every tier
         self.keys = identities(self.workdir)
         self.servers: dict[str, TierProcess] = {}
         self.emulators: dict[str, LinkEmulator] = {}
@@ -71,7 +72,7 @@ class LocalCluster:
         spec = TierSpec(role=tier, plan_path=str(self.plan_path), identity_dir=str(self.keys[tier].cert_path.parent),
                         trust=tuple(self.fingerprints()), listen=listen, next_addr=next_addr,
                         speed=self.speeds.get(tier, 1.0), cache_limit_bytes=self.cache_mib << 20,
-                        threads=self.threads)
+                        threads=self.threads, dilation=self.dilation)
         proc = TierProcess(spec, self.workdir / f"{tier}.log")
         self.servers[tier] = proc
         return proc
@@ -102,6 +103,7 @@ class LocalCluster:
     def pipeline(self, **kw: Any) -> Pipeline:
         """A device :class:`Pipeline` connected to the edge (through its emulator if any)."""
         kw.setdefault("speed", self.speeds.get("device", 1.0))
+        kw.setdefault("dilation", self.dilation)
         return Pipeline(self.plan_path, edge=self.addresses["edge"], identity=self.keys["device"],
                         trust=self.fingerprints(), **kw)
 

@@ -69,15 +69,35 @@ class StepResult:
     timings: Timings = field(default_factory=Timings)
 
 
+def check_speed(speed: float, dilation: float = 1.0) -> float:
+    """The stretch factor of a tier emulated at ``speed`` x this CPU under time dilation ``dilation``
+    (``dilation / speed`` >= 1); refuses, in one line, a speed the emulation cannot give."""
+    if not dilation >= 1:
+        raise InputError(f"--dilation {dilation}: must be >= 1 (1: no dilation)")
+    if not 0 < speed <= dilation:
+        if dilation == 1:
+            raise InputError(f"--speed {speed}: without time dilation a tier can only be emulated slower than this "
+                             f"machine (0 < speed <= 1); for a faster one give --dilation D >= {speed:g}")
+        raise InputError(f"--speed {speed}: must be in (0, {dilation:g}] under --dilation {dilation:g} (the fastest "
+                         f"tier runs at this CPU's real speed)")
+    return dilation / speed
+
+
 class TierNode:
     """Runs tier ``tier`` of ``plan``. ``next_client`` reaches the next tier in the plan's order (None when no
-    tier behind this one computes). ``speed`` < 1 emulates a slower machine by stretching each stage's compute
-    time by ``1 / speed`` (sleeping the difference); the figures it reports include the stretch."""
+    tier behind this one computes).
+
+    ``speed`` emulates a machine ``speed`` times as fast as this CPU. Without dilation (``dilation=1``) only
+    slower ones (``speed <= 1``): the node's compute and codec work is stretched to ``1 / speed`` times its CPU
+    time (it sleeps the difference). Under time dilation ``D`` (docs/runtime.md) every tier is stretched by
+    ``D / speed``, so the fastest tier (``speed = D``) runs at this CPU's real speed; the figures the node
+    reports are real (undilated) milliseconds, stretch included: divide by ``D`` for emulated time."""
 
     def __init__(self, plan: Plan, tier: str, *, next_client: Optional[Client] = None, speed: float = 1.0,
-                 cache_limit_bytes: int = DEFAULT_CACHE_BYTES, model: Optional[StagedModel] = None):
-        if not 0 < speed <= 1:
-            raise InputError(f"--speed {speed}: a tier can only be emulated slower than this machine (0 < speed <= 1)")
+                 cache_limit_bytes: int = DEFAULT_CACHE_BYTES, model: Optional[StagedModel] = None,
+                 dilation: float = 1.0):
+        self.stretch = check_speed(speed, dilation)
+        self.dilation = dilation
         self.plan = plan
         self.tier = tier
         self.plan_hash = protocol.plan_hash(plan)
@@ -104,12 +124,14 @@ class TierNode:
         self.is_output = self.stages.stop == plan.n_stages and len(self.stages) > 0
         self.keeps_cache = self.generates and self.stages.stop > self.decode_start
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
+        self.first_token_at: Optional[float] = None  # perf_counter() when this driver had its first token
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
         """What ``hello`` reports about this tier."""
         return TierInfo(self.tier, self.plan_hash, self.plan.model_hash, (self.stages.start, self.stages.stop),
-                        self.model.loaded_param_bytes(), rss_bytes(), round(self.load_ms, 1), self.speed, os.getpid())
+                        self.model.loaded_param_bytes(), rss_bytes(), round(self.load_ms, 1), self.speed, os.getpid(),
+                        self.dilation)
 
     def describe(self) -> dict[str, Any]:
         """:meth:`info` as a JSON-able dict."""
@@ -167,10 +189,13 @@ class TierNode:
         mine.steps += 1
         state = payload.state
         if state is None:
+            t0, c0 = self._clocks()
             state, _, mine.decode_ms = unpack_state(payload.packed.tensors, payload.packed.frames)
+            mine.decode_ms += self._stretch(t0, c0)
         if IMAGE_FILE in state:  # the device sent the image file itself: preprocess it here (counts as compute)
-            t0 = time.perf_counter()
+            t0, c0 = self._clocks()
             state = self.model.prepare(image=decode_image_file(state[IMAGE_FILE]))
+            self._stretch(t0, c0)
             mine.compute_ms += (time.perf_counter() - t0) * 1e3
         session = None
         if self.keeps_cache:
@@ -184,14 +209,17 @@ class TierNode:
                 result.timings = timings
             else:
                 cut = self.plan.cut_codec(self.stages.stop - 1) or "raw"
+                t0, c0 = self._clocks()
                 packed = pack_state(state, self.model.roles(state), cut)
-                mine.encode_ms += packed.encode_ms
+                mine.encode_ms += packed.encode_ms + self._stretch(t0, c0)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
                 result = self._forward(key, phase, self.stages.stop, Payload(packed=packed), max_new_tokens,
                                        down_last, deadline, timings)
             if session is not None:
                 self.sessions.done_step(key, session)
+            if self.is_driver and phase == PREFILL:
+                self.first_token_at = time.perf_counter()  # time to first token (the latest request's)
             if self.is_driver and phase == PREFILL and max_new_tokens > 1:
                 result = self._drive(key, session, result, max_new_tokens, deadline)
         except BaseException:
@@ -205,15 +233,34 @@ class TierNode:
 
     def _run_stages(self, stage: int, state: BoundaryState, cache, mine) -> tuple[BoundaryState, Optional[BoundaryState]]:
         prompt = None
-        t0 = time.perf_counter()
+        t0, c0 = self._clocks()
         for i in range(stage, self.stages.stop):
             if i == self.decode_start and self.is_driver:
                 prompt = self.model.decode_inputs_of(state)
             state = self.model.run_stage(i, state, cache)
-        if self.speed < 1:  # one sleep per step: per-stage sleeps would add the timer's overshoot per stage
-            time.sleep((time.perf_counter() - t0) * (1 / self.speed - 1))
+        self._stretch(t0, c0)  # one sleep per step: per-stage sleeps would add the timer's overshoot per stage
         mine.compute_ms += (time.perf_counter() - t0) * 1e3
         return state, prompt
+
+    @staticmethod
+    def _clocks() -> tuple[float, float]:
+        return time.perf_counter(), time.thread_time()
+
+    def _stretch(self, t0: float, c0: float) -> float:
+        """Sleeps until ``stretch`` x the CPU time this thread spent since ``(t0, c0)`` has passed (the wall time
+        since ``t0`` counts towards it); returns the ms slept. CPU time, not wall time: on a loaded machine the
+        wall time of the work grows with the load and a wall-time stretch would multiply that, while this
+        thread's CPU time stays what the work costs (torch runs its ops in this thread with one intra-op thread,
+        as every tier of LocalCluster has; with more, their CPU time is not seen and the wall time is used)."""
+        if self.stretch <= 1:
+            return 0.0
+        wall = time.perf_counter() - t0
+        cpu = time.thread_time() - c0 if torch.get_num_threads() == 1 else wall
+        left = cpu * self.stretch - wall
+        if left <= 0:
+            return 0.0
+        time.sleep(left)
+        return left * 1e3
 
     def _output(self, state: BoundaryState, mine) -> StepResult:
         out = self.model.output(state)

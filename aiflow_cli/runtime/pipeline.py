@@ -84,13 +84,13 @@ def detokenize(model: StagedModel, tokens: torch.Tensor) -> list[str]:
 class Pipeline:
     """The device tier of ``plan`` (a :class:`Plan` or a path), talking to the next tier at ``edge``.
 
-    ``timeout_s`` bounds a whole request (every tier's work and every round trip); ``speed`` < 1 emulates a
-    slower device (see :class:`TierNode`). Thread-safe for concurrent :meth:`run` calls.
+    ``timeout_s`` bounds a whole request (every tier's work and every round trip); ``speed`` and ``dilation``
+    emulate another device (see :class:`TierNode`). Thread-safe for concurrent :meth:`run` calls.
     """
 
     def __init__(self, plan: Plan | str | Path, *, edge: Optional[str], identity: Identity | str | Path,
                  trust: Sequence[str | Identity], timeout_s: float = 60.0, fallback: Fallback = "none",
-                 speed: float = 1.0, limits: Optional[Limits] = None):
+                 speed: float = 1.0, limits: Optional[Limits] = None, dilation: float = 1.0):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if fallback not in ("none", "local"):
             raise InputError(f"--fallback {fallback!r}: choose none or local")
@@ -104,7 +104,8 @@ class Pipeline:
             client = Client(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.fallback = fallback
-        self.node = TierNode(self.plan, "device", next_client=client, speed=speed, cache_limit_bytes=DEFAULT_CACHE_BYTES)
+        self.node = TierNode(self.plan, "device", next_client=client, speed=speed, cache_limit_bytes=DEFAULT_CACHE_BYTES,
+                             dilation=dilation)
         self._local: Optional[StagedModel] = None
 
     @property

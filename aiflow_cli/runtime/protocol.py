@@ -131,11 +131,13 @@ class TierInfo:
     load_ms: float
     speed: float
     pid: int
+    dilation: float = 1.0
 
     def to_wire(self) -> dict:
         return {"tier": self.tier, "plan_hash": self.plan_hash, "model_hash": self.model_hash,
                 "stages": [self.stages[0], self.stages[1]], "loaded_param_bytes": self.loaded_param_bytes,
-                "rss_bytes": self.rss_bytes, "load_ms": self.load_ms, "speed": self.speed, "pid": self.pid}
+                "rss_bytes": self.rss_bytes, "load_ms": self.load_ms, "speed": self.speed, "pid": self.pid,
+                "dilation": self.dilation}
 
     to_json = to_wire
 
@@ -149,7 +151,8 @@ class TierInfo:
             raise _bad(k, "stages", "[start, stop]", stages)
         return cls(_get(meta, k, "tier", str), _get(meta, k, "plan_hash", str), _get(meta, k, "model_hash", str),
                    (stages[0], stages[1]), _get(meta, k, "loaded_param_bytes", int), _get(meta, k, "rss_bytes", int),
-                   _num(meta, k, "load_ms"), _num(meta, k, "speed"), _get(meta, k, "pid", int))
+                   _num(meta, k, "load_ms"), _num(meta, k, "speed"), _get(meta, k, "pid", int),
+                   _num(meta, k, "dilation") if "dilation" in meta else 1.0)
 
 
 @dataclass(slots=True)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from rich import box
+from rich.console import Console
 from rich.table import Table
 
 from aiflow_cli.plan.schema import Plan
@@ -33,10 +37,87 @@ def flow_table(plan: Plan, result: RunResult, title: str = "where the request we
         if rec.encode_ms + rec.decode_ms > 0.05:
             measured += f" (+{rec.encode_ms + rec.decode_ms:.1f} codec)"
         t.add_row(tier.name, runs, measured, f"{pred.compute_ms.get(tier.name, 0):.1f}", "", "")
-    for name, link in tm.links.items():
-        predicted = pred.transfer_ms.get(name, 0.0) + pred.rtt_ms.get(name, 0.0)
-        t.add_row(f"link {name}", f"{link.messages} msgs", f"{link.wire_ms:.1f}", f"{predicted:.1f}",
-                  _fmt_bytes(link.bytes_up), _fmt_bytes(link.bytes_down))
+    for name, rec in tm.links.items():
+        predicted = pred.transfer_ms.get(name, 0.0) + pred.rtt_ms.get(name, 0.0) + pred.message_ms.get(name, 0.0)
+        t.add_row(f"link {name}", f"{rec.messages} msgs", f"{rec.wire_ms:.1f}", f"{predicted:.1f}",
+                  _fmt_bytes(rec.bytes_up), _fmt_bytes(rec.bytes_down))
     t.add_row("[bold]total[/]", result.fallback and "fallback: local" or plan.summary(), f"[bold]{result.total_ms:.1f}[/]",
               f"{pred.total_ms:.1f}", "", "")
     return t
+
+
+def _kib(n: float) -> str:
+    return f"{n / 1024:,.1f}"
+
+
+def _err(pred: float, measured: float) -> str:
+    return f"{(pred - measured) / measured:+.0%}" if measured > 0 else "-"
+
+
+def print_demo(out: dict[str, Any], console: Console) -> None:
+    """The demo's result for people, in 80 columns: the answer, one row per strategy (warm latency, time to
+    first token, tokens/s, cold first request, agreement; prediction beside measurement), bytes per link, the
+    placements, and the verdict."""
+    from aiflow_cli.plan.strategies import OPTIMAL
+
+    s = out["strategies"]
+    a = s[OPTIMAL]
+    when = f", {out['time']}" if out["dilation"] > 1 else ""
+    if a.get("text") is not None:
+        what = "" if out.get("has_tokenizer") else "random weights: the text is noise, compare agreement"
+        console.print(f"[bold]answer[/] (aiflow){' (' + what + ')' if what else ''}:", highlight=False)
+        console.print(f"  {a['text'][0].strip()}", highlight=False, markup=False)
+    gen = "ttft_ms" in a and a.get("tokens") is not None
+    t = Table(title=f"warm requests, median of {len(a['samples_ms'])} (ms{when})", title_justify="left",
+              box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    cols = ["strategy", "warm", "pred", "err"] + (["ttft", "pred", "tok/s"] if gen else []) + ["cold", "pred", "agree"]
+    for i, c in enumerate(cols):
+        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
+    for name, e in s.items():
+        flag = "[red]![/]" if e.get("below_floor") else ""
+        agree = "-" if e.get("agreement") is None else f"{e['agreement']:.3f}{flag}"
+        row = [name, f"{e['warm_ms']:.0f}", f"{e['predicted_ms']:.0f}", _err(e["predicted_ms"], e["warm_ms"])]
+        if gen:
+            row += [f"{e['ttft_ms']:.0f}", f"{e['predicted_ttft_ms']:.0f}", f"{e['tokens_per_s']:.1f}"]
+        row += [f"{e['cold_ms']:.0f}", f"{e['predicted_cold_ms']:.0f}", agree]
+        t.add_row(*row, style="bold" if name == OPTIMAL else None)
+    console.print(t)
+    b = Table(title="bytes per request (KiB) and messages, per link", title_justify="left", box=box.SIMPLE_HEAD,
+              padding=(0, 1), pad_edge=False)
+    for i, c in enumerate(["strategy", "dev->edge up", "down", "msgs", "edge->cloud up", "down", "msgs"]):
+        b.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
+    for name, e in s.items():
+        cells = [name]
+        for link in ("device-edge", "edge-cloud"):
+            x = e["links"].get(link)
+            cells += ["-", "-", "0"] if x is None else [_kib(x["up"]), _kib(x["down"]), str(x["messages"])]
+        b.add_row(*cells)
+    console.print(b)
+    console.print("placements:", highlight=False)
+    for name, e in s.items():
+        same = f" ({e['measured_as']}: measured once)" if e.get("measured_as") else ""
+        console.print(f"  {name}: {e['plan']}{same}", highlight=False)
+    for name, reason in out.get("infeasible", {}).items():
+        console.print(f"  {name}: infeasible: {reason}", highlight=False)
+    sp = out["speeds"]
+    console.print(f"tiers: device {sp['device']:g}x, edge {sp['edge']:g}x, cloud {sp['cloud']:g}x this CPU; links "
+                  f"{out['links']['device-edge']} + {out['links']['edge-cloud']}", highlight=False)
+    if out["dilation"] > 1:
+        console.print(f"time dilation x{out['dilation']:g}: the cloud ran at this CPU's real speed, the other tiers "
+                      f"and the links {out['dilation']:g}x slower, every time above is measured / "
+                      f"{out['dilation']:g}", highlight=False)
+    if out.get("cloud_speed_note"):
+        console.print(f"cloud speed: {out['cloud_speed_note']}", highlight=False)
+    o = out["overheads"]
+    console.print(f"cost model: + {o['message_ms']:.2f} ms per message round trip, handshake {o['handshake_ms']:.1f} "
+                  f"ms + 1 RTT per connection (calibrated on this machine; dilated); cold = first request on new "
+                  f"connections", highlight=False)
+    floor = out.get("min_fidelity")
+    low = [k for k, e in s.items() if e.get("below_floor")]
+    if floor is not None:
+        console.print(f"agreement with the monolithic model; floor {floor:g} for aiflow: " +
+                      ("[red]below the floor: " + ", ".join(low) + "[/]" if low else "all at or above"),
+                      highlight=False)
+    v = out["verdict"]
+    mark = "[green]aiflow fastest or tied[/]" if v["fastest"] else "[red]aiflow slower[/]"
+    console.print(f"{mark}: {v['detail']}", highlight=False)

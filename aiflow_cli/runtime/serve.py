@@ -36,7 +36,7 @@ class TierServer:
     def __init__(self, role: str, plan_path: str | Path, *, listen: str, identity: Identity | str | Path,
                  trust: Sequence[str], next_addr: Optional[str] = None, speed: float = 1.0,
                  cache_limit_bytes: int = 1 << 30, timeout_s: float = 120.0, insecure_dev: bool = False,
-                 limits: Optional[Limits] = None):
+                 limits: Optional[Limits] = None, dilation: float = 1.0):
         if role not in ROLES:
             raise InputError(f"--role {role!r}: choose edge or cloud (the device side is `aiflow run`)")
         if not trust and not insecure_dev:
@@ -48,7 +48,8 @@ class TierServer:
         if next_addr:
             nxt = Client(next_addr, identity=ident, trust=list(trust), limits=limits, timeout_s=timeout_s,
                          insecure_dev=insecure_dev)
-        self.node = TierNode(plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes)
+        self.node = TierNode(plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes,
+                             dilation=dilation)
         self.server = Server(listen, identity=ident, trust=list(trust), handler=self.node.handle, limits=limits,
                              insecure_dev=insecure_dev)
         self.identity = ident
@@ -112,6 +113,8 @@ class TierSpec:
     cache_limit_bytes: int = 1 << 30
     threads: Optional[int] = None
     """torch intra-op threads (None: torch's default)."""
+    dilation: float = 1.0
+    """time dilation factor of the run (aiflow_cli/runtime/dilation.py); every tier of a run uses the same."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,7 @@ def tier_main(ready_fd: int) -> None:
 
             torch.set_num_threads(spec.threads)
         srv = TierServer(spec.role, spec.plan_path, listen=spec.listen, identity=spec.identity_dir,
-                         trust=spec.trust, next_addr=spec.next_addr, speed=spec.speed,
+                         trust=spec.trust, next_addr=spec.next_addr, speed=spec.speed, dilation=spec.dilation,
                          cache_limit_bytes=spec.cache_limit_bytes)
     except AiflowError as e:
         _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
