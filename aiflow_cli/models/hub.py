@@ -35,7 +35,11 @@ def _complete(d: Path) -> bool:
 
 
 def _reason(e: Exception) -> str:
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(e, GatedRepoError):
         return "the repository is gated: accept its terms on the hub and log in (hf auth login)"
