@@ -158,15 +158,16 @@ def test_minilm_split_in_three_with_int8_matches_sentence_transformers():
 def test_builtins_listed_and_roles_known():
     names = [b["name"] for b in list_builtins()]
     for n in ["builtin:gpt2", "builtin:vit-gpt2-captioner", "builtin:llama-160m", "builtin:gpt2-tiny",
-              "builtin:captioner-tiny", "builtin:bert-tiny", "builtin:llama-tiny", "minilm"]:
+              "builtin:captioner-tiny", "builtin:bert-tiny", "builtin:llama-tiny", "minilm", "smollm2"]:
         assert n in names
     assert ROLES["encoder_hidden_states"] == "side" and ROLES["hidden_states"] == "hidden"
 
 
-def test_bad_inputs_raise_clear_errors(loaded):
+def test_bad_inputs_raise_clear_errors(loaded, monkeypatch):
     with pytest.raises(ModelError, match="unknown built-in"):
         load_model("builtin:does-not-exist")
-    with pytest.raises(ModelError, match="unknown model"):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here (downloads: tests/test_models_hub.py)
+    with pytest.raises(ModelError, match="unknown model .*HF_HUB_OFFLINE is set"):
         load_model("nobody/no-such-model-anywhere")
     m = loaded["builtin:vit-tiny"]
     with pytest.raises(InputError, match="image"):

@@ -94,7 +94,7 @@ def test_local_checkpoint_with_unset_tokenizer_max_length(smol, tmp_path):
     assert load_tokenizer(str(d)).model_max_length > 2**60  # the sentinel really is there
     x = m.prepare(text=["a long prompt " * 3000, QUESTION])
     assert x["input_ids"].shape[1] == m.adapter.config.max_position_embeddings  # truncated at the model's limit
-    assert "Paris" in m.decode_text(m.generate(m.prepare(text=QUESTION), TOKENS))[0]
+    assert torch.equal(m.prepare(text=QUESTION)["input_ids"], smol.prepare(text=QUESTION)["input_ids"])
 
 
 def test_missing_package_is_one_line_saying_how_to_install(monkeypatch):

@@ -47,8 +47,12 @@ def _reason(e: Exception) -> str:
         return "the hub has no such repository (or it is private)"
     if isinstance(e, RevisionNotFoundError):
         return "the hub has no such revision"
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text[:200]}"
+    cause: BaseException | None = e
+    while cause is not None:  # huggingface_hub wraps network failures: name the root one
+        if any(w in type(cause).__name__ for w in ("Connect", "Timeout", "Network")):
+            return f"cannot reach the hub ({type(cause).__name__}: {' '.join(str(cause).split())[:120]})"
+        cause = cause.__cause__ or cause.__context__
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:200]}"
 
 
 def hub_dir(name: str) -> Path:

