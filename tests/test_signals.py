@@ -165,13 +165,36 @@ def test_netem_exits_with_the_signal_code(sig, code):
     assert status == code and took_s < EXIT_S, (status, took_s)
 
 
+def demo_plan(workdir: Path, name: str = "cloud-only") -> Path:
+    """A plan the demo wrote (running one, killed once the plan exists, when this test runs alone)."""
+    plan = workdir / "plans" / f"{name}.json"
+    if not plan.exists():
+        demo, _ = start_demo(workdir)
+        wait_until(lambda: plan.exists() or demo.poll() is not None, timeout_s=300, what=f"the demo's {name} plan")
+        stop(demo, signal.SIGKILL)
+    return plan
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
+def test_serve_closes_and_exits_with_the_signal_code(workdir, sig, code):
+    plan = demo_plan(workdir)
+    proc = subprocess.Popen([sys.executable, "-m", "aiflow_cli", "serve", "--role", "cloud", "--plan", str(plan),
+                             "--listen", "127.0.0.1:0", "--identity", str(workdir / "keys" / "cloud"), "--trust",
+                             Identity.load(workdir / "keys" / "edge").fingerprint],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_line(proc, "Ctrl-C to stop", timeout_s=180)
+        status, took_s = stop(proc, sig)
+    finally:
+        proc.kill()
+        proc.wait()
+    print(f"aiflow serve, {signal.Signals(sig).name}: exit {status} after {took_s:.2f} s")
+    assert status == code and took_s < EXIT_S, (status, took_s)
+
+
 def test_a_command_blocked_in_native_code_still_exits_in_time(workdir):
     """`aiflow run` waiting inside the Rust core for an edge that never answers: the signal's watchdog ends it."""
-    plan = workdir / "plans" / "cloud-only.json"  # the device uploads the image to the edge
-    if not plan.exists():  # this test alone: a demo run makes the keys and plans
-        demo, _ = start_demo(workdir)
-        wait_until(lambda: plan.exists() or demo.poll() is not None, timeout_s=300, what="the demo's cloud-only plan")
-        stop(demo, signal.SIGKILL)
+    plan = demo_plan(workdir)  # cloud-only: the device uploads the image to the edge
     edge = Identity.load(workdir / "keys" / "edge")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # takes the datagrams, never answers
         silent.bind(("127.0.0.1", 0))
