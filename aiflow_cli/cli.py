@@ -12,7 +12,9 @@ import json
 import sys
 
 import typer
+from rich.markup import escape
 
+from aiflow_cli.commands.flags import for_cli
 from aiflow_cli.console import err_console
 from aiflow_cli.errors import AiflowError
 
@@ -45,10 +47,10 @@ def main() -> None:
     try:
         app()
     except AiflowError as e:
-        kind = type(e).__name__
+        kind, message = type(e).__name__, for_cli(e)
         if "--json" in sys.argv[1:]:
-            sys.stdout.write(json.dumps({"error": str(e), "kind": kind, "exit_code": e.exit_code}) + "\n")
-        err_console.print(f"[bold red]error[/] ({kind}): {e}", highlight=False, markup=True)
+            sys.stdout.write(json.dumps({"error": message, "kind": kind, "exit_code": e.exit_code}) + "\n")
+        err_console.print(f"[bold red]error[/] ({kind}): {escape(message)}", highlight=False, markup=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")

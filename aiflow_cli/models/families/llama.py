@@ -68,7 +68,7 @@ class LlamaAdapter(Adapter):
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if image_size is not None:
-            raise InputError("llama models take text; --image-size does not apply")
+            raise InputError("llama models take text; `image_size` does not apply", param="image_size")
         return random_text(batch, seq_len or 32, self.config.vocab_size, self.config.max_position_embeddings,
                            generator, device)
 
