@@ -14,8 +14,10 @@ import signal
 import sys
 
 import typer
+from rich.markup import escape
 
 from aiflow_cli import signals
+from aiflow_cli.commands.flags import for_cli
 from aiflow_cli.console import err_console
 from aiflow_cli.errors import AiflowError
 
@@ -55,10 +57,10 @@ def main() -> None:
         code = signals.exit_code()
     except AiflowError as e:
         if signals.received() is None:  # after a signal, an error is its consequence: report the signal
-            kind = type(e).__name__
+            kind, message = type(e).__name__, for_cli(e)
             if "--json" in sys.argv[1:]:
-                sys.stdout.write(json.dumps({"error": str(e), "kind": kind, "exit_code": e.exit_code}) + "\n")
-            err_console.print(f"[bold red]error[/] ({kind}): {e}", highlight=False, markup=True)
+                sys.stdout.write(json.dumps({"error": message, "kind": kind, "exit_code": e.exit_code}) + "\n")
+            err_console.print(f"[bold red]error[/] ({kind}): {escape(message)}", highlight=False, markup=True)
             code = e.exit_code
     sig = signals.received()
     if sig is not None:

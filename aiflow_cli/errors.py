@@ -10,9 +10,18 @@ from __future__ import annotations
 
 
 class AiflowError(Exception):
-    """Base class of every aiflow error. ``exit_code`` is what the CLI exits with."""
+    """Base class of every aiflow error. ``exit_code`` is what the CLI exits with.
+
+    ``param``: the library parameter(s) the error is about, when the caller can fix it by changing them (a name,
+    or names joined by ``,``). The message names them as ``name=value``, ``name[key]=value`` or `` `name` ``; the
+    CLI rewrites those to its own flags (:mod:`aiflow_cli.commands.flags`), so the library never names a flag.
+    """
 
     exit_code: int = 1
+
+    def __init__(self, *args: object, param: str | None = None) -> None:
+        super().__init__(*args)
+        self.param = param
 
 
 class InputError(AiflowError):

@@ -91,7 +91,7 @@ def test_encoder_profile_has_no_decode():
     p = profile_model("builtin:bert-tiny", codecs=["int8"], repeats=1, warmup=0)
     assert p.task == "encode" and all(s.decode_ms is None for s in p.stages)
     assert p.calibration.metric == "embedding_cosine" and p.cuts[0].codecs["int8"].fidelity.kl_mean is None
-    with pytest.raises(InputError, match="decode-tokens"):
+    with pytest.raises(InputError, match="decode_tokens"):
         profile_model("builtin:bert-tiny", decode_tokens=4, repeats=1)
 
 

@@ -45,7 +45,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def parse_device(device: str | torch.device) -> torch.device:
     dev = torch.device(device) if not isinstance(device, torch.device) else device
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA device is available here")
+        raise InputError(f"device={device}: no CUDA device is available here", param="device")
     if dev.type not in ("cpu", "cuda"):
         raise InputError(f"unsupported device {device!r}; use cpu or cuda")
     return dev

@@ -155,7 +155,7 @@ def order_tiers(names: list[str]) -> list[str]:
     if unknown:
         raise InputError(f"unknown tier {unknown[0]!r}: tiers are {', '.join(TIER_ORDER)}")
     if "device" not in names:
-        raise InputError("no 'device' tier: the request starts on the device; give --profile device=... or --speed device=...")
+        raise InputError("no 'device' tier: the request starts on the device; give profiles[device]=... or speeds[device]=...", param="profiles,speeds")
     return [t for t in TIER_ORDER if t in names]
 
 
@@ -202,30 +202,30 @@ def build_problem(
     ``links``: ``"device-edge"`` -> link, one per adjacent pair of tiers. ``tokens``: decode steps (generate).
     """
     if input_bytes is not None and input_bytes < 0:
-        raise InputError(f"--input-bytes {input_bytes}: must be >= 0")
+        raise InputError(f"input_bytes={input_bytes}: must be >= 0", param="input_bytes")
     limits = limits or Limits()
     speeds = dict(speeds or {})
     if objective not in OBJECTIVES:
         raise InputError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
     if objective == "generate" and tokens < 1:
-        raise InputError("objective 'generate' needs --tokens N (N >= 1 decode steps)")
+        raise InputError("objective 'generate' needs tokens=N (N >= 1 decode steps)", param="tokens")
     if not profiles:
-        raise InputError("no profile: give --profile device=dev.json ... or --profile base.json --speed device=1 ...")
+        raise InputError("no profile: give profiles[device]=dev.json ... (one per tier), or one profile with speeds[device]=1 ...", param="profiles,speeds")
     for tier, s in speeds.items():
         if not (s > 0 and np.isfinite(s)):
-            raise InputError(f"--speed {tier}={s}: a speed must be a positive number")
+            raise InputError(f"speeds[{tier}]={s}: a speed must be a positive number", param="speeds")
     if "*" in profiles:
         if len(profiles) > 1:
-            raise InputError("give either one profile for all tiers (with --speed) or one --profile TIER=FILE per tier, not both")
+            raise InputError("give either one profile for all tiers (with `speeds`) or one profiles[TIER]=FILE per tier, not both", param="profiles,speeds")
         if not speeds:
-            raise InputError("one profile for every tier needs --speed per tier, e.g. --speed device=0.25 --speed edge=1 --speed cloud=20")
+            raise InputError("one profile for every tier needs a speed per tier, e.g. speeds[device]=0.25 speeds[edge]=1 speeds[cloud]=20", param="speeds")
         tiers = order_tiers(list(speeds))
         per_tier = {t: profiles["*"] for t in tiers}
     else:
         tiers = order_tiers(list(profiles))
         extra = set(speeds) - set(tiers)
         if extra:
-            raise InputError(f"--speed for tier {sorted(extra)[0]!r} that has no --profile: add --profile {sorted(extra)[0]}=FILE")
+            raise InputError(f"speeds[{sorted(extra)[0]}] is given, but that tier has no profile: add profiles[{sorted(extra)[0]}]=FILE", param="profiles,speeds")
         per_tier = {t: profiles[t] for t in tiers}
     for t in set(limits.skip) | set(limits.require) | set(limits.memory_bytes):
         if t not in tiers:
@@ -239,7 +239,7 @@ def build_problem(
     for a, b in zip(tiers, tiers[1:]):
         name = f"{a}-{b}"
         if name not in links:
-            raise InputError(f"no link between {a} and {b}: give --link {name}=lte (a name in profiles/links/ or a .toml path)")
+            raise InputError(f"no link between {a} and {b}: give links[{name}]=lte (a name in profiles/links/ or a .toml path)", param="links")
         link_list.append(links[name])
     extra_links = set(links) - {f"{a}-{b}" for a, b in zip(tiers, tiers[1:])}
     if extra_links:
@@ -253,7 +253,7 @@ def build_problem(
     if limits.codecs is not None:
         unknown = [c for c in limits.codecs if c not in codec_names]
         if unknown:
-            raise InputError(f"--codecs {unknown[0]!r} was not profiled; profiled codecs: {', '.join(codec_names)}")
+            raise InputError(f"codecs={unknown[0]!r} was not profiled; profiled codecs: {', '.join(codec_names)}", param="codecs")
     C = len(codec_names)
     speed = np.array([speeds.get(t, 1.0) for t in tiers])
 

@@ -254,7 +254,7 @@ def solve_problem(problem: Problem) -> tuple[Placement, Evaluation]:
     """The optimal placement of ``problem`` and its evaluation; :class:`PlanError` naming the limit if none."""
     found = _solve_raw(problem)
     if found is None:
-        raise PlanError(diagnose_infeasible(problem))
+        raise PlanError(diagnose_infeasible(problem), param="memory_bytes,min_fidelity,codecs,skip,require")
     ev = evaluate(problem, found[1])
     return found[1], ev
 
@@ -283,17 +283,17 @@ def diagnose_infeasible(problem: Problem) -> str:
             return (
                 f"no placement fits the memory limits ({limits}); the largest stage needs "
                 + ", ".join(f"{_gib(v)} on {t}" for t, v in need.items())
-                + f", the whole model {_gib(whole)}: raise --memory or let more tiers run stages"
+                + f", the whole model {_gib(whole)}: raise `memory_bytes` or let more tiers run stages"
             )
     if p.limits.min_fidelity is not None:
         loose = dataclasses.replace(p, limits=dataclasses.replace(p.limits, min_fidelity=None))
         if _solve_raw(loose) is not None:
             return (
-                f"no codec choice meets --min-fidelity {p.limits.min_fidelity} per cut and end to end "
-                f"(with the tiers that must run stages); lower --min-fidelity or allow codec 'raw' (--codecs)"
+                f"no codec choice meets min_fidelity={p.limits.min_fidelity} per cut and end to end "
+                f"(with the tiers that must run stages); lower `min_fidelity` or allow codec 'raw' (`codecs`)"
             )
     if p.skip.any() or p.require.any():
-        return "the --skip-tier/--require-tier choices leave no placement: drop one of them"
+        return "the `skip`/`require` choices leave no placement: drop one of them"
     return "no feasible placement: every tier is skipped or no codec is available at the needed cuts"
 
 

@@ -281,9 +281,9 @@ def profile_model(
     t_start = time.perf_counter()
     progress = progress or (lambda phase, done, total: None)
     if repeats < 1:
-        raise InputError(f"--repeats must be >= 1, got {repeats}")
+        raise InputError(f"repeats={repeats}: must be >= 1", param="repeats")
     if warmup < 0:
-        raise InputError(f"--warmup must be >= 0, got {warmup}")
+        raise InputError(f"warmup={warmup}: must be >= 0", param="warmup")
     specs = [codec_mod.canonical(c) for c in (codecs or codec_mod.default_codecs())]
     specs = list(dict.fromkeys(["raw"] + specs))
     progress("loading model", 0, 1)
@@ -295,14 +295,15 @@ def profile_model(
     if decode_tokens is None:
         decode_tokens = DEFAULT_DECODE_TOKENS if m.generates else 0
     if decode_tokens < 0:
-        raise InputError(f"--decode-tokens must be >= 0, got {decode_tokens}")
+        raise InputError(f"decode_tokens={decode_tokens}: must be >= 0", param="decode_tokens")
     if decode_tokens and not m.generates:
-        raise InputError(f"--decode-tokens applies to generating models; {m.name} is a {m.task} model")
+        raise InputError(f"decode_tokens={decode_tokens}: applies to generating models; {m.name} is a {m.task} model",
+                         param="decode_tokens")
     n_cuts = m.num_stages - 1
     measured = _measured_cuts(fidelity_cuts, n_cuts)
     bad = sorted(k for k in measured if not 0 <= k < n_cuts)
     if bad:
-        raise InputError(f"--fidelity-cuts {bad[0]}: {m.name} has cuts 0..{n_cuts - 1}")
+        raise InputError(f"fidelity_cuts={bad[0]}: {m.name} has cuts 0..{n_cuts - 1}", param="fidelity_cuts")
     progress("loading model", 1, 1)
 
     p = _Profiler(m, batch=batch, seq_len=seq_len, image_size=image_size, decode_tokens=decode_tokens,

@@ -110,7 +110,7 @@ class TierNode:
         behind = [t.name for t in plan.tiers[self.index + 1:] if t.end > t.start]
         if behind and next_client is None:
             raise InputError(f"{tier} must reach the next tier ({self.next_tier}): {', '.join(behind)} run stages "
-                             f"of this plan (give --next HOST:PORT)")
+                             f"of this plan (give `next_client`)", param="next_client")
         self.next = next_client if behind else None
         self.link = f"{tier}-{self.next_tier}" if self.next_tier else ""
         self.speed = speed

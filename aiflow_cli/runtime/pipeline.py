@@ -93,14 +93,14 @@ class Pipeline:
                  speed: float = 1.0, limits: Optional[Limits] = None, dilation: float = 1.0):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if fallback not in ("none", "local"):
-            raise InputError(f"--fallback {fallback!r}: choose none or local")
+            raise InputError(f"fallback={fallback!r}: choose none or local", param="fallback")
         if timeout_s <= 0:
-            raise InputError(f"--timeout {timeout_s}: must be > 0 seconds")
+            raise InputError(f"timeout_s={timeout_s}: must be > 0 seconds", param="timeout_s")
         upper = [t.name for t in self.plan.tiers[1:] if t.end > t.start]
         client = None
         if upper:
             if not edge:
-                raise InputError(f"the plan runs stages on {', '.join(upper)}: give the edge's address (--edge HOST:PORT)")
+                raise InputError(f"the plan runs stages on {', '.join(upper)}: give the edge's address (edge=HOST:PORT)", param="edge")
             client = Client(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.fallback = fallback
@@ -139,7 +139,7 @@ class Pipeline:
         if self.node.generates:
             n = max_new_tokens or self.plan.prediction.tokens or DEFAULT_NEW_TOKENS
             if n < 1:
-                raise InputError(f"--max-new-tokens must be >= 1, got {n}")
+                raise InputError(f"max_new_tokens={n}: must be >= 1", param="max_new_tokens")
         key = ("local", random.getrandbits(63))
         t0 = time.perf_counter()
         try:

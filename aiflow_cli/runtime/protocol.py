@@ -252,21 +252,27 @@ class Result:
 
 @dataclass(slots=True)
 class Error:
-    """A failed request: the :class:`AiflowError` class name, its message, and the tier where it happened."""
+    """A failed request: the :class:`AiflowError` class name, its message, the tier where it happened, and the
+    parameter(s) the message names (:attr:`AiflowError.param`), if any."""
 
     KIND: ClassVar[str] = ERROR
     error_kind: str
     message: str
     tier: str
+    param: Optional[str] = None
 
     def to_wire(self) -> dict:
-        return {"error_kind": self.error_kind, "message": self.message, "tier": self.tier}
+        meta = {"error_kind": self.error_kind, "message": self.message, "tier": self.tier}
+        if self.param:
+            meta["param"] = self.param
+        return meta
 
     @classmethod
     def from_wire(cls, meta: dict) -> "Error":
         # lenient: an error must still reach the user when a field is off
+        param = meta.get("param")
         return cls(str(meta.get("error_kind", "RemoteError")), str(meta.get("message", "no message")),
-                   str(meta.get("tier", "?")))
+                   str(meta.get("tier", "?")), param if type(param) is str else None)
 
     def exception(self) -> AiflowError:
         """The error as the exception to raise (its class when it names one of :mod:`aiflow_cli.errors`)."""
@@ -274,7 +280,7 @@ class Error:
         if not (isinstance(cls, type) and issubclass(cls, AiflowError)):
             cls = RemoteError
         msg = self.message if self.message.startswith(f"{self.tier}:") else f"{self.tier}: {self.message}"
-        exc = cls(msg)
+        exc = cls(msg, param=self.param)
         exc.tier = self.tier  # type: ignore[attr-defined]
         return exc
 
@@ -341,7 +347,7 @@ def error_reply(tier: str, exc: BaseException) -> Message:
     else:
         kind, origin = "RemoteError", tier
         exc = RemoteError(f"{type(exc).__name__}: {exc}")
-    return encode(Error(kind, str(exc), origin))
+    return encode(Error(kind, str(exc), origin, getattr(exc, "param", None)))
 
 
 # -- checks -----------------------------------------------------------------------------------------------------

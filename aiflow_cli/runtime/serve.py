@@ -38,10 +38,10 @@ class TierServer:
                  cache_limit_bytes: int = 1 << 30, timeout_s: float = 120.0, insecure_dev: bool = False,
                  limits: Optional[Limits] = None, dilation: float = 1.0):
         if role not in ROLES:
-            raise InputError(f"--role {role!r}: choose edge or cloud (the device side is `aiflow run`)")
+            raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
         if not trust and not insecure_dev:
-            raise InputError("give --trust FINGERPRINT for every peer (devices and the next tier); there is no "
-                             "default trust (--insecure-dev exists for local experiments only)")
+            raise InputError("give `trust` FINGERPRINT for every peer (devices and the next tier); there is no "
+                             "default trust (`insecure_dev` exists for local experiments only)", param="trust,insecure_dev")
         plan = load_plan(plan_path)
         ident = as_identity(identity)
         nxt = None

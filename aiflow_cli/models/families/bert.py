@@ -69,10 +69,10 @@ class BertAdapter(Adapter):
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if image_size is not None:
-            raise InputError("bert models take text; --image-size does not apply")
+            raise InputError("bert models take text; `image_size` does not apply", param="image_size")
         seq_len = seq_len or 32
         if seq_len > self.config.max_position_embeddings:
-            raise InputError(f"--seq-len {seq_len} exceeds the model's {self.config.max_position_embeddings} positions")
+            raise InputError(f"seq_len={seq_len} exceeds the model's {self.config.max_position_embeddings} positions", param="seq_len")
         ids = torch.randint(0, self.config.vocab_size, (batch, seq_len), generator=generator).to(device)
         mask, pos = text_positions(batch, seq_len, device)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}

@@ -85,7 +85,7 @@ class CaptionerAdapter(Adapter):
 
     def _prompt(self, batch: int, seq_len: int, generator, device) -> dict[str, torch.Tensor]:
         if seq_len > self.dec_config.n_positions:
-            raise InputError(f"--seq-len {seq_len} exceeds the decoder's {self.dec_config.n_positions} positions")
+            raise InputError(f"seq_len={seq_len} exceeds the decoder's {self.dec_config.n_positions} positions", param="seq_len")
         ids = torch.randint(0, self.dec_config.vocab_size, (batch, seq_len), generator=generator)
         ids[:, 0] = self.model.config.decoder_start_token_id
         mask, pos = text_positions(batch, seq_len, device)

@@ -69,7 +69,7 @@ class FxAdapter(Adapter):
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if seq_len is not None or image_size is not None:
-            raise InputError("fx models take their example input's shape; only --batch applies")
+            raise InputError("fx models take their example input's shape; only `batch` applies", param="batch")
         shape = (batch,) + tuple(self.example.shape[1:])
         if self.example.is_floating_point():
             x = torch.randn(shape, generator=generator).to(dtype)

@@ -87,7 +87,7 @@ def gpt2_cache(config, cross: bool) -> StageCache:
 
 def random_text(batch: int, seq_len: int, vocab_size: int, max_positions: int, generator, device) -> BoundaryState:
     if seq_len > max_positions:
-        raise InputError(f"--seq-len {seq_len} exceeds the model's {max_positions} positions")
+        raise InputError(f"seq_len={seq_len} exceeds the model's {max_positions} positions", param="seq_len")
     ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator).to(device)
     mask, pos = text_positions(batch, seq_len, device)
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -111,7 +111,7 @@ class GPT2Adapter(Adapter):
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if image_size is not None:
-            raise InputError("gpt2 models take text; --image-size does not apply")
+            raise InputError("gpt2 models take text; `image_size` does not apply", param="image_size")
         return random_text(batch, seq_len or 32, self.config.vocab_size, self.config.n_positions, generator, device)
 
     def prepare(self, *, text=None, image=None, device, dtype):

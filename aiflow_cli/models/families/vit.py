@@ -21,8 +21,8 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 def check_image_size(config, image_size: int | None) -> int:
     size = config.image_size if image_size is None else image_size
     if size != config.image_size:
-        raise InputError(f"--image-size {size}: this ViT takes {config.image_size}x{config.image_size} images "
-                         "(its position embeddings are fixed)")
+        raise InputError(f"image_size={size}: this ViT takes {config.image_size}x{config.image_size} images "
+                         "(its position embeddings are fixed)", param="image_size")
     return size
 
 
@@ -74,7 +74,7 @@ class ViTAdapter(Adapter):
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if seq_len is not None:
-            raise InputError("vit models take images; --seq-len does not apply")
+            raise InputError("vit models take images; `seq_len` does not apply", param="seq_len")
         return {"pixel_values": random_pixels(self.config, batch, image_size, generator, device, dtype)}
 
     def prepare(self, *, text=None, image=None, device, dtype):
