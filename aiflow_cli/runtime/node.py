@@ -205,7 +205,8 @@ class TierNode:
             if session is not None:
                 self.sessions.close(key)
             raise
-        if session is not None and (last or (self.is_driver and phase == PREFILL)):
+        ended = result.tokens is not None and bool(self.model.finished(result.tokens[:, -1:]).all())  # EOS: no next step
+        if session is not None and (last or ended or (self.is_driver and phase == PREFILL)):
             self.sessions.close(key)
         return result
 
@@ -234,6 +235,8 @@ class TierNode:
         tokens, timings = [first.tokens], first.timings
         step_in = session.step_inputs
         for n in range(1, max_new_tokens):
+            if bool(self.model.finished(torch.cat(tokens, dim=1)).all()):  # every row ended (EOS): stop early
+                break
             step_in = self.model.next_inputs(step_in, tokens[-1].reshape(-1))
             session.step_inputs = step_in
             r = self.step(key, DECODE, self.decode_start, Payload(state=step_in), deadline=deadline,

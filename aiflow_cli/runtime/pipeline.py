@@ -77,14 +77,8 @@ def predicted(plan: Plan) -> dict[str, Any]:
 
 
 def detokenize(model: StagedModel, tokens: torch.Tensor) -> list[str]:
-    """Token ids -> text: the model's tokenizer when it ships one, else the built-ins' byte tokenizer."""
-    tok_dir = model.adapter.options.get("tokenizer_dir")
-    if tok_dir:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(tok_dir))
-        return [tok.decode(row, skip_special_tokens=True) for row in tokens.tolist()]
-    return [bytes(t % 256 for t in row).decode("utf-8", errors="replace") for row in tokens.tolist()]
+    """Token ids -> answer text per row (see :meth:`StagedModel.decode_text`)."""
+    return model.decode_text(tokens)
 
 
 class Pipeline:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from aiflow_cli.errors import ModelError
 from aiflow_cli.models.adapter import Adapter
 
-LLAMA_LAYOUT = ("llama", "qwen2", "mistral")
-
 
 def adapter_for(config) -> type[Adapter]:
     """The adapter class for a config; :class:`ModelError` naming the supported families otherwise."""
@@ -15,10 +13,12 @@ def adapter_for(config) -> type[Adapter]:
         from aiflow_cli.models.families.gpt2 import GPT2Adapter
 
         return GPT2Adapter
-    if mt in LLAMA_LAYOUT:
-        from aiflow_cli.models.families.llama import LlamaAdapter
+    from aiflow_cli.models.families.decoder import DECODER_FAMILIES, unsupported_message
 
-        return LlamaAdapter
+    if mt in DECODER_FAMILIES:
+        from aiflow_cli.models.families.decoder import DecoderAdapter
+
+        return DecoderAdapter
     if mt == "bert":
         from aiflow_cli.models.families.bert import BertAdapter
 
@@ -34,7 +34,4 @@ def adapter_for(config) -> type[Adapter]:
         from aiflow_cli.models.families.captioner import CaptionerAdapter
 
         return CaptionerAdapter
-    raise ModelError(
-        f"no stage adapter for model_type {mt!r}; supported: gpt2, {', '.join(LLAMA_LAYOUT)}, bert, vit, "
-        "vision-encoder-decoder (vit -> gpt2); other torch modules: aiflow_cli.models.fx.stage_module"
-    )
+    raise ModelError(unsupported_message(mt))

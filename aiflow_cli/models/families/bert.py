@@ -64,7 +64,7 @@ class BertAdapter(Adapter):
             return {"embeddings": emb}
         hidden = state["hidden_states"]
         mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"])
-        hidden = m.encoder.layer[spec.layer](hidden, mask, None, encoder_attention_mask=None, past_key_values=None)
+        hidden = m.encoder.layer[spec.layer](hidden, mask, None, encoder_attention_mask=None)
         return {"hidden_states": hidden, "attention_mask": state["attention_mask"]}
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):

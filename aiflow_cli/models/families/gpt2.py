@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from aiflow_cli.errors import InputError
-from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec, extend_for_token, text_positions
+from aiflow_cli.models.adapter import MASK_CACHE_KWARG, Adapter, StageCache, StageSpec, extend_for_token, text_positions
 from aiflow_cli.models.state import BoundaryState
 
 
@@ -48,7 +48,7 @@ def gpt2_block(transformer, config, layer: int, state: BoundaryState, cache: Sta
         config=config,
         inputs_embeds=hidden,
         attention_mask=state["attention_mask"],
-        past_key_values=kv,
+        **{MASK_CACHE_KWARG: kv},
         position_ids=state["position_ids"],
         layer_idx=layer if kv is not None else None,
     )
@@ -119,7 +119,7 @@ class GPT2Adapter(Adapter):
 
         if text is None or image is not None:
             raise InputError("gpt2 models take text only")
-        return tokenize(self.options, text, self.config.vocab_size, device)
+        return tokenize(self.options, text, self.config.vocab_size, device, max_positions=self.config.n_positions)
 
     def monolithic(self, inputs):
         return self.model(
