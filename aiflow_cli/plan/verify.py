@@ -107,13 +107,16 @@ class CodedRun:
 
     @torch.inference_mode()
     def generate(self, inputs: BoundaryState, max_new_tokens: int) -> torch.Tensor:
-        """Greedy tokens [B, max_new_tokens], step for step as :meth:`StagedModel.generate`."""
+        """Greedy tokens [B, N], step for step as :meth:`StagedModel.generate` (and the runtime): N =
+        ``max_new_tokens``, or fewer when every row has ended with an end-of-sequence token."""
         m = self.m
         caches = [m.new_cache() for _ in self.segments]
         tokens = m.output(self._forward(inputs, 0, caches))[:, -1].argmax(-1)
         out = [tokens]
         step_in = m.decode_inputs_of(inputs)
         for _ in range(max_new_tokens - 1):
+            if bool(m.finished(torch.stack(out, dim=1)).all()):
+                break
             step_in = m.next_inputs(step_in, tokens)
             tokens = m.output(self._forward(step_in, m.decode_start, caches))[:, -1].argmax(-1)
             out.append(tokens)
