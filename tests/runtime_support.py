@@ -15,7 +15,8 @@ THREE_TIERS = frozenset({"device", "edge", "cloud"})
 
 @lru_cache(maxsize=None)
 def _profile(model: str):
-    return profile_model(model, repeats=1, warmup=0, codecs=["raw", "int8", "fp16"])
+    return profile_model(model, repeats=1, warmup=0, codecs=["raw", "int8", "fp16"], calibration_items=2,
+                         calibration_tokens=4)
 
 
 def three_tier_plan(model: str, path: Path, codec: str = "raw", tokens: int = 6) -> Plan:

@@ -107,13 +107,16 @@ class CodedRun:
 
     @torch.inference_mode()
     def generate(self, inputs: BoundaryState, max_new_tokens: int) -> torch.Tensor:
-        """Greedy tokens [B, max_new_tokens], step for step as :meth:`StagedModel.generate`."""
+        """Greedy tokens [B, N], step for step as :meth:`StagedModel.generate` (and the runtime): N =
+        ``max_new_tokens``, or fewer when every row has ended with an end-of-sequence token."""
         m = self.m
         caches = [m.new_cache() for _ in self.segments]
         tokens = m.output(self._forward(inputs, 0, caches))[:, -1].argmax(-1)
         out = [tokens]
         step_in = m.decode_inputs_of(inputs)
         for _ in range(max_new_tokens - 1):
+            if bool(m.finished(torch.stack(out, dim=1)).all()):
+                break
             step_in = m.next_inputs(step_in, tokens)
             tokens = m.output(self._forward(step_in, m.decode_start, caches))[:, -1].argmax(-1)
             out.append(tokens)
@@ -231,11 +234,13 @@ def _worst(problem: Problem, placement: Placement) -> tuple[int, int]:
 
 
 def solve_verified(problem: Problem, *, model: Optional[StagedModel] = None, verify: Optional[bool] = None,
-                   max_tries: int = MAX_TRIES, log: Optional[Callable[[str], None]] = None) -> Verified:
+                   max_tries: int = MAX_TRIES, items: Optional[int] = None,
+                   log: Optional[Callable[[str], None]] = None) -> Verified:
     """Solves ``problem`` and, when it has a fidelity floor (or ``verify`` is True), measures the chosen codecs
     end to end (:func:`measure`) and re-solves without the worst (cut, codec) until the measurement meets the
     floor. ``model``: the loaded model (default: loaded by the profile's name when available here; otherwise
-    the plan says it was not measured). ``verify=False`` skips the measurement."""
+    the plan says it was not measured). ``verify=False`` skips the measurement. ``items``: measure on the first
+    calibration items only (tests; default all)."""
     from aiflow_cli.plan.solver import solve_problem
 
     log = log or (lambda _msg: None)
@@ -257,7 +262,7 @@ def solve_verified(problem: Problem, *, model: Optional[StagedModel] = None, ver
             raise PlanError(f"the model given to verify the plan has hash {m.model_hash[:12]}, the profile {problem.model_hash[:12]}")
         tokens = tokens_for(problem)
         log(f"measuring {', '.join(f'{c}@{k}' for k, c in sorted(used.items()))} on the calibration set")
-        got = measure(m, used, tokens=tokens)
+        got = measure(m, used, tokens=tokens, items=items)
         spent += 0.0 if got.cached else got.wall_s
         record = PlanFidelity(
             metric=got.metric, floor=floor, bound=_bound(problem, placement), status="verified",

@@ -46,10 +46,16 @@ def cache_root() -> Path:
 
 
 def token_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
-    """Share of generated positions where two token sequences ([B, n] or [n]) agree; shapes must match."""
-    if tokens.shape != reference.shape:
+    """Share of generated positions where two token sequences ([B, n] or [n]) agree, over the longer of the two:
+    a sequence that stopped early at its end-of-sequence token disagrees at every position it did not generate."""
+    a, b = tokens.reshape(-1, tokens.shape[-1]), reference.reshape(-1, reference.shape[-1]).to(tokens.device)
+    if a.shape[0] != b.shape[0]:
         raise InputError(f"token sequences of shapes {list(tokens.shape)} and {list(reference.shape)} cannot be compared")
-    return float((tokens.reshape(-1) == reference.reshape(-1).to(tokens.device)).float().mean()) if tokens.numel() else 1.0
+    n = max(a.shape[1], b.shape[1])
+    if n == 0:
+        return 1.0
+    a, b = (torch.nn.functional.pad(t, (0, n - t.shape[1]), value=-1) for t in (a, b))
+    return float((a == b).float().mean())
 
 
 def embedding_cosine(output: torch.Tensor, reference: torch.Tensor) -> float:
@@ -142,7 +148,9 @@ class Reference:
     reference_min: Optional[float] = None
     exact_fidelity: Optional[Fidelity] = None
     greedy: Optional[torch.Tensor] = None
-    """Generation: the exact model's free-running greedy tokens [B, T] (batch 1 each)."""
+    """Generation: the exact model's free-running greedy tokens [B, T] (batch 1 each; -1 after an early EOS)."""
+    valid: Optional[torch.Tensor] = None
+    """Generation: [B, T] bool, the positions an item generated (its answer may end early at EOS)."""
     exact_logits: Optional[torch.Tensor] = None
 
     def run_from(self, m: StagedModel, state: BoundaryState, start: int) -> torch.Tensor:
@@ -167,13 +175,15 @@ class Reference:
         """Scores a coded run's end output (as :meth:`run_from` returns it)."""
         out = output.float()
         if self.metric == "token_agreement":
-            per_item = (out.argmax(-1) == self.target).float().mean(1)
+            v = self.valid.float()
+            per_item = ((out.argmax(-1) == self.target).float() * v).sum(1) / v.sum(1)
             logp = torch.log_softmax(out, dim=-1)
             kl = (self.exact.exp() * (self.exact - logp)).sum(-1).clamp(min=0)
             cos = torch.nn.functional.cosine_similarity(out, self.exact_logits, dim=-1, eps=1e-12)
-            return Fidelity(mean=float(per_item.mean()), min=float(per_item.min()), kl_mean=float(kl.mean()),
-                            cosine=float(cos.mean().clamp(-1, 1)),
-                            max_abs_error=float((out - self.exact_logits).abs().max()))
+            err = (out - self.exact_logits).abs().amax(-1)
+            return Fidelity(mean=float(per_item.mean()), min=float(per_item.min()),
+                            kl_mean=float((kl * v).sum() / v.sum()), cosine=float(((cos * v).sum() / v.sum()).clamp(-1, 1)),
+                            max_abs_error=float((err * v).max()))
         if self.metric == "label_agreement":
             per_item = (out.argmax(-1) == self.exact.argmax(-1)).float()
         else:
@@ -195,7 +205,8 @@ class Reference:
             self.exact = torch.log_softmax(out, dim=-1)
             self.target = out.argmax(-1)
             # teacher-forced exact argmax against the batch-1 greedy tokens: 1 unless batching moved a near tie
-            self.reference_min = float((self.target == self.greedy).float().mean(1).min())
+            v = self.valid.float()
+            self.reference_min = float((((self.target == self.greedy).float() * v).sum(1) / v.sum(1)).min())
         elif self.exact is None:
             self.exact = out
         self.exact_fidelity = self.score(out)
@@ -240,12 +251,21 @@ def build_reference(m: StagedModel, *, items: Optional[int] = None, tokens: int 
         if progress:
             progress("reference generations", 1, 1)
         forced = [_teacher_forced(it, cont, m.device) for it, cont in zip(prepared, conts)]
-        batch, lengths = pad_batch(forced)
-        prompt = [n - (tokens - 1) for n in lengths]
-        positions = torch.stack([torch.arange(p - 1, p - 1 + tokens) for p in prompt])
+        batch, _ = pad_batch(forced)
+        width = max(len(c) for c in conts)
+        positions = torch.zeros(len(conts), width, dtype=torch.long)
+        valid = torch.zeros(len(conts), width, dtype=torch.bool)
+        greedy = torch.full((len(conts), width), -1, dtype=torch.long)
+        for i, (it, cont) in enumerate(zip(prepared, conts)):
+            start = it["input_ids"].shape[1] - 1  # the logits at the prompt's last token predict the first one
+            n = len(cont)
+            # an answer that ended early (EOS) is scored on its own positions; padding repeats its last one
+            positions[i] = torch.arange(start, start + width).clamp(max=start + n - 1)
+            valid[i, :n] = True
+            greedy[i, :n] = torch.tensor(cont)
         return Reference(metric, batch, len(prepared), tokens=tokens, positions=positions,
                          reference="the exact model's greedy continuation (teacher-forced)",
-                         greedy=torch.tensor(conts, device=m.device))
+                         greedy=greedy.to(m.device), valid=valid.to(m.device))
     batch, _ = pad_batch(prepared)
     ref = Reference(metric, batch, len(prepared))
     if metric == "embedding_cosine":
