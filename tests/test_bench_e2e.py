@@ -21,13 +21,16 @@ def _aiflow(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run over two link profiles (lte, lan), so the cloud-only servers serve both."""
+    """One --quick run of the tiny captioner over two link profiles (lte, lan), so the cloud-only servers serve
+    both."""
     work = tmp_path_factory.mktemp("e2e")
     png = work / "e2e.png"
-    r = _aiflow("bench", "e2e", "--quick", "--json", "--links", "lte,lan", "--repeats", "3", "--workdir", str(work),
-                "--plot", str(png))
+    r = _aiflow("bench", "e2e", "--quick", "--json", "--model", TINY, "--links", "lte,lan", "--repeats", "3",
+                "--workdir", str(work), "--plot", str(png))
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout), png
+    report = json.loads(r.stdout)
+    assert len(report["runs"]) == 1 and len(report["goals"]) == 4 and "bench e2e" in report["command"]
+    return report["runs"][0], png
 
 
 def _raw_input_bytes() -> int:
@@ -46,6 +49,8 @@ def test_quick_json_has_every_strategy_at_every_profile(quick):
             assert 3 <= len(v["samples_ms"]) and 0 < v["p50_ms"] <= v["p90_ms"]
             assert v["predicted_ms"] > 0 and v["plan"]
             assert 0 < v["fidelity"] <= 1
+            assert v["predicted_cold_ms"] >= v["predicted_ms"] and v["tokens"] >= 1
+            assert 0 < v["ttft_ms"] <= max(v["samples_ms"]) + 1e-6 and v["tokens_per_s"] > 0
     assert [g["name"] for g in out["goals"]] and all(isinstance(g["met"], bool) for g in out["goals"])
     assert len(out["goals"]) == 4
     assert set(out["provenance"]) == {"measured", "emulated", "modelled"}

@@ -33,6 +33,18 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
     return median_s(fn, repeats) * 1e3
 
 
+def work_clock(device: str = "cpu") -> Callable[[], float]:
+    """A clock (seconds) for the work of the calling thread: its CPU time when the work runs in this thread (CPU,
+    torch with one intra-op thread, as every aiflow tier runs), else the wall clock. On a loaded machine the wall
+    time of a computation grows with the load while its CPU time stays what the work costs: the profiler
+    measures stages with this clock and the runtime stretches emulated tiers by it, so the two agree."""
+    import torch
+
+    if str(device) == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
 class JsonResult:
     """Mixin for a benchmark's result dataclass: ``to_dict()`` gives what ``--json`` prints."""
 

@@ -49,6 +49,8 @@ DEFAULT_MODEL = "smollm2"
 #: (every cut and all items would take most of an hour for the LLM on 2 cores; a plan's codecs are still
 #: verified end to end before it is accepted, docs/planner.md).
 PROFILE_FIDELITY = {"calibration_items": 4, "calibration_tokens": 8, "fidelity_cuts": "every:4"}
+#: Bumped when what a cached profile measures changes (2: stage times in thread CPU time, bench/common.py).
+PROFILE_CACHE_VERSION = 2
 #: Untimed warm requests after the cold one (connections are up by then; oneDNN has seen the shapes).
 WARMUP_REQUESTS = 1
 CLOUD_SPEED_NOTE = (
@@ -101,7 +103,8 @@ def cached_profile(model: str, log: Callable[[str], None], inputs: Optional[dict
         if stages.generates:
             decode_tokens = seq_len + max(max_new_tokens // 2, 1)
     shape = "" if seq_len is None else f"-s{seq_len}" + ("" if decode_tokens is None else f"d{decode_tokens}")
-    path = profile_cache_dir() / f"{_safe(model)}-{stages.model_hash[:12]}-t{torch.get_num_threads()}{shape}.json"
+    path = profile_cache_dir() / (f"{_safe(model)}-{stages.model_hash[:12]}-t{torch.get_num_threads()}{shape}"
+                                  f"-v{PROFILE_CACHE_VERSION}.json")
     if path.is_file():
         log(f"profile: cached {path}")
         return load_profile(str(path))
