@@ -23,6 +23,7 @@ def bench_e2e(
     device_speed: float = typer.Option(0.25, "--device-speed", help="Device speed as a multiple of this CPU."),
     edge_speed: float = typer.Option(1.0, "--edge-speed", help="Edge speed as a multiple of this CPU."),
     cloud_speed: float = typer.Option(1.0, "--cloud-speed", help="Cloud speed as a multiple of this CPU; above 1 by time dilation (an assumption, see docs)."),
+    headroom: float = typer.Option(1.0, "--headroom", help="Extra time dilation H >= 1: every tier stretched at least H-fold, so a machine loaded less than H-fold does not show (runs H times longer)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed warm requests per configuration (default 7; --quick: 4), after a cold one and a warm-up."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate (default 16; --quick: 4)."),
     min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="Fidelity floor of the aiflow plan; its measured fidelity is checked against it."),
@@ -51,6 +52,7 @@ def bench_e2e(
         given = {"model": m, "links": names, "repeats": repeats, "max_new_tokens": max_new_tokens, "budget_s": budget_s,
                  "workdir": workdir, "image": image, "wan": wan,
                  "device_speed": device_speed, "edge_speed": edge_speed, "cloud_speed": cloud_speed,
+                 "headroom": headroom,
                  "min_fidelity": min_fidelity, "threads": threads}
         cfg = e2e.E2EConfig.quick_config(**given) if quick else e2e.E2EConfig(**{k: v for k, v in given.items() if v is not None})
         cfgs.append(cfg)

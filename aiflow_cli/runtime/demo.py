@@ -67,6 +67,8 @@ class DemoConfig(TierSpeeds):
     device_speed: float = 0.25
     edge_speed: float = 1.0
     cloud_speed: float = 4.0
+    headroom: float = 1.0
+    """Extra dilation (>= 1): every tier, the fastest included, stretched at least this much (loaded machines)."""
     max_new_tokens: int = 8
     """smollm2 answers the default prompt in 8 tokens (its end-of-sequence token included)."""
     repeats: int = 3

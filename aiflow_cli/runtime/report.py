@@ -104,9 +104,9 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
     console.print(f"tiers: device {sp['device']:g}x, edge {sp['edge']:g}x, cloud {sp['cloud']:g}x this CPU; links "
                   f"{out['links']['device-edge']} + {out['links']['edge-cloud']}", highlight=False)
     if out["dilation"] > 1:
-        console.print(f"time dilation x{out['dilation']:g}: the cloud ran at this CPU's real speed, the other tiers "
-                      f"and the links {out['dilation']:g}x slower, every time above is measured / "
-                      f"{out['dilation']:g}", highlight=False)
+        d = out["dilation"]
+        console.print(f"time dilation x{d:g}: a tier of speed s ran with its compute stretched to {d:g}/s times its "
+                      f"CPU time, the links {d:g}x slower; every time above is measured / {d:g}", highlight=False)
     if out.get("cloud_speed_note"):
         console.print(f"cloud speed: {out['cloud_speed_note']}", highlight=False)
     o = out["overheads"]
