@@ -152,3 +152,32 @@ def test_bad_settings_are_clean_errors(tmp_path):
     r = _aiflow("bench", "e2e", "--quick", "--json", "--links", "nosuch", "--workdir", str(tmp_path))
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert "nosuch" in json.loads(r.stdout)["error"]
+
+
+def test_prediction_for_the_tokens_generated_and_cold_requests():
+    """A model that stops at its end-of-sequence token is compared with the prefill and its own decode steps;
+    the cold request adds one handshake per connection."""
+    from aiflow_cli.runtime.demo import predicted_cold_ms, predicted_ms
+
+    pred = SimpleNamespace(total_ms=1000.0, prefill_ms=300.0, per_token_ms=100.0, tokens=8,
+                           handshake_ms={"device-edge": 55.0, "edge-cloud": 22.0})
+    plan = SimpleNamespace(prediction=pred)
+    assert predicted_ms(plan) == 1000.0 and predicted_ms(plan, 8) == 1000.0
+    assert predicted_ms(plan, 5) == 300.0 + 4 * 100.0
+    assert predicted_cold_ms(plan, 5) == 700.0 + 77.0
+    one_shot = SimpleNamespace(prediction=SimpleNamespace(total_ms=50.0, prefill_ms=50.0, per_token_ms=0.0,
+                                                          tokens=0, handshake_ms={}))
+    assert predicted_ms(one_shot, 3) == 50.0
+
+
+def test_demo_verdict_uses_the_runs_noise():
+    from aiflow_cli.runtime.demo import verdict
+
+    def e(ms, spread=0.0, same=None):
+        return {"warm_ms": ms, "samples_ms": [ms - spread, ms, ms + spread], "measured_as": same}
+
+    assert verdict({"cloud-only": e(100.0), "aiflow": e(103.0)})["fastest"]  # within 5 %
+    assert not verdict({"cloud-only": e(100.0), "aiflow": e(120.0)})["fastest"]
+    assert verdict({"cloud-only": e(100.0, 15.0), "aiflow": e(120.0)})["fastest"]  # the run's own spread
+    v = verdict({"cloud-only": e(100.0), "aiflow": e(100.0, same="same placement as cloud-only")})
+    assert v["fastest"] and v["best_other"] == "cloud-only"

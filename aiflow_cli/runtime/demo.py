@@ -55,7 +55,8 @@ PROFILE_CACHE_VERSION = 2
 WARMUP_REQUESTS = 1
 CLOUD_SPEED_NOTE = (
     "assumed, not measured (no GPU here): a datacenter GPU decoding a ~100M-parameter model at batch 1 is bound "
-    "by kernel launches, not arithmetic, so it is taken conservatively as a few times one core of this CPU"
+    "by kernel launches, not arithmetic, so it is taken conservatively as a few times one core of this CPU "
+    "(README: where the figure comes from)"
 )
 
 
