@@ -1,4 +1,5 @@
-"""Wall-clock timing of repeated calls, shared by the profiler and the benchmarks."""
+"""Timing shared by the profiler, the runtime and the benchmarks: the median of repeated calls (wall clock), and
+the clock that measures a thread's own work."""
 
 from __future__ import annotations
 
@@ -29,3 +30,15 @@ def median_s(fn: Callable[[], object], repeats: int, *, warmup: bool = False, bu
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls, in milliseconds (no warm-up, no budget)."""
     return median_s(fn, repeats) * 1e3
+
+
+def work_clock(device: str = "cpu") -> Callable[[], float]:
+    """A clock (seconds) for the work of the calling thread: its CPU time when the work runs in this thread (CPU,
+    torch with one intra-op thread, as every aiflow tier runs), else the wall clock. On a loaded machine the wall
+    time of a computation grows with the load while its CPU time stays what the work costs: the profiler
+    measures stages with this clock and the runtime stretches emulated tiers by it, so the two agree."""
+    import torch
+
+    if str(device) == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter

@@ -21,13 +21,16 @@ def _aiflow(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One --quick run over two link profiles (lte, lan), so the cloud-only servers serve both."""
+    """One --quick run of the tiny captioner over two link profiles (lte, lan), so the cloud-only servers serve
+    both."""
     work = tmp_path_factory.mktemp("e2e")
     png = work / "e2e.png"
-    r = _aiflow("bench", "e2e", "--quick", "--json", "--links", "lte,lan", "--repeats", "3", "--workdir", str(work),
-                "--plot", str(png))
+    r = _aiflow("bench", "e2e", "--quick", "--json", "--model", TINY, "--links", "lte,lan", "--repeats", "3",
+                "--workdir", str(work), "--plot", str(png))
     assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout), png
+    report = json.loads(r.stdout)
+    assert len(report["runs"]) == 1 and len(report["goals"]) == 4 and "bench e2e" in report["command"]
+    return report["runs"][0], png
 
 
 def _raw_input_bytes() -> int:
@@ -46,6 +49,8 @@ def test_quick_json_has_every_strategy_at_every_profile(quick):
             assert 3 <= len(v["samples_ms"]) and 0 < v["p50_ms"] <= v["p90_ms"]
             assert v["predicted_ms"] > 0 and v["plan"]
             assert 0 < v["fidelity"] <= 1
+            assert v["predicted_cold_ms"] >= v["predicted_ms"] and v["tokens"] >= 1
+            assert 0 < v["ttft_ms"] <= max(v["samples_ms"]) + 1e-6 and v["tokens_per_s"] > 0
     assert [g["name"] for g in out["goals"]] and all(isinstance(g["met"], bool) for g in out["goals"])
     assert len(out["goals"]) == 4
     assert set(out["provenance"]) == {"measured", "emulated", "modelled"}
@@ -147,3 +152,32 @@ def test_bad_settings_are_clean_errors(tmp_path):
     r = _aiflow("bench", "e2e", "--quick", "--json", "--links", "nosuch", "--workdir", str(tmp_path))
     assert r.returncode == 3 and "Traceback" not in r.stderr
     assert "nosuch" in json.loads(r.stdout)["error"]
+
+
+def test_prediction_for_the_tokens_generated_and_cold_requests():
+    """A model that stops at its end-of-sequence token is compared with the prefill and its own decode steps;
+    the cold request adds one handshake per connection."""
+    from aiflow_cli.runtime.demo import predicted_cold_ms, predicted_ms
+
+    pred = SimpleNamespace(total_ms=1000.0, prefill_ms=300.0, per_token_ms=100.0, tokens=8,
+                           handshake_ms={"device-edge": 55.0, "edge-cloud": 22.0})
+    plan = SimpleNamespace(prediction=pred)
+    assert predicted_ms(plan) == 1000.0 and predicted_ms(plan, 8) == 1000.0
+    assert predicted_ms(plan, 5) == 300.0 + 4 * 100.0
+    assert predicted_cold_ms(plan, 5) == 700.0 + 77.0
+    one_shot = SimpleNamespace(prediction=SimpleNamespace(total_ms=50.0, prefill_ms=50.0, per_token_ms=0.0,
+                                                          tokens=0, handshake_ms={}))
+    assert predicted_ms(one_shot, 3) == 50.0
+
+
+def test_demo_verdict_uses_the_runs_noise():
+    from aiflow_cli.runtime.demo import verdict
+
+    def e(ms, spread=0.0, same=None):
+        return {"warm_ms": ms, "samples_ms": [ms - spread, ms, ms + spread], "measured_as": same}
+
+    assert verdict({"cloud-only": e(100.0), "aiflow": e(103.0)})["fastest"]  # within 5 %
+    assert not verdict({"cloud-only": e(100.0), "aiflow": e(120.0)})["fastest"]
+    assert verdict({"cloud-only": e(100.0, 15.0), "aiflow": e(120.0)})["fastest"]  # the run's own spread
+    v = verdict({"cloud-only": e(100.0), "aiflow": e(100.0, same="same placement as cloud-only")})
+    assert v["fastest"] and v["best_other"] == "cloud-only"

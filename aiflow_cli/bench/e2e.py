@@ -86,6 +86,8 @@ class E2EConfig(TierSpeeds):
     edge_speed: float = 1.0
     cloud_speed: float = 1.0
     """Tier speeds as multiples of this CPU; above 1, emulated by time dilation (D = the fastest)."""
+    headroom: float = 1.0
+    """Extra dilation (>= 1): every tier, the fastest included, stretched at least this much (loaded machines)."""
     repeats: int = 7
     max_new_tokens: int = 16
     min_fidelity: float = 0.99
@@ -116,6 +118,8 @@ class E2EConfig(TierSpeeds):
         for tier, v in self.speeds.items():
             if not v > 0:
                 raise InputError(f"--{tier}-speed {v}: must be > 0 (a multiple of this CPU's speed)")
+        if not self.headroom >= 1:
+            raise InputError(f"--headroom {self.headroom}: must be >= 1")
         if self.repeats < MIN_SAMPLES:
             raise InputError(f"--repeats {self.repeats}: need at least {MIN_SAMPLES} for p50/p90")
         if not 0 < self.min_fidelity <= 1:

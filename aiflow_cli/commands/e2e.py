@@ -23,6 +23,7 @@ def bench_e2e(
     device_speed: float = typer.Option(0.25, "--device-speed", help="Device speed as a multiple of this CPU."),
     edge_speed: float = typer.Option(1.0, "--edge-speed", help="Edge speed as a multiple of this CPU."),
     cloud_speed: float = typer.Option(1.0, "--cloud-speed", help="Cloud speed as a multiple of this CPU; above 1 by time dilation (an assumption, see docs)."),
+    headroom: float = typer.Option(1.0, "--headroom", help="Extra time dilation H >= 1: every tier stretched at least H-fold, so a machine loaded less than H-fold does not show (runs H times longer)."),
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed warm requests per configuration (default 7; --quick: 4), after a cold one and a warm-up."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Tokens to generate (default 16; --quick: 4)."),
     min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="Fidelity floor of the aiflow plan; its measured fidelity is checked against it."),
@@ -51,6 +52,7 @@ def bench_e2e(
         given = {"model": m, "links": names, "repeats": repeats, "max_new_tokens": max_new_tokens, "budget_s": budget_s,
                  "workdir": workdir, "image": image, "wan": wan,
                  "device_speed": device_speed, "edge_speed": edge_speed, "cloud_speed": cloud_speed,
+                 "headroom": headroom,
                  "min_fidelity": min_fidelity, "threads": threads}
         cfg = e2e.E2EConfig.quick_config(**given) if quick else e2e.E2EConfig(**{k: v for k, v in given.items() if v is not None})
         cfgs.append(cfg)
@@ -90,31 +92,43 @@ def _print(result) -> None:
     from rich.table import Table
 
     gen = result.fidelity_metric == "token_agreement"
-    metric = "agree" if gen else "cos"
+    metric = "agree" if gen else "cosine"
     d = result.tiers.get("dilation", {}).get("factor", 1)
     unit = f"ms (dilated x{d:g})" if d > 1 else "ms"
-    t = Table(title=f"{result.model}: warm requests, p50 vs predicted, {unit}", title_justify="left",
-              box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    cols = ["link", "strategy", "p50", "pred", "err"] + (["ttft", "pred", "tok/s"] if gen else []) + ["cold", "KiB up", metric]
-    for i, c in enumerate(cols):
-        t.add_column(c, justify="left" if i < 2 else "right", no_wrap=True)
+
+    def new_table(title: str, cols: list[str]) -> Table:
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        for i, c in enumerate(cols):
+            t.add_column(c, justify="left" if i < 2 else "right", no_wrap=True)
+        return t
+
+    t = new_table(f"{result.model}: warm requests, {unit}, measured p50/p90 vs predicted",
+                  ["link", "strategy", "p50", "p90", "pred", "err", metric])
+    t2 = new_table(f"{result.model}: " + ("time to first token, tokens/s, " if gen else "") +
+                   "cold first request (ms), payload KiB up device->edge",
+                   ["link", "strategy"] + (["ttft", "pred", "tok/s"] if gen else []) + ["cold", "pred", "KiB up"])
     speedups = []
     for link, prof in result.profiles.items():
         rows = prof["strategies"]
         for i, (s, v) in enumerate(rows.items()):
             up = v["payload_bytes"].get("device-edge", {}).get("up")
-            cells = [link if i == 0 else "", s, f"{v['p50_ms']:.0f}", f"{v['predicted_ms']:.0f}",
-                     f"{v['prediction_error']:+.0%}"]
+            first, last = link if i == 0 else "", i == len(rows) - 1
+            t.add_row(first, s, f"{v['p50_ms']:.0f}", f"{v['p90_ms']:.0f}", f"{v['predicted_ms']:.0f}",
+                      f"{v['prediction_error']:+.0%}", f"{v['fidelity']:.3f}" + (
+                          "[red]<floor[/]" if v["fidelity"] < result.config["min_fidelity"] else ""),
+                      end_section=last)
+            cells = [first, s]
             if gen:
                 cells += [f"{v['ttft_ms']:.0f}", f"{v['predicted_ttft_ms']:.0f}", f"{v['tokens_per_s']:.1f}"]
-            cells += ["-" if v.get("cold_ms") is None else f"{v['cold_ms']:.0f}", "-" if up is None else _kib(up),
-                      f"{v['fidelity']:.3f}"]
-            t.add_row(*cells, end_section=i == len(rows) - 1)
+            cells += ["-" if v.get("cold_ms") is None else f"{v['cold_ms']:.0f}", f"{v['predicted_cold_ms']:.0f}",
+                      "-" if up is None else _kib(up)]
+            t2.add_row(*cells, end_section=last)
         base = min(("device-only", "cloud-only", "raw-split"), key=lambda s: rows[s]["p50_ms"])
         speedups.append(f"{link} ({prof['link']['uplink_mbps']:g} Mbit/s up, {prof['link']['rtt_ms']:g} ms RTT): "
                         f"best baseline {base} {rows[base]['p50_ms']:.0f} ms, aiflow {rows['aiflow']['p50_ms']:.0f} "
                         f"ms: {rows[base]['p50_ms'] / rows['aiflow']['p50_ms']:.2f}x")
     console.print(t)
+    console.print(t2)
     console.print("placements:", highlight=False)
     first = next(iter(result.profiles.values()))["strategies"]
     console.print(f"  device-only: {first['device-only']['plan']}; cloud-only: {first['cloud-only']['plan']}",

@@ -121,6 +121,7 @@ def demo(
     device_speed: float = typer.Option(0.25, "--device-speed", help="Device speed as a multiple of this CPU."),
     edge_speed: float = typer.Option(1.0, "--edge-speed", help="Edge speed as a multiple of this CPU."),
     cloud_speed: float = typer.Option(4.0, "--cloud-speed", help="Cloud speed as a multiple of this CPU (an assumption; above 1 emulated by time dilation)."),
+    headroom: float = typer.Option(1.0, "--headroom", help="Extra time dilation H >= 1: every tier stretched at least H-fold, so a machine loaded less than H-fold does not show (runs H times longer)."),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate (captioning / LMs)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Warm requests timed per strategy (median reported)."),
     min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="Fidelity floor of the aiflow plan; measured agreement below it is flagged."),
@@ -141,8 +142,10 @@ def demo(
             raise InputError(f"{name} {v}: must be > 0 (a multiple of this CPU's speed)")
     if not 0 < min_fidelity <= 1:
         raise InputError(f"--min-fidelity {min_fidelity}: must be in (0, 1]")
+    if not headroom >= 1:
+        raise InputError(f"--headroom {headroom}: must be >= 1")
     cfg = DemoConfig(model=model, uplink=link, wan=wan, device_speed=device_speed, edge_speed=edge_speed,
-                     cloud_speed=cloud_speed, max_new_tokens=max_new_tokens, repeats=repeats,
+                     cloud_speed=cloud_speed, headroom=headroom, max_new_tokens=max_new_tokens, repeats=repeats,
                      min_fidelity=min_fidelity, input_path=input_, text=text)
     if workdir is not None:
         cfg.workdir = workdir

@@ -28,7 +28,7 @@ from typing import Callable, Optional
 import torch
 
 from aiflow_cli import codec as codec_mod
-from aiflow_cli.timing import median_ms
+from aiflow_cli.timing import median_ms, work_clock
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import StagedModel, load_model
 from aiflow_cli.models.state import BoundaryState, is_codec_tensor, role_of, state_bytes
@@ -109,15 +109,16 @@ class _Profiler:
             states.append(state)
         times: list[list[float]] = [[] for _ in range(n)]
         total = self.warmup + self.repeats
+        clock = work_clock(self.device.type)
         for r in range(total):
             state = self.inputs
             for i in range(n):
                 _sync(self.device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 state = m.run_stage(i, state)
                 _sync(self.device)
                 if r >= self.warmup:
-                    times[i].append((time.perf_counter() - t0) * 1e3)
+                    times[i].append((clock() - t0) * 1e3)
             self.progress("prefill timing", r + 1, total)
         return states, peaks, times
 
@@ -134,17 +135,18 @@ class _Profiler:
         tokens = m.output(out)[:, -1].argmax(-1)
         step_in = m.next_inputs(m.decode_inputs_of(prompt), tokens)
         total = self.warmup + self.repeats
+        clock = work_clock(self.device.type)
         for r in range(total):
             state = step_in
             if r == self.warmup:
                 step_states[m.decode_start - 1] = state
             for i in range(m.decode_start, n):
                 _sync(self.device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 state = m.run_stage(i, state, cache)
                 _sync(self.device)
                 if r >= self.warmup:
-                    times[i].append((time.perf_counter() - t0) * 1e3)
+                    times[i].append((clock() - t0) * 1e3)
                     if r == self.warmup:
                         step_states[i] = state
             cache.crop(self.decode_tokens)

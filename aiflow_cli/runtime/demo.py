@@ -49,11 +49,14 @@ DEFAULT_MODEL = "smollm2"
 #: (every cut and all items would take most of an hour for the LLM on 2 cores; a plan's codecs are still
 #: verified end to end before it is accepted, docs/planner.md).
 PROFILE_FIDELITY = {"calibration_items": 4, "calibration_tokens": 8, "fidelity_cuts": "every:4"}
+#: Bumped when what a cached profile measures changes (2: stage times in thread CPU time, bench/common.py).
+PROFILE_CACHE_VERSION = 2
 #: Untimed warm requests after the cold one (connections are up by then; oneDNN has seen the shapes).
 WARMUP_REQUESTS = 1
 CLOUD_SPEED_NOTE = (
     "assumed, not measured (no GPU here): a datacenter GPU decoding a ~100M-parameter model at batch 1 is bound "
-    "by kernel launches, not arithmetic, so it is taken conservatively as a few times one core of this CPU"
+    "by kernel launches, not arithmetic, so it is taken conservatively as a few times one core of this CPU "
+    "(README: where the figure comes from)"
 )
 
 
@@ -65,6 +68,8 @@ class DemoConfig(TierSpeeds):
     device_speed: float = 0.25
     edge_speed: float = 1.0
     cloud_speed: float = 4.0
+    headroom: float = 1.0
+    """Extra dilation (>= 1): every tier, the fastest included, stretched at least this much (loaded machines)."""
     max_new_tokens: int = 8
     """smollm2 answers the default prompt in 8 tokens (its end-of-sequence token included)."""
     repeats: int = 3
@@ -101,7 +106,8 @@ def cached_profile(model: str, log: Callable[[str], None], inputs: Optional[dict
         if stages.generates:
             decode_tokens = seq_len + max(max_new_tokens // 2, 1)
     shape = "" if seq_len is None else f"-s{seq_len}" + ("" if decode_tokens is None else f"d{decode_tokens}")
-    path = profile_cache_dir() / f"{_safe(model)}-{stages.model_hash[:12]}-t{torch.get_num_threads()}{shape}.json"
+    path = profile_cache_dir() / (f"{_safe(model)}-{stages.model_hash[:12]}-t{torch.get_num_threads()}{shape}"
+                                  f"-v{PROFILE_CACHE_VERSION}.json")
     if path.is_file():
         log(f"profile: cached {path}")
         return load_profile(str(path))

@@ -40,9 +40,13 @@ class Dilation:
             raise InputError(f"dilation factor {self.factor}: must be >= 1")
 
     @classmethod
-    def for_speeds(cls, speeds: Mapping[str, float]) -> "Dilation":
-        """The smallest dilation that lets every tier run: the fastest speed, or 1 if none is above 1."""
-        return cls(max([1.0, *speeds.values()]))
+    def for_speeds(cls, speeds: Mapping[str, float], headroom: float = 1.0) -> "Dilation":
+        """The smallest dilation that lets every tier run (the fastest speed, or 1 if none is above 1), times
+        ``headroom``: with ``headroom`` H > 1 even the fastest tier is stretched (by H), so that every tier's
+        compute follows its CPU time, and a machine loaded less than H-fold does not show in the figures."""
+        if not headroom >= 1:
+            raise InputError(f"--headroom {headroom}: must be >= 1")
+        return cls(max([1.0, *speeds.values()]) * headroom)
 
     @property
     def active(self) -> bool:
@@ -91,6 +95,7 @@ class TierSpeeds:
     device_speed: float
     edge_speed: float
     cloud_speed: float
+    headroom: float = 1.0
 
     @property
     def speeds(self) -> dict[str, float]:
@@ -98,4 +103,4 @@ class TierSpeeds:
 
     @property
     def dilation(self) -> Dilation:
-        return Dilation.for_speeds(self.speeds)
+        return Dilation.for_speeds(self.speeds, self.headroom)

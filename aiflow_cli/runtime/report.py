@@ -70,24 +70,25 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
     gen = "ttft_ms" in a and a.get("tokens") is not None
     t = Table(title=f"warm requests, median of {len(a['samples_ms'])} (ms{when})", title_justify="left",
               box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
-    cols = ["strategy", "warm", "pred", "err"] + (["ttft", "pred", "tok/s"] if gen else []) + ["cold", "pred", "agree"]
+    cols = ["strategy", "warm", "pred", "err"] + (["ttft", "pred", "err", "tok/s"] if gen else []) + ["agree"]
     for i, c in enumerate(cols):
         t.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
     for name, e in s.items():
-        flag = "[red]![/]" if e.get("below_floor") else ""
+        flag = "[red] below floor[/]" if e.get("below_floor") else ""
         agree = "-" if e.get("agreement") is None else f"{e['agreement']:.3f}{flag}"
         row = [name, f"{e['warm_ms']:.0f}", f"{e['predicted_ms']:.0f}", _err(e["predicted_ms"], e["warm_ms"])]
         if gen:
-            row += [f"{e['ttft_ms']:.0f}", f"{e['predicted_ttft_ms']:.0f}", f"{e['tokens_per_s']:.1f}"]
-        row += [f"{e['cold_ms']:.0f}", f"{e['predicted_cold_ms']:.0f}", agree]
+            row += [f"{e['ttft_ms']:.0f}", f"{e['predicted_ttft_ms']:.0f}", _err(e["predicted_ttft_ms"], e["ttft_ms"]),
+                    f"{e['tokens_per_s']:.1f}"]
+        row += [agree]
         t.add_row(*row, style="bold" if name == OPTIMAL else None)
     console.print(t)
-    b = Table(title="bytes per request (KiB) and messages, per link", title_justify="left", box=box.SIMPLE_HEAD,
-              padding=(0, 1), pad_edge=False)
-    for i, c in enumerate(["strategy", "dev->edge up", "down", "msgs", "edge->cloud up", "down", "msgs"]):
+    b = Table(title="cold first request (ms); KiB and messages per request on device-edge (d-e) and edge-cloud "
+                    "(e-c)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    for i, c in enumerate(["strategy", "cold", "pred", "d-e up", "down", "msgs", "e-c up", "down", "msgs"]):
         b.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
     for name, e in s.items():
-        cells = [name]
+        cells = [name, f"{e['cold_ms']:.0f}", f"{e['predicted_cold_ms']:.0f}"]
         for link in ("device-edge", "edge-cloud"):
             x = e["links"].get(link)
             cells += ["-", "-", "0"] if x is None else [_kib(x["up"]), _kib(x["down"]), str(x["messages"])]
@@ -103,9 +104,9 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
     console.print(f"tiers: device {sp['device']:g}x, edge {sp['edge']:g}x, cloud {sp['cloud']:g}x this CPU; links "
                   f"{out['links']['device-edge']} + {out['links']['edge-cloud']}", highlight=False)
     if out["dilation"] > 1:
-        console.print(f"time dilation x{out['dilation']:g}: the cloud ran at this CPU's real speed, the other tiers "
-                      f"and the links {out['dilation']:g}x slower, every time above is measured / "
-                      f"{out['dilation']:g}", highlight=False)
+        d = out["dilation"]
+        console.print(f"time dilation x{d:g}: a tier of speed s ran with its compute stretched to {d:g}/s times its "
+                      f"CPU time, the links {d:g}x slower; every time above is measured / {d:g}", highlight=False)
     if out.get("cloud_speed_note"):
         console.print(f"cloud speed: {out['cloud_speed_note']}", highlight=False)
     o = out["overheads"]
