@@ -155,8 +155,8 @@ impl Quant {
 }
 
 /// Whether `group` is a valid int4 group size: an even number from 2 to 4096.
-pub const fn valid_int4_group(group: u16) -> bool {
-    group >= 2 && group <= 4096 && group % 2 == 0
+pub fn valid_int4_group(group: u16) -> bool {
+    (2..=4096).contains(&group) && group.is_multiple_of(2)
 }
 
 /// Limits applied while decoding untrusted frames.
