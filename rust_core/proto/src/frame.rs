@@ -155,8 +155,8 @@ impl Quant {
 }
 
 /// Whether `group` is a valid int4 group size: an even number from 2 to 4096.
-pub const fn valid_int4_group(group: u16) -> bool {
-    group >= 2 && group <= 4096 && group % 2 == 0
+pub fn valid_int4_group(group: u16) -> bool {
+    (2..=4096).contains(&group) && group.is_multiple_of(2)
 }
 
 /// Limits applied while decoding untrusted frames.
@@ -349,4 +349,20 @@ fn checksum_of(header: &[u8], payload: &[u8]) -> u32 {
 pub fn seal(frame: &mut [u8], header_len: usize) {
     let crc = checksum_of(&frame[..header_len], &frame[header_len..]);
     frame[12..16].copy_from_slice(&crc.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quant_ids_round_trip_and_bad_ids_are_frame_errors() {
+        for q in [Quant::Raw, Quant::Fp16, Quant::Bf16, Quant::Int8, Quant::Int4 { group: 32 }, Quant::Int4 { group: 4096 }] {
+            let group = if let Quant::Int4 { group } = q { group } else { 0 };
+            assert_eq!(Quant::from_id(q.id(), group).unwrap(), q);
+        }
+        for (id, group) in [(5, 0), (255, 0), (4, 0), (4, 3), (4, 4098)] {
+            assert!(matches!(Quant::from_id(id, group), Err(crate::Error::Frame(_))), "{id} {group}");
+        }
+    }
 }

@@ -70,8 +70,10 @@ macro_rules! py_limits {
 
         #[pymethods]
         impl PyLimits {
+            // One argument per field, positional or keyword, as the dataclass it replaces took them.
             #[new]
             #[pyo3(signature = ($( $name = Limits::default().$name.to_py() ),+))]
+            #[allow(clippy::too_many_arguments)]
             fn new($( $name: <$ty as Field>::Py ),+) -> Self {
                 PyLimits { $( $name, )+ }
             }

@@ -6,8 +6,9 @@
 //! - [`relay`]: the relay on the shared tokio runtime: `listen` -> uplink pipe -> `forward`, replies back
 //!   through the downlink pipe, one upstream socket per client address.
 
-pub use aiflow_proto::link;
 pub mod relay;
+
+pub use aiflow_proto::link;
 
 pub use link::{Direction, Pipe, Verdict, WIRE_OVERHEAD_BYTES};
 pub use relay::{DirStats, Emulator, LinkParams};

@@ -21,11 +21,11 @@ pub mod io;
 pub mod runtime;
 pub mod server;
 
-pub use client::{Client, ClientConfig, PathInfo};
-pub use identity::{Identity, Trust};
 pub use aiflow_proto::limits::{self, Congestion, Limits};
 pub use aiflow_proto::message::{self, Header, Message, ALPN};
+pub use client::{Client, ClientConfig, PathInfo};
 pub use config::PathKind;
+pub use identity::{Identity, Trust};
 pub use server::{Handler, PeerInfo, Server, ServerConfig, ServerStats};
 
 #[cfg(test)]

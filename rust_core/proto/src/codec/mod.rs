@@ -31,16 +31,10 @@ pub struct TensorRef<'a> {
 }
 
 /// Options that change how, not what, is encoded.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct EncodeOptions {
-    /// zstd worker threads for large payloads; 0 = one per available core, 1 = single-threaded.
+    /// zstd worker threads for large payloads; 0 (the default) = one per available core, 1 = single-threaded.
     pub zstd_threads: u32,
-}
-
-impl Default for EncodeOptions {
-    fn default() -> Self {
-        EncodeOptions { zstd_threads: 0 }
-    }
 }
 
 fn geometry_of(t: &TensorRef<'_>) -> Result<Geometry> {
