@@ -99,7 +99,7 @@ def run(
     if json_out:
         print_json({**result.to_json(p.plan), "plan": p.plan.summary(), "tiers": chain})
         return
-    if result.text is not None:
+    if result.text is not None and result.tokens is not None:
         console.print("\n".join(result.text), highlight=False, markup=False)
         console.print(f"({result.tokens.shape[1]} tokens: {result.tokens.tolist()})", highlight=False)
     elif result.output is not None:

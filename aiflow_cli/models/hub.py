@@ -15,9 +15,21 @@ from aiflow_cli.errors import ModelError
 
 #: The files of a repository aiflow uses; weights are read from safetensors only (never pickles).
 ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
-    "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*",
-    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/*",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/*",
 ]
 
 _TRUE = {"1", "on", "yes", "true"}

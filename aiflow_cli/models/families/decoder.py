@@ -80,8 +80,10 @@ def check_decoder_config(config) -> None:
 
 
 def unsupported_message(mt) -> str:
-    return (f"no stage adapter for model_type {mt!r}; supported: decoders {', '.join(DECODER_FAMILIES)}; gpt2, bert, "
-            "vit, vision-encoder-decoder (vit -> gpt2); other torch modules: fx:package.module:factory")
+    return (
+        f"no stage adapter for model_type {mt!r}; supported: decoders {', '.join(DECODER_FAMILIES)}; gpt2, bert, "
+        "vit, vision-encoder-decoder (vit -> gpt2); other torch modules: fx:package.module:factory"
+    )
 
 
 class DecoderAdapter(Adapter):
@@ -155,8 +157,14 @@ class DecoderAdapter(Adapter):
         kv = cache.kv if cache is not None else None
         ltype = self._layer_type(i)
         mask_fn = create_sliding_window_causal_mask if ltype == "sliding_attention" else create_causal_mask
-        mask = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"],
-                       position_ids=pos, **{MASK_CACHE_KWARG: kv}, **({"layer_idx": i} if kv is not None else {}))
+        mask = mask_fn(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=state["attention_mask"],
+            position_ids=pos,
+            **{MASK_CACHE_KWARG: kv},
+            **({"layer_idx": i} if kv is not None else {}),
+        )
         if self.rotary_takes_type:
             pe = self.base.rotary_emb(hidden, pos, ltype)
         elif ltype == "sliding_attention" and hasattr(self.base, "rotary_emb_local"):
@@ -164,8 +172,14 @@ class DecoderAdapter(Adapter):
         else:
             pe = self.base.rotary_emb(hidden, position_ids=pos)
         layer = self.base.layers[i]
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos,
-                       use_cache=kv is not None, **{cache_kwarg(type(layer)): kv})
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=pe,
+            position_ids=pos,
+            use_cache=kv is not None,
+            **{cache_kwarg(type(layer)): kv},
+        )
         if isinstance(hidden, tuple):  # transformers 4.x layers return (hidden, ...)
             hidden = hidden[0]
         out = dict(state)
@@ -175,20 +189,31 @@ class DecoderAdapter(Adapter):
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if image_size is not None:
             raise InputError(f"{self.family} models take text; --image-size does not apply")
-        return random_text(batch, seq_len or 32, self.config.vocab_size, self.config.max_position_embeddings,
-                           generator, device)
+        return random_text(
+            batch, seq_len or 32, self.config.vocab_size, self.config.max_position_embeddings, generator, device
+        )
 
     def prepare(self, *, text=None, image=None, device, dtype):
         from aiflow_cli.models.inputs import tokenize
 
         if text is None or image is not None:
             raise InputError(f"{self.family} models take text only")
-        return tokenize(self.options, text, self.config.vocab_size, device,
-                        max_positions=self.config.max_position_embeddings, chat=True)
+        return tokenize(
+            self.options,
+            text,
+            self.config.vocab_size,
+            device,
+            max_positions=self.config.max_position_embeddings,
+            chat=True,
+        )
 
     def monolithic(self, inputs):
-        return self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                          position_ids=inputs["position_ids"], use_cache=False).logits
+        return self.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            use_cache=False,
+        ).logits
 
     def output_description(self) -> str:
         return "next-token ids (int64), one per sequence per step"
