@@ -200,6 +200,15 @@ def test_offline_machine_gets_one_line(tmp_path):
     assert "not in the local Hugging Face cache" in msg and "HF_HUB_OFFLINE" in msg
 
 
+def test_a_name_that_is_no_hub_id_is_refused_without_network(monkeypatch):
+    from aiflow_cli.errors import ModelError
+    from aiflow_cli.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ModelError, match="not a local directory, and not a Hugging Face hub id"):
+        load_model("./no/such/dir")
+
+
 def test_unknown_repository_is_one_line(repo_files, tmp_path):
     with HubStandIn(repo_files) as hub:
         msg = _one_line_error(aiflow(["profile", "nobody/no-such-model", "--json"], hf_home=tmp_path, endpoint=hub.url))

@@ -70,8 +70,14 @@ def _reason(e: Exception) -> str:
 def hub_dir(name: str) -> Path:
     """The local snapshot directory of hub id ``name`` (downloading it unless offline)."""
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     unknown = f"unknown model {name!r}: not a builtin (aiflow models lists them), not a local directory"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(f"{unknown}, and not a Hugging Face hub id (owner/name)") from None
     try:
         local = Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
         if _complete(local):
