@@ -79,6 +79,7 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "starcoder2": ("Starcoder2Config", {"sliding_window": 4}),
     "glm": ("GlmConfig", {"head_dim": 16, "partial_rotary_factor": 0.5}),
     "helium": ("HeliumConfig", {"head_dim": 16}),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": True, "tie_word_embeddings": False}),
 }
 
 
@@ -178,3 +179,20 @@ def test_unsupported_layouts_are_refused_in_one_line(tmp_path):
     save_file({"x": torch.zeros(1)}, str(d / "model.safetensors"))
     with pytest.raises(ModelError, match="bidirectional"):
         load_model(str(d))
+
+
+def test_legacy_head_name_is_read_per_stage(checkpoints):
+    """GPT-NeoX checkpoints (Pythia, and what transformers itself saves) name the head ``embed_out``: the head stage
+    reads that tensor alone, no fallback to loading the whole model."""
+    from safetensors import safe_open
+
+    d, ref = checkpoints["gpt_neox"]
+    with safe_open(f"{d}/model.safetensors", "pt") as f:
+        assert "embed_out.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    head = load_stages(d, [4])
+    assert head.load_stats.tensors_read == 3 and "embed_out.weight" in head.load_stats.keys
+    m = load_model(d)
+    assert m.load_stats.tensors_read > 0  # -1 would mean: loaded whole through from_pretrained
+    x = inputs(1, 7)
+    with torch.inference_mode():
+        assert torch.equal(m.output(m.run(x)), ref(**x, use_cache=False).logits)

@@ -1,15 +1,16 @@
 """Decoder-only language models as stages, one generic path for every layout of the Llama pattern.
 
-A causal LM of these families is ``<prefix>.embed_tokens`` -> ``<prefix>.layers[i]`` -> a final norm
-(``norm`` or ``final_layernorm``) -> ``lm_head``, with a weightless rotary module beside the layers. The stages are
-``embed`` -> ``block{i}`` -> ``head``; each stage calls the library's own modules the way the model's ``forward``
+A causal LM of these families is ``<prefix>.embed_tokens`` (or ``embed_in``) -> ``<prefix>.layers[i]`` -> a final
+norm (``norm``, ``final_layernorm`` or ``final_layer_norm``) -> ``lm_head``, with a weightless rotary module beside
+the layers. The stages are ``embed`` -> ``block{i}`` -> ``head``; each stage calls the library's own modules the way the model's ``forward``
 does (transformers 5.x, read per family), so that split == monolithic bitwise on CPU fp32:
 
 - embed: ``embed_tokens`` (Gemma's embedding scales itself by sqrt(hidden); older Gemma code scaled in the
-  forward, done here then), Granite's ``embedding_multiplier``, Phi's ``embed_dropout`` (identity in eval);
+  forward, done here then), Granite's ``embedding_multiplier``, Phi's / GPT-NeoX's embedding dropout (identity
+  in eval);
 - block i: the layer's mask (``config.layer_types[i]``: full or sliding-window causal; without layer types, sliding
   when ``config.sliding_window`` is set, as Mistral / Phi-3 / Starcoder2 choose), sized against this layer's own KV
-  cache; the rotary embedding of this layer's type (Gemma 3 and OLMo 3 have local and global rotary);
+  cache; the rotary embedding of this layer's type where it has one (Gemma 3: local and global rotary);
 - head: final norm, ``lm_head``, then what the CausalLM's forward applies to the logits (Gemma 2/3 final
   soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``).
 
@@ -62,9 +63,14 @@ DECODER_FAMILIES: dict[str, str] = {
     "starcoder2": "StarCoder2",
     "glm": "GLM",
     "helium": "Helium",
+    "gpt_neox": "GPT-NeoX / Pythia (parallel residual, partial rotary)",
 }
 
-_NORM_NAMES = ("norm", "final_layernorm")
+#: Conventional names of the base model's parts, in the order tried (GPT-NeoX: ``embed_in``, ``emb_dropout``,
+#: ``final_layer_norm``).
+_EMBED_NAMES = ("embed_tokens", "embed_in")
+_DROPOUT_NAMES = ("embed_dropout", "emb_dropout")
+_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm")
 
 
 def check_decoder_config(config) -> None:
@@ -96,9 +102,11 @@ class DecoderAdapter(Adapter):
         self.family = config.model_type
         self.prefix = model.base_model_prefix
         self.base = getattr(model, self.prefix)
+        self.embed_name = next((n for n in _EMBED_NAMES if hasattr(self.base, n)), None)
+        self.dropout_name = next((n for n in _DROPOUT_NAMES if hasattr(self.base, n)), None)
         self.norm_name = next((n for n in _NORM_NAMES if hasattr(self.base, n)), None)
-        if self.norm_name is None or not hasattr(self.base, "rotary_emb"):
-            raise ModelError(f"{config.model_type}: no final norm / rotary module where the decoder layout has them")
+        if self.embed_name is None or self.norm_name is None or not hasattr(self.base, "rotary_emb"):
+            raise ModelError(f"{config.model_type}: no embedding / final norm / rotary module where decoders have them")
         self.layer_types = list(getattr(config, "layer_types", None) or [])
         self.rotary_takes_type = accepts(type(self.base.rotary_emb).forward, "layer_type")
 
@@ -110,7 +118,7 @@ class DecoderAdapter(Adapter):
     def stage_specs(self):
         p, n = self.prefix, self.config.num_hidden_layers
         rotary = tuple(f"{p}.{r}" for r in ("rotary_emb", "rotary_emb_local") if hasattr(self.base, r))
-        embed = (f"{p}.embed_tokens",) + ((f"{p}.embed_dropout",) if hasattr(self.base, "embed_dropout") else ())
+        embed = (f"{p}.{self.embed_name}",) + ((f"{p}.{self.dropout_name}",) if self.dropout_name else ())
         return (
             [StageSpec("embed", "embed", embed, decodes=True)]
             + [StageSpec(f"block{i}", "block", (f"{p}.layers.{i}",) + rotary, decodes=True, layer=i) for i in range(n)]
@@ -124,13 +132,14 @@ class DecoderAdapter(Adapter):
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         b, c = self.base, self.config
-        h = b.embed_tokens(ids)
-        if c.model_type.startswith("gemma") and not hasattr(b.embed_tokens, "embed_scale"):
+        emb = getattr(b, self.embed_name)
+        h = emb(ids)
+        if c.model_type.startswith("gemma") and not hasattr(emb, "embed_scale"):
             h = h * torch.tensor(c.hidden_size**0.5, dtype=h.dtype)  # transformers 4.x scaled in the forward
         if getattr(b, "embedding_multiplier", None) is not None:
             h = h * b.embedding_multiplier
-        if hasattr(b, "embed_dropout"):
-            h = b.embed_dropout(h)
+        if self.dropout_name:
+            h = getattr(b, self.dropout_name)(h)
         return h
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
