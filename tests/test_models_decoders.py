@@ -19,9 +19,18 @@ from aiflow_cli.errors import ModelError
 from aiflow_cli.models import load_model, load_stages
 from aiflow_cli.models.families.decoder import DECODER_FAMILIES
 
-COMMON = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
-          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64, "pad_token_id": 0,
-          "bos_token_id": 1, "eos_token_id": 2}
+COMMON = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention"]
 
 #: model_type -> (config class name, extra config arguments): each differs from Llama somewhere.
@@ -34,22 +43,43 @@ CONFIGS: dict[str, tuple[str, dict]] = {
     "phi": ("PhiConfig", {"partial_rotary_factor": 0.5, "num_key_value_heads": 4}),
     "phi3": ("Phi3Config", {"sliding_window": 4}),
     "gemma": ("GemmaConfig", {"head_dim": 16}),
-    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 4, "final_logit_softcapping": 5.0,
-                                "attn_logit_softcapping": 10.0, "query_pre_attn_scalar": 16}),
-    "gemma3_text": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 4, "layer_types": ALTERNATING,
-                                         "final_logit_softcapping": 5.0, "query_pre_attn_scalar": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        {
+            "head_dim": 16,
+            "sliding_window": 4,
+            "final_logit_softcapping": 5.0,
+            "attn_logit_softcapping": 10.0,
+            "query_pre_attn_scalar": 16,
+        },
+    ),
+    "gemma3_text": (
+        "Gemma3TextConfig",
+        {
+            "head_dim": 16,
+            "sliding_window": 4,
+            "layer_types": ALTERNATING,
+            "final_logit_softcapping": 5.0,
+            "query_pre_attn_scalar": 16,
+        },
+    ),
     "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.25}),
     "olmo": ("OlmoConfig", {"clip_qkv": 0.5}),
     "olmo2": ("Olmo2Config", {}),
-    "granite": ("GraniteConfig", {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "logits_scaling": 2.0,
-                                  "attention_multiplier": 0.3}),
+    "granite": (
+        "GraniteConfig",
+        {"embedding_multiplier": 4.0, "residual_multiplier": 0.5, "logits_scaling": 2.0, "attention_multiplier": 0.3},
+    ),
     "cohere": ("CohereConfig", {"logit_scale": 0.5, "use_qk_norm": False}),
     "cohere2": ("Cohere2Config", {"sliding_window": 4, "layer_types": ALTERNATING, "logit_scale": 0.5}),
-    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0, 1], "sliding_window": 4,
-                                  "layer_types": ["full_attention"] * 3}),
+    "smollm3": (
+        "SmolLM3Config",
+        {"no_rope_layers": [1, 0, 1], "sliding_window": 4, "layer_types": ["full_attention"] * 3},
+    ),
     "starcoder2": ("Starcoder2Config", {"sliding_window": 4}),
     "glm": ("GlmConfig", {"head_dim": 16, "partial_rotary_factor": 0.5}),
     "helium": ("HeliumConfig", {"head_dim": 16}),
+    "gpt_neox": ("GPTNeoXConfig", {"rotary_pct": 0.5, "use_parallel_residual": True, "tie_word_embeddings": False}),
 }
 
 
@@ -82,7 +112,7 @@ def inputs(batch: int, seq: int, pad: int = 0, seed: int = 0) -> dict[str, torch
     ids = torch.randint(1, COMMON["vocab_size"], (batch, seq), generator=g)
     mask = torch.ones(batch, seq, dtype=torch.long)
     if pad:
-        mask[-1, seq - pad:] = 0
+        mask[-1, seq - pad :] = 0
     return {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(seq).expand(batch, -1).contiguous()}
 
 
@@ -108,8 +138,13 @@ def test_kv_cache_generation_equals_library_generate(checkpoints, family):
     x = inputs(1, 6, seed=1)
     ours = m.generate(x, 6)
     with torch.inference_mode():
-        theirs = ref.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=6,
-                              do_sample=False, pad_token_id=0)[:, 6:]
+        theirs = ref.generate(
+            input_ids=x["input_ids"],
+            attention_mask=x["attention_mask"],
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+        )[:, 6:]
     assert torch.equal(ours, theirs), (ours.tolist(), theirs.tolist())
 
 
@@ -144,3 +179,20 @@ def test_unsupported_layouts_are_refused_in_one_line(tmp_path):
     save_file({"x": torch.zeros(1)}, str(d / "model.safetensors"))
     with pytest.raises(ModelError, match="bidirectional"):
         load_model(str(d))
+
+
+def test_legacy_head_name_is_read_per_stage(checkpoints):
+    """GPT-NeoX checkpoints (Pythia, and what transformers itself saves) name the head ``embed_out``: the head stage
+    reads that tensor alone, no fallback to loading the whole model."""
+    from safetensors import safe_open
+
+    d, ref = checkpoints["gpt_neox"]
+    with safe_open(f"{d}/model.safetensors", "pt") as f:
+        assert "embed_out.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    head = load_stages(d, [4])
+    assert head.load_stats.tensors_read == 3 and "embed_out.weight" in head.load_stats.keys
+    m = load_model(d)
+    assert m.load_stats.tensors_read > 0  # -1 would mean: loaded whole through from_pretrained
+    x = inputs(1, 7)
+    with torch.inference_mode():
+        assert torch.equal(m.output(m.run(x)), ref(**x, use_cache=False).logits)

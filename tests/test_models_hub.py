@@ -30,8 +30,16 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def make_repo(d: Path) -> dict[str, bytes]:
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(cfg).save_pretrained(d)
     files = {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
@@ -69,21 +77,43 @@ class HubStandIn:
                 outer.requests.append((self.command, path))
                 api = f"/api/models/{REPO}/"
                 if path.startswith(api + "revision/"):
-                    return self._json({"id": REPO, "modelId": REPO, "sha": COMMIT, "private": False,
-                                       "siblings": [{"rfilename": f} for f in outer.files]})
+                    return self._json(
+                        {
+                            "id": REPO,
+                            "modelId": REPO,
+                            "sha": COMMIT,
+                            "private": False,
+                            "siblings": [{"rfilename": f} for f in outer.files],
+                        }
+                    )
                 if path.startswith(api + "tree/"):
-                    return self._json([{"type": "file", "path": f, "size": len(b),
-                                        "oid": hashlib.sha1(b).hexdigest()} for f, b in outer.files.items()])
+                    return self._json(
+                        [
+                            {"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                            for f, b in outer.files.items()
+                        ]
+                    )
                 prefix = f"/{REPO}/resolve/"
                 if path.startswith(prefix):
-                    _rev, _, name = path[len(prefix):].partition("/")
+                    _rev, _, name = path[len(prefix) :].partition("/")
                     if name in outer.files:
                         body = outer.files[name]
-                        return self._send(200, body, {"X-Repo-Commit": COMMIT,
-                                                      "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
-                                                      "Content-Type": "application/octet-stream"}, head=head)
-                self._send(404, b'{"error":"Repository not found"}',
-                           {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"}, head=head)
+                        return self._send(
+                            200,
+                            body,
+                            {
+                                "X-Repo-Commit": COMMIT,
+                                "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+                                "Content-Type": "application/octet-stream",
+                            },
+                            head=head,
+                        )
+                self._send(
+                    404,
+                    b'{"error":"Repository not found"}',
+                    {"X-Error-Code": "RepoNotFound", "Content-Type": "application/json"},
+                    head=head,
+                )
 
             def do_GET(self):
                 self._route(head=False)
@@ -110,12 +140,26 @@ def aiflow(args: list[str], *, hf_home: Path, endpoint: str, offline: bool = Fal
     env.update(HF_HOME=str(hf_home), HF_ENDPOINT=endpoint, HF_HUB_DISABLE_TELEMETRY="1", COLUMNS="400")
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    return subprocess.run([sys.executable, "-m", "aiflow_cli", *args], capture_output=True, text=True, timeout=300,
-                          env=env, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "aiflow_cli", *args], capture_output=True, text=True, timeout=300, env=env, check=False
+    )
 
 
-PROFILE = ["profile", REPO, "--repeats", "1", "--warmup", "0", "--codecs", "raw", "--seq-len", "8",
-           "--decode-tokens", "2", "--json"]
+PROFILE = [
+    "profile",
+    REPO,
+    "--repeats",
+    "1",
+    "--warmup",
+    "0",
+    "--codecs",
+    "raw",
+    "--seq-len",
+    "8",
+    "--decode-tokens",
+    "2",
+    "--json",
+]
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +198,15 @@ def test_offline_machine_gets_one_line(tmp_path):
     assert f"unknown model '{REPO}'" in msg and "downloading it from " + dead in msg
     msg = _one_line_error(aiflow(PROFILE, hf_home=tmp_path, endpoint=dead, offline=True))
     assert "not in the local Hugging Face cache" in msg and "HF_HUB_OFFLINE" in msg
+
+
+def test_a_name_that_is_no_hub_id_is_refused_without_network(monkeypatch):
+    from aiflow_cli.errors import ModelError
+    from aiflow_cli.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    with pytest.raises(ModelError, match="not a local directory, and not a Hugging Face hub id"):
+        load_model("./no/such/dir")
 
 
 def test_unknown_repository_is_one_line(repo_files, tmp_path):

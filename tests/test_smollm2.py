@@ -60,18 +60,31 @@ def test_capital_of_france_is_answered_with_paris_through_the_chat_template(smol
     # transformers' own model on the converted checkpoint, its own greedy generate (which also stops at EOS)
     ref = AutoModelForCausalLM.from_pretrained(str(smol_mod.ensure_smollm2()), dtype=torch.float32).eval()
     with torch.inference_mode():
-        theirs = ref.generate(input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=TOKENS,
-                              do_sample=False)[:, x["input_ids"].shape[1]:]
+        theirs = ref.generate(
+            input_ids=x["input_ids"], attention_mask=x["attention_mask"], max_new_tokens=TOKENS, do_sample=False
+        )[:, x["input_ids"].shape[1] :]
     assert torch.equal(tokens, theirs)
 
 
-def test_split_over_three_processes_with_raw_equals_monolithic_text(smol, tmp_path):
+def _three_tier_plan(smol):
+    """A plan running stages on device, edge and cloud, cuts coded raw (the profile's figures do not matter)."""
     prof = synthetic_profile(smol.num_stages, n_codecs=1, model_hash=smol.model_hash).model_copy(
-        update={"model": "smollm2", "family": "llama"})  # figures do not matter here: only the three-way split
-    plan = solve({"*": prof}, {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")}, objective="generate",
-                 tokens=TOKENS, limits=Limits(require=frozenset({"device", "edge", "cloud"}), codecs=("raw",)),
-                 speeds={"device": 1, "edge": 1, "cloud": 1})
+        update={"model": "smollm2", "family": "llama"}
+    )
+    plan = solve(
+        {"*": prof},
+        {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},
+        objective="generate",
+        tokens=TOKENS,
+        limits=Limits(require=frozenset({"device", "edge", "cloud"}), codecs=("raw",)),
+        speeds={"device": 1, "edge": 1, "cloud": 1},
+    )
     assert len(plan.computing_tiers()) == 3
+    return plan
+
+
+def test_split_over_three_processes_with_raw_equals_monolithic_text(smol, tmp_path):
+    plan = _three_tier_plan(smol)
     save_plan(plan, tmp_path / "plan.json")
     expected = smol.generate(smol.prepare(text=QUESTION), TOKENS)
     with LocalCluster(tmp_path / "plan.json", tmp_path) as c, c.pipeline(timeout_s=120) as p:
@@ -109,15 +122,81 @@ def test_missing_package_is_one_line_saying_how_to_install(monkeypatch):
 
 def test_cli_run_prints_the_answer_as_text(smol, tmp_path):
     prof = synthetic_profile(smol.num_stages, n_codecs=1, model_hash=smol.model_hash).model_copy(
-        update={"model": "smollm2", "family": "llama"})
-    plan = solve({"*": prof}, {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")}, objective="generate",
-                 tokens=TOKENS, limits=Limits(require=frozenset({"device"}), skip=frozenset({"edge", "cloud"}), codecs=("raw",)),
-                 speeds={"device": 1, "edge": 1, "cloud": 1})
+        update={"model": "smollm2", "family": "llama"}
+    )
+    plan = solve(
+        {"*": prof},
+        {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},
+        objective="generate",
+        tokens=TOKENS,
+        limits=Limits(require=frozenset({"device"}), skip=frozenset({"edge", "cloud"}), codecs=("raw",)),
+        speeds={"device": 1, "edge": 1, "cloud": 1},
+    )
     save_plan(plan, tmp_path / "plan.json")
     identities(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "aiflow_cli", "run", QUESTION, "--plan", str(tmp_path / "plan.json"),
-                        "--identity", str(tmp_path / "keys" / "device"), "--max-new-tokens", str(TOKENS)],
-                       capture_output=True, text=True, timeout=300, check=False, env={**os.environ, "COLUMNS": "100"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "aiflow_cli",
+            "run",
+            QUESTION,
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "--identity",
+            str(tmp_path / "keys" / "device"),
+            "--max-new-tokens",
+            str(TOKENS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "COLUMNS": "100"},
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.splitlines()[0].strip() == smol.decode_text(smol.generate(smol.prepare(text=QUESTION), TOKENS))[0]
     assert "Traceback" not in r.stderr and "Warning" not in r.stderr
+
+
+class _Direct:
+    """Stands in for the transport client of a tier: hands each request to the next tier's handler in-process."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def request(self, msg, timeout_s):
+        from aiflow_cli.transport import PeerInfo
+
+        return self.target.handle(msg, PeerInfo("127.0.0.1:0", "test-peer", 1))
+
+    def reset_after(self, error) -> None:
+        pass
+
+
+def test_generation_stopped_at_eos_closes_every_tiers_session(smol):
+    """The driver stops at EOS before max_new_tokens, so no step carries ``last``: the tiers behind it close their
+    session when the reply they relay carries an end-of-sequence token, instead of holding the KV cache until it
+    expires."""
+    import time as _time
+
+    from aiflow_cli.runtime.node import Payload, TierNode
+    from aiflow_cli.runtime.protocol import PREFILL
+
+    plan = _three_tier_plan(smol)
+    cloud = TierNode(plan, "cloud", model=load_stages("smollm2", plan.stages_for("cloud")))
+    edge = TierNode(plan, "edge", next_client=_Direct(cloud), model=load_stages("smollm2", plan.stages_for("edge")))
+    device = TierNode(
+        plan, "device", next_client=_Direct(edge), model=load_stages("smollm2", plan.stages_for("device"))
+    )
+    r = device.step(
+        ("local", 1),
+        PREFILL,
+        0,
+        Payload(state=smol.prepare(text=QUESTION)),
+        max_new_tokens=TOKENS,
+        last=False,
+        deadline=_time.monotonic() + 300,
+    )
+    assert r.tokens is not None and r.tokens.shape[1] < TOKENS and "Paris" in smol.decode_text(r.tokens)[0]
+    assert len(device.sessions) == len(edge.sessions) == len(cloud.sessions) == 0

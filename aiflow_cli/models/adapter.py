@@ -173,8 +173,9 @@ def accepts(fn, name: str) -> bool:
 @cache
 def cache_kwarg(layer_class: type) -> str:
     """The name a layer's forward gives its KV cache: ``cache`` from transformers 5.x on (``past_key_values`` is
-    deprecated there, with a FutureWarning), ``past_key_values`` / ``past_key_value`` before."""
-    return next((n for n in ("cache", "past_key_values", "past_key_value") if accepts(layer_class.forward, n)),
+    deprecated there, with a FutureWarning), ``past_key_values`` / ``past_key_value`` before (GPT-NeoX: ``layer_past``)."""
+    names = ("cache", "past_key_values", "past_key_value", "layer_past")
+    return next((n for n in names if accepts(layer_class.forward, n)),
                 "past_key_values")
 
 

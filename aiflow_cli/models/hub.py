@@ -15,9 +15,21 @@ from aiflow_cli.errors import ModelError
 
 #: The files of a repository aiflow uses; weights are read from safetensors only (never pickles).
 ALLOW_PATTERNS = [
-    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*",
-    "special_tokens_map.json", "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template.*",
-    "modules.json", "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/*",
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template.*",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/*",
 ]
 
 _TRUE = {"1", "on", "yes", "true"}
@@ -58,8 +70,14 @@ def _reason(e: Exception) -> str:
 def hub_dir(name: str) -> Path:
     """The local snapshot directory of hub id ``name`` (downloading it unless offline)."""
     from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     unknown = f"unknown model {name!r}: not a builtin (aiflow models lists them), not a local directory"
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelError(f"{unknown}, and not a Hugging Face hub id (owner/name)") from None
     try:
         local = Path(snapshot_download(name, allow_patterns=ALLOW_PATTERNS, local_files_only=True))
         if _complete(local):

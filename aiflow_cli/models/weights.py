@@ -68,9 +68,16 @@ def _tied_groups(model: nn.Module) -> dict[str, list[str]]:
     return {n: names for names in by_id.values() for n in names}
 
 
+#: Parameter-name prefixes that older checkpoints store under another name (transformers renames them on load).
+LEGACY_PREFIXES = {"lm_head.": "embed_out."}  # GPT-NeoX / Pythia
+
+
 def _resolve_key(name: str, aliases: list[str], files: WeightFiles, prefix: str) -> str | None:
-    """The checkpoint key for a parameter: itself or a tied alias, with or without the base-model prefix."""
-    for n in [name] + [a for a in aliases if a != name]:
+    """The checkpoint key for a parameter: itself or a tied alias, with or without the base-model prefix, or its
+    legacy name (:data:`LEGACY_PREFIXES`)."""
+    names = [name] + [a for a in aliases if a != name]
+    names += [old + n.removeprefix(new) for n in names for new, old in LEGACY_PREFIXES.items() if n.startswith(new)]
+    for n in names:
         candidates = [n]
         if prefix:
             candidates += [n.removeprefix(prefix + "."), f"{prefix}.{n}"]

@@ -1,15 +1,16 @@
 """Decoder-only language models as stages, one generic path for every layout of the Llama pattern.
 
-A causal LM of these families is ``<prefix>.embed_tokens`` -> ``<prefix>.layers[i]`` -> a final norm
-(``norm`` or ``final_layernorm``) -> ``lm_head``, with a weightless rotary module beside the layers. The stages are
-``embed`` -> ``block{i}`` -> ``head``; each stage calls the library's own modules the way the model's ``forward``
+A causal LM of these families is ``<prefix>.embed_tokens`` (or ``embed_in``) -> ``<prefix>.layers[i]`` -> a final
+norm (``norm``, ``final_layernorm`` or ``final_layer_norm``) -> ``lm_head``, with a weightless rotary module beside
+the layers. The stages are ``embed`` -> ``block{i}`` -> ``head``; each stage calls the library's own modules the way the model's ``forward``
 does (transformers 5.x, read per family), so that split == monolithic bitwise on CPU fp32:
 
 - embed: ``embed_tokens`` (Gemma's embedding scales itself by sqrt(hidden); older Gemma code scaled in the
-  forward, done here then), Granite's ``embedding_multiplier``, Phi's ``embed_dropout`` (identity in eval);
+  forward, done here then), Granite's ``embedding_multiplier``, Phi's / GPT-NeoX's embedding dropout (identity
+  in eval);
 - block i: the layer's mask (``config.layer_types[i]``: full or sliding-window causal; without layer types, sliding
   when ``config.sliding_window`` is set, as Mistral / Phi-3 / Starcoder2 choose), sized against this layer's own KV
-  cache; the rotary embedding of this layer's type (Gemma 3 and OLMo 3 have local and global rotary);
+  cache; the rotary embedding of this layer's type where it has one (Gemma 3: local and global rotary);
 - head: final norm, ``lm_head``, then what the CausalLM's forward applies to the logits (Gemma 2/3 final
   soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``).
 
@@ -62,9 +63,14 @@ DECODER_FAMILIES: dict[str, str] = {
     "starcoder2": "StarCoder2",
     "glm": "GLM",
     "helium": "Helium",
+    "gpt_neox": "GPT-NeoX / Pythia (parallel residual, partial rotary)",
 }
 
-_NORM_NAMES = ("norm", "final_layernorm")
+#: Conventional names of the base model's parts, in the order tried (GPT-NeoX: ``embed_in``, ``emb_dropout``,
+#: ``final_layer_norm``).
+_EMBED_NAMES = ("embed_tokens", "embed_in")
+_DROPOUT_NAMES = ("embed_dropout", "emb_dropout")
+_NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm")
 
 
 def check_decoder_config(config) -> None:
@@ -80,8 +86,10 @@ def check_decoder_config(config) -> None:
 
 
 def unsupported_message(mt) -> str:
-    return (f"no stage adapter for model_type {mt!r}; supported: decoders {', '.join(DECODER_FAMILIES)}; gpt2, bert, "
-            "vit, vision-encoder-decoder (vit -> gpt2); other torch modules: fx:package.module:factory")
+    return (
+        f"no stage adapter for model_type {mt!r}; supported: decoders {', '.join(DECODER_FAMILIES)}; gpt2, bert, "
+        "vit, vision-encoder-decoder (vit -> gpt2); other torch modules: fx:package.module:factory"
+    )
 
 
 class DecoderAdapter(Adapter):
@@ -94,9 +102,11 @@ class DecoderAdapter(Adapter):
         self.family = config.model_type
         self.prefix = model.base_model_prefix
         self.base = getattr(model, self.prefix)
+        self.embed_name = next((n for n in _EMBED_NAMES if hasattr(self.base, n)), None)
+        self.dropout_name = next((n for n in _DROPOUT_NAMES if hasattr(self.base, n)), None)
         self.norm_name = next((n for n in _NORM_NAMES if hasattr(self.base, n)), None)
-        if self.norm_name is None or not hasattr(self.base, "rotary_emb"):
-            raise ModelError(f"{config.model_type}: no final norm / rotary module where the decoder layout has them")
+        if self.embed_name is None or self.norm_name is None or not hasattr(self.base, "rotary_emb"):
+            raise ModelError(f"{config.model_type}: no embedding / final norm / rotary module where decoders have them")
         self.layer_types = list(getattr(config, "layer_types", None) or [])
         self.rotary_takes_type = accepts(type(self.base.rotary_emb).forward, "layer_type")
 
@@ -108,7 +118,7 @@ class DecoderAdapter(Adapter):
     def stage_specs(self):
         p, n = self.prefix, self.config.num_hidden_layers
         rotary = tuple(f"{p}.{r}" for r in ("rotary_emb", "rotary_emb_local") if hasattr(self.base, r))
-        embed = (f"{p}.embed_tokens",) + ((f"{p}.embed_dropout",) if hasattr(self.base, "embed_dropout") else ())
+        embed = (f"{p}.{self.embed_name}",) + ((f"{p}.{self.dropout_name}",) if self.dropout_name else ())
         return (
             [StageSpec("embed", "embed", embed, decodes=True)]
             + [StageSpec(f"block{i}", "block", (f"{p}.layers.{i}",) + rotary, decodes=True, layer=i) for i in range(n)]
@@ -122,13 +132,14 @@ class DecoderAdapter(Adapter):
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         b, c = self.base, self.config
-        h = b.embed_tokens(ids)
-        if c.model_type.startswith("gemma") and not hasattr(b.embed_tokens, "embed_scale"):
+        emb = getattr(b, self.embed_name)
+        h = emb(ids)
+        if c.model_type.startswith("gemma") and not hasattr(emb, "embed_scale"):
             h = h * torch.tensor(c.hidden_size**0.5, dtype=h.dtype)  # transformers 4.x scaled in the forward
         if getattr(b, "embedding_multiplier", None) is not None:
             h = h * b.embedding_multiplier
-        if hasattr(b, "embed_dropout"):
-            h = b.embed_dropout(h)
+        if self.dropout_name:
+            h = getattr(b, self.dropout_name)(h)
         return h
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -155,8 +166,14 @@ class DecoderAdapter(Adapter):
         kv = cache.kv if cache is not None else None
         ltype = self._layer_type(i)
         mask_fn = create_sliding_window_causal_mask if ltype == "sliding_attention" else create_causal_mask
-        mask = mask_fn(config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"],
-                       position_ids=pos, **{MASK_CACHE_KWARG: kv}, **({"layer_idx": i} if kv is not None else {}))
+        mask = mask_fn(
+            config=self.config,
+            inputs_embeds=hidden,
+            attention_mask=state["attention_mask"],
+            position_ids=pos,
+            **{MASK_CACHE_KWARG: kv},
+            **({"layer_idx": i} if kv is not None else {}),
+        )
         if self.rotary_takes_type:
             pe = self.base.rotary_emb(hidden, pos, ltype)
         elif ltype == "sliding_attention" and hasattr(self.base, "rotary_emb_local"):
@@ -164,8 +181,14 @@ class DecoderAdapter(Adapter):
         else:
             pe = self.base.rotary_emb(hidden, position_ids=pos)
         layer = self.base.layers[i]
-        hidden = layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=pos,
-                       use_cache=kv is not None, **{cache_kwarg(type(layer)): kv})
+        hidden = layer(
+            hidden,
+            attention_mask=mask,
+            position_embeddings=pe,
+            position_ids=pos,
+            use_cache=kv is not None,
+            **{cache_kwarg(type(layer)): kv},
+        )
         if isinstance(hidden, tuple):  # transformers 4.x layers return (hidden, ...)
             hidden = hidden[0]
         out = dict(state)
@@ -175,20 +198,31 @@ class DecoderAdapter(Adapter):
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if image_size is not None:
             raise InputError(f"{self.family} models take text; --image-size does not apply")
-        return random_text(batch, seq_len or 32, self.config.vocab_size, self.config.max_position_embeddings,
-                           generator, device)
+        return random_text(
+            batch, seq_len or 32, self.config.vocab_size, self.config.max_position_embeddings, generator, device
+        )
 
     def prepare(self, *, text=None, image=None, device, dtype):
         from aiflow_cli.models.inputs import tokenize
 
         if text is None or image is not None:
             raise InputError(f"{self.family} models take text only")
-        return tokenize(self.options, text, self.config.vocab_size, device,
-                        max_positions=self.config.max_position_embeddings, chat=True)
+        return tokenize(
+            self.options,
+            text,
+            self.config.vocab_size,
+            device,
+            max_positions=self.config.max_position_embeddings,
+            chat=True,
+        )
 
     def monolithic(self, inputs):
-        return self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                          position_ids=inputs["position_ids"], use_cache=False).logits
+        return self.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            use_cache=False,
+        ).logits
 
     def output_description(self) -> str:
         return "next-token ids (int64), one per sequence per step"
