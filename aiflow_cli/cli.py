@@ -14,6 +14,7 @@ import signal
 import sys
 
 import typer
+from rich.markup import escape
 
 from aiflow_cli import signals
 from aiflow_cli.console import err_console
@@ -58,7 +59,7 @@ def main() -> None:
             kind = type(e).__name__
             if "--json" in sys.argv[1:]:
                 sys.stdout.write(json.dumps({"error": str(e), "kind": kind, "exit_code": e.exit_code}) + "\n")
-            err_console.print(f"[bold red]error[/] ({kind}): {e}", highlight=False, markup=True)
+            err_console.print(f"[bold red]error[/] ({kind}): {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)
             code = e.exit_code
     sig = signals.received()
     if sig is not None:
