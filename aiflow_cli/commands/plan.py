@@ -210,7 +210,7 @@ def _print_plan(p) -> None:
     if f.measured_min is not None:
         line += (f"; measured end to end on {f.items} calibration items"
                  + (f" x {f.tokens} tokens" if f.tokens else "") + f": min {f.measured_min:.4f}, mean {f.measured_mean:.4f}")
-    line += f" [{f.status}]" + (f" {f.note}" if f.note else "")
+    line += f" ({f.status})" + (f": {f.note}" if f.note else "")
     if f.excluded:
         line += f"; excluded after measuring below the floor: {', '.join(f.excluded)}"
     console.print(line, highlight=False)

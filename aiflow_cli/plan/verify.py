@@ -210,15 +210,25 @@ _MODELS: dict[str, StagedModel] = {}
 
 
 def model_for(problem: Problem) -> tuple[Optional[StagedModel], str]:
-    """The model of ``problem`` loaded here (kept for later calls), or None and why not."""
+    """The model of ``problem`` loaded here (kept for later calls), or None and why not. Planning never
+    downloads: a hub id counts only when it is in the local cache."""
+    import os
+
     from aiflow_cli.models import load_model
 
     m = _MODELS.get(problem.model)
     if m is None:
+        before = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
         try:
             m = load_model(problem.model)
         except AiflowError as e:
             return None, f"model {problem.model!r} is not available here ({e})"
+        finally:
+            if before is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = before
         _MODELS.clear()  # keep one model: they are large
         _MODELS[problem.model] = m
     if m.model_hash != problem.model_hash:
