@@ -121,6 +121,7 @@ def test_split_equals_monolithic_bitwise(checkpoints, family):
     d, ref = checkpoints[family]
     m = load_model(d)
     assert m.family == family and m.task == "generate" and m.num_stages == COMMON["num_hidden_layers"] + 2
+    assert m.load_stats.tensors_read > 0  # read stage by stage (-1: loaded whole through from_pretrained)
     x = inputs(2, 12, pad=3)  # longer than the sliding window (4), one row right-padded
     state = x
     for i in range(m.num_stages):
