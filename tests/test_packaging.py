@@ -9,7 +9,6 @@ import sys
 import pytest
 
 from aiflow_cli.links import available_links, load_link
-from aiflow_cli.profile.schema import load_profile
 from aiflow_cli.shipped import HARDWARE_DIR, LINKS_DIR, shipped_names
 
 
@@ -18,10 +17,8 @@ def test_shipped_profiles_are_in_the_package_and_load():
     assert {"lte", "wan", "lan"} <= set(available_links())
     for name in available_links():
         assert load_link(name).name
-    hardware = shipped_names(HARDWARE_DIR, ".json")
-    assert hardware
-    for name in hardware:
-        assert load_profile(str(HARDWARE_DIR / f"{name}.json")).stages
+    # each hardware profile loading (and carrying current fidelity figures) is test_fidelity's
+    assert "cpu-2core-gpt2" in shipped_names(HARDWARE_DIR, ".json")
 
 
 @pytest.mark.parametrize("module,command", [("grpc", "transport"), ("zstandard", "codec")])

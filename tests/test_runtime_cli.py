@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -55,7 +54,7 @@ def test_demo_json_on_the_tiny_captioner(tmp_path):
     s = data["strategies"]
     assert list(s) == ["device-only", "edge-only", "cloud-only", "raw-split", "aiflow"]
     assert data["dilation"] == 1.0
-    for name, e in s.items():
+    for e in s.values():
         assert len(e["tokens"][0]) == 6 and len(e["samples_ms"]) == 2
         assert e["warm_ms"] > 0 and e["predicted_ms"] > 0 and e["cold_ms"] > 0
         assert 0 < e["ttft_ms"] <= max(e["samples_ms"]) + 1e-6 and e["tokens_per_s"] > 0

@@ -256,7 +256,7 @@ def plan_strategies(prof: ModelProfile, link: LinkProfile, wan: LinkProfile, cfg
     plans = solve_strategies(prof, {"device-edge": link, "edge-cloud": wan}, cfg.speeds, names=list(STRATEGIES),
                              tokens=cfg.max_new_tokens, input_bytes=input_bytes, overheads=overheads,
                              min_fidelity=cfg.min_fidelity)
-    for name, plan in plans.items():
+    for plan in plans.values():
         if not isinstance(plan, Plan):
             raise plan
     return plans

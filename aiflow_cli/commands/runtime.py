@@ -150,7 +150,7 @@ def demo(
     if workdir is not None:
         cfg.workdir = workdir
     steps: list[str] = []
-    finished = []
+    finished: list[bool] = []
     out_console = err_console if json_out else console
 
     def view() -> Table:

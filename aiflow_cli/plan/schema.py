@@ -22,7 +22,7 @@ from aiflow_cli.links import LinkProfile
 from aiflow_cli.schema import Strict, load_model, save_model
 from aiflow_cli.task import Task
 
-PLAN_SCHEMA_VERSION = 2
+PLAN_SCHEMA_VERSION: Literal[2] = 2
 
 
 class ProfileRef(Strict):

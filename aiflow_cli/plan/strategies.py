@@ -17,12 +17,15 @@ comparable (:func:`solve_strategies`). The same names are what :mod:`aiflow_cli.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.plan.problem import TIER_ORDER, Limits, Overheads
 from aiflow_cli.profile.schema import ModelProfile
+
+if TYPE_CHECKING:
+    from aiflow_cli.plan.schema import Plan
 
 OPTIMAL = "aiflow"
 RAW_SPLIT = "raw-split"
@@ -70,7 +73,7 @@ def strategy_names(tiers: tuple[str, ...] | list[str] = TIER_ORDER) -> list[str]
 def solve_strategies(profile: ModelProfile, links: dict[str, LinkProfile], speeds: dict[str, float], *,
                      names: Optional[list[str]] = None, tokens: int = 16, input_bytes: Optional[int] = None,
                      overheads: Optional[Overheads] = None, min_fidelity: Optional[float] = None,
-                     ) -> dict[str, Union["Plan", PlanError]]:  # noqa: F821 (Plan: aiflow_cli.plan.schema)
+                     ) -> dict[str, Union[Plan, PlanError]]:
     """One plan per strategy (``names``: default all for the tiers in ``speeds``), by
     :func:`aiflow_cli.plan.solver.solve_variants`; a strategy no placement satisfies maps to its PlanError."""
     from aiflow_cli.plan.solver import solve_variants

@@ -77,7 +77,7 @@ def _roundtrip(state: BoundaryState, spec: str, device: torch.device) -> Boundar
     from aiflow_cli.runtime.wire import pack_state, unpack_state
 
     packed = pack_state(state, roles(state), spec)
-    got, _, _ = unpack_state(packed.meta, packed.frames)
+    got, _, _ = unpack_state(packed.tensors, packed.frames)
     return {k: v.to(device) for k, v in got.items()}
 
 

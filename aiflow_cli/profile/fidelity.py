@@ -90,7 +90,7 @@ def pad_batch(items: list[BoundaryState]) -> tuple[BoundaryState, list[int]]:
     for k in keys:
         if k in TEXT_KEYS:
             rows = []
-            for it, n in zip(items, lengths):
+            for it in items:
                 t = it[k]
                 pad = width - t.shape[1]
                 if k == "position_ids":

@@ -165,7 +165,6 @@ class _Profiler:
 
     # 5: codecs and fidelity per cut
     def cut(self, k: int, state: BoundaryState, step_state: Optional[BoundaryState]) -> CutProfile:
-        m = self.m
         tensors = []
         for name, t in state.items():
             role = role_of(name)

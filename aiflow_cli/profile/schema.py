@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from aiflow_cli.schema import Strict
 from aiflow_cli.task import Task
 
-PROFILE_SCHEMA_VERSION = 2
+PROFILE_SCHEMA_VERSION: Literal[2] = 2
 
 #: What a profile's fidelity figures measure (see docs/planner.md, "Fidelity").
 FidelityMetric = Literal["token_agreement", "embedding_cosine", "label_agreement", "output_cosine"]

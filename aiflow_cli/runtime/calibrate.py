@@ -115,8 +115,8 @@ def measure(log: Callable[[str], None] = lambda s: None, workdir: Optional[Path]
     from aiflow_cli.transport import Client
 
     torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory(prefix="aiflow-calibrate-", dir=workdir) as d:
-        d = Path(d)
+    with tempfile.TemporaryDirectory(prefix="aiflow-calibrate-", dir=workdir) as tmp:
+        d = Path(tmp)
         log(f"calibrate: profiling {MODEL}")
         prof = profile_model(MODEL, repeats=1, warmup=0, codecs=["raw"])
         plan = solve({"*": prof}, {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},

@@ -304,7 +304,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
                               overheads=overheads, min_fidelity=cfg.min_fidelity)
     plans = {k: v for k, v in solved.items() if isinstance(v, Plan)}
     if OPTIMAL not in plans:
-        raise solved[OPTIMAL] if isinstance(solved.get(OPTIMAL), PlanError) else PlanError("no aiflow plan")
+        err = solved.get(OPTIMAL)
+        raise err if isinstance(err, PlanError) else PlanError("no aiflow plan")
     log(f"plan ({cfg.uplink} to the edge, {cfg.wan} to the cloud; tiers {cfg.device_speed:g}x / {cfg.edge_speed:g}x "
         f"/ {cfg.cloud_speed:g}x, {cfg.dilation.label()}): {plans[OPTIMAL].summary()}")
     runs: dict[tuple, PlacementRun] = {}

@@ -77,8 +77,8 @@ class Dilation:
         out = Timings()
         for name, rec in t.tiers.items():
             out.tiers[name] = dataclasses.replace(rec, **{f: getattr(rec, f) / self.factor for f in _MS_FIELDS[TierTiming]})
-        for name, rec in t.links.items():
-            out.links[name] = dataclasses.replace(rec, **{f: getattr(rec, f) / self.factor for f in _MS_FIELDS[LinkTiming]})
+        for name, link in t.links.items():
+            out.links[name] = dataclasses.replace(link, **{f: getattr(link, f) / self.factor for f in _MS_FIELDS[LinkTiming]})
         return out
 
     def result(self, r: RunResult) -> RunResult:

@@ -37,10 +37,10 @@ def flow_table(plan: Plan, result: RunResult, title: str = "where the request we
         if rec.encode_ms + rec.decode_ms > 0.05:
             measured += f" (+{rec.encode_ms + rec.decode_ms:.1f} codec)"
         t.add_row(tier.name, runs, measured, f"{pred.compute_ms.get(tier.name, 0):.1f}", "", "")
-    for name, rec in tm.links.items():
+    for name, link in tm.links.items():
         predicted = pred.transfer_ms.get(name, 0.0) + pred.rtt_ms.get(name, 0.0) + pred.message_ms.get(name, 0.0)
-        t.add_row(f"link {name}", f"{rec.messages} msgs", f"{rec.wire_ms:.1f}", f"{predicted:.1f}",
-                  _fmt_bytes(rec.bytes_up), _fmt_bytes(rec.bytes_down))
+        t.add_row(f"link {name}", f"{link.messages} msgs", f"{link.wire_ms:.1f}", f"{predicted:.1f}",
+                  _fmt_bytes(link.bytes_up), _fmt_bytes(link.bytes_down))
     t.add_row("[bold]total[/]", result.fallback and "fallback: local" or plan.summary(), f"[bold]{result.total_ms:.1f}[/]",
               f"{pred.total_ms:.1f}", "", "")
     return t
