@@ -145,9 +145,9 @@ def test_group_runs_shares_a_placement_across_profiles_and_strategies():
 
 
 def test_bad_settings_are_clean_errors(tmp_path):
-    with pytest.raises(InputError, match="--repeats"):
+    with pytest.raises(InputError, match="repeats="):
         E2EConfig(repeats=2).check()
-    with pytest.raises(InputError, match="--device-speed"):
+    with pytest.raises(InputError, match="device_speed="):
         E2EConfig(device_speed=0).check()
     assert E2EConfig(device_speed=0.25, cloud_speed=4).dilation.factor == 4  # faster tiers: by dilation
     r = _aiflow("bench", "e2e", "--quick", "--json", "--links", "nosuch", "--workdir", str(tmp_path))

@@ -43,6 +43,7 @@ from aiflow_cli.plan.strategies import OPTIMAL, RAW_SPLIT, only, solve_strategie
 from aiflow_cli.profile import load_profile
 from aiflow_cli.profile.schema import ModelProfile
 from aiflow_cli.runtime.calibrate import calibrate
+from aiflow_cli.task import takes_image
 from aiflow_cli.runtime.cluster import LocalCluster, identities
 from aiflow_cli.runtime.demo import (SAMPLE_IMAGE, SAMPLE_PROMPT, SAMPLE_TEXT, Timed, agreement, cached_profile,
                                      placement_key, predicted_cold_ms, predicted_ms, predicted_ttft_ms, runs_locally,
@@ -70,7 +71,6 @@ WARMUP_REQUESTS = 2
 PREDICTION_SHARE = 0.9
 #: Timed requests kept even when the time budget of a configuration has run out.
 MIN_SAMPLES = 3
-IMAGE_TASKS = ("caption", "classify")
 
 Progress = Callable[[str], None]
 
@@ -80,7 +80,8 @@ class E2EConfig(TierSpeeds):
     """What to run. Times are ms unless named ``_s``; ``device_speed`` is a share of this CPU (0 < x <= 1)."""
 
     model: str = DEFAULT_MODEL
-    links: tuple[str, ...] = FULL_LINKS
+    link_names: tuple[str, ...] = FULL_LINKS
+    """Device-edge link profiles swept (profiles/links/)."""
     wan: str = "wan"
     device_speed: float = 0.25
     edge_speed: float = 1.0
@@ -110,30 +111,31 @@ class E2EConfig(TierSpeeds):
     @classmethod
     def quick_config(cls, **overrides: Any) -> "E2EConfig":
         """The CI-sized run: a tiny model, two link profiles, few repeats."""
-        base = {"model": QUICK_MODEL, "links": QUICK_LINKS, "repeats": 4, "budget_s": 8.0, "quick": True,
+        base = {"model": QUICK_MODEL, "link_names": QUICK_LINKS, "repeats": 4, "budget_s": 8.0, "quick": True,
                 "max_new_tokens": QUICK_TOKENS}
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def check(self) -> None:
+        """Refuses settings that cannot run, in one line naming the parameter (the CLI shows its flag)."""
         for tier, v in self.speeds.items():
             if not v > 0:
-                raise InputError(f"--{tier}-speed {v}: must be > 0 (a multiple of this CPU's speed)")
-        if not self.headroom >= 1:
-            raise InputError(f"--headroom {self.headroom}: must be >= 1")
-        if self.repeats < MIN_SAMPLES:
-            raise InputError(f"--repeats {self.repeats}: need at least {MIN_SAMPLES} for p50/p90")
-        if not 0 < self.min_fidelity <= 1:
-            raise InputError(f"--min-fidelity {self.min_fidelity}: a cosine floor must be in (0, 1]")
-        if self.threads < 1:
-            raise InputError(f"--threads {self.threads}: must be >= 1")
-        if self.budget_s <= 0:
-            raise InputError(f"--budget-s {self.budget_s}: must be > 0 seconds")
-        if self.max_new_tokens < 1:
-            raise InputError(f"--max-new-tokens {self.max_new_tokens}: must be >= 1")
-        if not self.links:
-            raise InputError("--links: give at least one link profile")
-        if len(set(self.links)) != len(self.links):
-            raise InputError(f"--links {','.join(self.links)}: a profile is named twice")
+                raise InputError(f"{tier}_speed={v}: must be > 0 (a multiple of this CPU's speed)",
+                                 param=f"{tier}_speed")
+        checks = [
+            ("headroom", self.headroom >= 1, "must be >= 1"),
+            ("repeats", self.repeats >= MIN_SAMPLES, f"need at least {MIN_SAMPLES} for p50/p90"),
+            ("min_fidelity", 0 < self.min_fidelity <= 1, "a fidelity floor must be in (0, 1]"),
+            ("threads", self.threads >= 1, "must be >= 1"),
+            ("budget_s", self.budget_s > 0, "must be > 0 seconds"),
+            ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise InputError(f"{name}={getattr(self, name)}: {why}", param=name)
+        if not self.link_names:
+            raise InputError("`link_names`: give at least one link profile", param="link_names")
+        if len(set(self.link_names)) != len(self.link_names):
+            raise InputError(f"link_names={','.join(self.link_names)}: a profile is named twice", param="link_names")
 
 
 # -- measurements -----------------------------------------------------------------------------------------------
@@ -401,10 +403,10 @@ def _gpu_profiles(model_hash: str) -> list[str]:
 
 def _inputs(task: str, cfg: E2EConfig) -> dict[str, Any]:
     """The request: an image file's path (a device that computes nothing uploads the file as it is), or text."""
-    if task in IMAGE_TASKS:
+    if takes_image(task):
         path = Path(cfg.image or SAMPLE_IMAGE)
         if not path.is_file():
-            raise InputError(f"--image {path}: no such file")
+            raise InputError(f"image={path}: no such file", param="image")
         return {"image": path}
     return {"text": SAMPLE_PROMPT if task == "generate" else SAMPLE_TEXT}
 
@@ -452,7 +454,7 @@ def run(cfg: E2EConfig, progress: Progress = lambda s: None) -> E2EResult:
     cfg.check()
     t_start = time.perf_counter()
     load_start = os.getloadavg()
-    links = {name: load_link(name) for name in cfg.links}
+    links = {name: load_link(name) for name in cfg.link_names}
     wan = load_link(cfg.wan)
     cfg.workdir.mkdir(parents=True, exist_ok=True)
     threads_before = torch.get_num_threads()
@@ -488,7 +490,7 @@ def run(cfg: E2EConfig, progress: Progress = lambda s: None) -> E2EResult:
     gpus = _gpu_profiles(prof.model_hash)
     d = cfg.dilation.factor
     cloud_note = ("profiles/hardware/ holds no GPU profile of this model" if not gpus else
-                  f"GPU profile(s) {', '.join(gpus)} exist but are not used: the cloud's speed is the --cloud-speed given")
+                  f"GPU profile(s) {', '.join(gpus)} exist but are not used: the cloud's speed is the cloud_speed given")
     if cfg.cloud_speed > 1:
         from aiflow_cli.runtime.demo import CLOUD_SPEED_NOTE
 

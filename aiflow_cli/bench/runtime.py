@@ -25,7 +25,7 @@ from aiflow_cli.plan import Limits, solve
 from aiflow_cli.plan.schema import save_plan
 from aiflow_cli.profile import profile_model
 from aiflow_cli.runtime.cluster import LocalCluster
-from aiflow_cli.task import takes_image
+from aiflow_cli.task import generates, takes_image
 
 MODELS = ["builtin:gpt2", "builtin:vit-gpt2-captioner", "minilm"]
 QUICK_MODELS = ["builtin:gpt2-tiny", "builtin:captioner-tiny", "builtin:bert-tiny"]
@@ -61,7 +61,7 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 
 def _three_tier_raw_plan(model: str, path: Path, tokens: int):
     prof = profile_model(model, repeats=1, warmup=0, codecs=["raw"])
-    objective = "generate" if prof.task in ("generate", "caption") else "latency"
+    objective = "generate" if generates(prof.task) else "latency"
     plan = solve({"*": prof}, {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},
                  objective=objective, tokens=tokens if objective == "generate" else 0,
                  limits=Limits(require=frozenset({"device", "edge", "cloud"}), codecs=("raw",)),

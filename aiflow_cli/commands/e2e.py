@@ -49,7 +49,7 @@ def bench_e2e(
         raise InputError("--model: give at least one model")
     cfgs = []
     for m in models:
-        given = {"model": m, "links": names, "repeats": repeats, "max_new_tokens": max_new_tokens, "budget_s": budget_s,
+        given = {"model": m, "link_names": names, "repeats": repeats, "max_new_tokens": max_new_tokens, "budget_s": budget_s,
                  "workdir": workdir, "image": image, "wan": wan,
                  "device_speed": device_speed, "edge_speed": edge_speed, "cloud_speed": cloud_speed,
                  "headroom": headroom,

@@ -17,7 +17,8 @@ FLAGS: dict[str, str] = {
     "batch": "--batch", "seq_len": "--seq-len", "image_size": "--image-size", "device": "--device",
     # profile
     "repeats": "--repeats", "warmup": "--warmup", "decode_tokens": "--decode-tokens",
-    "fidelity_cuts": "--fidelity-cuts",
+    "fidelity_cuts": "--fidelity-cuts", "calibration_items": "--calibration-items",
+    "calibration_tokens": "--calibration-tokens",
     # plan
     "profiles": "--profile", "speeds": "--speed", "links": "--link", "memory_bytes": "--memory",
     "min_fidelity": "--min-fidelity", "codecs": "--codecs", "skip": "--skip-tier", "require": "--require-tier",
@@ -25,7 +26,11 @@ FLAGS: dict[str, str] = {
     # runtime
     "speed": "--speed", "next_client": "--next", "next_addr": "--next", "edge": "--edge", "role": "--role",
     "trust": "--trust", "insecure_dev": "--insecure-dev", "timeout_s": "--timeout", "fallback": "--fallback",
-    "max_new_tokens": "--max-new-tokens", "cache_limit_bytes": "--cache-mib",
+    "max_new_tokens": "--max-new-tokens", "cache_limit_bytes": "--cache-mib", "dilation": "--dilation",
+    # bench e2e
+    "link_names": "--links", "device_speed": "--device-speed", "edge_speed": "--edge-speed",
+    "cloud_speed": "--cloud-speed", "headroom": "--headroom", "threads": "--threads", "budget_s": "--budget-s",
+    "image": "--image",
 }
 
 

@@ -288,6 +288,7 @@ def solve_verified(problem: Problem, *, model: Optional[StagedModel] = None, ver
         log(f"{problem.codecs[c]}@{k}: measured {got.metric} {got.min:.4f} < floor {floor}; excluded, solving again")
         problem = problem.without(k, c)
     raise PlanError(
-        f"no codec choice measured --min-fidelity {floor} end to end within {max_tries} tries (excluded: "
-        f"{', '.join(problem.excluded)}); lower --min-fidelity or allow only lossless codecs (--codecs raw)"
+        f"no codec choice measured min_fidelity={floor} end to end within {max_tries} tries (excluded: "
+        f"{', '.join(problem.excluded)}); lower `min_fidelity` or allow only lossless codecs (codecs=raw)",
+        param="min_fidelity,codecs",
     )

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+from aiflow_cli.task import takes_image
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import BoundaryState, StagedModel
 
@@ -79,18 +80,18 @@ def raw_items(model: StagedModel, limit: Optional[int] = None) -> list:
         items: list = list(cal.prompts)
     elif model.task == "encode":
         items = list(cal.sentences)
-    elif model.task in ("caption", "classify"):
+    elif takes_image(model.task):
         items = [load_image(p) for p in cal.images]
     else:
         raise InputError(f"{model.name} ({model.task}) has no calibration inputs")
     if limit is not None:
         if limit < 1:
-            raise InputError(f"--calibration-items must be >= 1, got {limit}")
+            raise InputError(f"calibration_items={limit}: must be >= 1", param="calibration_items")
         items = items[:limit]
     return items
 
 
 def calibration_items(model: StagedModel, limit: Optional[int] = None) -> list[BoundaryState]:
     """One stage-0 input per calibration item (batch 1), through :meth:`StagedModel.prepare`."""
-    key = "image" if model.task in ("caption", "classify") else "text"
+    key = "image" if takes_image(model.task) else "text"
     return [model.prepare(**{key: x}) for x in raw_items(model, limit)]

@@ -244,7 +244,7 @@ def build_reference(m: StagedModel, *, items: Optional[int] = None, tokens: int 
     prepared = calibration_items(m, items)
     if metric == "token_agreement":
         if tokens < 1:
-            raise InputError(f"--calibration-tokens must be >= 1, got {tokens}")
+            raise InputError(f"calibration_tokens={tokens}: must be >= 1", param="calibration_tokens")
         if progress:
             progress("reference generations", 0, 1)
         conts = greedy_references(m, prepared, tokens)

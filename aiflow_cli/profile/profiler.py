@@ -243,7 +243,8 @@ def _measured_cuts(spec: Optional[list[int] | str], n_cuts: int) -> set[int]:
         except ValueError:
             step = 0
         if not spec.startswith("every:") or step < 1:
-            raise InputError(f"--fidelity-cuts {spec!r}: give cut indices like 0,4,8, or every:N with N >= 1")
+            raise InputError(f"fidelity_cuts={spec!r}: give cut indices like 0,4,8, or every:N with N >= 1",
+                         param="fidelity_cuts")
         return set(range(0, n_cuts, step)) | {n_cuts - 1}
     return set(spec)
 

@@ -39,6 +39,7 @@ from aiflow_cli.runtime.calibrate import calibrate
 from aiflow_cli.runtime.cluster import LocalCluster, identities
 from aiflow_cli.runtime.dilation import Dilation, TierSpeeds
 from aiflow_cli.runtime.pipeline import Pipeline, RunResult
+from aiflow_cli.task import generates, takes_image
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SAMPLE_IMAGE = ASSETS / "sample.jpg"
@@ -121,7 +122,7 @@ def cached_profile(model: str, log: Callable[[str], None], inputs: Optional[dict
 
 def request_input(task: str, cfg: DemoConfig) -> dict[str, Any]:
     """The demo's request: the image file's path (uploaded as is when the device computes nothing), or text."""
-    if task in ("caption", "classify"):
+    if takes_image(task):
         return {"image": Path(cfg.input_path or SAMPLE_IMAGE)}
     return {"text": cfg.text or (SAMPLE_PROMPT if task == "generate" else SAMPLE_TEXT)}
 
@@ -221,7 +222,7 @@ def run_placement(name: str, plan: Plan, cfg: DemoConfig, inputs: dict[str, Any]
     plan_path = cfg.workdir / "plans" / f"{_safe(name)}.json"
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     save_plan(plan, plan_path)
-    n = cfg.max_new_tokens if plan.task in ("generate", "caption") else None
+    n = cfg.max_new_tokens if generates(plan.task) else None
     timeout_s = max(120.0, 20 * d.factor * predicted_cold_ms(plan) / 1e3)
 
     def measure(p: Pipeline, tiers: Callable[[], list[dict[str, Any]]]) -> PlacementRun:

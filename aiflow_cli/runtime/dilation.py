@@ -45,7 +45,7 @@ class Dilation:
         ``headroom``: with ``headroom`` H > 1 even the fastest tier is stretched (by H), so that every tier's
         compute follows its CPU time, and a machine loaded less than H-fold does not show in the figures."""
         if not headroom >= 1:
-            raise InputError(f"--headroom {headroom}: must be >= 1")
+            raise InputError(f"headroom={headroom}: must be >= 1", param="headroom")
         return cls(max([1.0, *speeds.values()]) * headroom)
 
     @property

@@ -73,13 +73,14 @@ def check_speed(speed: float, dilation: float = 1.0) -> float:
     """The stretch factor of a tier emulated at ``speed`` x this CPU under time dilation ``dilation``
     (``dilation / speed`` >= 1); refuses, in one line, a speed the emulation cannot give."""
     if not dilation >= 1:
-        raise InputError(f"--dilation {dilation}: must be >= 1 (1: no dilation)")
+        raise InputError(f"dilation={dilation}: must be >= 1 (1: no dilation)", param="dilation")
     if not 0 < speed <= dilation:
         if dilation == 1:
-            raise InputError(f"--speed {speed}: without time dilation a tier can only be emulated slower than this "
-                             f"machine (0 < speed <= 1); for a faster one give --dilation D >= {speed:g}")
-        raise InputError(f"--speed {speed}: must be in (0, {dilation:g}] under --dilation {dilation:g} (the fastest "
-                         f"tier runs at this CPU's real speed)")
+            raise InputError(f"speed={speed}: without time dilation a tier can only be emulated slower than this "
+                             f"machine (0 < speed <= 1); for a faster one give dilation={speed:g} or more",
+                             param="speed,dilation")
+        raise InputError(f"speed={speed}: must be in (0, {dilation:g}] under dilation={dilation:g} (the fastest "
+                         f"tier runs at this CPU's real speed)", param="speed,dilation")
     return dilation / speed
 
 

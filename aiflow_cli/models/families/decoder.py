@@ -197,7 +197,7 @@ class DecoderAdapter(Adapter):
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if image_size is not None:
-            raise InputError(f"{self.family} models take text; --image-size does not apply")
+            raise InputError(f"{self.family} models take text; `image_size` does not apply", param="image_size")
         return random_text(
             batch, seq_len or 32, self.config.vocab_size, self.config.max_position_embeddings, generator, device
         )
