@@ -111,9 +111,15 @@ def profile(
     calibration_items: Optional[int] = typer.Option(None, "--calibration-items", help="Fidelity on the first N calibration items (default: all)."),
     calibration_tokens: int = typer.Option(32, "--calibration-tokens", help="Generated tokens per item that fidelity is measured on (LMs, captioners)."),
     fidelity_cuts: Optional[str] = typer.Option(None, "--fidelity-cuts", help="Cuts where lossy codecs are measured: comma-separated indices, or every:N (default: all)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch intra-op threads (default: torch's; tiers that share a machine run with 1, and with 1 the stages are timed in thread CPU time, robust to other load)."),
 ) -> None:
     """Profile a model on this hardware: per-stage latency and memory, per-cut bytes and fidelity per codec."""
     from aiflow_cli.profile import profile_model, save_profile
+
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
     codec_list = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
     with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
