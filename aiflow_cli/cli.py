@@ -60,7 +60,9 @@ def main() -> None:
             kind, message = type(e).__name__, for_cli(e)
             if "--json" in sys.argv[1:]:
                 sys.stdout.write(json.dumps({"error": message, "kind": kind, "exit_code": e.exit_code}) + "\n")
-            err_console.print(f"[bold red]error[/] ({kind}): {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error[/] ({kind}): {escape(message)}", highlight=False, markup=True, soft_wrap=True
+            )
             code = e.exit_code
     sig = signals.received()
     if sig is not None:

@@ -153,4 +153,13 @@ def decode(data: bytes | bytearray | memoryview, *, max_decoded_bytes: int = DEF
     return t
 
 
-__all__ = ["FrameInfo", "canonical", "default_codecs", "encode", "decode", "decode_numpy", "inspect", "DEFAULT_MAX_DECODED_BYTES"]
+__all__ = [
+    "FrameInfo",
+    "canonical",
+    "default_codecs",
+    "encode",
+    "decode",
+    "decode_numpy",
+    "inspect",
+    "DEFAULT_MAX_DECODED_BYTES",
+]

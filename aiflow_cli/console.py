@@ -37,8 +37,11 @@ def goals_table(targets: dict[str, dict]) -> Table:
         t.add_column(col)
     for name, v in targets.items():
         # Cosines near 1 need six places: at three, 0.9989 would read as 0.999 and pass for meeting a 0.999 floor.
-        measured = ", ".join(f"{k.removeprefix('measured_')}={val:{'.6f' if 'cosine' in k else '.3f'}}"
-                             for k, val in v.items() if k != "met")
+        measured = ", ".join(
+            f"{k.removeprefix('measured_')}={val:{'.6f' if 'cosine' in k else '.3f'}}"
+            for k, val in v.items()
+            if k != "met"
+        )
         t.add_row(name, measured, "yes" if v["met"] else "[red]no[/]")
     return t
 

@@ -68,7 +68,9 @@ def load_link(name_or_path: str) -> LinkProfile:
     """Loads a link profile by name (``lte``) or path; errors name the file and the field."""
     path = resolve_link_path(name_or_path)
     if not path.is_file():
-        raise InputError(f"unknown link profile {name_or_path!r}: no file {path}; shipped: {', '.join(available_links())}")
+        raise InputError(
+            f"unknown link profile {name_or_path!r}: no file {path}; shipped: {', '.join(available_links())}"
+        )
     return load_model(LinkProfile, path, kind="link profile")
 
 

@@ -74,8 +74,9 @@ class LinkEmulator:
         self.close()
 
 
-def run(listen: str, forward: str, link: LinkProfile | str, *, duration_s: float | None = None, seed: int = 0,
-        on_start=None) -> dict[str, Any]:
+def run(
+    listen: str, forward: str, link: LinkProfile | str, *, duration_s: float | None = None, seed: int = 0, on_start=None
+) -> dict[str, Any]:
     """Runs an emulator until ``duration_s`` passes (or forever / Ctrl-C) and returns its final stats.
     ``on_start(emulator)`` is called once it listens."""
     with LinkEmulator(listen, forward=forward, link=link, seed=seed) as emu:

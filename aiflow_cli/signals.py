@@ -153,5 +153,15 @@ def die_with_parent(expected_ppid: int) -> None:
         os._exit(1)
 
 
-__all__ = ["GRACE_S", "install", "received", "record", "exit_code", "exit_now", "spawn", "forget",
-           "signal_children", "die_with_parent"]
+__all__ = [
+    "GRACE_S",
+    "install",
+    "received",
+    "record",
+    "exit_code",
+    "exit_now",
+    "spawn",
+    "forget",
+    "signal_children",
+    "die_with_parent",
+]

@@ -22,7 +22,9 @@ def wait_until(predicate: Callable[[], T], timeout_s: float = 5.0, interval_s: f
         if value:
             return value
         if time.monotonic() >= deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what or getattr(predicate, '__name__', 'a condition')}")
+            raise AssertionError(
+                f"timed out after {timeout_s:g} s waiting for {what or getattr(predicate, '__name__', 'a condition')}"
+            )
         time.sleep(interval_s)
 
 

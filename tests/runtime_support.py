@@ -15,8 +15,9 @@ THREE_TIERS = frozenset({"device", "edge", "cloud"})
 
 @lru_cache(maxsize=None)
 def _profile(model: str):
-    return profile_model(model, repeats=1, warmup=0, codecs=["raw", "int8", "fp16"], calibration_items=2,
-                         calibration_tokens=4)
+    return profile_model(
+        model, repeats=1, warmup=0, codecs=["raw", "int8", "fp16"], calibration_items=2, calibration_tokens=4
+    )
 
 
 def three_tier_plan(model: str, path: Path, codec: str = "raw", tokens: int = 6) -> Plan:
@@ -24,7 +25,13 @@ def three_tier_plan(model: str, path: Path, codec: str = "raw", tokens: int = 6)
     prof = _profile(model)
     links = {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")}
     objective = "generate" if prof.task in ("generate", "caption") else "latency"
-    plan = solve({"*": prof}, links, objective=objective, tokens=tokens if objective == "generate" else 0,
-                 limits=Limits(require=THREE_TIERS, codecs=(codec,)), speeds={"device": 1, "edge": 1, "cloud": 1})
+    plan = solve(
+        {"*": prof},
+        links,
+        objective=objective,
+        tokens=tokens if objective == "generate" else 0,
+        limits=Limits(require=THREE_TIERS, codecs=(codec,)),
+        speeds={"device": 1, "edge": 1, "cloud": 1},
+    )
     save_plan(plan, path)
     return plan

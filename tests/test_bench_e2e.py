@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+
 from aiflow_cli.bench.e2e import STRATEGIES, E2EConfig, check_goals, group_runs
 from aiflow_cli.errors import InputError
 from aiflow_cli.runtime.demo import SAMPLE_IMAGE
@@ -25,8 +26,22 @@ def quick(tmp_path_factory):
     both."""
     work = tmp_path_factory.mktemp("e2e")
     png = work / "e2e.png"
-    r = _aiflow("bench", "e2e", "--quick", "--json", "--model", TINY, "--links", "lte,lan", "--repeats", "3",
-                "--workdir", str(work), "--plot", str(png))
+    r = _aiflow(
+        "bench",
+        "e2e",
+        "--quick",
+        "--json",
+        "--model",
+        TINY,
+        "--links",
+        "lte,lan",
+        "--repeats",
+        "3",
+        "--workdir",
+        str(work),
+        "--plot",
+        str(png),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads(r.stdout)
     assert len(report["runs"]) == 1 and len(report["goals"]) == 4 and "bench e2e" in report["command"]
@@ -91,13 +106,19 @@ def test_quick_starts_servers_once_per_placement_and_shares_measurements(quick):
 
 
 def _row(p50: float, *, p90: float | None = None, pred: float | None = None, fid: float = 1.0) -> dict:
-    return {"p50_ms": p50, "p90_ms": p90 if p90 is not None else p50 * 1.02, "predicted_ms": pred or p50,
-            "fidelity": fid}
+    return {
+        "p50_ms": p50,
+        "p90_ms": p90 if p90 is not None else p50 * 1.02,
+        "predicted_ms": pred or p50,
+        "fidelity": fid,
+    }
 
 
 def _rows(aiflow: dict, *, dev: float = 1000.0, cloud: float = 600.0, raw: float = 500.0) -> dict:
-    return {"lte": {"device-only": _row(dev), "cloud-only": _row(cloud), "raw-split": _row(raw), "aiflow": aiflow},
-            "lan": {"device-only": _row(dev), "cloud-only": _row(100.0), "raw-split": _row(80.0), "aiflow": _row(80.0)}}
+    return {
+        "lte": {"device-only": _row(dev), "cloud-only": _row(cloud), "raw-split": _row(raw), "aiflow": aiflow},
+        "lan": {"device-only": _row(dev), "cloud-only": _row(100.0), "raw-split": _row(80.0), "aiflow": _row(80.0)},
+    }
 
 
 def _met(goals) -> list[bool]:
@@ -134,12 +155,17 @@ def test_goal_speedup_fidelity_and_prediction_can_each_miss():
 
 def test_group_runs_shares_a_placement_across_profiles_and_strategies():
     def plan(edge_from: int, codec: str):
-        tiers = [SimpleNamespace(name="device", start=0, end=edge_from),
-                 SimpleNamespace(name="edge", start=edge_from, end=8), SimpleNamespace(name="cloud", start=8, end=8)]
+        tiers = [
+            SimpleNamespace(name="device", start=0, end=edge_from),
+            SimpleNamespace(name="edge", start=edge_from, end=8),
+            SimpleNamespace(name="cloud", start=8, end=8),
+        ]
         return SimpleNamespace(tiers=tiers, cuts=[SimpleNamespace(after_stage=edge_from - 1, codec=codec)])
 
-    plans = {"lte": {"raw-split": plan(1, "raw"), "aiflow": plan(1, "int4")},
-             "5g": {"raw-split": plan(1, "raw"), "aiflow": plan(1, "raw")}}
+    plans = {
+        "lte": {"raw-split": plan(1, "raw"), "aiflow": plan(1, "int4")},
+        "5g": {"raw-split": plan(1, "raw"), "aiflow": plan(1, "raw")},
+    }
     groups = list(group_runs(plans).values())
     assert groups == [{"lte": ["raw-split"], "5g": ["raw-split", "aiflow"]}, {"lte": ["aiflow"]}]
 
@@ -160,14 +186,20 @@ def test_prediction_for_the_tokens_generated_and_cold_requests():
     the cold request adds one handshake per connection."""
     from aiflow_cli.runtime.demo import predicted_cold_ms, predicted_ms
 
-    pred = SimpleNamespace(total_ms=1000.0, prefill_ms=300.0, per_token_ms=100.0, tokens=8,
-                           handshake_ms={"device-edge": 55.0, "edge-cloud": 22.0})
+    pred = SimpleNamespace(
+        total_ms=1000.0,
+        prefill_ms=300.0,
+        per_token_ms=100.0,
+        tokens=8,
+        handshake_ms={"device-edge": 55.0, "edge-cloud": 22.0},
+    )
     plan = SimpleNamespace(prediction=pred)
     assert predicted_ms(plan) == 1000.0 and predicted_ms(plan, 8) == 1000.0
     assert predicted_ms(plan, 5) == 300.0 + 4 * 100.0
     assert predicted_cold_ms(plan, 5) == 700.0 + 77.0
-    one_shot = SimpleNamespace(prediction=SimpleNamespace(total_ms=50.0, prefill_ms=50.0, per_token_ms=0.0,
-                                                          tokens=0, handshake_ms={}))
+    one_shot = SimpleNamespace(
+        prediction=SimpleNamespace(total_ms=50.0, prefill_ms=50.0, per_token_ms=0.0, tokens=0, handshake_ms={})
+    )
     assert predicted_ms(one_shot, 3) == 50.0
 
 

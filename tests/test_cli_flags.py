@@ -20,17 +20,24 @@ ROOT = Path(__file__).resolve().parent.parent / "aiflow_cli"
 NOT_YET: dict[str, int] = {}
 
 
-@pytest.mark.parametrize("exc, cli", [
-    (InputError("speed=1.5: too fast", param="speed"), "--speed 1.5: too fast"),
-    (InputError("speeds[edge]=0: a speed must be a positive number", param="speeds"),
-     "--speed edge=0: a speed must be a positive number"),
-    (InputError("give `trust` FINGERPRINT (`insecure_dev` exists)", param="trust,insecure_dev"),
-     "give --trust FINGERPRINT (--insecure-dev exists)"),
-    (InputError("max_new_tokens=0: must be >= 1", param="max_new_tokens"), "--max-new-tokens 0: must be >= 1"),
-    # only the parameters the error names are rewritten, and only where they are spelled as parameters
-    (InputError("tokens=3 and max_new_tokens=4", param="tokens"), "--tokens 3 and max_new_tokens=4"),
-    (PlanError("the edge profile has seq_len=8"), "the edge profile has seq_len=8"),
-])
+@pytest.mark.parametrize(
+    "exc, cli",
+    [
+        (InputError("speed=1.5: too fast", param="speed"), "--speed 1.5: too fast"),
+        (
+            InputError("speeds[edge]=0: a speed must be a positive number", param="speeds"),
+            "--speed edge=0: a speed must be a positive number",
+        ),
+        (
+            InputError("give `trust` FINGERPRINT (`insecure_dev` exists)", param="trust,insecure_dev"),
+            "give --trust FINGERPRINT (--insecure-dev exists)",
+        ),
+        (InputError("max_new_tokens=0: must be >= 1", param="max_new_tokens"), "--max-new-tokens 0: must be >= 1"),
+        # only the parameters the error names are rewritten, and only where they are spelled as parameters
+        (InputError("tokens=3 and max_new_tokens=4", param="tokens"), "--tokens 3 and max_new_tokens=4"),
+        (PlanError("the edge profile has seq_len=8"), "the edge profile has seq_len=8"),
+    ],
+)
 def test_errors_are_rewritten_to_flags(exc, cli) -> None:
     assert for_cli(exc) == cli
 
@@ -60,9 +67,14 @@ def test_every_mapped_flag_is_a_real_flag_and_no_library_message_names_one() -> 
         rel = path.relative_to(ROOT).as_posix()
         if rel == "cli.py" or rel.startswith("commands/"):
             continue
-        lines = [ln for ln in path.read_text().splitlines()
-                 if flag_re.search(ln) and ("Error(" in ln or ln.lstrip().startswith(("f\"", "\"")))
-                 and '"""' not in ln and "args" not in ln]  # docstrings may show the CLI; args lists build it
+        lines = [
+            ln
+            for ln in path.read_text().splitlines()
+            if flag_re.search(ln)
+            and ("Error(" in ln or ln.lstrip().startswith(('f"', '"')))
+            and '"""' not in ln
+            and "args" not in ln
+        ]  # docstrings may show the CLI; args lists build it
         if lines:
             found[rel] = len(lines)
     assert found == NOT_YET

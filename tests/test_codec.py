@@ -36,7 +36,11 @@ def test_round_trip_keeps_dtype_shape_and_closeness(spec: str, dtype: torch.dtyp
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES + [torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool])
 def test_raw_is_bit_exact_for_every_dtype(dtype: torch.dtype) -> None:
-    x = (torch.arange(-50, 70).reshape(4, 30) % 7).to(dtype) if not dtype.is_floating_point else _activation(dtype=dtype)
+    x = (
+        (torch.arange(-50, 70).reshape(4, 30) % 7).to(dtype)
+        if not dtype.is_floating_point
+        else _activation(dtype=dtype)
+    )
     for spec in ["raw", "raw+zstd3"]:
         y = codec.decode(codec.encode(x, spec))
         assert y.dtype == dtype and torch.equal(y, x)
@@ -140,7 +144,13 @@ def test_every_single_flipped_byte_is_refused() -> None:
 
 
 def test_unknown_version_dtype_codec_and_magic() -> None:
-    for offset, value, message in [(0, ord("X"), "magic"), (4, 9, "version"), (5, 99, "dtype"), (6, 42, "codec"), (7, 0x80, "flags")]:
+    for offset, value, message in [
+        (0, ord("X"), "magic"),
+        (4, 9, "version"),
+        (5, 99, "dtype"),
+        (6, 42, "codec"),
+        (7, 0x80, "flags"),
+    ]:
         bad = bytearray(_frame("int8"))
         bad[offset] = value
         with pytest.raises(FrameError, match=message):

@@ -43,16 +43,25 @@ def test_goals_name_the_codec_they_measure() -> None:
     def tp(spec: str, gbps: float) -> ThroughputRow:
         return ThroughputRow("gpt2-1x512x768", spec, 1_572_864, 400_000, gbps, 0.5, 2.5, gbps, 0.5, 2.5)
 
-    r = CodecBenchResult(threads=1, repeats=1, throughput=[tp("int8", 9.0), tp("int8+zstd3", 1.5)], fidelity=[
-        FidelityRow("int8", 3.99, 0.99999, 0.9995, 0.9999, 0.01),
-        FidelityRow("int8+zstd3", 4.4, 0.99999, 0.9995, 0.9999, 0.01),
-    ])
+    r = CodecBenchResult(
+        threads=1,
+        repeats=1,
+        throughput=[tp("int8", 9.0), tp("int8+zstd3", 1.5)],
+        fidelity=[
+            FidelityRow("int8", 3.99, 0.99999, 0.9995, 0.9999, 0.01),
+            FidelityRow("int8+zstd3", 4.4, 0.99999, 0.9995, 0.9999, 0.01),
+        ],
+    )
     goals = _targets(r)
     for text in goals:
         assert text.split()[0] == "int8+zstd3", text
     fid = goals["int8+zstd3 on real activations: cosine >= 0.999 per tensor at >= 4x smaller"]
-    assert fid == {"measured_tensor_cosine_min": 0.99999, "measured_token_cosine_min": 0.9995, "measured_ratio": 4.4,
-                   "met": True}
+    assert fid == {
+        "measured_tensor_cosine_min": 0.99999,
+        "measured_token_cosine_min": 0.9995,
+        "measured_ratio": 4.4,
+        "met": True,
+    }
     assert goals["int8+zstd3 encode >= 1 GB/s on every shape"]["measured_min_gbps"] == 1.5
 
 

@@ -108,6 +108,8 @@ def test_dilated_run_matches_its_prediction(tmp_path):
     edge at 1x, and dilated x4 with the edge at 1x and the cloud at 4x (so the edge is stretched 4x and the links
     slowed 4x). Each is compared with its own prediction: the dilated run must match as well as the undilated one
     does (within 15 %, or within the undilated run's own miss + 5 % on a loaded machine)."""
+    import torch
+
     from aiflow_cli.plan.problem import Overheads
     from aiflow_cli.plan.schema import save_plan
     from aiflow_cli.plan.strategies import solve_strategies
@@ -115,12 +117,18 @@ def test_dilated_run_matches_its_prediction(tmp_path):
     from aiflow_cli.runtime.cluster import LocalCluster
     from aiflow_cli.runtime.demo import timed_request
 
-    import torch
-
     torch.set_num_threads(1)
     prof = profile_model("builtin:gpt2-tiny", repeats=2, warmup=1, codecs=["raw"])
-    link = LinkProfile(name="test", source="test", uplink_mbps=50.0, downlink_mbps=50.0, rtt_ms=40.0, jitter_ms=0.0,
-                       loss_pct=0.0, queue_ms=200.0)
+    link = LinkProfile(
+        name="test",
+        source="test",
+        uplink_mbps=50.0,
+        downlink_mbps=50.0,
+        rtt_ms=40.0,
+        jitter_ms=0.0,
+        loss_pct=0.0,
+        queue_ms=200.0,
+    )
     links = {"device-edge": link, "edge-cloud": link}
     errors = {}
     for d in (1.0, 4.0):

@@ -86,8 +86,15 @@ def test_shipped_hardware_profiles_load_with_calibrated_fidelity():
 
 
 def test_fidelity_cuts_leave_only_lossless_codecs_elsewhere():
-    p = profile_model("builtin:gpt2-tiny", repeats=1, warmup=0, codecs=["raw+zstd3", "int8"], calibration_items=2,
-                      calibration_tokens=4, fidelity_cuts=[1])
+    p = profile_model(
+        "builtin:gpt2-tiny",
+        repeats=1,
+        warmup=0,
+        codecs=["raw+zstd3", "int8"],
+        calibration_items=2,
+        calibration_tokens=4,
+        fidelity_cuts=[1],
+    )
     assert p.calibration.measured_cuts == [1]
     for cut in p.cuts:
         expected = {"raw", "raw+zstd3", "int8"} if cut.after_stage == 1 else {"raw", "raw+zstd3"}
@@ -107,9 +114,14 @@ def test_coded_run_with_lossless_or_no_cuts_is_the_model(gpt2):
 def _two_tier_problem(profile, floor: float, codecs=("raw", "int8", "int4")):
     """Device and cloud, both required, over a thin uplink: the planner must cut once and wants few bytes."""
     links = {"device-cloud": load_link("thin-uplink")}
-    return build_problem({"*": profile}, {"device-cloud": links["device-cloud"]}, objective="generate", tokens=TOKENS,
-                         speeds={"device": 1.0, "cloud": 1.0},
-                         limits=Limits(min_fidelity=floor, require=frozenset({"device", "cloud"}), codecs=codecs))
+    return build_problem(
+        {"*": profile},
+        {"device-cloud": links["device-cloud"]},
+        objective="generate",
+        tokens=TOKENS,
+        speeds={"device": 1.0, "cloud": 1.0},
+        limits=Limits(min_fidelity=floor, require=frozenset({"device", "cloud"}), codecs=codecs),
+    )
 
 
 def test_plan_solved_for_a_floor_measures_at_least_the_floor(gpt2, gpt2_profile):

@@ -68,8 +68,12 @@ def test_int8_plan_meets_its_embedding_floor_end_to_end(minilm):
     prof = profile_model(minilm, repeats=1, warmup=0, codecs=["raw", "int8"])
     assert prof.calibration.metric == "embedding_cosine"
     assert prof.calibration.reference == "sentence-transformers encode()" and prof.calibration.reference_min >= 0.9999
-    problem = build_problem({"*": prof}, {"device-cloud": load_link("thin-uplink")}, speeds={"device": 1, "cloud": 1},
-                            limits=Limits(min_fidelity=FLOOR, require=frozenset({"device", "cloud"}), codecs=("int8",)))
+    problem = build_problem(
+        {"*": prof},
+        {"device-cloud": load_link("thin-uplink")},
+        speeds={"device": 1, "cloud": 1},
+        limits=Limits(min_fidelity=FLOOR, require=frozenset({"device", "cloud"}), codecs=("int8",)),
+    )
     v = solve_verified(problem, model=minilm)
     f = v.fidelity
     assert f.status == "verified" and f.metric == "embedding_cosine" and f.items == len(load_calibration().sentences)

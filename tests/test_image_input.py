@@ -43,15 +43,20 @@ def _png_claiming(width: int, height: int) -> bytes:
     return bytes(data)
 
 
-@pytest.mark.parametrize("payload, match", [
-    (b"definitely not an image", "not a readable image"),
-    (b"", "not a readable image"),
-    (_png_claiming(8_000, 8_000), "above the limit"),
-    (_png_claiming(100_000, 100_000), "decompression bomb"),
-])
+@pytest.mark.parametrize(
+    "payload, match",
+    [
+        (b"definitely not an image", "not a readable image"),
+        (b"", "not a readable image"),
+        (_png_claiming(8_000, 8_000), "above the limit"),
+        (_png_claiming(100_000, 100_000), "decompression bomb"),
+    ],
+)
 def test_untrusted_image_bytes_are_refused_before_decoding(payload, match):
     with pytest.raises(InputError, match=match):
-        decode_image_file(torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8))
+        decode_image_file(
+            torch.frombuffer(bytearray(payload), dtype=torch.uint8) if payload else torch.zeros(0, dtype=torch.uint8)
+        )
     assert 8_000 * 8_000 > MAX_IMAGE_PIXELS
 
 

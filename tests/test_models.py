@@ -10,7 +10,14 @@ from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models import list_builtins, load_model, load_stages
 from aiflow_cli.models.state import ROLES
 
-TINY = ["builtin:gpt2-tiny", "builtin:llama-tiny", "builtin:bert-tiny", "builtin:vit-tiny", "builtin:captioner-tiny", "minilm"]
+TINY = [
+    "builtin:gpt2-tiny",
+    "builtin:llama-tiny",
+    "builtin:bert-tiny",
+    "builtin:vit-tiny",
+    "builtin:captioner-tiny",
+    "minilm",
+]
 GENERATING = ["builtin:gpt2-tiny", "builtin:llama-tiny", "builtin:captioner-tiny"]
 
 
@@ -50,8 +57,12 @@ def test_generation_with_stage_caches_matches_full_forward(loaded, name):
         assert torch.equal(tokens[:, t], expected), f"step {t}"
         ids = torch.cat([full["input_ids"], expected[:, None]], dim=1)
         b, s = ids.shape
-        full = {**full, "input_ids": ids, "attention_mask": torch.ones(b, s, dtype=torch.long),
-                "position_ids": torch.arange(s).expand(b, -1)}
+        full = {
+            **full,
+            "input_ids": ids,
+            "attention_mask": torch.ones(b, s, dtype=torch.long),
+            "position_ids": torch.arange(s).expand(b, -1),
+        }
 
 
 def test_decode_step_logits_equal_full_forward_logits(loaded):
@@ -62,8 +73,11 @@ def test_decode_step_logits_equal_full_forward_logits(loaded):
     tok = m.output(out)[:, -1].argmax(-1)
     step = m.next_inputs(m.decode_inputs_of(x), tok)
     step_logits = m.output(m.run(step, range(m.decode_start, m.num_stages), cache))
-    full = {"input_ids": torch.cat([x["input_ids"], tok[:, None]], 1), "attention_mask": torch.ones(1, 8, dtype=torch.long),
-            "position_ids": torch.arange(8)[None]}
+    full = {
+        "input_ids": torch.cat([x["input_ids"], tok[:, None]], 1),
+        "attention_mask": torch.ones(1, 8, dtype=torch.long),
+        "position_ids": torch.arange(8)[None],
+    }
     torch.testing.assert_close(step_logits[:, -1], m.monolithic(full)[:, -1], rtol=1e-5, atol=1e-5)
 
 
@@ -94,22 +108,30 @@ def test_partial_load_reads_only_its_stages():
     part = load_stages("builtin:gpt2-tiny", [2, 3])
     assert part.loaded == {2, 3}
     # exactly the tensors of blocks 1 and 2 (stages 2, 3) were read, none of the embeddings or other blocks
-    assert part.load_stats.keys and all(k.startswith(("transformer.h.1.", "transformer.h.2.")) for k in part.load_stats.keys)
+    assert part.load_stats.keys and all(
+        k.startswith(("transformer.h.1.", "transformer.h.2.")) for k in part.load_stats.keys
+    )
     expected = sum(full.stage_param_bytes(i) for i in (2, 3))
     assert part.loaded_param_bytes() == expected == part.load_stats.bytes_read
     assert part.loaded_param_bytes() < full.loaded_param_bytes() / 2
     # and it computes the same thing as the full model on the same boundary state
     x = full.make_inputs(seq_len=9)
     s1 = full.run_stage(1, full.run_stage(0, x))
-    assert torch.equal(part.run_stage(3, part.run_stage(2, s1))["hidden_states"],
-                       full.run_stage(3, full.run_stage(2, s1))["hidden_states"])
+    assert torch.equal(
+        part.run_stage(3, part.run_stage(2, s1))["hidden_states"],
+        full.run_stage(3, full.run_stage(2, s1))["hidden_states"],
+    )
     with pytest.raises(ModelError, match="not loaded"):
         part.run_stage(0, x)
 
 
 def test_head_alone_reads_the_tied_embedding_once():
     head = load_stages("builtin:gpt2-tiny", [5])
-    assert sorted(head.load_stats.keys) == ["transformer.ln_f.bias", "transformer.ln_f.weight", "transformer.wte.weight"]
+    assert sorted(head.load_stats.keys) == [
+        "transformer.ln_f.bias",
+        "transformer.ln_f.weight",
+        "transformer.wte.weight",
+    ]
 
 
 def test_pipeline_of_separately_loaded_parts_equals_monolithic():
@@ -139,8 +161,11 @@ def test_minilm_split_in_three_with_int8_matches_sentence_transformers():
 
     from aiflow_cli import codec
 
-    texts = ["Split inference runs a model across device, edge and cloud.", "A cat sits on the mat.",
-             "Compressed activations cross a thin uplink."]
+    texts = [
+        "Split inference runs a model across device, edge and cloud.",
+        "A cat sits on the mat.",
+        "Compressed activations cross a thin uplink.",
+    ]
     st = SentenceTransformer(str(get_model_path()), device="cpu")
     expected = torch.from_numpy(st.encode(texts))
     parts = [load_stages("minilm", r) for r in (range(0, 3), range(3, 6), range(6, 8))]
@@ -149,16 +174,27 @@ def test_minilm_split_in_three_with_int8_matches_sentence_transformers():
         for i in sorted(p.loaded):
             state = p.run_stage(i, state)
         if k < 2:  # the cut: hidden through int8, control raw
-            state = {n: codec.decode(codec.encode(t, "int8" if p.roles(state)[n] == "hidden" else "raw"))
-                     for n, t in state.items()}
+            state = {
+                n: codec.decode(codec.encode(t, "int8" if p.roles(state)[n] == "hidden" else "raw"))
+                for n, t in state.items()
+            }
     cos = torch.nn.functional.cosine_similarity(state["embeddings"], expected, dim=-1)
     assert float(cos.min()) >= 0.999, cos
 
 
 def test_builtins_listed_and_roles_known():
     names = [b["name"] for b in list_builtins()]
-    for n in ["builtin:gpt2", "builtin:vit-gpt2-captioner", "builtin:llama-160m", "builtin:gpt2-tiny",
-              "builtin:captioner-tiny", "builtin:bert-tiny", "builtin:llama-tiny", "minilm", "smollm2"]:
+    for n in [
+        "builtin:gpt2",
+        "builtin:vit-gpt2-captioner",
+        "builtin:llama-160m",
+        "builtin:gpt2-tiny",
+        "builtin:captioner-tiny",
+        "builtin:bert-tiny",
+        "builtin:llama-tiny",
+        "minilm",
+        "smollm2",
+    ]:
         assert n in names
     assert ROLES["encoder_hidden_states"] == "side" and ROLES["hidden_states"] == "hidden"
 
@@ -178,8 +214,14 @@ def test_bad_inputs_raise_clear_errors(loaded, monkeypatch):
     with pytest.raises(InputError, match="exceeds"):
         g.make_inputs(seq_len=10_000)
     with pytest.raises(InputError, match="input_ids"):
-        g.run_stage(0, {"input_ids": torch.tensor([[5000]]), "attention_mask": torch.ones(1, 1, dtype=torch.long),
-                        "position_ids": torch.zeros(1, 1, dtype=torch.long)})
+        g.run_stage(
+            0,
+            {
+                "input_ids": torch.tensor([[5000]]),
+                "attention_mask": torch.ones(1, 1, dtype=torch.long),
+                "position_ids": torch.zeros(1, 1, dtype=torch.long),
+            },
+        )
     with pytest.raises(InputError, match="out of range"):
         load_stages("builtin:gpt2-tiny", [99])
     with pytest.raises(InputError, match="dtype"):

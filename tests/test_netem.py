@@ -109,7 +109,9 @@ def test_uplink_rate_within_10_percent(peer):
     assert len(peer.arrivals) == n, stats
     expected = 20.0 * size / (size + WIRE_OVERHEAD_BYTES)
     got = rate_mbps(peer.arrivals)
-    assert abs(got - expected) / expected <= 0.10, f"uplink delivered {got:.2f} Mbit/s of payload, expected {expected:.2f}"
+    assert abs(got - expected) / expected <= 0.10, (
+        f"uplink delivered {got:.2f} Mbit/s of payload, expected {expected:.2f}"
+    )
     assert stats["uplink"]["packets_out"] == n and stats["uplink"]["bytes_out"] == n * size
 
 
@@ -127,7 +129,9 @@ def test_downlink_rate_within_10_percent(peer):
     assert len(arrivals) == n
     expected = 40.0 * size / (size + WIRE_OVERHEAD_BYTES)
     got = rate_mbps(arrivals)
-    assert abs(got - expected) / expected <= 0.10, f"downlink delivered {got:.2f} Mbit/s of payload, expected {expected:.2f}"
+    assert abs(got - expected) / expected <= 0.10, (
+        f"downlink delivered {got:.2f} Mbit/s of payload, expected {expected:.2f}"
+    )
 
 
 def test_random_loss(peer):
@@ -147,13 +151,18 @@ def test_random_loss(peer):
 
 def test_drop_tail_queue_and_mtu(peer):
     # 10 ms of queue at 8 Mbit/s holds 10 kB: a fast burst of 100 kB mostly overflows it.
-    with LinkEmulator(forward=peer.address, link=link(uplink_mbps=8.0, queue_ms=10.0, rtt_ms=2.0)) as emu, client_socket() as s:
+    with (
+        LinkEmulator(forward=peer.address, link=link(uplink_mbps=8.0, queue_ms=10.0, rtt_ms=2.0)) as emu,
+        client_socket() as s,
+    ):
         # The oversized one goes first: the kernel may drop the tail of the burst before the relay reads it.
         s.sendto(bytes(2000), addr_of(emu.address))  # above the 1472-byte datagram limit
         for _ in range(100):
             s.sendto(bytes(972), addr_of(emu.address))
         # how many the kernel passes on is unknown: wait until the relay and the peer stop counting
-        wait_until(settled(lambda: (emu.stats()["uplink"], len(peer.arrivals)), quiet_s=0.25), what="the burst to drain")
+        wait_until(
+            settled(lambda: (emu.stats()["uplink"], len(peer.arrivals)), quiet_s=0.25), what="the burst to drain"
+        )
         stats = emu.stats()["uplink"]
     received = len(peer.arrivals)
     assert 10 <= received < 60, received
@@ -210,7 +219,9 @@ def test_quic_finds_a_1472_byte_path_mtu(tmp_path):
             for _ in range(3):
                 direct.request(Message("up", {}, [payload]))
             assert direct.path_info()["mtu_bytes"] > 16_000  # loopback carries 64 KiB datagrams
-        with LinkEmulator(forward=srv.address, link=link(uplink_mbps=200.0, downlink_mbps=200.0, rtt_ms=2.0), seed=1) as emu:
+        with LinkEmulator(
+            forward=srv.address, link=link(uplink_mbps=200.0, downlink_mbps=200.0, rtt_ms=2.0), seed=1
+        ) as emu:
             with Client(emu.address, identity=c_id, trust=[s_id], timeout_s=20) as cli:
                 for _ in range(3):
                     assert cli.request(Message("up", {}, [payload])).meta == {"n": len(payload)}

@@ -23,8 +23,10 @@ def test_shipped_profiles_are_in_the_package_and_load():
 
 @pytest.mark.parametrize("module,command", [("grpc", "transport"), ("zstandard", "codec")])
 def test_a_missing_bench_extra_is_one_line_naming_it(module, command):
-    code = (f"import sys; sys.modules[{module!r}] = None; sys.argv = ['aiflow', 'bench', {command!r}, '--quick']; "
-            "from aiflow_cli.cli import main; main()")
+    code = (
+        f"import sys; sys.modules[{module!r}] = None; sys.argv = ['aiflow', 'bench', {command!r}, '--quick']; "
+        "from aiflow_cli.cli import main; main()"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 3, r.stderr
     assert "pip install 'aiflow[bench]'" in r.stderr and "Traceback" not in r.stderr

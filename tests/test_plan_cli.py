@@ -37,14 +37,34 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 
 
 def _three(profiles) -> list[str]:
-    return ["--profile", f"device={profiles['device']}", "--profile", f"edge={profiles['edge']}",
-            "--profile", f"cloud={profiles['cloud']}", "--link", "device-edge=lte", "--link", "edge-cloud=wan"]
+    return [
+        "--profile",
+        f"device={profiles['device']}",
+        "--profile",
+        f"edge={profiles['edge']}",
+        "--profile",
+        f"cloud={profiles['cloud']}",
+        "--link",
+        "device-edge=lte",
+        "--link",
+        "edge-cloud=wan",
+    ]
 
 
 def test_plan_json_explain_and_file(profiles, tmp_path) -> None:
     out = tmp_path / "plan.json"
-    r = _run("plan", *_three(profiles), "--memory", "device=200MiB", "--min-fidelity", "0.999", "--explain",
-             "--json", "-o", str(out))
+    r = _run(
+        "plan",
+        *_three(profiles),
+        "--memory",
+        "device=200MiB",
+        "--min-fidelity",
+        "0.999",
+        "--explain",
+        "--json",
+        "-o",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     plan = load_plan(out)
@@ -62,9 +82,26 @@ def test_plan_json_explain_and_file(profiles, tmp_path) -> None:
 
 
 def test_one_profile_with_speeds_and_generate(profiles) -> None:
-    r = _run("plan", "--profile", str(profiles["base"]), "--speed", "device=0.25", "--speed", "edge=1",
-             "--speed", "cloud=20", "--link", "device-edge=lte", "--link", "edge-cloud=wan",
-             "--objective", "generate", "--tokens", "32", "--json")
+    r = _run(
+        "plan",
+        "--profile",
+        str(profiles["base"]),
+        "--speed",
+        "device=0.25",
+        "--speed",
+        "edge=1",
+        "--speed",
+        "cloud=20",
+        "--link",
+        "device-edge=lte",
+        "--link",
+        "edge-cloud=wan",
+        "--objective",
+        "generate",
+        "--tokens",
+        "32",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     pred = json.loads(r.stdout)["plan"]["prediction"]
     assert pred["tokens"] == 32
@@ -73,8 +110,17 @@ def test_one_profile_with_speeds_and_generate(profiles) -> None:
 
 def test_sweep_reports_changes_and_plot_writes_png(profiles, tmp_path) -> None:
     png = tmp_path / "sweep.png"
-    r = _run("plan", *_three(profiles), "--sweep", "device-edge=0.01:10000", "--sweep-points", "12",
-             "--plot", str(png), "--json")
+    r = _run(
+        "plan",
+        *_three(profiles),
+        "--sweep",
+        "device-edge=0.01:10000",
+        "--sweep-points",
+        "12",
+        "--plot",
+        str(png),
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     sweep = json.loads(r.stdout)["sweep"]
     assert len(sweep["points"]) == 12
@@ -94,10 +140,32 @@ def test_sweep_reports_changes_and_plot_writes_png(profiles, tmp_path) -> None:
     [
         (["--profile", "device={device}", "--profile", "cloud={cloud}"], InputError, "--link device-cloud="),
         (["--profile", "edge={edge}", "--profile", "cloud={cloud}", "--link", "edge-cloud=wan"], InputError, "device"),
-        (["--profile", "device={device}", "--profile", "cloud={other}", "--link", "device-cloud=lte"], PlanError, "same model"),
-        (["--profile", "device={device}", "--profile", "cloud={cloud}", "--link", "device-cloud=nosuchlink"], InputError, "unknown link"),
-        (["--profile", "device={device}", "--profile", "cloud={cloud}", "--link", "device-cloud=lte",
-          "--memory", "device=1MiB", "--memory", "cloud=1MiB"], PlanError, "memory"),
+        (
+            ["--profile", "device={device}", "--profile", "cloud={other}", "--link", "device-cloud=lte"],
+            PlanError,
+            "same model",
+        ),
+        (
+            ["--profile", "device={device}", "--profile", "cloud={cloud}", "--link", "device-cloud=nosuchlink"],
+            InputError,
+            "unknown link",
+        ),
+        (
+            [
+                "--profile",
+                "device={device}",
+                "--profile",
+                "cloud={cloud}",
+                "--link",
+                "device-cloud=lte",
+                "--memory",
+                "device=1MiB",
+                "--memory",
+                "cloud=1MiB",
+            ],
+            PlanError,
+            "memory",
+        ),
         (["--profile", "device={device}", "--memory", "device=lots"], InputError, "not a size"),
         (["--profile", "device=/nonexistent.json"], InputError, "no such file"),
         (["--profile", "device={device}", "--objective", "fastest"], InputError, "objective"),
@@ -133,9 +201,26 @@ def test_bench_plan_runs(tmp_path) -> None:
 
 
 def test_explain_says_what_input_goes_up_and_generate_labels_the_prefill_bottleneck(profiles) -> None:
-    r = _run("plan", "--profile", str(profiles["base"]), "--speed", "device=0.25", "--speed", "edge=1",
-             "--speed", "cloud=20", "--link", "device-edge=lte", "--link", "edge-cloud=wan",
-             "--objective", "generate", "--tokens", "8", "--explain")
+    r = _run(
+        "plan",
+        "--profile",
+        str(profiles["base"]),
+        "--speed",
+        "device=0.25",
+        "--speed",
+        "edge=1",
+        "--speed",
+        "cloud=20",
+        "--link",
+        "device-edge=lte",
+        "--link",
+        "edge-cloud=wan",
+        "--objective",
+        "generate",
+        "--tokens",
+        "8",
+        "--explain",
+    )
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # rich wraps long lines
     # edge-only and cloud-only always ship the input; the note gives its size as profiled
@@ -152,8 +237,11 @@ def test_plot_labels_a_strategy_that_equals_the_plan_everywhere(profiles) -> Non
 
     # Only the raw codec profiled: the best raw-codec split is the optimum at every bandwidth.
     raw_only = synthetic_profile(6, n_codecs=1, seed=3)
-    problem = build_problem({"*": raw_only}, {"device-edge": load_link("lte"), "edge-cloud": load_link("wan")},
-                            speeds={"device": 0.25, "edge": 1.0, "cloud": 20.0})
+    problem = build_problem(
+        {"*": raw_only},
+        {"device-edge": load_link("lte"), "edge-cloud": load_link("wan")},
+        speeds={"device": 0.25, "edge": 1.0, "cloud": 20.0},
+    )
     series = strategy_series(problem, sweep(problem, "device-edge", 0.1, 1000, points=6))
     assert series["raw-split"][1] == "raw-split (= aiflow)"
     assert series["aiflow"][1] == "aiflow"

@@ -24,8 +24,15 @@ TIER_SETS = [("device",), ("device", "cloud"), ("device", "edge", "cloud")]
 def _link(r: random.Random, name: str) -> LinkProfile:
     up = 10 ** r.uniform(0, 4)
     rtt = r.choice([0.0, r.uniform(0.5, 20)])
-    return LinkProfile(name=name, source="test", uplink_mbps=up, downlink_mbps=up * r.uniform(1, 4), rtt_ms=rtt,
-                       jitter_ms=0.0, loss_pct=r.choice([0.0, 0.1, 2.0]))
+    return LinkProfile(
+        name=name,
+        source="test",
+        uplink_mbps=up,
+        downlink_mbps=up * r.uniform(1, 4),
+        rtt_ms=rtt,
+        jitter_ms=0.0,
+        loss_pct=r.choice([0.0, 0.1, 2.0]),
+    )
 
 
 def random_problem(seed: int):
@@ -40,8 +47,9 @@ def random_problem(seed: int):
     # upper tiers are usually (not always) faster, so that splits are often optimal and the test has teeth
     speeds = sorted((10 ** r.uniform(-1.5, 1.5) for _ in tiers), reverse=r.random() < 0.15)
     profiles = {
-        t: synthetic_profile(n_stages, n_codecs=n_codecs, seed=base_seed, speed=sp, side_from=side_from,
-                             input_bytes=input_bytes)
+        t: synthetic_profile(
+            n_stages, n_codecs=n_codecs, seed=base_seed, speed=sp, side_from=side_from, input_bytes=input_bytes
+        )
         for t, sp in zip(tiers, speeds)
     }
     links = {f"{a}-{b}": _link(r, f"{a}-{b}") for a, b in zip(tiers, tiers[1:])}
@@ -50,10 +58,18 @@ def random_problem(seed: int):
     memory = {t: int(total * r.uniform(0.2, 1.2)) for t in tiers if r.random() < 0.3}
     skip = frozenset(t for t in tiers[1:] if r.random() < 0.1)
     require = frozenset(t for t in tiers if t not in skip and r.random() < 0.1)
-    limits = Limits(memory_bytes=memory, min_fidelity=r.choice([None, 0.9999, 0.9995, 0.999]), skip=skip, require=require)
+    limits = Limits(
+        memory_bytes=memory, min_fidelity=r.choice([None, 0.9999, 0.9995, 0.999]), skip=skip, require=require
+    )
     overheads = Overheads(message_ms=r.choice([0.0, r.uniform(0.1, 5.0)]), handshake_ms=r.uniform(0, 5))
-    return build_problem(profiles, links, objective=objective, tokens=r.randint(1, 50) if objective == "generate" else 0,
-                         limits=limits, overheads=overheads)
+    return build_problem(
+        profiles,
+        links,
+        objective=objective,
+        tokens=r.randint(1, 50) if objective == "generate" else 0,
+        limits=limits,
+        overheads=overheads,
+    )
 
 
 def _close(a: float, b: float) -> bool:
@@ -162,7 +178,9 @@ def test_side_tensor_crosses_once_and_not_per_decode_step() -> None:
     # token comes back
     assert _close(in_decoder.propagation_ms[link], 2 * one_way + 19 * 2 * one_way)
     step_up = problem.cut_step_bytes[4, 0] * 8e-3 / (links[link].uplink_mbps * (1 - links[link].loss_pct / 100))
-    assert in_decoder.transfer_ms[link] < problem.cut_bytes[4, 0] * 8e-3 / links[link].uplink_mbps + 19 * step_up * 2 + 1
+    assert (
+        in_decoder.transfer_ms[link] < problem.cut_bytes[4, 0] * 8e-3 / links[link].uplink_mbps + 19 * step_up * 2 + 1
+    )
     assert problem.cut_step_bytes[4, 0] < side  # per step only the hidden state, never the side tensor again
 
 
@@ -205,17 +223,26 @@ def test_window_argmin_matches_naive() -> None:
 
 
 def test_large_instance_solves_and_agrees_with_evaluation() -> None:
-    profiles = {t: synthetic_profile(1000, n_codecs=8, seed=1, speed=s) for t, s in (("device", 0.3), ("edge", 1), ("cloud", 10))}
+    profiles = {
+        t: synthetic_profile(1000, n_codecs=8, seed=1, speed=s)
+        for t, s in (("device", 0.3), ("edge", 1), ("cloud", 10))
+    }
     links = {"device-edge": load_link("lte"), "edge-cloud": load_link("wan")}
     plan = solve(profiles, links, limits=Limits(memory_bytes={"device": 2 * 2**30, "edge": 8 * 2**30}))
     assert plan.n_stages == 1000
     assert plan.tier("device").memory_bytes <= 2 * 2**30
     total = plan.prediction
-    parts = sum(total.compute_ms.values()) + sum(total.codec_ms.values()) + sum(total.transfer_ms.values()) + sum(total.rtt_ms.values())
+    parts = (
+        sum(total.compute_ms.values())
+        + sum(total.codec_ms.values())
+        + sum(total.transfer_ms.values())
+        + sum(total.rtt_ms.values())
+    )
     assert _close(parts, total.total_ms)
 
 
 # ---- errors -----------------------------------------------------------------------------------------------------
+
 
 def _three(prof):
     return {"device": prof, "edge": prof, "cloud": prof}
@@ -287,7 +314,12 @@ def test_message_overhead_is_paid_once_per_round_trip_and_per_decode_step() -> N
 
 def test_generating_one_token_has_no_decode_step() -> None:
     prof = synthetic_profile(3, n_codecs=1, seed=5)
-    p = build_problem({"*": prof}, {"device-cloud": load_link("lte")}, objective="generate", tokens=1,
-                      speeds={"device": 1.0, "cloud": 1.0})
+    p = build_problem(
+        {"*": prof},
+        {"device-cloud": load_link("lte")},
+        objective="generate",
+        tokens=1,
+        speeds={"device": 1.0, "cloud": 1.0},
+    )
     ev = evaluate(p, Placement((0, 1, 3), {0: 0}))
     assert ev.per_token_ms == 0.0 and _close(ev.total_ms, ev.prefill_ms)

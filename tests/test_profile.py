@@ -18,8 +18,9 @@ _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
 
 @pytest.fixture(scope="module")
 def gpt2_profile():
-    return profile_model("builtin:gpt2-tiny", seq_len=16, decode_tokens=8, repeats=2, warmup=1,
-                         calibration_items=4, calibration_tokens=8)
+    return profile_model(
+        "builtin:gpt2-tiny", seq_len=16, decode_tokens=8, repeats=2, warmup=1, calibration_items=4, calibration_tokens=8
+    )
 
 
 def test_profile_structure_and_plausible_numbers(gpt2_profile):
@@ -72,8 +73,15 @@ def test_profile_roundtrips_through_the_schema(gpt2_profile, tmp_path):
 
 
 def test_captioner_profile_marks_side_and_prefill_only_encoder():
-    p = profile_model("builtin:captioner-tiny", codecs=["int8"], repeats=1, warmup=0, decode_tokens=4,
-                      calibration_items=2, calibration_tokens=4)
+    p = profile_model(
+        "builtin:captioner-tiny",
+        codecs=["int8"],
+        repeats=1,
+        warmup=0,
+        decode_tokens=4,
+        calibration_items=2,
+        calibration_tokens=4,
+    )
     enc = [s for s in p.stages if s.kind.startswith("encoder")]
     assert enc and all(s.decode_ms is None for s in enc)
     assert all(s.decode_ms is not None for s in p.stages if not s.kind.startswith("encoder"))
@@ -100,8 +108,23 @@ runner = CliRunner()
 
 def test_cli_profile_writes_valid_json(tmp_path):
     out = tmp_path / "vit.json"
-    r = runner.invoke(app, ["profile", "builtin:vit-tiny", "--repeats", "1", "--warmup", "0", "--codecs", "int8,fp16",
-                            "-o", str(out), "--label", "test-box"])
+    r = runner.invoke(
+        app,
+        [
+            "profile",
+            "builtin:vit-tiny",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--codecs",
+            "int8,fp16",
+            "-o",
+            str(out),
+            "--label",
+            "test-box",
+        ],
+    )
     assert r.exit_code == 0, r.output
     p = load_profile(str(out))
     assert p.hardware.label == "test-box" and p.settings.image_size == 32

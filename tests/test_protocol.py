@@ -29,9 +29,19 @@ def _through_json(env: Message) -> Message:
 MESSAGES = [
     (Hello("a" * 64, "b" * 64, "device", 1234.5), []),
     (HelloReply((TierInfo("edge", "a" * 64, "b" * 64, (2, 5), 1 << 20, 1 << 27, 12.5, 0.5, 42),)), []),
-    (Infer("a" * 64, "device", "decode", 3, (TensorSpec("hidden_states", "hidden", "int8"),
-                                             TensorSpec("attention_mask", "control", "raw")), 8, False, 900.0),
-     [b"f1", b"f2"]),
+    (
+        Infer(
+            "a" * 64,
+            "device",
+            "decode",
+            3,
+            (TensorSpec("hidden_states", "hidden", "int8"), TensorSpec("attention_mask", "control", "raw")),
+            8,
+            False,
+            900.0,
+        ),
+        [b"f1", b"f2"],
+    ),
     (Result(_timings(), tokens=[[1, 2, 3]]), []),
     (Result(_timings(), tensors=(TensorSpec("output", "hidden", "raw"),)), [b"out"]),
     (Error("LimitExceeded", "edge: too big", "edge"), []),
@@ -67,17 +77,20 @@ def test_an_error_of_another_version_still_reaches_the_user() -> None:
         protocol.expect_reply(env, Result)
 
 
-@pytest.mark.parametrize("change,why", [
-    ({"stage": "3"}, "field 'stage' must be an integer, got str"),
-    ({"stage": True}, "field 'stage' must be an integer"),
-    ({"stage": -1}, "must be >= 0"),
-    ({"phase": "sideways"}, "unknown phase 'sideways'"),
-    ({"last": 1}, "field 'last' must be true or false"),
-    ({"plan_hash": None}, "field 'plan_hash' .* is missing"),
-    ({"tensors": [{"name": "x"}, ["y", "hidden", "raw"]]}, "field 'tensors' must be a list of .*triples"),
-    ({"tensors": [["x", "hidden", "raw"]]}, "lists 1 tensors but carries 2 frames"),
-    ({"deadline_ms": "soon"}, "field 'deadline_ms' must be a number"),
-])
+@pytest.mark.parametrize(
+    "change,why",
+    [
+        ({"stage": "3"}, "field 'stage' must be an integer, got str"),
+        ({"stage": True}, "field 'stage' must be an integer"),
+        ({"stage": -1}, "must be >= 0"),
+        ({"phase": "sideways"}, "unknown phase 'sideways'"),
+        ({"last": 1}, "field 'last' must be true or false"),
+        ({"plan_hash": None}, "field 'plan_hash' .* is missing"),
+        ({"tensors": [{"name": "x"}, ["y", "hidden", "raw"]]}, "field 'tensors' must be a list of .*triples"),
+        ({"tensors": [["x", "hidden", "raw"]]}, "lists 1 tensors but carries 2 frames"),
+        ({"deadline_ms": "soon"}, "field 'deadline_ms' must be a number"),
+    ],
+)
 def test_malformed_fields_are_named(change, why) -> None:
     env = _through_json(protocol.encode(*MESSAGES[2]))
     env.meta.update(change)

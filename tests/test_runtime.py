@@ -10,11 +10,11 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from runtime_support import three_tier_plan
 
 from aiflow_cli.models import load_model
 from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.demo import SAMPLE_IMAGE
-from runtime_support import three_tier_plan
 
 FAMILIES = {
     "builtin:gpt2-tiny": {"text": "the quick brown fox"},
@@ -90,9 +90,22 @@ def test_quantized_cuts_stay_close_and_report_agreement(tmp_path):
 def test_cli_run_json_reports_timings_and_prediction(tmp_path):
     three_tier_plan("builtin:gpt2-tiny", tmp_path / "plan.json", codec="raw")
     with LocalCluster(tmp_path / "plan.json", tmp_path) as c:
-        cmd = [sys.executable, "-m", "aiflow_cli", "run", "hello there", "--plan", str(tmp_path / "plan.json"),
-               "--edge", c.addresses["edge"], "--identity", str(tmp_path / "keys" / "device"),
-               "--max-new-tokens", "4", "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "aiflow_cli",
+            "run",
+            "hello there",
+            "--plan",
+            str(tmp_path / "plan.json"),
+            "--edge",
+            c.addresses["edge"],
+            "--identity",
+            str(tmp_path / "keys" / "device"),
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]
         for fp in c.fingerprints():
             cmd += ["--trust", fp]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

@@ -8,9 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from runtime_support import three_tier_plan
 
 from aiflow_cli.transport import Identity
-from runtime_support import three_tier_plan
 
 
 def aiflow(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -25,17 +25,20 @@ def setup(tmp_path_factory):
     return d, ident
 
 
-@pytest.mark.parametrize("args, code, text", [
-    ("serve --role fog --plan {plan} --identity {keys} --trust {fp}", 3, "choose edge or cloud"),
-    ("serve --role edge --plan nope.json --identity {keys} --trust {fp}", 3, "nope.json"),
-    ("serve --role cloud --plan {plan} --identity {keys}", 3, "--trust"),
-    ("serve --role edge --plan {plan} --identity {keys} --trust {fp}", 3, "--next"),
-    ("serve --role cloud --plan {plan} --identity {keys} --trust {fp} --speed 2", 3, "slower"),
-    ("run hi --plan {plan} --identity {keys} --trust {fp}", 3, "--edge"),
-    ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --timeout 1.5", 9, "edge"),
-    ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --fallback sideways", 3, "fallback"),
-    ("run missing.jpg --plan {plan} --identity nokeys --trust {fp} --edge 127.0.0.1:9", 3, "nokeys"),
-])
+@pytest.mark.parametrize(
+    "args, code, text",
+    [
+        ("serve --role fog --plan {plan} --identity {keys} --trust {fp}", 3, "choose edge or cloud"),
+        ("serve --role edge --plan nope.json --identity {keys} --trust {fp}", 3, "nope.json"),
+        ("serve --role cloud --plan {plan} --identity {keys}", 3, "--trust"),
+        ("serve --role edge --plan {plan} --identity {keys} --trust {fp}", 3, "--next"),
+        ("serve --role cloud --plan {plan} --identity {keys} --trust {fp} --speed 2", 3, "slower"),
+        ("run hi --plan {plan} --identity {keys} --trust {fp}", 3, "--edge"),
+        ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --timeout 1.5", 9, "edge"),
+        ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --fallback sideways", 3, "fallback"),
+        ("run missing.jpg --plan {plan} --identity nokeys --trust {fp} --edge 127.0.0.1:9", 3, "nokeys"),
+    ],
+)
 def test_bad_runtime_invocations_exit_with_their_code_and_no_traceback(setup, args, code, text):
     d, ident = setup
     argv = args.format(plan=d / "plan.json", keys=d / "keys", fp=ident.fingerprint).split()
@@ -46,8 +49,23 @@ def test_bad_runtime_invocations_exit_with_their_code_and_no_traceback(setup, ar
 
 
 def test_demo_json_on_the_tiny_captioner(tmp_path):
-    out = aiflow("demo", "--model", "builtin:captioner-tiny", "--workdir", str(tmp_path), "--max-new-tokens", "6",
-                 "--device-speed", "0.25", "--cloud-speed", "1", "--repeats", "2", "--json", timeout=600)
+    out = aiflow(
+        "demo",
+        "--model",
+        "builtin:captioner-tiny",
+        "--workdir",
+        str(tmp_path),
+        "--max-new-tokens",
+        "6",
+        "--device-speed",
+        "0.25",
+        "--cloud-speed",
+        "1",
+        "--repeats",
+        "2",
+        "--json",
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Warning" not in out.stderr, out.stderr[:2000]
     data = json.loads(out.stdout)

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from runtime_support import three_tier_plan
 
 from aiflow_cli.errors import LimitExceeded, PeerRejected, TransportError
 from aiflow_cli.models import load_model
@@ -17,7 +18,6 @@ from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.pipeline import Pipeline
 from aiflow_cli.runtime.sessions import SessionStore
 from aiflow_cli.transport import Client, Identity, Message
-from runtime_support import three_tier_plan
 
 MODEL = "builtin:gpt2-tiny"
 
@@ -41,8 +41,13 @@ def cluster(tmp_path_factory):
 
 def test_a_device_with_another_plan_is_refused_naming_the_side(cluster, tmp_path):
     three_tier_plan(MODEL, tmp_path / "other.json", codec="int8")
-    with Pipeline(tmp_path / "other.json", edge=cluster.addresses["edge"], identity=cluster.keys["device"],
-                  trust=cluster.fingerprints(), timeout_s=20) as p:
+    with Pipeline(
+        tmp_path / "other.json",
+        edge=cluster.addresses["edge"],
+        identity=cluster.keys["device"],
+        trust=cluster.fingerprints(),
+        timeout_s=20,
+    ) as p:
         with pytest.raises(PeerRejected, match="plan mismatch: edge holds plan"):
             p.hello()
         with pytest.raises(PeerRejected, match="plan mismatch"):
@@ -51,22 +56,38 @@ def test_a_device_with_another_plan_is_refused_naming_the_side(cluster, tmp_path
 
 def test_an_untrusted_device_is_refused_at_the_handshake(cluster, tmp_path):
     stranger = Identity.generate(tmp_path / "stranger")
-    with Pipeline(cluster.plan_path, edge=cluster.addresses["edge"], identity=stranger,
-                  trust=cluster.fingerprints(), timeout_s=20) as p:
+    with Pipeline(
+        cluster.plan_path, edge=cluster.addresses["edge"], identity=stranger, trust=cluster.fingerprints(), timeout_s=20
+    ) as p:
         with pytest.raises(PeerRejected):
             p.run(text="hi", max_new_tokens=2)
 
 
 def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
     c = Client(cluster.addresses["edge"], identity=cluster.keys["device"], trust=cluster.fingerprints(), timeout_s=20)
-    plan_hash = protocol.plan_hash(Pipeline(cluster.plan_path, edge=cluster.addresses["edge"],
-                                            identity=cluster.keys["device"], trust=cluster.fingerprints()).plan)
-    base = {"v": protocol.PROTOCOL_VERSION, "plan_hash": plan_hash, "from": "test", "phase": "prefill", "stage": 2,
-            "max_new_tokens": 1}
+    plan_hash = protocol.plan_hash(
+        Pipeline(
+            cluster.plan_path,
+            edge=cluster.addresses["edge"],
+            identity=cluster.keys["device"],
+            trust=cluster.fingerprints(),
+        ).plan
+    )
+    base = {
+        "v": protocol.PROTOCOL_VERSION,
+        "plan_hash": plan_hash,
+        "from": "test",
+        "phase": "prefill",
+        "stage": 2,
+        "max_new_tokens": 1,
+    }
     hidden = ["hidden_states", "hidden", "raw"]
     bad = [
         (Message("nonsense", dict(base)), "unknown message kind"),
-        (Message(protocol.INFER, {**base, "v": 1}), "version mismatch: this tier speaks version 2, the peer sent version 1"),
+        (
+            Message(protocol.INFER, {**base, "v": 1}),
+            "version mismatch: this tier speaks version 2, the peer sent version 1",
+        ),
         (Message(protocol.INFER, {k: v for k, v in base.items() if k != "v"}), "version mismatch"),
         (Message(protocol.INFER, {**base, "phase": "sideways"}), "unknown phase"),
         (Message(protocol.INFER, {**base, "stage": "2"}), "field 'stage' must be an integer"),

@@ -30,7 +30,7 @@ def _stat(pid: int) -> tuple[int, str, int] | None:
         text = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    fields = text[text.rindex(")") + 2:].split()  # the command name may hold spaces and parentheses
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
     return int(fields[1]), fields[0], int(fields[19])
 
 
@@ -69,15 +69,31 @@ def start_demo(workdir: Path) -> tuple[subprocess.Popen, dict[int, int]]:
     for t in ("edge", "cloud"):
         (workdir / f"{t}.log").unlink(missing_ok=True)
     log = open(workdir / "demo.err", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "aiflow_cli", "demo", "--model", "builtin:captioner-tiny",
-                             "--workdir", str(workdir), "--max-new-tokens", "64", "--json"],
-                            stdout=subprocess.DEVNULL, stderr=log)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiflow_cli",
+            "demo",
+            "--model",
+            "builtin:captioner-tiny",
+            "--workdir",
+            str(workdir),
+            "--max-new-tokens",
+            "64",
+            "--json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=log,
+    )
     log.close()
 
     def tiers_up() -> dict[int, int] | None:
         if proc.poll() is not None:
-            raise AssertionError(f"demo ended (exit {proc.returncode}) before its tiers were up: "
-                                 + (workdir / "demo.err").read_text(errors="replace")[-2000:])
+            raise AssertionError(
+                f"demo ended (exit {proc.returncode}) before its tiers were up: "
+                + (workdir / "demo.err").read_text(errors="replace")[-2000:]
+            )
         kids = children(proc.pid)
         planned = (workdir / "plans" / "cloud-only.json").exists()
         return kids if planned and len(kids) >= 2 and ready_tiers(workdir) else None
@@ -105,8 +121,11 @@ def stop(proc: subprocess.Popen, sig: int) -> tuple[int, float]:
 
 
 # SIGINT runs the same handler as SIGTERM (the netem test covers its exit code): the demo case is in `make test-all`.
-@pytest.mark.parametrize("sig,code", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig,code",
+    [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_demo_exits_within_2s_of_a_signal_and_leaves_no_process(workdir, sig, code):
     proc, kids = start_demo(workdir)
     t0 = time.monotonic()
@@ -126,7 +145,9 @@ def test_tier_processes_die_with_a_sigkilled_parent(workdir):
     t0 = time.monotonic()
     status, _ = stop(proc, signal.SIGKILL)
     assert status == -signal.SIGKILL
-    wait_until(lambda: not any(alive(p, s) for p, s in kids.items()), timeout_s=5, what="orphaned tier processes to die")
+    wait_until(
+        lambda: not any(alive(p, s) for p, s in kids.items()), timeout_s=5, what="orphaned tier processes to die"
+    )
     print(f"SIGKILL: tiers gone after {time.monotonic() - t0:.2f} s")
 
 
@@ -157,9 +178,23 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout_s: float = 60) -> N
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["SIGINT", "SIGTERM"])
 def test_netem_exits_with_the_signal_code(sig, code):
-    proc = subprocess.Popen([sys.executable, "-m", "aiflow_cli", "netem", "--listen", "127.0.0.1:0", "--forward",
-                             "127.0.0.1:9", "--link", "lte"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiflow_cli",
+            "netem",
+            "--listen",
+            "127.0.0.1:0",
+            "--forward",
+            "127.0.0.1:9",
+            "--link",
+            "lte",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_line(proc, "Ctrl-C to stop")
         status, took_s = stop(proc, sig)
@@ -177,14 +212,33 @@ def demo_plan(workdir: Path, name: str = "cloud-only") -> Path:
     return plan
 
 
-@pytest.mark.parametrize("sig,code", [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],
-                         ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig,code",
+    [pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow), (signal.SIGTERM, 143)],
+    ids=["SIGINT", "SIGTERM"],
+)
 def test_serve_closes_and_exits_with_the_signal_code(workdir, sig, code):
     plan = demo_plan(workdir)
-    proc = subprocess.Popen([sys.executable, "-m", "aiflow_cli", "serve", "--role", "cloud", "--plan", str(plan),
-                             "--listen", "127.0.0.1:0", "--identity", str(workdir / "keys" / "cloud"), "--trust",
-                             Identity.load(workdir / "keys" / "edge").fingerprint],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aiflow_cli",
+            "serve",
+            "--role",
+            "cloud",
+            "--plan",
+            str(plan),
+            "--listen",
+            "127.0.0.1:0",
+            "--identity",
+            str(workdir / "keys" / "cloud"),
+            "--trust",
+            Identity.load(workdir / "keys" / "edge").fingerprint,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         wait_for_line(proc, "Ctrl-C to stop", timeout_s=180)
         status, took_s = stop(proc, sig)
@@ -201,11 +255,29 @@ def test_a_command_blocked_in_native_code_still_exits_in_time(workdir):
     edge = Identity.load(workdir / "keys" / "edge")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:  # takes the datagrams, never answers
         silent.bind(("127.0.0.1", 0))
-        proc = subprocess.Popen([sys.executable, "-m", "aiflow_cli", "run", str(SAMPLE_IMAGE), "--plan", str(plan),
-                                 "--edge", "127.0.0.1:%d" % silent.getsockname()[1], "--identity",
-                                 str(workdir / "keys" / "device"), "--trust", edge.fingerprint, "--timeout", "120"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aiflow_cli",
+                "run",
+                str(SAMPLE_IMAGE),
+                "--plan",
+                str(plan),
+                "--edge",
+                "127.0.0.1:%d" % silent.getsockname()[1],
+                "--identity",
+                str(workdir / "keys" / "device"),
+                "--trust",
+                edge.fingerprint,
+                "--timeout",
+                "120",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
+
             def sent() -> bool:
                 assert proc.poll() is None, proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
                 return bool(select.select([silent], [], [], 0)[0])

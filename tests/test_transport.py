@@ -108,8 +108,9 @@ def test_64_concurrent_clients_each_get_their_own_answers(ids):
         with ThreadPoolExecutor(n_clients) as pool:
             conns = list(pool.map(work, range(n_clients)))
         # a request is counted after its reply is on the wire: give the last ones a moment
-        stats = wait_until(lambda: (st := srv.stats())["requests_ok"] >= n_clients * per_client and st,
-                           what="every request counted")
+        stats = wait_until(
+            lambda: (st := srv.stats())["requests_ok"] >= n_clients * per_client and st, what="every request counted"
+        )
         for c in clients:
             c.close()
     assert all(len(set(c)) == 1 for c in conns), "one connection per client"
@@ -120,6 +121,7 @@ def test_64_concurrent_clients_each_get_their_own_answers(ids):
 
 def test_one_client_shared_by_threads(ids):
     with serve(ids) as srv, client_of(srv, ids) as cli:
+
         def work(i: int) -> None:
             reply = cli.request(Message("t", {"i": i}, [bytes([i % 256]) * (i * 1000)]))
             assert reply.meta["i"] == i and bytes(reply.frames[0]) == bytes([i % 256]) * (i * 1000)
@@ -136,8 +138,10 @@ def test_untrusted_client_is_refused_and_server_keeps_serving(ids):
             stranger.request(Message("x"))
         with client_of(srv, ids) as good:
             assert good.request(Message("x")).kind == "re:x"
-        stats = wait_until(lambda: (st := srv.stats())["handshakes_failed"] >= 1 and st["last_handshake_error"] and st,
-                           what="the failed handshake counted")
+        stats = wait_until(
+            lambda: (st := srv.stats())["handshakes_failed"] >= 1 and st["last_handshake_error"] and st,
+            what="the failed handshake counted",
+        )
     assert stats["handshakes_failed"] >= 1
     assert "not in the trusted fingerprints" in stats["last_handshake_error"]
     assert ids["stranger"].fingerprint in stats["last_handshake_error"]
@@ -178,6 +182,7 @@ def test_client_limits_refuse_before_sending(ids):
     with serve(ids) as srv, client_of(srv, ids, limits=Limits(max_message_bytes=1000)) as cli:
         with pytest.raises(LimitExceeded):
             cli.request(Message("big", {}, [bytes(2000)]))
+
         # A reply above the client's own limit is refused too.
         def big_reply(msg, peer):
             return Message("r", {}, [bytes(5000)])

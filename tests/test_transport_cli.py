@@ -23,6 +23,8 @@ def test_keygen_prints_the_fingerprint_and_refuses_to_overwrite(tmp_path):
 
 
 def test_netem_runs_for_a_duration(tmp_path):
-    r = aiflow("netem", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9", "--link", "lte", "--duration-s", "0.3", "--json")
+    r = aiflow(
+        "netem", "--listen", "127.0.0.1:0", "--forward", "127.0.0.1:9", "--link", "lte", "--duration-s", "0.3", "--json"
+    )
     assert r.returncode == 0, r.stderr
     assert set(json.loads(r.stdout)) == {"uplink", "downlink", "flows"}

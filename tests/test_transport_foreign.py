@@ -49,7 +49,9 @@ def host_port(srv: Server) -> tuple[str, int]:
     return host, int(port)
 
 
-async def exchange(srv: Server, cfg: QuicConfiguration, payload: bytes, *, eof: bool = True, abort: bool = False) -> bytes:
+async def exchange(
+    srv: Server, cfg: QuicConfiguration, payload: bytes, *, eof: bool = True, abort: bool = False
+) -> bytes:
     """Connects with aioquic, writes `payload` on one stream and returns what comes back (b"" if nothing)."""
     host, port = host_port(srv)
     async with connect(host, port, configuration=cfg, wait_connected=True) as proto:

@@ -18,5 +18,7 @@ def require_extra(module: str, package: str, extra: str = "bench") -> ModuleType
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise InputError(f"this benchmark needs {package} (module {module}), which aiflow installs with its "
-                         f"{extra!r} extra: pip install 'aiflow[{extra}]'") from None
+        raise InputError(
+            f"this benchmark needs {package} (module {module}), which aiflow installs with its "
+            f"{extra!r} extra: pip install 'aiflow[{extra}]'"
+        ) from None

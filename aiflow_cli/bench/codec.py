@@ -133,14 +133,20 @@ def measure_fidelity(states: list[torch.Tensor], spec: str) -> FidelityRow:
         f = codec.encode(s, spec)
         enc += len(f)
         y = codec.decode(f)
-        tensor_cos.append(torch.nn.functional.cosine_similarity(s.double().flatten(), y.double().flatten(), dim=0).item())
-        token_cos.append(torch.nn.functional.cosine_similarity(s.reshape(-1, s.shape[-1]), y.reshape(-1, s.shape[-1]), dim=-1))
+        tensor_cos.append(
+            torch.nn.functional.cosine_similarity(s.double().flatten(), y.double().flatten(), dim=0).item()
+        )
+        token_cos.append(
+            torch.nn.functional.cosine_similarity(s.reshape(-1, s.shape[-1]), y.reshape(-1, s.shape[-1]), dim=-1)
+        )
         max_err = max(max_err, (s - y).abs().max().item())
     tokens = torch.cat(token_cos)
     return FidelityRow(spec, raw / enc, min(tensor_cos), tokens.min().item(), tokens.mean().item(), max_err)
 
 
-def run(*, quick: bool = False, repeats: int | None = None, progress: Callable[[str], None] | None = None) -> CodecBenchResult:
+def run(
+    *, quick: bool = False, repeats: int | None = None, progress: Callable[[str], None] | None = None
+) -> CodecBenchResult:
     """Runs the codec benchmark. ``quick``: fewer shapes, codecs and repeats (CI)."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -20,6 +20,7 @@ port (:meth:`LocalCluster.set_link`). At each link profile the placements in use
 (one request each per round, order rotated), so that other load on the machine falls on every strategy alike. A
 placement chosen by two strategies at one profile is measured once and reported for both (``measured_as``).
 """
+
 from __future__ import annotations
 
 import os
@@ -43,14 +44,26 @@ from aiflow_cli.plan.strategies import OPTIMAL, RAW_SPLIT, only, solve_strategie
 from aiflow_cli.profile import load_profile
 from aiflow_cli.profile.schema import ModelProfile
 from aiflow_cli.runtime.calibrate import calibrate
-from aiflow_cli.task import takes_image
 from aiflow_cli.runtime.cluster import LocalCluster, identities
-from aiflow_cli.runtime.demo import (SAMPLE_IMAGE, SAMPLE_PROMPT, SAMPLE_TEXT, Timed, agreement, cached_profile,
-                                     placement_key, predicted_cold_ms, predicted_ms, predicted_ttft_ms, runs_locally,
-                                     timed_request, upload_bytes)
+from aiflow_cli.runtime.demo import (
+    SAMPLE_IMAGE,
+    SAMPLE_PROMPT,
+    SAMPLE_TEXT,
+    Timed,
+    agreement,
+    cached_profile,
+    placement_key,
+    predicted_cold_ms,
+    predicted_ms,
+    predicted_ttft_ms,
+    runs_locally,
+    timed_request,
+    upload_bytes,
+)
 from aiflow_cli.runtime.dilation import Dilation, TierSpeeds
 from aiflow_cli.runtime.pipeline import Pipeline, RunResult, predicted
 from aiflow_cli.shipped import HARDWARE_DIR
+from aiflow_cli.task import takes_image
 
 STRATEGIES = (only("device"), only("cloud"), RAW_SPLIT, OPTIMAL)
 BASELINES = STRATEGIES[:3]
@@ -111,16 +124,23 @@ class E2EConfig(TierSpeeds):
     @classmethod
     def quick_config(cls, **overrides: Any) -> "E2EConfig":
         """The CI-sized run: a tiny model, two link profiles, few repeats."""
-        base = {"model": QUICK_MODEL, "link_names": QUICK_LINKS, "repeats": 4, "budget_s": 8.0, "quick": True,
-                "max_new_tokens": QUICK_TOKENS}
+        base = {
+            "model": QUICK_MODEL,
+            "link_names": QUICK_LINKS,
+            "repeats": 4,
+            "budget_s": 8.0,
+            "quick": True,
+            "max_new_tokens": QUICK_TOKENS,
+        }
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def check(self) -> None:
         """Refuses settings that cannot run, in one line naming the parameter (the CLI shows its flag)."""
         for tier, v in self.speeds.items():
             if not v > 0:
-                raise InputError(f"{tier}_speed={v}: must be > 0 (a multiple of this CPU's speed)",
-                                 param=f"{tier}_speed")
+                raise InputError(
+                    f"{tier}_speed={v}: must be > 0 (a multiple of this CPU's speed)", param=f"{tier}_speed"
+                )
         checks = [
             ("headroom", self.headroom >= 1, "must be >= 1"),
             ("repeats", self.repeats >= MIN_SAMPLES, f"need at least {MIN_SAMPLES} for p50/p90"),
@@ -191,8 +211,14 @@ class Runner:
     edge and cloud servers behind their emulators. :meth:`use_link` swaps the device-edge emulator (``link``:
     the profile as planned; the emulator gets it dilated)."""
 
-    def __init__(self, plan: Plan, pipeline: Pipeline, cluster: Optional[LocalCluster], link: Optional[str],
-                 dilation: Dilation = Dilation()):
+    def __init__(
+        self,
+        plan: Plan,
+        pipeline: Pipeline,
+        cluster: Optional[LocalCluster],
+        link: Optional[str],
+        dilation: Dilation = Dilation(),
+    ):
         self.plan = plan
         self.pipeline = pipeline
         self.cluster = cluster
@@ -234,30 +260,51 @@ class Runner:
         """The timed requests since :meth:`start_timing`, with wire bytes per request from the emulators."""
         results = self.results
         wire: dict[str, dict[str, float]] = {}
-        for k, e in (self.cluster.emulators.items() if self.cluster else ()):
+        for k, e in self.cluster.emulators.items() if self.cluster else ():
             after, before = e.stats(), self._before[k]
-            per_request = {d: (after[name]["bytes_in"] - before[name]["bytes_in"]) / len(results)
-                           for d, name in (("up", "uplink"), ("down", "downlink"))}
+            per_request = {
+                d: (after[name]["bytes_in"] - before[name]["bytes_in"]) / len(results)
+                for d, name in (("up", "uplink"), ("down", "downlink"))
+            }
             if any(per_request.values()):  # a link the plan does not cross stays out
                 wire[k] = per_request
         samples = [r.total_ms for r in results]
         median = results[int(np.argsort(samples)[len(samples) // 2])]
         payload = {k: {"up": v.bytes_up, "down": v.bytes_down} for k, v in results[-1].timings.links.items()}
-        return Measurement(samples_ms=samples, payload_bytes=payload, wire_bytes=wire,
-                           fidelity=min(fidelity_of(r, reference) for r in results), breakdown=_breakdown(median),
-                           ttft_ms=list(self.ttft), cold_ms=self.cold_ms,
-                           tokens=int(results[-1].tokens.shape[1]) if results[-1].tokens is not None else 0)
+        return Measurement(
+            samples_ms=samples,
+            payload_bytes=payload,
+            wire_bytes=wire,
+            fidelity=min(fidelity_of(r, reference) for r in results),
+            breakdown=_breakdown(median),
+            ttft_ms=list(self.ttft),
+            cold_ms=self.cold_ms,
+            tokens=int(results[-1].tokens.shape[1]) if results[-1].tokens is not None else 0,
+        )
 
 
 # -- plans ------------------------------------------------------------------------------------------------------
-def plan_strategies(prof: ModelProfile, link: LinkProfile, wan: LinkProfile, cfg: E2EConfig,
-                    input_bytes: Optional[int] = None, overheads: Optional[Overheads] = None) -> dict[str, Plan]:
+def plan_strategies(
+    prof: ModelProfile,
+    link: LinkProfile,
+    wan: LinkProfile,
+    cfg: E2EConfig,
+    input_bytes: Optional[int] = None,
+    overheads: Optional[Overheads] = None,
+) -> dict[str, Plan]:
     """The four strategies' plans for one device-edge link, solved on the same profile, links, speeds and
     overheads. ``input_bytes``: what uploading the request's raw input costs (an image file's size; None: the
     profile's)."""
-    plans = solve_strategies(prof, {"device-edge": link, "edge-cloud": wan}, cfg.speeds, names=list(STRATEGIES),
-                             tokens=cfg.max_new_tokens, input_bytes=input_bytes, overheads=overheads,
-                             min_fidelity=cfg.min_fidelity)
+    plans = solve_strategies(
+        prof,
+        {"device-edge": link, "edge-cloud": wan},
+        cfg.speeds,
+        names=list(STRATEGIES),
+        tokens=cfg.max_new_tokens,
+        input_bytes=input_bytes,
+        overheads=overheads,
+        min_fidelity=cfg.min_fidelity,
+    )
     for plan in plans.values():
         if not isinstance(plan, Plan):
             raise plan
@@ -282,9 +329,15 @@ class Goal:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
-def check_goals(rows: dict[str, dict[str, dict[str, float]]], *, min_fidelity: float, speedup_goal: float = 2.0,
-                prediction_tolerance: float = 0.15, noise_rel: float = 0.05,
-                prediction_share: float = PREDICTION_SHARE) -> list[Goal]:
+def check_goals(
+    rows: dict[str, dict[str, dict[str, float]]],
+    *,
+    min_fidelity: float,
+    speedup_goal: float = 2.0,
+    prediction_tolerance: float = 0.15,
+    noise_rel: float = 0.05,
+    prediction_share: float = PREDICTION_SHARE,
+) -> list[Goal]:
     """The issue's goals from measured numbers. ``rows``: link profile -> strategy -> ``{"p50_ms", "p90_ms",
     "predicted_ms", "fidelity"}`` with every strategy of :data:`STRATEGIES` at every profile.
 
@@ -303,39 +356,73 @@ def check_goals(rows: dict[str, dict[str, dict[str, float]]], *, min_fidelity: f
         base = min(BASELINES, key=lambda s: row[s]["p50_ms"])
         b = row[base]
         tol = max(noise_rel * b["p50_ms"], b["p90_ms"] - b["p50_ms"], a["p90_ms"] - a["p50_ms"])
-        per_link.append({"link": link, "baseline": base, "aiflow_p50_ms": a["p50_ms"], "baseline_p50_ms": b["p50_ms"],
-                         "tolerance_ms": tol, "ratio": a["p50_ms"] / b["p50_ms"] if b["p50_ms"] > 0 else float("inf"),
-                         "slower": a["p50_ms"] > b["p50_ms"] + tol})
+        per_link.append(
+            {
+                "link": link,
+                "baseline": base,
+                "aiflow_p50_ms": a["p50_ms"],
+                "baseline_p50_ms": b["p50_ms"],
+                "tolerance_ms": tol,
+                "ratio": a["p50_ms"] / b["p50_ms"] if b["p50_ms"] > 0 else float("inf"),
+                "slower": a["p50_ms"] > b["p50_ms"] + tol,
+            }
+        )
     failed = [x for x in per_link if x["slower"]]
     w = max(failed or per_link, key=lambda x: x["ratio"])  # the worst failure, else the closest call
     s = min(per_link, key=lambda x: x["ratio"])
     speedup = 1 / s["ratio"] if s["ratio"] > 0 else float("inf")
     goals = [
-        Goal("aiflow never slower than the best of strategies 1-3 (within noise)", not failed,
-             f"{len(failed)} of {len(per_link)} profiles slower; {'worst' if failed else 'closest'} at {w['link']}: "
-             f"aiflow {w['aiflow_p50_ms']:.1f} ms vs {w['baseline']} {w['baseline_p50_ms']:.1f} ms (ratio "
-             f"{w['ratio']:.2f}, noise tolerance {w['tolerance_ms']:.1f} ms)",
-             {"profiles": per_link, "slower_at": [x["link"] for x in failed]}),
-        Goal(f"aiflow >= {speedup_goal:g}x faster than the best baseline somewhere", speedup >= speedup_goal,
-             f"best at {s['link']}: {speedup:.2f}x (aiflow {s['aiflow_p50_ms']:.1f} ms vs {s['baseline']} "
-             f"{s['baseline_p50_ms']:.1f} ms)", {"link": s["link"], "speedup": speedup, "baseline": s["baseline"]}),
+        Goal(
+            "aiflow never slower than the best of strategies 1-3 (within noise)",
+            not failed,
+            f"{len(failed)} of {len(per_link)} profiles slower; {'worst' if failed else 'closest'} at {w['link']}: "
+            f"aiflow {w['aiflow_p50_ms']:.1f} ms vs {w['baseline']} {w['baseline_p50_ms']:.1f} ms (ratio "
+            f"{w['ratio']:.2f}, noise tolerance {w['tolerance_ms']:.1f} ms)",
+            {"profiles": per_link, "slower_at": [x["link"] for x in failed]},
+        ),
+        Goal(
+            f"aiflow >= {speedup_goal:g}x faster than the best baseline somewhere",
+            speedup >= speedup_goal,
+            f"best at {s['link']}: {speedup:.2f}x (aiflow {s['aiflow_p50_ms']:.1f} ms vs {s['baseline']} "
+            f"{s['baseline_p50_ms']:.1f} ms)",
+            {"link": s["link"], "speedup": speedup, "baseline": s["baseline"]},
+        ),
     ]
     low_link = min(rows, key=lambda k: rows[k]["aiflow"]["fidelity"])
     low = rows[low_link]["aiflow"]["fidelity"]
-    goals.append(Goal(f"aiflow fidelity >= floor {min_fidelity:g}", low >= min_fidelity,
-                      f"lowest {low:.4f} at {low_link}", {"link": low_link, "fidelity": low, "floor": min_fidelity}))
-    errs = [(abs(v["predicted_ms"] - v["p50_ms"]) / v["p50_ms"], link, strat, v)
-            for link, row in rows.items() for strat, v in row.items() if v["p50_ms"] > 0]
+    goals.append(
+        Goal(
+            f"aiflow fidelity >= floor {min_fidelity:g}",
+            low >= min_fidelity,
+            f"lowest {low:.4f} at {low_link}",
+            {"link": low_link, "fidelity": low, "floor": min_fidelity},
+        )
+    )
+    errs = [
+        (abs(v["predicted_ms"] - v["p50_ms"]) / v["p50_ms"], link, strat, v)
+        for link, row in rows.items()
+        for strat, v in row.items()
+        if v["p50_ms"] > 0
+    ]
     err, link, strat, v = max(errs, key=lambda e: e[0])
     within = sum(e[0] <= prediction_tolerance for e in errs)
     a_err = max((e for e in errs if e[2] == "aiflow"), key=lambda e: e[0])
-    goals.append(Goal(
-        f"prediction within {prediction_tolerance:.0%} of measurement for >= {prediction_share:.0%} of runs",
-        within >= prediction_share * len(errs) - 1e-9,
-        f"{within}/{len(errs)} runs within; worst {strat} at {link}: predicted {v['predicted_ms']:.1f} ms vs "
-        f"measured {v['p50_ms']:.1f} ms ({err:.0%}); aiflow worst {a_err[0]:.0%} at {a_err[1]}",
-        {"within": within, "runs": len(errs), "worst_error": err, "worst": f"{strat}@{link}",
-         "aiflow_worst_error": a_err[0], "aiflow_worst_link": a_err[1]}))
+    goals.append(
+        Goal(
+            f"prediction within {prediction_tolerance:.0%} of measurement for >= {prediction_share:.0%} of runs",
+            within >= prediction_share * len(errs) - 1e-9,
+            f"{within}/{len(errs)} runs within; worst {strat} at {link}: predicted {v['predicted_ms']:.1f} ms vs "
+            f"measured {v['p50_ms']:.1f} ms ({err:.0%}); aiflow worst {a_err[0]:.0%} at {a_err[1]}",
+            {
+                "within": within,
+                "runs": len(errs),
+                "worst_error": err,
+                "worst": f"{strat}@{link}",
+                "aiflow_worst_error": a_err[0],
+                "aiflow_worst_link": a_err[1],
+            },
+        )
+    )
     return goals
 
 
@@ -362,8 +449,13 @@ class E2EResult(JsonResult):
 
     def rows(self) -> dict[str, dict[str, dict[str, float]]]:
         """link -> strategy -> the numbers :func:`check_goals` reads."""
-        return {k: {s: {f: v[f] for f in ("p50_ms", "p90_ms", "predicted_ms", "fidelity")}
-                    for s, v in p["strategies"].items()} for k, p in self.profiles.items()}
+        return {
+            k: {
+                s: {f: v[f] for f in ("p50_ms", "p90_ms", "predicted_ms", "fidelity")}
+                for s, v in p["strategies"].items()
+            }
+            for k, p in self.profiles.items()
+        }
 
 
 PROVENANCE = {
@@ -426,8 +518,10 @@ def _reference(model: str, inputs: dict[str, Any], max_new_tokens: int) -> tuple
 
 
 def _rounded(d: dict[str, Any], digits: int = 2) -> dict[str, Any]:
-    return {k: (_rounded(v, digits) if isinstance(v, dict) else round(v, digits) if isinstance(v, float) else v)
-            for k, v in d.items()}
+    return {
+        k: (_rounded(v, digits) if isinstance(v, dict) else round(v, digits) if isinstance(v, float) else v)
+        for k, v in d.items()
+    }
 
 
 def _entry(plan: Plan, m: Measurement, measured_as: Optional[str], decode_start: int) -> dict[str, Any]:
@@ -436,16 +530,28 @@ def _entry(plan: Plan, m: Measurement, measured_as: Optional[str], decode_start:
     gen: dict[str, Any] = {}
     if m.tokens:
         ttft = float(statistics.median(m.ttft_ms))
-        gen = {"ttft_ms": round(ttft, 2), "predicted_ttft_ms": round(predicted_ttft_ms(plan, decode_start), 2),
-               "tokens_per_s": round(m.tokens / (p50 / 1e3), 2), "tokens": m.tokens}
-    return {**gen,
+        gen = {
+            "ttft_ms": round(ttft, 2),
+            "predicted_ttft_ms": round(predicted_ttft_ms(plan, decode_start), 2),
+            "tokens_per_s": round(m.tokens / (p50 / 1e3), 2),
+            "tokens": m.tokens,
+        }
+    return {
+        **gen,
         "cold_ms": None if m.cold_ms is None else round(m.cold_ms, 2),
         "predicted_cold_ms": round(predicted_cold_ms(plan, m.tokens or None), 2),
-        "plan": plan.summary(), "p50_ms": round(p50, 2), "p90_ms": round(m.p90_ms, 2),
-        "samples_ms": [round(x, 2) for x in m.samples_ms], "predicted_ms": round(pred_ms, 2),
-        "prediction_error": round((pred_ms - p50) / p50, 4), "predicted": _rounded(predicted(plan)),
-        "payload_bytes": m.payload_bytes, "wire_bytes": _rounded(m.wire_bytes, 0), "fidelity": round(m.fidelity, 6),
-        "breakdown": m.breakdown, "measured_as": measured_as,
+        "plan": plan.summary(),
+        "p50_ms": round(p50, 2),
+        "p90_ms": round(m.p90_ms, 2),
+        "samples_ms": [round(x, 2) for x in m.samples_ms],
+        "predicted_ms": round(pred_ms, 2),
+        "prediction_error": round((pred_ms - p50) / p50, 4),
+        "predicted": _rounded(predicted(plan)),
+        "payload_bytes": m.payload_bytes,
+        "wire_bytes": _rounded(m.wire_bytes, 0),
+        "fidelity": round(m.fidelity, 6),
+        "breakdown": m.breakdown,
+        "measured_as": measured_as,
     }
 
 
@@ -483,54 +589,97 @@ def run(cfg: E2EConfig, progress: Progress = lambda s: None) -> E2EResult:
         profiles: dict[str, dict[str, Any]] = {}
         for name, link in links.items():
             strategies = {s: _entry(plans[name][s], *measured[(name, s)], decode_start) for s in STRATEGIES}
-            profiles[name] = {"link": {"uplink_mbps": link.uplink_mbps, "downlink_mbps": link.downlink_mbps,
-                                       "rtt_ms": link.rtt_ms, "loss_pct": link.loss_pct}, "strategies": strategies}
+            profiles[name] = {
+                "link": {
+                    "uplink_mbps": link.uplink_mbps,
+                    "downlink_mbps": link.downlink_mbps,
+                    "rtt_ms": link.rtt_ms,
+                    "loss_pct": link.loss_pct,
+                },
+                "strategies": strategies,
+            }
     finally:
         torch.set_num_threads(threads_before)
     gpus = _gpu_profiles(prof.model_hash)
     d = cfg.dilation.factor
-    cloud_note = ("profiles/hardware/ holds no GPU profile of this model" if not gpus else
-                  f"GPU profile(s) {', '.join(gpus)} exist but are not used: the cloud's speed is the cloud_speed given")
+    cloud_note = (
+        "profiles/hardware/ holds no GPU profile of this model"
+        if not gpus
+        else f"GPU profile(s) {', '.join(gpus)} exist but are not used: the cloud's speed is the cloud_speed given"
+    )
     if cfg.cloud_speed > 1:
         from aiflow_cli.runtime.demo import CLOUD_SPEED_NOTE
 
-        cloud_note += f"; {cfg.cloud_speed:g}x is {CLOUD_SPEED_NOTE.removeprefix('assumed, not measured (no GPU here): ')}"
+        cloud_note += (
+            f"; {cfg.cloud_speed:g}x is {CLOUD_SPEED_NOTE.removeprefix('assumed, not measured (no GPU here): ')}"
+        )
     tier_desc = f"a separate process on this CPU, {cfg.threads} torch thread(s)"
 
     def stretch(speed: float) -> str:
         return f"compute and codec stretched to {d / speed:g}x their CPU time" if d / speed > 1 else "real speed"
 
     tiers = {
-        "device": {"speed": cfg.device_speed, "measured_speed_compute": device_speed["compute"],
-                   "measured_speed_end_to_end": device_speed["end_to_end"],
-                   "how": f"this process, {cfg.threads} torch thread(s), {stretch(cfg.device_speed)}; "
-                          f"measured_speed_*: device-only at this CPU's real speed / at its speed, on the device's "
-                          f"compute ms and on end-to-end p50, times the dilation"},
+        "device": {
+            "speed": cfg.device_speed,
+            "measured_speed_compute": device_speed["compute"],
+            "measured_speed_end_to_end": device_speed["end_to_end"],
+            "how": f"this process, {cfg.threads} torch thread(s), {stretch(cfg.device_speed)}; "
+            f"measured_speed_*: device-only at this CPU's real speed / at its speed, on the device's "
+            f"compute ms and on end-to-end p50, times the dilation",
+        },
         "edge": {"speed": cfg.edge_speed, "how": f"{tier_desc}, {stretch(cfg.edge_speed)}"},
         "cloud": {"speed": cfg.cloud_speed, "how": f"{tier_desc}, {stretch(cfg.cloud_speed)}; {cloud_note}"},
-        "dilation": {"factor": d, "how": "times are measured / factor; links emulated with delays x factor and "
-                                         "rates / factor (docs/runtime.md)" if d > 1 else "none: real time"},
+        "dilation": {
+            "factor": d,
+            "how": "times are measured / factor; links emulated with delays x factor and "
+            "rates / factor (docs/runtime.md)"
+            if d > 1
+            else "none: real time",
+        },
     }
     result = E2EResult(
         config={k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
-        model=cfg.model, task=prof.task, fidelity_metric="token_agreement" if generates else "cosine",
-        input={**{k: str(v) for k, v in inputs.items()}, "upload_bytes": input_bytes if input_bytes is not None
-               else prof.input.bytes, "profile_input_bytes": prof.input.bytes},
-        tiers=tiers, provenance=PROVENANCE, profiles=profiles, goals=[],
-        server_pairs_started=sum(not r.local for r in runners.values()), wall_s=0.0,
-        machine={"cores": os.cpu_count(), "load_avg_1min_start": round(load_start[0], 2),
-                 "load_avg_1min_end": round(os.getloadavg()[0], 2)},
+        model=cfg.model,
+        task=prof.task,
+        fidelity_metric="token_agreement" if generates else "cosine",
+        input={
+            **{k: str(v) for k, v in inputs.items()},
+            "upload_bytes": input_bytes if input_bytes is not None else prof.input.bytes,
+            "profile_input_bytes": prof.input.bytes,
+        },
+        tiers=tiers,
+        provenance=PROVENANCE,
+        profiles=profiles,
+        goals=[],
+        server_pairs_started=sum(not r.local for r in runners.values()),
+        wall_s=0.0,
+        machine={
+            "cores": os.cpu_count(),
+            "load_avg_1min_start": round(load_start[0], 2),
+            "load_avg_1min_end": round(os.getloadavg()[0], 2),
+        },
     )
-    result.goals = check_goals(result.rows(), min_fidelity=cfg.min_fidelity, speedup_goal=cfg.speedup_goal,
-                               prediction_tolerance=cfg.prediction_tolerance, noise_rel=cfg.noise_rel,
-                               prediction_share=cfg.prediction_share)
+    result.goals = check_goals(
+        result.rows(),
+        min_fidelity=cfg.min_fidelity,
+        speedup_goal=cfg.speedup_goal,
+        prediction_tolerance=cfg.prediction_tolerance,
+        noise_rel=cfg.noise_rel,
+        prediction_share=cfg.prediction_share,
+    )
     result.wall_s = round(time.perf_counter() - t_start, 1)
     return result
 
 
-def _start(groups: dict[tuple, dict[str, list[str]]], plans: dict[str, dict[str, Plan]],
-           links: dict[str, LinkProfile], wan: LinkProfile, cfg: E2EConfig, stack: ExitStack,
-           progress: Progress) -> dict[tuple, Runner]:
+def _start(
+    groups: dict[tuple, dict[str, list[str]]],
+    plans: dict[str, dict[str, Plan]],
+    links: dict[str, LinkProfile],
+    wan: LinkProfile,
+    cfg: E2EConfig,
+    stack: ExitStack,
+    progress: Progress,
+) -> dict[tuple, Runner]:
     """A :class:`Runner` per placement, all up at once (``stack`` stops them): servers start once per placement."""
     runners = {}
     for n, (key, by_link) in enumerate(groups.items()):
@@ -545,23 +694,44 @@ def _start(groups: dict[tuple, dict[str, list[str]]], plans: dict[str, dict[str,
         worst_s = max(plans[k][s].prediction.total_ms for k, ss in by_link.items() for s in ss) / 1e3 * d.factor
         if runs_locally(plan):
             keys = identities(cfg.workdir)
-            p = stack.enter_context(Pipeline(plan, edge=None, identity=keys["device"], trust=[],
-                                             speed=cfg.device_speed, dilation=d.factor,
-                                             timeout_s=max(60.0, 20 * worst_s)))
+            p = stack.enter_context(
+                Pipeline(
+                    plan,
+                    edge=None,
+                    identity=keys["device"],
+                    trust=[],
+                    speed=cfg.device_speed,
+                    dilation=d.factor,
+                    timeout_s=max(60.0, 20 * worst_s),
+                )
+            )
             runners[key] = Runner(plan, p, None, None, d)
             continue
         progress(f"starting edge and cloud for {plan.summary()}")
-        c = stack.enter_context(LocalCluster(
-            plan_path, cfg.workdir / f"placement-{n}",
-            links=d.links({"device-edge": links[first_link], "edge-cloud": wan}), speeds=cfg.speeds,
-            threads=cfg.threads, dilation=d.factor))
+        c = stack.enter_context(
+            LocalCluster(
+                plan_path,
+                cfg.workdir / f"placement-{n}",
+                links=d.links({"device-edge": links[first_link], "edge-cloud": wan}),
+                speeds=cfg.speeds,
+                threads=cfg.threads,
+                dilation=d.factor,
+            )
+        )
         p = stack.enter_context(c.pipeline(timeout_s=max(60.0, 20 * worst_s)))
         runners[key] = Runner(plan, p, c, first_link, d)
     return runners
 
 
-def _measure_link(name: str, link: LinkProfile, runners: dict[tuple, Runner], inputs: dict[str, Any],
-                  reference: torch.Tensor, cfg: E2EConfig, progress: Progress) -> dict[tuple, Measurement]:
+def _measure_link(
+    name: str,
+    link: LinkProfile,
+    runners: dict[tuple, Runner],
+    inputs: dict[str, Any],
+    reference: torch.Tensor,
+    cfg: E2EConfig,
+    progress: Progress,
+) -> dict[tuple, Measurement]:
     """Every placement used at link ``name``, measured in interleaved rounds (one request each per round, the
     order rotated), so that load from elsewhere on the machine falls on all of them alike."""
     order = list(runners)
@@ -577,15 +747,16 @@ def _measure_link(name: str, link: LinkProfile, runners: dict[tuple, Runner], in
     deadline = time.monotonic() + cfg.budget_s * len(order)
     for i in range(cfg.repeats):
         progress(f"{name}: round {i + 1}/{cfg.repeats} of {len(order)} placement(s)")
-        for key in order[i % len(order):] + order[:i % len(order)]:
+        for key in order[i % len(order) :] + order[: i % len(order)]:
             runners[key].timed(inputs, cfg.max_new_tokens)
         if i + 1 >= MIN_SAMPLES and time.monotonic() > deadline:
             break
     return {key: r.measurement(reference) for key, r in runners.items()}
 
 
-def _device_speed(runners: dict[tuple, Runner], inputs: dict[str, Any], reference: torch.Tensor, cfg: E2EConfig,
-                  progress: Progress) -> dict[str, Optional[float]]:
+def _device_speed(
+    runners: dict[tuple, Runner], inputs: dict[str, Any], reference: torch.Tensor, cfg: E2EConfig, progress: Progress
+) -> dict[str, Optional[float]]:
     """The emulated device's speed as obtained: device-only unstretched (this CPU's real speed) against its last
     measurement at ``cfg.device_speed``, on end-to-end p50 and on the device's compute ms, times the dilation."""
     local = next((r for r in runners.values() if r.local and r.results), None)
@@ -600,8 +771,10 @@ def _device_speed(runners: dict[tuple, Runner], inputs: dict[str, Any], referenc
     for _ in range(MIN_SAMPLES):
         local.timed(inputs, cfg.max_new_tokens)
     full = local.measurement(reference)
-    return {"end_to_end": round(d * full.p50_ms / slow.p50_ms, 4),
-            "compute": round(d * full.breakdown["compute_ms"]["device"] / slow.breakdown["compute_ms"]["device"], 4)}
+    return {
+        "end_to_end": round(d * full.p50_ms / slow.p50_ms, 4),
+        "compute": round(d * full.breakdown["compute_ms"]["device"] / slow.breakdown["compute_ms"]["device"], 4),
+    }
 
 
 # -- the picture ------------------------------------------------------------------------------------------------
@@ -630,8 +803,15 @@ def plot(result: E2EResult, path: str | Path) -> None:
         p50 = np.array([r["p50_ms"] for r in rows])
         p90 = np.array([r["p90_ms"] for r in rows])
         style = STRATEGY_STYLE[s]
-        ax.errorbar(xs, p50, yerr=[np.zeros_like(p50), p90 - p50], label=f"{s} (measured p50, bar to p90)",
-                    capsize=3, markersize=5, **style)
+        ax.errorbar(
+            xs,
+            p50,
+            yerr=[np.zeros_like(p50), p90 - p50],
+            label=f"{s} (measured p50, bar to p90)",
+            capsize=3,
+            markersize=5,
+            **style,
+        )
         ax.plot(xs, [r["predicted_ms"] for r in rows], linestyle=":", color=style["color"], linewidth=1.2, alpha=0.8)
     ax.plot([], [], linestyle=":", color="grey", label="planner's prediction (dotted, same colour)")
     ax.set_xscale("log")
@@ -640,8 +820,17 @@ def plot(result: E2EResult, path: str | Path) -> None:
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for x, k in zip(xs, names):
-        ax.annotate(k, (x, 0.0), xycoords=("data", "axes fraction"), xytext=(0, 4), textcoords="offset points",
-                    ha="center", va="bottom", fontsize=8, color="grey")
+        ax.annotate(
+            k,
+            (x, 0.0),
+            xycoords=("data", "axes fraction"),
+            xytext=(0, 4),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            color="grey",
+        )
     ax.set_xlabel("device-edge uplink, Mbit/s (named link profiles: RTT and loss differ too)")
     ax.set_ylabel("end-to-end latency per request, ms")
     cfg = result.config
@@ -677,7 +866,12 @@ def run_models(cfgs: list[E2EConfig], progress: Progress = lambda s: None, comma
         runs.append(run(c, progress))
     rows = {f"{r.model} {link}": row for r in runs for link, row in r.rows().items()}
     c = cfgs[0]
-    goals = check_goals(rows, min_fidelity=c.min_fidelity, speedup_goal=c.speedup_goal,
-                        prediction_tolerance=c.prediction_tolerance, noise_rel=c.noise_rel,
-                        prediction_share=c.prediction_share)
+    goals = check_goals(
+        rows,
+        min_fidelity=c.min_fidelity,
+        speedup_goal=c.speedup_goal,
+        prediction_tolerance=c.prediction_tolerance,
+        noise_rel=c.noise_rel,
+        prediction_share=c.prediction_share,
+    )
     return E2EReport(runs=runs, goals=goals, wall_s=round(time.perf_counter() - t0, 1), command=command)

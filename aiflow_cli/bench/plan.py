@@ -63,8 +63,19 @@ def run(*, stages: int = 1000, codecs: int = 8, repeats: int = 7, small_stages: 
     dp_ev, ref_ev = solve_problem(small)[1], ref[1]
     agree = abs(dp_ev.total_ms - ref_ev.total_ms) <= 1e-9 * max(1.0, ref_ev.total_ms)
     return PlanBench(
-        large_stages=stages, large_tiers=len(TIER_SPEEDS), large_codecs=codecs, build_problem_ms=build_ms,
-        solve_latency_ms=lat, solve_latency_memory_ms=lat_mem, solve_generate_ms=gen_ms, solve_throughput_ms=thr_ms,
-        small_stages=small_stages, small_codecs=4, small_placements=n_placements, small_dp_ms=small_dp,
-        small_brute_ms=small_brute, brute_over_dp=small_brute / small_dp, small_agree=agree,
+        large_stages=stages,
+        large_tiers=len(TIER_SPEEDS),
+        large_codecs=codecs,
+        build_problem_ms=build_ms,
+        solve_latency_ms=lat,
+        solve_latency_memory_ms=lat_mem,
+        solve_generate_ms=gen_ms,
+        solve_throughput_ms=thr_ms,
+        small_stages=small_stages,
+        small_codecs=4,
+        small_placements=n_placements,
+        small_dp_ms=small_dp,
+        small_brute_ms=small_brute,
+        brute_over_dp=small_brute / small_dp,
+        small_agree=agree,
     )

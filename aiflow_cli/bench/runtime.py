@@ -62,16 +62,21 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
 def _three_tier_raw_plan(model: str, path: Path, tokens: int):
     prof = profile_model(model, repeats=1, warmup=0, codecs=["raw"])
     objective = "generate" if generates(prof.task) else "latency"
-    plan = solve({"*": prof}, {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},
-                 objective=objective, tokens=tokens if objective == "generate" else 0,
-                 limits=Limits(require=frozenset({"device", "edge", "cloud"}), codecs=("raw",)),
-                 speeds={"device": 1.0, "edge": 1.0, "cloud": 1.0})
+    plan = solve(
+        {"*": prof},
+        {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},
+        objective=objective,
+        tokens=tokens if objective == "generate" else 0,
+        limits=Limits(require=frozenset({"device", "edge", "cloud"}), codecs=("raw",)),
+        speeds={"device": 1.0, "edge": 1.0, "cloud": 1.0},
+    )
     save_plan(plan, path)
     return plan
 
 
-def bench_model(model: str, *, tokens: int, repeats: int, workdir: Path,
-                log: Callable[[str], None] = lambda s: None) -> RuntimeRow:
+def bench_model(
+    model: str, *, tokens: int, repeats: int, workdir: Path, log: Callable[[str], None] = lambda s: None
+) -> RuntimeRow:
     from PIL import Image
 
     from aiflow_cli.runtime.demo import SAMPLE_IMAGE
@@ -98,13 +103,28 @@ def bench_model(model: str, *, tokens: int, repeats: int, workdir: Path,
     # a hello crosses both links (device -> edge -> cloud), like every runtime message
     messages = r.timings.links["device-edge"].messages
     adjusted = max(rt - messages * rtt, 0.0)
-    return RuntimeRow(model=model, plan=plan.summary(), tokens=n, monolithic_ms=mono, runtime_ms=rt, ratio=rt / mono,
-                      messages=messages, loopback_rtt_ms=rtt, ratio_without_round_trips=adjusted / mono,
-                      goal_met=adjusted / mono <= GOAL_RATIO)
+    return RuntimeRow(
+        model=model,
+        plan=plan.summary(),
+        tokens=n,
+        monolithic_ms=mono,
+        runtime_ms=rt,
+        ratio=rt / mono,
+        messages=messages,
+        loopback_rtt_ms=rtt,
+        ratio_without_round_trips=adjusted / mono,
+        goal_met=adjusted / mono <= GOAL_RATIO,
+    )
 
 
-def run_bench(models: Optional[list[str]] = None, *, quick: bool = False, tokens: int = 16, repeats: Optional[int] = None,
-              log: Callable[[str], None] = lambda s: None) -> list[RuntimeRow]:
+def run_bench(
+    models: Optional[list[str]] = None,
+    *,
+    quick: bool = False,
+    tokens: int = 16,
+    repeats: Optional[int] = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> list[RuntimeRow]:
     models = models or (QUICK_MODELS if quick else MODELS)
     repeats = repeats or (3 if quick else 5)
     import torch

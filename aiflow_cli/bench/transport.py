@@ -70,7 +70,9 @@ class Quic(Transport):
             return Message("echo", {}, list(msg.frames)) if msg.kind == "echo" else Message("ack")
 
         self.server = Server("127.0.0.1:0", identity=ids["server"], trust=[ids["client"]], handler=handler)
-        self.client = Client(address or self.server.address, identity=ids["client"], trust=[ids["server"]], timeout_s=120)
+        self.client = Client(
+            address or self.server.address, identity=ids["client"], trust=[ids["server"]], timeout_s=120
+        )
         self.client.connect()
 
     def via(self, address: str, ids: dict[str, Identity]) -> Client:

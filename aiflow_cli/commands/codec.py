@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+
 from aiflow_cli import codec
 from aiflow_cli.console import console, err_console, goals_table, print_json, table
 
@@ -37,16 +38,31 @@ def bench_codec(
     )
     for r in result.throughput:
         t.add_row(
-            r.shape, r.codec, f"{r.input_bytes / r.encoded_bytes:.2f}",
-            f"{r.aiflow_encode_gbps:.2f}", f"{r.baseline_encode_gbps:.2f}", f"{r.encode_speedup:.1f}x",
-            f"{r.aiflow_decode_gbps:.2f}", f"{r.baseline_decode_gbps:.2f}", f"{r.decode_speedup:.1f}x",
+            r.shape,
+            r.codec,
+            f"{r.input_bytes / r.encoded_bytes:.2f}",
+            f"{r.aiflow_encode_gbps:.2f}",
+            f"{r.baseline_encode_gbps:.2f}",
+            f"{r.encode_speedup:.1f}x",
+            f"{r.aiflow_decode_gbps:.2f}",
+            f"{r.baseline_decode_gbps:.2f}",
+            f"{r.decode_speedup:.1f}x",
         )
     console.print(t)
     f = table(
         f"fidelity on real activations: {result.activations}",
         ["codec", "x smaller than fp32", "tensor cos min", "token cos min", "token cos mean", "max abs error"],
-        [(r.codec, f"{r.ratio_vs_fp32:.2f}", f"{r.tensor_cosine_min:.6f}", f"{r.token_cosine_min:.6f}",
-          f"{r.token_cosine_mean:.6f}", f"{r.max_abs_error:.4g}") for r in result.fidelity],
+        [
+            (
+                r.codec,
+                f"{r.ratio_vs_fp32:.2f}",
+                f"{r.tensor_cosine_min:.6f}",
+                f"{r.token_cosine_min:.6f}",
+                f"{r.token_cosine_mean:.6f}",
+                f"{r.max_abs_error:.4g}",
+            )
+            for r in result.fidelity
+        ],
     )
     console.print(f)
     console.print(goals_table(result.targets))

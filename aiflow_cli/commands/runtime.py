@@ -13,7 +13,6 @@ from aiflow_cli.errors import InputError
 from aiflow_cli.task import takes_image
 
 
-
 def _threads() -> None:
     """Applies ``AIFLOW_THREADS`` (torch intra-op threads), so several tiers on one machine do not oversubscribe."""
     n = os.environ.get("AIFLOW_THREADS")
@@ -29,12 +28,26 @@ def serve(
     listen: str = typer.Option("127.0.0.1:4433", "--listen", help="UDP address to listen on (port 0: any free)."),
     next_addr: Optional[str] = typer.Option(None, "--next", help="Next tier's address (edge -> cloud)."),
     identity: Path = typer.Option(..., "--identity", help="Directory with node.key/node.crt (aiflow keygen)."),
-    trust: list[str] = typer.Option([], "--trust", help="Fingerprint of a peer to accept (repeat): devices, edges, the next tier."),
-    speed: float = typer.Option(1.0, "--speed", help="Emulate a machine SPEED x this CPU: compute stretched by DILATION/SPEED (0 < SPEED <= DILATION)."),
-    dilation: float = typer.Option(1.0, "--dilation", help="Time dilation factor D >= 1 (docs/runtime.md): lets SPEED reach D; every tier of a run must use the same D."),
-    cache_mib: int = typer.Option(1024, "--cache-mib", min=1, help="KV-cache memory for all sessions; least recently used are evicted."),
+    trust: list[str] = typer.Option(
+        [], "--trust", help="Fingerprint of a peer to accept (repeat): devices, edges, the next tier."
+    ),
+    speed: float = typer.Option(
+        1.0,
+        "--speed",
+        help="Emulate a machine SPEED x this CPU: compute stretched by DILATION/SPEED (0 < SPEED <= DILATION).",
+    ),
+    dilation: float = typer.Option(
+        1.0,
+        "--dilation",
+        help="Time dilation factor D >= 1 (docs/runtime.md): lets SPEED reach D; every tier of a run must use the same D.",
+    ),
+    cache_mib: int = typer.Option(
+        1024, "--cache-mib", min=1, help="KV-cache memory for all sessions; least recently used are evicted."
+    ),
     duration_s: Optional[float] = typer.Option(None, "--duration-s", min=0, help="Stop after this many seconds."),
-    insecure_dev: bool = typer.Option(False, "--insecure-dev", help="Accept any peer certificate (local experiments only)."),
+    insecure_dev: bool = typer.Option(
+        False, "--insecure-dev", help="Accept any peer certificate (local experiments only)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print the ready line and final counters as JSON lines."),
 ) -> None:
     """Serve one tier of a plan: load only its stages, run them for every device, forward to the next tier."""
@@ -44,8 +57,18 @@ def serve(
     from aiflow_cli.runtime.serve import TierServer
 
     _threads()
-    srv = TierServer(role, plan, listen=listen, identity=identity, trust=trust, next_addr=next_addr, speed=speed,
-                     cache_limit_bytes=cache_mib << 20, insecure_dev=insecure_dev, dilation=dilation)
+    srv = TierServer(
+        role,
+        plan,
+        listen=listen,
+        identity=identity,
+        trust=trust,
+        next_addr=next_addr,
+        speed=speed,
+        cache_limit_bytes=cache_mib << 20,
+        insecure_dev=insecure_dev,
+        dilation=dilation,
+    )
 
     def ready(info: dict[str, Any]) -> None:
         if json_out:
@@ -77,14 +100,22 @@ def _request_input(task: str, value: str) -> dict[str, Any]:
 
 
 def run(
-    input_: str = typer.Argument(..., metavar="INPUT", help="Text prompt / sentence, or an image file (caption, classify)."),
+    input_: str = typer.Argument(
+        ..., metavar="INPUT", help="Text prompt / sentence, or an image file (caption, classify)."
+    ),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON (the same file the edge and cloud serve)."),
-    edge: Optional[str] = typer.Option(None, "--edge", help="Edge address HOST:PORT (needed unless the device runs everything)."),
+    edge: Optional[str] = typer.Option(
+        None, "--edge", help="Edge address HOST:PORT (needed unless the device runs everything)."
+    ),
     identity: Path = typer.Option(..., "--identity", help="Directory with this device's node.key/node.crt."),
     trust: list[str] = typer.Option([], "--trust", help="Fingerprint of the edge to accept (repeat)."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Tokens to generate (default: the plan's, else 16)."),
+    max_new_tokens: Optional[int] = typer.Option(
+        None, "--max-new-tokens", min=1, help="Tokens to generate (default: the plan's, else 16)."
+    ),
     timeout_s: float = typer.Option(60.0, "--timeout", help="Deadline of the whole request, seconds."),
-    fallback: str = typer.Option("none", "--fallback", help="none | local: finish on the device if the upper tiers fail."),
+    fallback: str = typer.Option(
+        "none", "--fallback", help="none | local: finish on the device if the upper tiers fail."
+    ),
     speed: float = typer.Option(1.0, "--speed", help="Emulate a slower device (0 < SPEED <= 1)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -93,8 +124,15 @@ def run(
     from aiflow_cli.runtime.report import flow_table
 
     _threads()
-    with Pipeline(plan, edge=edge, identity=identity, trust=trust, timeout_s=timeout_s,
-                  fallback=fallback, speed=speed) as p:  # type: ignore[arg-type]  # Pipeline checks it
+    with Pipeline(
+        plan,
+        edge=edge,
+        identity=identity,
+        trust=trust,
+        timeout_s=timeout_s,
+        fallback=fallback,  # type: ignore[arg-type]  # Pipeline checks it
+        speed=speed,
+    ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens)
     if json_out:
@@ -104,30 +142,52 @@ def run(
         console.print("\n".join(result.text), highlight=False, markup=False)
         console.print(f"({result.tokens.shape[1]} tokens: {result.tokens.tolist()})", highlight=False)
     elif result.output is not None:
-        console.print(f"output: shape {list(result.output.shape)}, first values "
-                      f"{[round(v, 4) for v in result.output.flatten()[:6].tolist()]}", highlight=False)
+        console.print(
+            f"output: shape {list(result.output.shape)}, first values "
+            f"{[round(v, 4) for v in result.output.flatten()[:6].tolist()]}",
+            highlight=False,
+        )
     if result.fallback:
         err_console.print(f"[yellow]finished locally[/]: {result.fallback}")
     console.print(flow_table(p.plan, result))
     for d in chain:
-        console.print(f"{d['tier']}: stages {d['stages']}, weights {d['loaded_param_bytes'] / 2**20:.1f} MiB, "
-                      f"RSS {d['rss_bytes'] / 2**20:.0f} MiB", highlight=False)
+        console.print(
+            f"{d['tier']}: stages {d['stages']}, weights {d['loaded_param_bytes'] / 2**20:.1f} MiB, "
+            f"RSS {d['rss_bytes'] / 2**20:.0f} MiB",
+            highlight=False,
+        )
 
 
 def demo(
-    model: str = typer.Option("smollm2", "--model", help="Model to split (aiflow models lists them), e.g. builtin:vit-gpt2-captioner."),
+    model: str = typer.Option(
+        "smollm2", "--model", help="Model to split (aiflow models lists them), e.g. builtin:vit-gpt2-captioner."
+    ),
     link: str = typer.Option("lte", "--link", help="Device-to-edge link profile (profiles/links/, or a .toml path)."),
     wan: str = typer.Option("wan", "--wan", help="Edge-to-cloud link profile."),
     device_speed: float = typer.Option(0.25, "--device-speed", help="Device speed as a multiple of this CPU."),
     edge_speed: float = typer.Option(1.0, "--edge-speed", help="Edge speed as a multiple of this CPU."),
-    cloud_speed: float = typer.Option(4.0, "--cloud-speed", help="Cloud speed as a multiple of this CPU (an assumption; above 1 emulated by time dilation)."),
-    headroom: float = typer.Option(1.0, "--headroom", help="Extra time dilation H >= 1: every tier stretched at least H-fold, so a machine loaded less than H-fold does not show (runs H times longer)."),
+    cloud_speed: float = typer.Option(
+        4.0,
+        "--cloud-speed",
+        help="Cloud speed as a multiple of this CPU (an assumption; above 1 emulated by time dilation).",
+    ),
+    headroom: float = typer.Option(
+        1.0,
+        "--headroom",
+        help="Extra time dilation H >= 1: every tier stretched at least H-fold, so a machine loaded less than H-fold does not show (runs H times longer).",
+    ),
     max_new_tokens: int = typer.Option(8, "--max-new-tokens", min=1, help="Tokens to generate (captioning / LMs)."),
     repeats: int = typer.Option(3, "--repeats", min=1, help="Warm requests timed per strategy (median reported)."),
-    min_fidelity: float = typer.Option(0.99, "--min-fidelity", help="Fidelity floor of the aiflow plan; measured agreement below it is flagged."),
-    input_: Optional[Path] = typer.Option(None, "--image", help="Image to caption/classify (default: the bundled sample)."),
+    min_fidelity: float = typer.Option(
+        0.99, "--min-fidelity", help="Fidelity floor of the aiflow plan; measured agreement below it is flagged."
+    ),
+    input_: Optional[Path] = typer.Option(
+        None, "--image", help="Image to caption/classify (default: the bundled sample)."
+    ),
     text: Optional[str] = typer.Option(None, "--text", help="Prompt or sentence for text models."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, cached profile, plans, logs (default ~/.cache/aiflow/demo)."),
+    workdir: Optional[Path] = typer.Option(
+        None, "--workdir", help="Keys, cached profile, plans, logs (default ~/.cache/aiflow/demo)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """The main job: device, edge and cloud on loopback through emulated links, one model split as planned."""
@@ -144,9 +204,20 @@ def demo(
         raise InputError(f"--min-fidelity {min_fidelity}: must be in (0, 1]")
     if not headroom >= 1:
         raise InputError(f"--headroom {headroom}: must be >= 1")
-    cfg = DemoConfig(model=model, uplink=link, wan=wan, device_speed=device_speed, edge_speed=edge_speed,
-                     cloud_speed=cloud_speed, headroom=headroom, max_new_tokens=max_new_tokens, repeats=repeats,
-                     min_fidelity=min_fidelity, input_path=input_, text=text)
+    cfg = DemoConfig(
+        model=model,
+        uplink=link,
+        wan=wan,
+        device_speed=device_speed,
+        edge_speed=edge_speed,
+        cloud_speed=cloud_speed,
+        headroom=headroom,
+        max_new_tokens=max_new_tokens,
+        repeats=repeats,
+        min_fidelity=min_fidelity,
+        input_path=input_,
+        text=text,
+    )
     if workdir is not None:
         cfg.workdir = workdir
     steps: list[str] = []
@@ -160,6 +231,7 @@ def demo(
         return t
 
     with Live(view(), console=out_console, refresh_per_second=4, transient=False) as live:
+
         def log(msg: str) -> None:
             steps.append(msg)
             live.update(view())
@@ -187,18 +259,29 @@ def bench_runtime(
 
     from aiflow_cli.bench.runtime import GOAL_RATIO, run_bench
 
-    rows = run_bench(model or None, quick=quick, tokens=tokens, repeats=repeats,
-                     log=lambda s: err_console.print(s, highlight=False))
+    rows = run_bench(
+        model or None, quick=quick, tokens=tokens, repeats=repeats, log=lambda s: err_console.print(s, highlight=False)
+    )
     if json_out:
         print_json({"goal_ratio_without_round_trips": GOAL_RATIO, "rows": [r.to_dict() for r in rows]})
         return
-    t = Table(title="runtime overhead (3 processes on loopback, raw codec) vs monolithic, medians", title_justify="left")
+    t = Table(
+        title="runtime overhead (3 processes on loopback, raw codec) vs monolithic, medians", title_justify="left"
+    )
     for col in ("model", "tokens", "mono ms", "runtime ms", "ratio", "msgs", "rtt ms", "w/o rtts", f"<={GOAL_RATIO}x"):
         t.add_column(col, justify="left" if col == "model" else "right")
     for r in rows:
-        t.add_row(r.model, str(r.tokens), f"{r.monolithic_ms:.1f}", f"{r.runtime_ms:.1f}", f"{r.ratio:.2f}x",
-                  str(r.messages), f"{r.loopback_rtt_ms:.2f}", f"{r.ratio_without_round_trips:.2f}x",
-                  "PASS" if r.goal_met else "MISS")
+        t.add_row(
+            r.model,
+            str(r.tokens),
+            f"{r.monolithic_ms:.1f}",
+            f"{r.runtime_ms:.1f}",
+            f"{r.ratio:.2f}x",
+            str(r.messages),
+            f"{r.loopback_rtt_ms:.2f}",
+            f"{r.ratio_without_round_trips:.2f}x",
+            "PASS" if r.goal_met else "MISS",
+        )
     console.print(t)
     for r in rows:
         console.print(f"{r.model}: {r.plan}", highlight=False)

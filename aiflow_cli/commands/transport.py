@@ -73,22 +73,42 @@ def bench_transport(
     sizes = list(dict.fromkeys(r.size for r in result.throughput))
     t = table("throughput, GB/s, one request at a time (payload there, small ack back)", ["transport", *sizes])
     for name in dict.fromkeys(r.transport for r in result.throughput):
-        t.add_row(name, *[f"{r.gbps:.3f}" for s in sizes for r in result.throughput if r.transport == name and r.size == s])
+        t.add_row(
+            name, *[f"{r.gbps:.3f}" for s in sizes for r in result.throughput if r.transport == name and r.size == s]
+        )
     console.print(t)
-    console.print(table("round trip of a 4 KiB echo, microseconds", ["transport", "p50", "p99"],
-                        [(row.transport, f"{row.p50_us:.0f}", f"{row.p99_us:.0f}") for row in result.rtt]))
+    console.print(
+        table(
+            "round trip of a 4 KiB echo, microseconds",
+            ["transport", "p50", "p99"],
+            [(row.transport, f"{row.p50_us:.0f}", f"{row.p99_us:.0f}") for row in result.rtt],
+        )
+    )
     keys = list(next(iter(result.ratios.values())).keys())
-    console.print(table("aiflow-quic / baseline (throughput ratio; round-trip speedup)", ["baseline", *keys],
-                        [(base.removeprefix("aiflow_vs_"), *[f"{row[k]:.2f}" for k in keys]) for base, row in result.ratios.items()]))
+    console.print(
+        table(
+            "aiflow-quic / baseline (throughput ratio; round-trip speedup)",
+            ["baseline", *keys],
+            [
+                (base.removeprefix("aiflow_vs_"), *[f"{row[k]:.2f}" for k in keys])
+                for base, row in result.ratios.items()
+            ],
+        )
+    )
     if result.quic_path:
         p = result.quic_path
-        console.print(f"aiflow-quic on loopback: {p['mtu_bytes']} B datagrams (found by MTU discovery), "
-                      f"{result.congestion} congestion control", highlight=False)
+        console.print(
+            f"aiflow-quic on loopback: {p['mtu_bytes']} B datagrams (found by MTU discovery), "
+            f"{result.congestion} congestion control",
+            highlight=False,
+        )
     if result.netem is not None:
         n = result.netem
         lk = n.link
-        link = (f"{lk['uplink_mbps']:g}/{lk['downlink_mbps']:g} Mbit/s, {lk['rtt_ms']:g} ms RTT, {lk['loss_pct']:g}% loss, "
-                f"{lk['queue_ms']:g} ms queue")
+        link = (
+            f"{lk['uplink_mbps']:g}/{lk['downlink_mbps']:g} Mbit/s, {lk['rtt_ms']:g} ms RTT, {lk['loss_pct']:g}% loss, "
+            f"{lk['queue_ms']:g} ms queue"
+        )
         console.print(
             f"through the emulator ({link}): goodput {n.goodput_mbps:.2f} Mbit/s = {n.goodput_pct_of_rate:.1f}% of the "
             f"rate; one 4 MiB activation {n.activation_s:.2f} s vs ideal {n.activation_ideal_s:.2f} s "

@@ -18,6 +18,18 @@ from aiflow_cli.models.staged import ModelInfo, StagedModel
 from aiflow_cli.models.state import ROLES, BoundaryState, Role, roles, state_bytes
 
 __all__ = [
-    "load_model", "load_stages", "list_builtins", "resolve", "parse_dtype", "StagedModel", "ModelInfo",
-    "StageSpec", "StageCache", "BoundaryState", "Role", "ROLES", "roles", "state_bytes",
+    "load_model",
+    "load_stages",
+    "list_builtins",
+    "resolve",
+    "parse_dtype",
+    "StagedModel",
+    "ModelInfo",
+    "StageSpec",
+    "StageCache",
+    "BoundaryState",
+    "Role",
+    "ROLES",
+    "roles",
+    "state_bytes",
 ]

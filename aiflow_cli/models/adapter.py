@@ -84,8 +84,14 @@ class Adapter:
 
     # -- inputs and outputs ---------------------------------------------------------------------------------
     def make_inputs(
-        self, *, batch: int, seq_len: int | None, image_size: int | None, generator: torch.Generator,
-        device: torch.device, dtype: torch.dtype,
+        self,
+        *,
+        batch: int,
+        seq_len: int | None,
+        image_size: int | None,
+        generator: torch.Generator,
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> BoundaryState:
         raise NotImplementedError
 
@@ -175,8 +181,7 @@ def cache_kwarg(layer_class: type) -> str:
     """The name a layer's forward gives its KV cache: ``cache`` from transformers 5.x on (``past_key_values`` is
     deprecated there, with a FutureWarning), ``past_key_values`` / ``past_key_value`` before (GPT-NeoX: ``layer_past``)."""
     names = ("cache", "past_key_values", "past_key_value", "layer_past")
-    return next((n for n in names if accepts(layer_class.forward, n)),
-                "past_key_values")
+    return next((n for n in names if accepts(layer_class.forward, n)), "past_key_values")
 
 
 #: The KV-cache keyword of transformers' mask builders (``create_causal_mask`` and friends).

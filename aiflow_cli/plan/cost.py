@@ -171,7 +171,9 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
             return ev
         loss = float(p.cut_loss[k, c])
         if loss > p.fidelity_budget + FIDELITY_EPS:
-            ev.violations.append(f"fidelity at cut {k}: codec {p.codecs[c]} has {p.fidelity_metric} {1 - loss:.6f} < {p.limits.min_fidelity}")
+            ev.violations.append(
+                f"fidelity at cut {k}: codec {p.codecs[c]} has {p.fidelity_metric} {1 - loss:.6f} < {p.limits.min_fidelity}"
+            )
         ev.fidelity_loss += loss
         enc, dec = float(p.enc_ms[a, k, c]), float(p.dec_ms[z, k, c])
         _add(ev.codec_ms, label, enc + dec)
@@ -274,7 +276,9 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
     return Tables(stage, prefix, pprefix, cut, busy, inp, inp_busy, out, out_busy)
 
 
-def _fill_cuts(p: Problem, ok: np.ndarray, bytes_: np.ndarray, per_step: np.ndarray, cut: np.ndarray, busy: np.ndarray) -> None:
+def _fill_cuts(
+    p: Problem, ok: np.ndarray, bytes_: np.ndarray, per_step: np.ndarray, cut: np.ndarray, busy: np.ndarray
+) -> None:
     """Fills ``cut`` and ``busy`` (see :class:`Tables`) for every pair of tiers a < z."""
     T, msg = p.n_tiers, p.overheads.message_ms
     for a in range(T):

@@ -32,13 +32,23 @@ class Strategy:
 
     def to_dict(self, problem: Problem) -> dict:
         ev = self.evaluation
-        d = {"name": self.name, "feasible": ev is not None and ev.feasible, "reason": self.reason,
-             "placement": self.summary(problem)}
+        d = {
+            "name": self.name,
+            "feasible": ev is not None and ev.feasible,
+            "reason": self.reason,
+            "placement": self.summary(problem),
+        }
         if ev is not None:
-            d.update(objective_value=ev.objective_value(problem.objective), total_ms=ev.total_ms,
-                     compute_ms=sum(ev.compute_ms.values()), codec_ms=sum(ev.codec_ms.values()),
-                     transfer_ms=sum(ev.transfer_ms.values()), rtt_ms=sum(ev.propagation_ms.values()),
-                     bottleneck_ms=ev.bottleneck_ms, bottleneck=ev.bottleneck)
+            d.update(
+                objective_value=ev.objective_value(problem.objective),
+                total_ms=ev.total_ms,
+                compute_ms=sum(ev.compute_ms.values()),
+                codec_ms=sum(ev.codec_ms.values()),
+                transfer_ms=sum(ev.transfer_ms.values()),
+                rtt_ms=sum(ev.propagation_ms.values()),
+                bottleneck_ms=ev.bottleneck_ms,
+                bottleneck=ev.bottleneck,
+            )
         return d
 
 

@@ -25,8 +25,12 @@ def strategy_series(problem: Problem, result: Sweep) -> dict[str, tuple[np.ndarr
         out[name] = np.array(ys, dtype=float)
     plan = out.get(OPTIMAL)
     return {
-        name: (ys, f"{name} (= {OPTIMAL})" if name != OPTIMAL and plan is not None
-               and np.allclose(ys, plan, rtol=1e-9, equal_nan=True) else name)
+        name: (
+            ys,
+            f"{name} (= {OPTIMAL})"
+            if name != OPTIMAL and plan is not None and np.allclose(ys, plan, rtol=1e-9, equal_nan=True)
+            else name,
+        )
         for name, ys in out.items()
     }
 
@@ -46,13 +50,22 @@ def plot_sweep(problem: Problem, result: Sweep, path: str | Path) -> None:
     ylabel = "bottleneck ms / request" if problem.objective == "throughput" else "predicted ms / request"
     for name, (ys, label) in strategy_series(problem, result).items():
         # The plan is drawn first and thick, the others dashed on top, so a strategy equal to it stays visible.
-        style = ({"linewidth": 4, "color": "black", "zorder": 2} if name == OPTIMAL
-                 else {"linewidth": 1.5, "linestyle": "--", "zorder": 3})
+        style = (
+            {"linewidth": 4, "color": "black", "zorder": 2}
+            if name == OPTIMAL
+            else {"linewidth": 1.5, "linestyle": "--", "zorder": 3}
+        )
         ax.plot(xs, ys, label=label, marker="o", markersize=3, **style)
     for i, c in enumerate(result.changes):
         for a in (ax, ax2):
-            a.axvline(c.at_mbps, color="grey", linewidth=0.8, linestyle=":", zorder=4,
-                      label="optimal plan changes" if a is ax and i == 0 else None)
+            a.axvline(
+                c.at_mbps,
+                color="grey",
+                linewidth=0.8,
+                linestyle=":",
+                zorder=4,
+                label="optimal plan changes" if a is ax and i == 0 else None,
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     # Plain numbers at 1-2-5 steps: a sweep often spans less than a decade, where 10^k ticks alone say nothing.
@@ -74,14 +87,31 @@ def plot_sweep(problem: Problem, result: Sweep, path: str | Path) -> None:
         for t in range(problem.n_tiers):
             grid[pl.bounds[t] : pl.bounds[t + 1], j] = t
     cmap = ListedColormap([TIER_COLOURS.get(t, "grey") for t in problem.tiers])
-    edges = np.concatenate([[xs[0] / (xs[1] / xs[0]) ** 0.5], np.sqrt(xs[1:] * xs[:-1]), [xs[-1] * (xs[-1] / xs[-2]) ** 0.5]])
-    ax2.pcolormesh(edges, np.arange(problem.n_stages + 1), np.ma.masked_invalid(grid), cmap=cmap,
-                   vmin=-0.5, vmax=problem.n_tiers - 0.5, shading="flat")
+    edges = np.concatenate(
+        [[xs[0] / (xs[1] / xs[0]) ** 0.5], np.sqrt(xs[1:] * xs[:-1]), [xs[-1] * (xs[-1] / xs[-2]) ** 0.5]]
+    )
+    ax2.pcolormesh(
+        edges,
+        np.arange(problem.n_stages + 1),
+        np.ma.masked_invalid(grid),
+        cmap=cmap,
+        vmin=-0.5,
+        vmax=problem.n_tiers - 0.5,
+        shading="flat",
+    )
     ax2.set_ylabel("stage (optimal plan)")
     ax2.set_xlabel(f"{result.link} uplink, Mbit/s (downlink scaled with it)")
     ax2.invert_yaxis()
     handles = [plt.Rectangle((0, 0), 1, 1, color=TIER_COLOURS.get(t, "grey")) for t in problem.tiers]
-    ax2.legend(handles, problem.tiers, fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=len(problem.tiers), frameon=False)
+    ax2.legend(
+        handles,
+        problem.tiers,
+        fontsize=8,
+        loc="lower right",
+        bbox_to_anchor=(1.0, 1.0),
+        ncol=len(problem.tiers),
+        frameon=False,
+    )
     if problem.n_stages <= 40:
         ax2.set_yticks(np.arange(problem.n_stages) + 0.5)
         ax2.set_yticklabels(problem.stage_names, fontsize=6)

@@ -88,7 +88,9 @@ class Problem:
     step_fraction: np.ndarray  # (S-1,) raw step bytes / raw prefill bytes: scales codec time per step
     enc_ms: np.ndarray  # (T, S-1, C) encode time when the tier sends across the cut
     dec_ms: np.ndarray  # (T, S-1, C) decode time when the tier receives
-    cut_loss: np.ndarray  # (S-1, C) 1 - fidelity (the profile's metric, lowest calibration item) with only this cut coded (>= 0)
+    cut_loss: (
+        np.ndarray
+    )  # (S-1, C) 1 - fidelity (the profile's metric, lowest calibration item) with only this cut coded (>= 0)
     available: np.ndarray  # (S-1, C) bool: codec measured at this cut (and allowed)
     input_bytes: float
     output_bytes: float
@@ -155,7 +157,10 @@ def order_tiers(names: list[str]) -> list[str]:
     if unknown:
         raise InputError(f"unknown tier {unknown[0]!r}: tiers are {', '.join(TIER_ORDER)}")
     if "device" not in names:
-        raise InputError("no 'device' tier: the request starts on the device; give profiles[device]=... or speeds[device]=...", param="profiles,speeds")
+        raise InputError(
+            "no 'device' tier: the request starts on the device; give profiles[device]=... or speeds[device]=...",
+            param="profiles,speeds",
+        )
     return [t for t in TIER_ORDER if t in names]
 
 
@@ -168,14 +173,20 @@ def _check_same_model(profiles: dict[str, ModelProfile]) -> None:
                 f"{ref.model!r} (hash {ref.model_hash[:12]}): profile the same model on every tier"
             )
         if [s.name for s in p.stages] != [s.name for s in ref.stages]:
-            raise PlanError(f"the {tier} and {ref_tier} profiles cut the model into different stages: re-profile both with the same aiflow")
+            raise PlanError(
+                f"the {tier} and {ref_tier} profiles cut the model into different stages: re-profile both with the same aiflow"
+            )
         for key in ("batch", "seq_len", "image_size"):
             a, b = getattr(p.settings, key), getattr(ref.settings, key)
             if a != b:
-                raise PlanError(f"the {tier} profile has {key}={a}, the {ref_tier} profile {key}={b}: profile every tier with the same input shape")
+                raise PlanError(
+                    f"the {tier} profile has {key}={a}, the {ref_tier} profile {key}={b}: profile every tier with the same input shape"
+                )
         if p.calibration.metric != ref.calibration.metric:
-            raise PlanError(f"the {tier} profile measures fidelity as {p.calibration.metric}, the {ref_tier} profile as "
-                            f"{ref.calibration.metric}: re-profile both with the same aiflow")
+            raise PlanError(
+                f"the {tier} profile measures fidelity as {p.calibration.metric}, the {ref_tier} profile as "
+                f"{ref.calibration.metric}: re-profile both with the same aiflow"
+            )
 
 
 def build_problem(
@@ -210,22 +221,34 @@ def build_problem(
     if objective == "generate" and tokens < 1:
         raise InputError("objective 'generate' needs tokens=N (N >= 1 decode steps)", param="tokens")
     if not profiles:
-        raise InputError("no profile: give profiles[device]=dev.json ... (one per tier), or one profile with speeds[device]=1 ...", param="profiles,speeds")
+        raise InputError(
+            "no profile: give profiles[device]=dev.json ... (one per tier), or one profile with speeds[device]=1 ...",
+            param="profiles,speeds",
+        )
     for tier, s in speeds.items():
         if not (s > 0 and np.isfinite(s)):
             raise InputError(f"speeds[{tier}]={s}: a speed must be a positive number", param="speeds")
     if "*" in profiles:
         if len(profiles) > 1:
-            raise InputError("give either one profile for all tiers (with `speeds`) or one profiles[TIER]=FILE per tier, not both", param="profiles,speeds")
+            raise InputError(
+                "give either one profile for all tiers (with `speeds`) or one profiles[TIER]=FILE per tier, not both",
+                param="profiles,speeds",
+            )
         if not speeds:
-            raise InputError("one profile for every tier needs a speed per tier, e.g. speeds[device]=0.25 speeds[edge]=1 speeds[cloud]=20", param="speeds")
+            raise InputError(
+                "one profile for every tier needs a speed per tier, e.g. speeds[device]=0.25 speeds[edge]=1 speeds[cloud]=20",
+                param="speeds",
+            )
         tiers = order_tiers(list(speeds))
         per_tier = {t: profiles["*"] for t in tiers}
     else:
         tiers = order_tiers(list(profiles))
         extra = set(speeds) - set(tiers)
         if extra:
-            raise InputError(f"speeds[{sorted(extra)[0]}] is given, but that tier has no profile: add profiles[{sorted(extra)[0]}]=FILE", param="profiles,speeds")
+            raise InputError(
+                f"speeds[{sorted(extra)[0]}] is given, but that tier has no profile: add profiles[{sorted(extra)[0]}]=FILE",
+                param="profiles,speeds",
+            )
         per_tier = {t: profiles[t] for t in tiers}
     for t in set(limits.skip) | set(limits.require) | set(limits.memory_bytes):
         if t not in tiers:
@@ -239,7 +262,10 @@ def build_problem(
     for a, b in zip(tiers, tiers[1:]):
         name = f"{a}-{b}"
         if name not in links:
-            raise InputError(f"no link between {a} and {b}: give links[{name}]=lte (a name in profiles/links/ or a .toml path)", param="links")
+            raise InputError(
+                f"no link between {a} and {b}: give links[{name}]=lte (a name in profiles/links/ or a .toml path)",
+                param="links",
+            )
         link_list.append(links[name])
     extra_links = set(links) - {f"{a}-{b}" for a, b in zip(tiers, tiers[1:])}
     if extra_links:
@@ -253,14 +279,18 @@ def build_problem(
     if limits.codecs is not None:
         unknown = [c for c in limits.codecs if c not in codec_names]
         if unknown:
-            raise InputError(f"codecs={unknown[0]!r} was not profiled; profiled codecs: {', '.join(codec_names)}", param="codecs")
+            raise InputError(
+                f"codecs={unknown[0]!r} was not profiled; profiled codecs: {', '.join(codec_names)}", param="codecs"
+            )
     C = len(codec_names)
     speed = np.array([speeds.get(t, 1.0) for t in tiers])
 
     prefill = np.array([[s.prefill_ms for s in per_tier[t].stages] for t in tiers]) / speed[:, None]
     has_decode = np.array([s.decode_ms is not None for s in ref.stages])
     if objective == "generate" and not has_decode.any():
-        raise PlanError("objective 'generate' needs decode-step timings; this profile has none: re-run aiflow profile with decode tokens")
+        raise PlanError(
+            "objective 'generate' needs decode-step timings; this profile has none: re-run aiflow profile with decode tokens"
+        )
     decode = np.array([[s.decode_ms or 0.0 for s in per_tier[t].stages] for t in tiers]) / speed[:, None]
     # A stage runs per decode step from the first stage that has decode timings on (an encoder before it runs once).
     first_decode = int(np.argmax(has_decode)) if has_decode.any() else S
@@ -315,18 +345,40 @@ def build_problem(
         for i, t in enumerate(tiers)
     }
     return Problem(
-        model=ref.model, model_hash=ref.model_hash, family=ref.family, task=ref.task,
-        tiers=tiers, stage_names=[s.name for s in ref.stages], codecs=codec_names, links=link_list,
-        objective=objective, tokens=int(tokens) if objective == "generate" else 0,
-        prefill_ms=prefill, decode_ms=decode, decode_stage=decode_stage, param_bytes=params, peak_bytes=peak,
-        cut_bytes=cut_bytes, cut_step_bytes=step_bytes, step_fraction=step_frac, enc_ms=enc, dec_ms=dec,
-        cut_loss=loss, available=avail,
-        input_bytes=float(ref.input.bytes if input_bytes is None else input_bytes), output_bytes=float(ref.output.bytes),
-        token_bytes=float(ref.output.decode_step_bytes if ref.output.decode_step_bytes is not None else DEFAULT_TOKEN_BYTES),
-        limits=limits, memory_bytes=mem,
-        skip=np.array([t in limits.skip for t in tiers]), require=np.array([t in limits.require for t in tiers]),
+        model=ref.model,
+        model_hash=ref.model_hash,
+        family=ref.family,
+        task=ref.task,
+        tiers=tiers,
+        stage_names=[s.name for s in ref.stages],
+        codecs=codec_names,
+        links=link_list,
+        objective=objective,
+        tokens=int(tokens) if objective == "generate" else 0,
+        prefill_ms=prefill,
+        decode_ms=decode,
+        decode_stage=decode_stage,
+        param_bytes=params,
+        peak_bytes=peak,
+        cut_bytes=cut_bytes,
+        cut_step_bytes=step_bytes,
+        step_fraction=step_frac,
+        enc_ms=enc,
+        dec_ms=dec,
+        cut_loss=loss,
+        available=avail,
+        input_bytes=float(ref.input.bytes if input_bytes is None else input_bytes),
+        output_bytes=float(ref.output.bytes),
+        token_bytes=float(
+            ref.output.decode_step_bytes if ref.output.decode_step_bytes is not None else DEFAULT_TOKEN_BYTES
+        ),
+        limits=limits,
+        memory_bytes=mem,
+        skip=np.array([t in limits.skip for t in tiers]),
+        require=np.array([t in limits.require for t in tiers]),
         profile_ids=profile_ids,
         input_description=ref.input.description if input_bytes is None else "as given: the encoded input file",
         overheads=overheads or Overheads(),
-        fidelity_metric=ref.calibration.metric, calibration_hash=ref.calibration.hash,
+        fidelity_metric=ref.calibration.metric,
+        calibration_hash=ref.calibration.hash,
     )

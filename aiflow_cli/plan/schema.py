@@ -53,8 +53,9 @@ class CutPlan(Strict):
     codec: str
     bytes: int = Field(ge=0, description="encoded boundary state per request")
     decode_step_bytes: Optional[int] = Field(default=None, ge=0, description="per decode step ('generate')")
-    fidelity: float = Field(description="the profile's fidelity (plan.fidelity.metric, lowest calibration item) with "
-                                        "only this cut coded")
+    fidelity: float = Field(
+        description="the profile's fidelity (plan.fidelity.metric, lowest calibration item) with only this cut coded"
+    )
     encode_ms: float = Field(ge=0)
     decode_ms: float = Field(ge=0)
 
@@ -73,13 +74,16 @@ class Prediction(Strict):
     transfer_ms: dict[str, float] = Field(description="link -> serialisation ms (both directions)")
     rtt_ms: dict[str, float] = Field(description="link -> propagation ms (rtt/2 per crossing)")
     message_ms: dict[str, float] = Field(default_factory=dict, description="link -> fixed ms per message round trip")
-    handshake_ms: dict[str, float] = Field(default_factory=dict,
-                                           description="link -> connection set-up ms, paid once (not in total_ms)")
+    handshake_ms: dict[str, float] = Field(
+        default_factory=dict, description="link -> connection set-up ms, paid once (not in total_ms)"
+    )
     busy_ms: dict[str, float] = Field(description="pipeline resource -> ms per request (throughput model)")
     bottleneck: str
     bottleneck_ms: float
     throughput_rps: float
-    fidelity_loss_bound: float = Field(description="sum over cuts of (1 - fidelity): the profile's composition (docs/planner.md)")
+    fidelity_loss_bound: float = Field(
+        description="sum over cuts of (1 - fidelity): the profile's composition (docs/planner.md)"
+    )
 
 
 class SolvedFor(Strict):
@@ -103,15 +107,20 @@ class PlanFidelity(Strict):
     floor: Optional[float] = Field(description="--min-fidelity the plan was solved for")
     bound: float = Field(description="1 - sum over used cuts of (1 - per-cut fidelity), from the profile")
     status: Literal["exact", "verified", "not measured"] = Field(
-        description="exact: only lossless codecs; verified: measured >= floor; not measured: see note")
+        description="exact: only lossless codecs; verified: measured >= floor; not measured: see note"
+    )
     measured_min: Optional[float] = Field(default=None, description="lowest calibration item, end to end")
     measured_mean: Optional[float] = None
     items: int = Field(default=0, ge=0, description="calibration items measured")
     tokens: int = Field(default=0, ge=0, description="generated tokens per item (generation)")
     calibration_hash: Optional[str] = None
     tries: int = Field(default=1, ge=1, description="solves until a combination measured at or above the floor")
-    excluded: list[str] = Field(default_factory=list, description="'codec@cut' excluded after measuring below the floor")
-    measure_s: float = Field(default=0.0, ge=0, description="time spent measuring (0 when every measurement was cached)")
+    excluded: list[str] = Field(
+        default_factory=list, description="'codec@cut' excluded after measuring below the floor"
+    )
+    measure_s: float = Field(
+        default=0.0, ge=0, description="time spent measuring (0 when every measurement was cached)"
+    )
     note: str = ""
 
 
@@ -146,7 +155,9 @@ class Plan(Strict):
         pos = 0
         for t in self.tiers:
             if t.start != pos or t.end < t.start:
-                raise ValueError(f"tier {t.name} has range [{t.start}, {t.end}); ranges must be contiguous from stage {pos}")
+                raise ValueError(
+                    f"tier {t.name} has range [{t.start}, {t.end}); ranges must be contiguous from stage {pos}"
+                )
             if t.stages != self.stage_names[t.start : t.end]:
                 raise ValueError(f"tier {t.name}: stages do not match stage_names[{t.start}:{t.end}]")
             pos = t.end
@@ -225,8 +236,16 @@ def save_plan(plan: Plan, path: str | Path) -> None:
     save_model(plan, path)
 
 
-def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict[str, str], method: str = "dp",
-                       fidelity: Optional[PlanFidelity] = None) -> Plan:
+def plan_from_solution(
+    problem,
+    placement,
+    ev,
+    *,
+    solve_ms: float,
+    sources: dict[str, str],
+    method: str = "dp",
+    fidelity: Optional[PlanFidelity] = None,
+) -> Plan:
     """Builds the :class:`Plan` of a solved :class:`~aiflow_cli.plan.problem.Problem`. ``fidelity``: what the
     verifier measured (:mod:`aiflow_cli.plan.verify`); default: the profile's bound, not measured."""
     from aiflow_cli.plan.cost import segment_memory_bytes
@@ -235,9 +254,14 @@ def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict
     refs = {t: ProfileRef(path=sources.get(t, sources.get("*")), **p.profile_ids[t]) for t in p.tiers}
     tiers = [
         TierPlan(
-            name=t, start=b[i], end=b[i + 1], stages=p.stage_names[b[i] : b[i + 1]],
-            compute_ms=ev.compute_ms[t], memory_bytes=segment_memory_bytes(p, i, b[i], b[i + 1]),
-            memory_limit_bytes=p.memory_bytes[i], profile=refs[t],
+            name=t,
+            start=b[i],
+            end=b[i + 1],
+            stages=p.stage_names[b[i] : b[i + 1]],
+            compute_ms=ev.compute_ms[t],
+            memory_bytes=segment_memory_bytes(p, i, b[i], b[i + 1]),
+            memory_limit_bytes=p.memory_bytes[i],
+            profile=refs[t],
         )
         for i, t in enumerate(p.tiers)
     ]
@@ -245,24 +269,49 @@ def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict
     for k, a, z in placement.used_cuts():
         c = placement.codecs[k]
         step = int(p.cut_step_bytes[k, c]) if p.tokens and p.decode_stage[k] else None
-        cuts.append(CutPlan(
-            after_stage=k, from_tier=p.tiers[a], to_tier=p.tiers[z], links=p.link_names[a:z], codec=p.codecs[c],
-            bytes=int(p.cut_bytes[k, c]), decode_step_bytes=step, fidelity=1.0 - float(p.cut_loss[k, c]),
-            encode_ms=float(p.enc_ms[a, k, c]), decode_ms=float(p.dec_ms[z, k, c]),
-        ))
+        cuts.append(
+            CutPlan(
+                after_stage=k,
+                from_tier=p.tiers[a],
+                to_tier=p.tiers[z],
+                links=p.link_names[a:z],
+                codec=p.codecs[c],
+                bytes=int(p.cut_bytes[k, c]),
+                decode_step_bytes=step,
+                fidelity=1.0 - float(p.cut_loss[k, c]),
+                encode_ms=float(p.enc_ms[a, k, c]),
+                decode_ms=float(p.dec_ms[z, k, c]),
+            )
+        )
     comp = placement.computing()
     pred = Prediction(
-        objective_value=ev.objective_value(p.objective), total_ms=ev.total_ms, prefill_ms=ev.prefill_ms,
-        per_token_ms=ev.per_token_ms, tokens=p.tokens, compute_ms=ev.compute_ms, codec_ms=ev.codec_ms,
-        transfer_ms=ev.transfer_ms, rtt_ms=ev.propagation_ms, message_ms=ev.message_ms,
-        handshake_ms=ev.handshake_ms, busy_ms=ev.busy_ms, bottleneck=ev.bottleneck,
-        bottleneck_ms=ev.bottleneck_ms, throughput_rps=ev.throughput_rps, fidelity_loss_bound=ev.fidelity_loss,
+        objective_value=ev.objective_value(p.objective),
+        total_ms=ev.total_ms,
+        prefill_ms=ev.prefill_ms,
+        per_token_ms=ev.per_token_ms,
+        tokens=p.tokens,
+        compute_ms=ev.compute_ms,
+        codec_ms=ev.codec_ms,
+        transfer_ms=ev.transfer_ms,
+        rtt_ms=ev.propagation_ms,
+        message_ms=ev.message_ms,
+        handshake_ms=ev.handshake_ms,
+        busy_ms=ev.busy_ms,
+        bottleneck=ev.bottleneck,
+        bottleneck_ms=ev.bottleneck_ms,
+        throughput_rps=ev.throughput_rps,
+        fidelity_loss_bound=ev.fidelity_loss,
     )
     solved_for = SolvedFor(
-        objective=p.objective, tokens=p.tokens, links=dict(zip(p.link_names, p.links)),
+        objective=p.objective,
+        tokens=p.tokens,
+        links=dict(zip(p.link_names, p.links)),
         memory_bytes={t: m for t, m in zip(p.tiers, p.memory_bytes) if m is not None},
-        min_fidelity=p.limits.min_fidelity, skip=sorted(p.limits.skip), require=sorted(p.limits.require),
-        codecs=list(p.limits.codecs) if p.limits.codecs is not None else None, profiles=refs,
+        min_fidelity=p.limits.min_fidelity,
+        skip=sorted(p.limits.skip),
+        require=sorted(p.limits.require),
+        codecs=list(p.limits.codecs) if p.limits.codecs is not None else None,
+        profiles=refs,
         input_bytes=int(p.input_bytes),
     )
     if fidelity is None:
@@ -270,8 +319,18 @@ def plan_from_solution(problem, placement, ev, *, solve_ms: float, sources: dict
 
         fidelity = unmeasured(p, placement, "not verified (plan solved without a model)")
     return Plan(
-        model=p.model, model_hash=p.model_hash, family=p.family, task=p.task, n_stages=p.n_stages,
-        stage_names=p.stage_names, tiers=tiers, cuts=cuts, input_tier=p.tiers[comp[0]],
-        output_tier=p.tiers[comp[-1]], prediction=pred, fidelity=fidelity, solved_for=solved_for,
+        model=p.model,
+        model_hash=p.model_hash,
+        family=p.family,
+        task=p.task,
+        n_stages=p.n_stages,
+        stage_names=p.stage_names,
+        tiers=tiers,
+        cuts=cuts,
+        input_tier=p.tiers[comp[0]],
+        output_tier=p.tiers[comp[-1]],
+        prediction=pred,
+        fidelity=fidelity,
+        solved_for=solved_for,
         solver=SolverInfo(method=method, solve_ms=solve_ms),
     )

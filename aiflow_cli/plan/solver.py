@@ -105,8 +105,9 @@ def _placement(problem: Problem, segments: dict[int, tuple[int, int]], codecs: d
     return Placement(tuple(bounds), codecs)
 
 
-def _chain_dp(problem: Problem, tab: Tables, cut_ms: np.ndarray, inp: np.ndarray, out: np.ndarray,
-              lo: list[np.ndarray]) -> Optional[tuple[float, Placement]]:
+def _chain_dp(
+    problem: Problem, tab: Tables, cut_ms: np.ndarray, inp: np.ndarray, out: np.ndarray, lo: list[np.ndarray]
+) -> Optional[tuple[float, Placement]]:
     """The O(T^2 S C) DP (see the module docstring); None when nothing is feasible."""
     T, S = problem.n_tiers, problem.n_stages
     P = tab.prefix_ms
@@ -159,8 +160,9 @@ def _prune(front: list[tuple]) -> list[tuple]:
     return kept
 
 
-def _pareto_dp(problem: Problem, tab: Tables, cut_ms: np.ndarray, inp: np.ndarray, out: np.ndarray,
-               lo: list[np.ndarray]) -> Optional[tuple[float, Placement]]:
+def _pareto_dp(
+    problem: Problem, tab: Tables, cut_ms: np.ndarray, inp: np.ndarray, out: np.ndarray, lo: list[np.ndarray]
+) -> Optional[tuple[float, Placement]]:
     """Exact under the end-to-end fidelity budget: each state keeps its Pareto front of (cost, loss)."""
     T, S, C = problem.n_tiers, problem.n_stages, problem.n_codecs
     P, loss, budget = tab.prefix_ms, problem.cut_loss, problem.fidelity_budget + FIDELITY_EPS
@@ -276,7 +278,8 @@ def diagnose_infeasible(problem: Problem) -> str:
         if _solve_raw(free) is not None:
             need = {
                 t: int(max(p.param_bytes[s] + p.peak_bytes[i, s] for s in range(p.n_stages)))
-                for i, t in enumerate(p.tiers) if p.memory_bytes[i] is not None
+                for i, t in enumerate(p.tiers)
+                if p.memory_bytes[i] is not None
             }
             limits = ", ".join(f"{t}={_gib(p.memory_bytes[p.tiers.index(t)])}" for t in need)
             whole = int(p.param_bytes.sum() + p.peak_bytes.max())
@@ -326,26 +329,51 @@ def solve(
     from aiflow_cli.plan.schema import plan_from_solution
     from aiflow_cli.plan.verify import solve_verified
 
-    problem = build_problem(profiles, links, objective=objective, tokens=tokens, limits=limits, speeds=speeds,
-                            input_bytes=input_bytes, overheads=overheads)
+    problem = build_problem(
+        profiles,
+        links,
+        objective=objective,
+        tokens=tokens,
+        limits=limits,
+        speeds=speeds,
+        input_bytes=input_bytes,
+        overheads=overheads,
+    )
     t0 = time.perf_counter()
     v = solve_verified(problem, model=model, verify=verify)
     solve_ms = (time.perf_counter() - t0) * 1e3 - v.fidelity.measure_s * 1e3
-    return plan_from_solution(v.problem, v.placement, v.evaluation, solve_ms=solve_ms, sources=sources or {},
-                              fidelity=v.fidelity)
+    return plan_from_solution(
+        v.problem, v.placement, v.evaluation, solve_ms=solve_ms, sources=sources or {}, fidelity=v.fidelity
+    )
 
 
-def solve_variants(profile: ModelProfile, links: dict[str, LinkProfile], speeds: dict[str, float],
-                   variants: dict[str, Limits], *, tokens: int = 16, input_bytes: Optional[int] = None,
-                   overheads: Optional[Overheads] = None, model=None) -> dict:
+def solve_variants(
+    profile: ModelProfile,
+    links: dict[str, LinkProfile],
+    speeds: dict[str, float],
+    variants: dict[str, Limits],
+    *,
+    tokens: int = 16,
+    input_bytes: Optional[int] = None,
+    overheads: Optional[Overheads] = None,
+    model=None,
+) -> dict:
     """One plan per named set of limits (``{"device-only": Limits(skip=...), ...}``), all on the same profile,
     links, speeds and overheads; generating models are planned for ``tokens`` generated tokens, the others for
     one request. Variants with a fidelity floor are verified end to end (``model``: the loaded model, default
     loaded by name)."""
     generates = task.generates(profile.task)
     return {
-        name: solve({"*": profile}, links, objective="generate" if generates else "latency",
-                    tokens=tokens if generates else 0, limits=lim, speeds=speeds, input_bytes=input_bytes,
-                    overheads=overheads, model=model)
+        name: solve(
+            {"*": profile},
+            links,
+            objective="generate" if generates else "latency",
+            tokens=tokens if generates else 0,
+            limits=lim,
+            speeds=speeds,
+            input_bytes=input_bytes,
+            overheads=overheads,
+            model=model,
+        )
         for name, lim in variants.items()
     }

@@ -55,8 +55,13 @@ class StrategyDef:
 
 
 STRATEGIES: tuple[StrategyDef, ...] = (
-    *(StrategyDef(only(t), f"every stage on the {t}" + ("" if t == "device" else
-                  "; the input goes up uncoded, the output comes back")) for t in TIER_ORDER),
+    *(
+        StrategyDef(
+            only(t),
+            f"every stage on the {t}" + ("" if t == "device" else "; the input goes up uncoded, the output comes back"),
+        )
+        for t in TIER_ORDER
+    ),
     StrategyDef(RAW_SPLIT, "the best placement with the raw codec only (no compression)"),
     StrategyDef(OPTIMAL, "the planned placement and codecs, under the fidelity floor"),
 )
@@ -70,10 +75,17 @@ def strategy_names(tiers: tuple[str, ...] | list[str] = TIER_ORDER) -> list[str]
     return [s.name for s in STRATEGIES if not s.name.endswith("-only") or s.name.removesuffix("-only") in tiers]
 
 
-def solve_strategies(profile: ModelProfile, links: dict[str, LinkProfile], speeds: dict[str, float], *,
-                     names: Optional[list[str]] = None, tokens: int = 16, input_bytes: Optional[int] = None,
-                     overheads: Optional[Overheads] = None, min_fidelity: Optional[float] = None,
-                     ) -> dict[str, Union[Plan, PlanError]]:
+def solve_strategies(
+    profile: ModelProfile,
+    links: dict[str, LinkProfile],
+    speeds: dict[str, float],
+    *,
+    names: Optional[list[str]] = None,
+    tokens: int = 16,
+    input_bytes: Optional[int] = None,
+    overheads: Optional[Overheads] = None,
+    min_fidelity: Optional[float] = None,
+) -> dict[str, Union[Plan, PlanError]]:
     """One plan per strategy (``names``: default all for the tiers in ``speeds``), by
     :func:`aiflow_cli.plan.solver.solve_variants`; a strategy no placement satisfies maps to its PlanError."""
     from aiflow_cli.plan.solver import solve_variants
@@ -84,8 +96,17 @@ def solve_strategies(profile: ModelProfile, links: dict[str, LinkProfile], speed
         if name not in BY_NAME:
             raise ValueError(f"unknown strategy {name!r}: {', '.join(BY_NAME)}")
         try:
-            out.update(solve_variants(profile, links, speeds, {name: BY_NAME[name].limits(tiers, min_fidelity)},
-                                      tokens=tokens, input_bytes=input_bytes, overheads=overheads))
+            out.update(
+                solve_variants(
+                    profile,
+                    links,
+                    speeds,
+                    {name: BY_NAME[name].limits(tiers, min_fidelity)},
+                    tokens=tokens,
+                    input_bytes=input_bytes,
+                    overheads=overheads,
+                )
+            )
         except PlanError as e:
             out[name] = e
     return out

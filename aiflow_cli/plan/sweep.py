@@ -60,7 +60,9 @@ def parse_range(spec: str) -> tuple[str, float, float]:
         link, rng = spec.split("=", 1)
         lo, hi = (float(x) for x in rng.split(":"))
     except ValueError:
-        raise InputError(f"sweep={spec!r}: expected LINK=LOW:HIGH in Mbit/s, e.g. device-edge=1:1000", param="sweep") from None
+        raise InputError(
+            f"sweep={spec!r}: expected LINK=LOW:HIGH in Mbit/s, e.g. device-edge=1:1000", param="sweep"
+        ) from None
     if not (0 < lo < hi):
         raise InputError(f"sweep={spec!r}: need 0 < LOW < HIGH", param="sweep")
     return link.strip(), lo, hi
@@ -80,11 +82,14 @@ def _signature(problem: Problem) -> str:
     return placement_summary(problem, pl)
 
 
-def sweep(problem: Problem, link: str, low_mbps: float, high_mbps: float, *, points: int = 25,
-          rel_tol: float = 1e-3) -> Sweep:
+def sweep(
+    problem: Problem, link: str, low_mbps: float, high_mbps: float, *, points: int = 25, rel_tol: float = 1e-3
+) -> Sweep:
     """Solves every strategy at ``points`` log-spaced uplink rates and locates each change of the optimum."""
     if link not in problem.link_names:
-        raise InputError(f"link={link!r} is not a link of this problem; its links are {', '.join(problem.link_names)}", param="link")
+        raise InputError(
+            f"link={link!r} is not a link of this problem; its links are {', '.join(problem.link_names)}", param="link"
+        )
     index = problem.link_names.index(link)
     grid = np.geomspace(low_mbps, high_mbps, max(2, points))
     pts = [SweepPoint(float(x), strategies(_at(problem, index, float(x)))) for x in grid]

@@ -48,20 +48,42 @@ def synthetic_profile(
     for i in range(n_stages):
         ms = r.uniform(0.5, 20.0) / speed
         runs_per_step = decode and (side_from is None or i >= side_from)
-        stages.append({
-            "index": i, "name": f"s{i}", "kind": "block", "param_bytes": r.randint(1, 50) * 2**20,
-            "prefill_ms": ms, "prefill_p90_ms": ms * 1.1,
-            "decode_ms": ms / seq if runs_per_step else None, "decode_p90_ms": ms / seq if runs_per_step else None,
-            "peak_activation_bytes": r.randint(1, 20) * 2**20,
-        })
+        stages.append(
+            {
+                "index": i,
+                "name": f"s{i}",
+                "kind": "block",
+                "param_bytes": r.randint(1, 50) * 2**20,
+                "prefill_ms": ms,
+                "prefill_p90_ms": ms * 1.1,
+                "decode_ms": ms / seq if runs_per_step else None,
+                "decode_p90_ms": ms / seq if runs_per_step else None,
+                "peak_activation_bytes": r.randint(1, 20) * 2**20,
+            }
+        )
     cuts = []
     for k in range(n_stages - 1):
         scale = 10 ** r.uniform(-1.5, 0.5)  # some boundaries much smaller than others, as in real models
-        tensors: list[dict[str, Any]] = [{"name": "hidden", "role": "hidden", "dtype": "float32", "shape": [1, seq, width],
-                    "bytes": int(hidden_bytes * scale), "decode_step_bytes": int(4 * width * scale)}]
+        tensors: list[dict[str, Any]] = [
+            {
+                "name": "hidden",
+                "role": "hidden",
+                "dtype": "float32",
+                "shape": [1, seq, width],
+                "bytes": int(hidden_bytes * scale),
+                "decode_step_bytes": int(4 * width * scale),
+            }
+        ]
         if side_from is not None and k >= side_from:
-            tensors.append({"name": "encoder_out", "role": "side", "dtype": "float32", "shape": [1, 197, width],
-                            "bytes": 4 * 197 * width})
+            tensors.append(
+                {
+                    "name": "encoder_out",
+                    "role": "side",
+                    "dtype": "float32",
+                    "shape": [1, 197, width],
+                    "bytes": 4 * 197 * width,
+                }
+            )
         raw_bytes = sum(t["bytes"] for t in tensors)
         step_raw = int(4 * width * scale) if (side_from is None or k >= side_from) else None
         results = {}
@@ -76,15 +98,35 @@ def synthetic_profile(
             }
         cuts.append({"after_stage": k, "tensors": tensors, "activation_bytes": raw_bytes, "codecs": results})
     data = {
-        "schema_version": 2, "model": "synthetic", "model_hash": model_hash, "family": "fx", "task": "generate",
-        "hardware": {"device": "cpu", "cpu": "synthetic", "cores": 2, "torch_threads": 2, "torch_version": "0",
-                     "label": f"synthetic-x{speed:g}"},
+        "schema_version": 2,
+        "model": "synthetic",
+        "model_hash": model_hash,
+        "family": "fx",
+        "task": "generate",
+        "hardware": {
+            "device": "cpu",
+            "cpu": "synthetic",
+            "cores": 2,
+            "torch_threads": 2,
+            "torch_version": "0",
+            "label": f"synthetic-x{speed:g}",
+        },
         "settings": {"dtype": "float32", "batch": 1, "seq_len": seq, "decode_tokens": 8, "repeats": 1, "warmup": 0},
-        "input": {"bytes": input_bytes if input_bytes is not None else r.choice([8 * seq, 150_528, 602_112]),
-                  "description": "synthetic"},
+        "input": {
+            "bytes": input_bytes if input_bytes is not None else r.choice([8 * seq, 150_528, 602_112]),
+            "description": "synthetic",
+        },
         "output": {"bytes": r.choice([8, 4 * 50257, 64]), "decode_step_bytes": 8},
-        "stages": stages, "cuts": cuts, "profile_wall_s": 0.0,
-        "calibration": {"metric": "token_agreement", "source": "synthetic", "items": 1, "reference": "synthetic",
-                        "measured_cuts": list(range(n_stages - 1)), "wall_s": 0.0},
+        "stages": stages,
+        "cuts": cuts,
+        "profile_wall_s": 0.0,
+        "calibration": {
+            "metric": "token_agreement",
+            "source": "synthetic",
+            "items": 1,
+            "reference": "synthetic",
+            "measured_cuts": list(range(n_stages - 1)),
+            "wall_s": 0.0,
+        },
     }
     return ModelProfile.model_validate(data)

@@ -124,13 +124,26 @@ class CodedRun:
 
 
 def _key(m: StagedModel, cuts: dict[int, str], tokens: int, items: Optional[int]) -> str:
-    doc = {"model": m.model_hash, "dtype": str(m.dtype), "calibration": load_calibration().hash, "tokens": tokens,
-           "items": items, "metric": metric_for(m), "cuts": sorted((k, codec_mod.canonical(c)) for k, c in cuts.items())}
+    doc = {
+        "model": m.model_hash,
+        "dtype": str(m.dtype),
+        "calibration": load_calibration().hash,
+        "tokens": tokens,
+        "items": items,
+        "metric": metric_for(m),
+        "cuts": sorted((k, codec_mod.canonical(c)) for k, c in cuts.items()),
+    }
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
 
-def measure(m: StagedModel, cuts: dict[int, str], *, tokens: int = DEFAULT_TOKENS, items: Optional[int] = None,
-            use_cache: bool = True) -> Measurement:
+def measure(
+    m: StagedModel,
+    cuts: dict[int, str],
+    *,
+    tokens: int = DEFAULT_TOKENS,
+    items: Optional[int] = None,
+    use_cache: bool = True,
+) -> Measurement:
     """Fidelity of ``m`` with codec ``cuts[k]`` after each stage ``k``, end to end on the calibration set (first
     ``items`` items; all by default), in the model's metric. Generation: ``tokens`` greedy tokens per item."""
     for k in cuts:
@@ -163,8 +176,15 @@ def measure(m: StagedModel, cuts: dict[int, str], *, tokens: int = DEFAULT_TOKEN
         for i, x in enumerate(inputs):
             want = reference[i : i + 1] if reference is not None else m.output(m.run(x))
             per_item.append(output_fidelity(metric, run.output(x), want))
-    result = Measurement(metric, float(sum(per_item) / len(per_item)), float(min(per_item)), per_item, tokens,
-                         dict(cuts), time.perf_counter() - t0)
+    result = Measurement(
+        metric,
+        float(sum(per_item) / len(per_item)),
+        float(min(per_item)),
+        per_item,
+        tokens,
+        dict(cuts),
+        time.perf_counter() - t0,
+    )
     if use_cache:
         _cached_json(path, lambda: {k: v for k, v in asdict(result).items() if k != "cached"})
     return result
@@ -200,9 +220,14 @@ def unmeasured(problem: Problem, placement: Placement, note: str, tries: int = 1
     used = _used(problem, placement)
     exact = all(lossless(c) for c in used.values())
     return PlanFidelity(
-        metric=problem.fidelity_metric, floor=problem.limits.min_fidelity, bound=_bound(problem, placement),
-        status="exact" if exact else "not measured", calibration_hash=problem.calibration_hash, tries=tries,
-        excluded=list(problem.excluded), note="only lossless codecs: identical to the model" if exact else note,
+        metric=problem.fidelity_metric,
+        floor=problem.limits.min_fidelity,
+        bound=_bound(problem, placement),
+        status="exact" if exact else "not measured",
+        calibration_hash=problem.calibration_hash,
+        tries=tries,
+        excluded=list(problem.excluded),
+        note="only lossless codecs: identical to the model" if exact else note,
     )
 
 
@@ -238,14 +263,23 @@ def model_for(problem: Problem) -> tuple[Optional[StagedModel], str]:
 
 def _worst(problem: Problem, placement: Placement) -> tuple[int, int]:
     """The used lossy (cut, codec) with the lowest profiled fidelity (ties: the one with fewer bytes)."""
-    lossy = [(k, placement.codecs[k]) for k, _, _ in placement.used_cuts()
-             if not lossless(problem.codecs[placement.codecs[k]])]
+    lossy = [
+        (k, placement.codecs[k])
+        for k, _, _ in placement.used_cuts()
+        if not lossless(problem.codecs[placement.codecs[k]])
+    ]
     return max(lossy, key=lambda kc: (problem.cut_loss[kc], -problem.cut_bytes[kc]))
 
 
-def solve_verified(problem: Problem, *, model: Optional[StagedModel] = None, verify: Optional[bool] = None,
-                   max_tries: int = MAX_TRIES, items: Optional[int] = None,
-                   log: Optional[Callable[[str], None]] = None) -> Verified:
+def solve_verified(
+    problem: Problem,
+    *,
+    model: Optional[StagedModel] = None,
+    verify: Optional[bool] = None,
+    max_tries: int = MAX_TRIES,
+    items: Optional[int] = None,
+    log: Optional[Callable[[str], None]] = None,
+) -> Verified:
     """Solves ``problem`` and, when it has a fidelity floor (or ``verify`` is True), measures the chosen codecs
     end to end (:func:`measure`) and re-solves without the worst (cut, codec) until the measurement meets the
     floor. ``model``: the loaded model (default: loaded by the profile's name when available here; otherwise
@@ -269,15 +303,25 @@ def solve_verified(problem: Problem, *, model: Optional[StagedModel] = None, ver
             if m is None:
                 return Verified(placement, ev, problem, unmeasured(problem, placement, f"not verified: {why}", attempt))
         elif m.model_hash != problem.model_hash:
-            raise PlanError(f"the model given to verify the plan has hash {m.model_hash[:12]}, the profile {problem.model_hash[:12]}")
+            raise PlanError(
+                f"the model given to verify the plan has hash {m.model_hash[:12]}, the profile {problem.model_hash[:12]}"
+            )
         tokens = tokens_for(problem)
         log(f"measuring {', '.join(f'{c}@{k}' for k, c in sorted(used.items()))} on the calibration set")
         got = measure(m, used, tokens=tokens, items=items)
         spent += 0.0 if got.cached else got.wall_s
         record = PlanFidelity(
-            metric=got.metric, floor=floor, bound=_bound(problem, placement), status="verified",
-            measured_min=got.min, measured_mean=got.mean, items=got.items, tokens=got.tokens,
-            calibration_hash=load_calibration().hash, tries=attempt, excluded=list(problem.excluded),
+            metric=got.metric,
+            floor=floor,
+            bound=_bound(problem, placement),
+            status="verified",
+            measured_min=got.min,
+            measured_mean=got.mean,
+            items=got.items,
+            tokens=got.tokens,
+            calibration_hash=load_calibration().hash,
+            tries=attempt,
+            excluded=list(problem.excluded),
             measure_s=spent,
         )
         if floor is None or got.min >= floor - FLOOR_EPS:

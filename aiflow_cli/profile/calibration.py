@@ -14,14 +14,20 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
-from aiflow_cli.task import takes_image
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import BoundaryState, StagedModel
+from aiflow_cli.task import takes_image
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CALIBRATION_DIR = ASSETS / "calibration"
 #: Images in the order they are used: the bundled sample first (the demo's and the bench's default input).
-IMAGE_FILES = ("../sample.jpg", "sample-closeup.jpg", "sample-mirror-dark.jpg", "drawn-landscape.png", "drawn-pattern.jpg")
+IMAGE_FILES = (
+    "../sample.jpg",
+    "sample-closeup.jpg",
+    "sample-mirror-dark.jpg",
+    "drawn-landscape.png",
+    "drawn-pattern.jpg",
+)
 
 #: The metric of each task (docs/planner.md, "Fidelity").
 TASK_METRICS = {

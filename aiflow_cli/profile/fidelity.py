@@ -50,7 +50,9 @@ def token_agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
     a sequence that stopped early at its end-of-sequence token disagrees at every position it did not generate."""
     a, b = tokens.reshape(-1, tokens.shape[-1]), reference.reshape(-1, reference.shape[-1]).to(tokens.device)
     if a.shape[0] != b.shape[0]:
-        raise InputError(f"token sequences of shapes {list(tokens.shape)} and {list(reference.shape)} cannot be compared")
+        raise InputError(
+            f"token sequences of shapes {list(tokens.shape)} and {list(reference.shape)} cannot be compared"
+        )
     n = max(a.shape[1], b.shape[1])
     if n == 0:
         return 1.0
@@ -123,8 +125,9 @@ def greedy_references(m: StagedModel, items: list[BoundaryState], tokens: int) -
     (model hash, calibration set, item count, tokens)."""
     cal = load_calibration()
     key = f"{m.model_hash[:16]}-{cal.hash}-n{len(items)}-t{tokens}-{str(m.dtype).removeprefix('torch.')}"
-    return _cached_json(cache_root() / "references" / f"{key}.json",
-                        lambda: [m.generate(it, tokens)[0].tolist() for it in items])
+    return _cached_json(
+        cache_root() / "references" / f"{key}.json", lambda: [m.generate(it, tokens)[0].tolist() for it in items]
+    )
 
 
 # -- the reference a profile is scored against ------------------------------------------------------------------
@@ -181,9 +184,13 @@ class Reference:
             kl = (self.exact.exp() * (self.exact - logp)).sum(-1).clamp(min=0)
             cos = torch.nn.functional.cosine_similarity(out, self.exact_logits, dim=-1, eps=1e-12)
             err = (out - self.exact_logits).abs().amax(-1)
-            return Fidelity(mean=float(per_item.mean()), min=float(per_item.min()),
-                            kl_mean=float((kl * v).sum() / v.sum()), cosine=float(((cos * v).sum() / v.sum()).clamp(-1, 1)),
-                            max_abs_error=float((err * v).max()))
+            return Fidelity(
+                mean=float(per_item.mean()),
+                min=float(per_item.min()),
+                kl_mean=float((kl * v).sum() / v.sum()),
+                cosine=float(((cos * v).sum() / v.sum()).clamp(-1, 1)),
+                max_abs_error=float((err * v).max()),
+            )
         if self.metric == "label_agreement":
             per_item = (out.argmax(-1) == self.exact.argmax(-1)).float()
         else:
@@ -191,11 +198,15 @@ class Reference:
             per_item = torch.nn.functional.cosine_similarity(
                 out.reshape(out.shape[0], -1).double(), target.reshape(target.shape[0], -1).double(), dim=-1, eps=1e-12
             ).clamp(-1, 1)
-        cos = torch.nn.functional.cosine_similarity(out.reshape(out.shape[0], -1), self.exact.reshape(out.shape[0], -1).float(),
-                                                    dim=-1, eps=1e-12)
-        return Fidelity(mean=min(1.0, float(per_item.mean())), min=min(1.0, float(per_item.min())),
-                        cosine=float(cos.mean().clamp(-1, 1)),
-                        max_abs_error=float((out - self.exact.float()).abs().max()))
+        cos = torch.nn.functional.cosine_similarity(
+            out.reshape(out.shape[0], -1), self.exact.reshape(out.shape[0], -1).float(), dim=-1, eps=1e-12
+        )
+        return Fidelity(
+            mean=min(1.0, float(per_item.mean())),
+            min=min(1.0, float(per_item.min())),
+            cosine=float(cos.mean().clamp(-1, 1)),
+            max_abs_error=float((out - self.exact.float()).abs().max()),
+        )
 
     def finish(self, exact_output: torch.Tensor) -> None:
         """Records the exact model's end output on :attr:`inputs` (as :meth:`run_from` returns it) and scores it."""
@@ -233,8 +244,9 @@ def _sentence_transformers_reference(m: StagedModel, texts: list[str]) -> Option
     return st.encode(texts, convert_to_tensor=True, batch_size=len(texts)).to(m.device).float()
 
 
-def build_reference(m: StagedModel, *, items: Optional[int] = None, tokens: int = DEFAULT_TOKENS,
-                    progress=None) -> Reference:
+def build_reference(
+    m: StagedModel, *, items: Optional[int] = None, tokens: int = DEFAULT_TOKENS, progress=None
+) -> Reference:
     """The calibration batch of ``m`` and what its coded runs are scored against (exact output still to be
     recorded with :meth:`Reference.finish` after the exact pass, which the profiler shares with its cuts)."""
     metric = metric_for(m)
@@ -263,9 +275,16 @@ def build_reference(m: StagedModel, *, items: Optional[int] = None, tokens: int 
             positions[i] = torch.arange(start, start + width).clamp(max=start + n - 1)
             valid[i, :n] = True
             greedy[i, :n] = torch.tensor(cont)
-        return Reference(metric, batch, len(prepared), tokens=tokens, positions=positions,
-                         reference="the exact model's greedy continuation (teacher-forced)",
-                         greedy=greedy.to(m.device), valid=valid.to(m.device))
+        return Reference(
+            metric,
+            batch,
+            len(prepared),
+            tokens=tokens,
+            positions=positions,
+            reference="the exact model's greedy continuation (teacher-forced)",
+            greedy=greedy.to(m.device),
+            valid=valid.to(m.device),
+        )
     batch, _ = pad_batch(prepared)
     ref = Reference(metric, batch, len(prepared))
     if metric == "embedding_cosine":
@@ -289,4 +308,3 @@ def _teacher_forced(item: BoundaryState, continuation: list[int], device: torch.
     if "token_type_ids" in item:
         out["token_type_ids"] = torch.cat([item["token_type_ids"], torch.zeros_like(extra)], dim=1)
     return out
-

@@ -36,6 +36,10 @@ def detect(device: torch.device, label: str = "") -> Hardware:
         gpu = torch.cuda.get_device_name(device)
     return Hardware(
         device=device.type,  # type: ignore[arg-type]  # pydantic refuses a device other than cpu/cuda
-        cpu=cpu_model(), cores=usable_cores(), torch_threads=torch.get_num_threads(),
-        gpu=gpu, torch_version=torch.__version__, label=label,
+        cpu=cpu_model(),
+        cores=usable_cores(),
+        torch_threads=torch.get_num_threads(),
+        gpu=gpu,
+        torch_version=torch.__version__,
+        label=label,
     )

@@ -28,7 +28,6 @@ from typing import Callable, Optional
 import torch
 
 from aiflow_cli import codec as codec_mod
-from aiflow_cli.timing import median_ms, work_clock
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import StagedModel, load_model
 from aiflow_cli.models.state import BoundaryState, is_codec_tensor, role_of, state_bytes
@@ -47,6 +46,7 @@ from aiflow_cli.profile.schema import (
     Settings,
     StageProfile,
 )
+from aiflow_cli.timing import median_ms, work_clock
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: called as the work advances (for a progress bar)."""
@@ -85,9 +85,20 @@ def _same_state(a: BoundaryState, b: BoundaryState) -> bool:
 
 
 class _Profiler:
-    def __init__(self, m: StagedModel, *, batch: int, seq_len: Optional[int], image_size: Optional[int],
-                 decode_tokens: int, codecs: list[str], repeats: int, warmup: int, progress: Progress,
-                 fidelity_cuts: set[int]):
+    def __init__(
+        self,
+        m: StagedModel,
+        *,
+        batch: int,
+        seq_len: Optional[int],
+        image_size: Optional[int],
+        decode_tokens: int,
+        codecs: list[str],
+        repeats: int,
+        warmup: int,
+        progress: Progress,
+        fidelity_cuts: set[int],
+    ):
         self.m, self.batch, self.repeats, self.warmup = m, batch, repeats, warmup
         self.codecs, self.decode_tokens, self.progress = codecs, decode_tokens, progress
         self.seq_len = seq_len if seq_len is not None else m.adapter.default_seq_len()
@@ -172,8 +183,16 @@ class _Profiler:
             if role == "hidden" and step_state is not None and name in step_state:
                 st = step_state[name]
                 step_bytes = st.numel() * st.element_size()
-            tensors.append(CutTensor(name=name, role=role, dtype=_dtype_name(t), shape=list(t.shape),
-                                     bytes=t.numel() * t.element_size(), decode_step_bytes=step_bytes))
+            tensors.append(
+                CutTensor(
+                    name=name,
+                    role=role,
+                    dtype=_dtype_name(t),
+                    shape=list(t.shape),
+                    bytes=t.numel() * t.element_size(),
+                    decode_step_bytes=step_bytes,
+                )
+            )
         # the part of a decode step's state that crosses: everything but side tensors (kept by the receiver)
         step_cross = None if step_state is None else {n: t for n, t in step_state.items() if role_of(n) != "side"}
 
@@ -189,8 +208,11 @@ class _Profiler:
             if step_cross is not None:
                 step_bytes = sum(len(f) for _, f in _frames(step_cross, spec))
             results[spec] = CodecResult(
-                bytes=sum(len(f) for _, f in frames), decode_step_bytes=step_bytes,
-                encode_ms=enc_ms, decode_ms=dec_ms, fidelity=fidelity[spec],
+                bytes=sum(len(f) for _, f in frames),
+                decode_step_bytes=step_bytes,
+                encode_ms=enc_ms,
+                decode_ms=dec_ms,
+                fidelity=fidelity[spec],
             )
         return CutProfile(after_stage=k, tensors=tensors, activation_bytes=state_bytes(state), codecs=results)
 
@@ -229,8 +251,10 @@ def _endpoints(m: StagedModel, inputs: BoundaryState, final: BoundaryState, batc
         out = Endpoint(bytes=token_bytes, decode_step_bytes=token_bytes, description=m.adapter.output_description())
     else:
         t = m.output(final)
-        out = Endpoint(bytes=t.numel() * t.element_size(),
-                       description=f"{m.adapter.output_description()} {list(t.shape)} {_dtype_name(t)}")
+        out = Endpoint(
+            bytes=t.numel() * t.element_size(),
+            description=f"{m.adapter.output_description()} {list(t.shape)} {_dtype_name(t)}",
+        )
     return inp, out
 
 
@@ -243,8 +267,9 @@ def _measured_cuts(spec: Optional[list[int] | str], n_cuts: int) -> set[int]:
         except ValueError:
             step = 0
         if not spec.startswith("every:") or step < 1:
-            raise InputError(f"fidelity_cuts={spec!r}: give cut indices like 0,4,8, or every:N with N >= 1",
-                         param="fidelity_cuts")
+            raise InputError(
+                f"fidelity_cuts={spec!r}: give cut indices like 0,4,8, or every:N with N >= 1", param="fidelity_cuts"
+            )
         return set(range(0, n_cuts, step)) | {n_cuts - 1}
     return set(spec)
 
@@ -299,8 +324,10 @@ def profile_model(
     if decode_tokens < 0:
         raise InputError(f"decode_tokens={decode_tokens}: must be >= 0", param="decode_tokens")
     if decode_tokens and not m.generates:
-        raise InputError(f"decode_tokens={decode_tokens}: applies to generating models; {m.name} is a {m.task} model",
-                         param="decode_tokens")
+        raise InputError(
+            f"decode_tokens={decode_tokens}: applies to generating models; {m.name} is a {m.task} model",
+            param="decode_tokens",
+        )
     n_cuts = m.num_stages - 1
     measured = _measured_cuts(fidelity_cuts, n_cuts)
     bad = sorted(k for k in measured if not 0 <= k < n_cuts)
@@ -308,8 +335,18 @@ def profile_model(
         raise InputError(f"fidelity_cuts={bad[0]}: {m.name} has cuts 0..{n_cuts - 1}", param="fidelity_cuts")
     progress("loading model", 1, 1)
 
-    p = _Profiler(m, batch=batch, seq_len=seq_len, image_size=image_size, decode_tokens=decode_tokens,
-                  codecs=specs, repeats=repeats, warmup=warmup, progress=progress, fidelity_cuts=measured)
+    p = _Profiler(
+        m,
+        batch=batch,
+        seq_len=seq_len,
+        image_size=image_size,
+        decode_tokens=decode_tokens,
+        codecs=specs,
+        repeats=repeats,
+        warmup=warmup,
+        progress=progress,
+        fidelity_cuts=measured,
+    )
     states, peaks, prefill_times = p.prefill()
     decode_times, step_states = p.decode()
     t_fid = time.perf_counter()
@@ -319,31 +356,57 @@ def profile_model(
     stages = []
     for i, spec in enumerate(m.stages):
         dt = decode_times[i]
-        stages.append(StageProfile(
-            index=i, name=spec.name, kind=spec.kind, param_bytes=m.stage_param_bytes(i),
-            prefill_ms=statistics.median(prefill_times[i]), prefill_p90_ms=_p(prefill_times[i], 0.9),
-            decode_ms=statistics.median(dt) if dt else None, decode_p90_ms=_p(dt, 0.9) if dt else None,
-            peak_activation_bytes=peaks[i],
-        ))
+        stages.append(
+            StageProfile(
+                index=i,
+                name=spec.name,
+                kind=spec.kind,
+                param_bytes=m.stage_param_bytes(i),
+                prefill_ms=statistics.median(prefill_times[i]),
+                prefill_p90_ms=_p(prefill_times[i], 0.9),
+                decode_ms=statistics.median(dt) if dt else None,
+                decode_p90_ms=_p(dt, 0.9) if dt else None,
+                peak_activation_bytes=peaks[i],
+            )
+        )
     cuts = []
     for k in range(n_cuts):
         cuts.append(p.cut(k, states[k], step_states.get(k)))
         progress("codecs and fidelity per cut", k + 1, n_cuts)
     calibrated = ref.metric != "output_cosine"
     calibration = Calibration(
-        metric=ref.metric, source="calibration set" if calibrated else "random inputs",
-        hash=load_calibration().hash if calibrated else None, items=ref.items, tokens=ref.tokens,
-        reference=ref.reference, reference_min=ref.reference_min, measured_cuts=sorted(measured),
+        metric=ref.metric,
+        source="calibration set" if calibrated else "random inputs",
+        hash=load_calibration().hash if calibrated else None,
+        items=ref.items,
+        tokens=ref.tokens,
+        reference=ref.reference,
+        reference_min=ref.reference_min,
+        measured_cuts=sorted(measured),
         wall_s=time.perf_counter() - t_fid,
     )
 
     inp, out = _endpoints(m, p.inputs, states[-1], batch)
     settings = Settings(
-        dtype=str(m.dtype).removeprefix("torch."), batch=batch, seq_len=p.seq_len, image_size=p.image_size,
-        decode_tokens=decode_tokens, repeats=repeats, warmup=warmup,
+        dtype=str(m.dtype).removeprefix("torch."),
+        batch=batch,
+        seq_len=p.seq_len,
+        image_size=p.image_size,
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+        warmup=warmup,
     )
     return ModelProfile(
-        model=m.name, model_hash=m.model_hash, family=m.family, task=m.task, hardware=detect(m.device, label),
-        settings=settings, input=inp, output=out, stages=stages, cuts=cuts, calibration=calibration,
+        model=m.name,
+        model_hash=m.model_hash,
+        family=m.family,
+        task=m.task,
+        hardware=detect(m.device, label),
+        settings=settings,
+        input=inp,
+        output=out,
+        stages=stages,
+        cuts=cuts,
+        calibration=calibration,
         profile_wall_s=time.perf_counter() - t_start,
     )

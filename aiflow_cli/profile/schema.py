@@ -91,8 +91,12 @@ class Fidelity(Strict):
 
     mean: float = Field(ge=-1.0, le=1.0 + 1e-6, description="metric, mean over calibration items")
     min: float = Field(ge=-1.0, le=1.0 + 1e-6, description="metric, lowest calibration item")
-    kl_mean: Optional[float] = Field(default=None, ge=0, description="LMs: next-token KL(exact || coded), nats, mean over positions")
-    cosine: Optional[float] = Field(default=None, ge=-1.0, le=1.0 + 1e-6, description="cosine of the end output rows (logits or embeddings), mean")
+    kl_mean: Optional[float] = Field(
+        default=None, ge=0, description="LMs: next-token KL(exact || coded), nats, mean over positions"
+    )
+    cosine: Optional[float] = Field(
+        default=None, ge=-1.0, le=1.0 + 1e-6, description="cosine of the end output rows (logits or embeddings), mean"
+    )
     max_abs_error: Optional[float] = Field(default=None, ge=0)
 
     @model_validator(mode="after")
@@ -109,10 +113,16 @@ class Calibration(Strict):
     source: str = Field(description="'calibration set' (aiflow_cli/assets/calibration) or 'random inputs'")
     hash: Optional[str] = Field(default=None, description="sha256 (16 hex) of the calibration files used")
     items: int = Field(ge=1, description="calibration items (prompts, images, sentences)")
-    tokens: Optional[int] = Field(default=None, ge=1, description="generation: continuation tokens per item, teacher-forced")
+    tokens: Optional[int] = Field(
+        default=None, ge=1, description="generation: continuation tokens per item, teacher-forced"
+    )
     reference: str = Field(description="what outputs are compared with, e.g. sentence-transformers encode()")
-    reference_min: Optional[float] = Field(default=None, description="the exact model against that reference, lowest item (1: identical)")
-    measured_cuts: list[int] = Field(description="cuts where lossy codecs were measured; elsewhere only lossless ones are listed")
+    reference_min: Optional[float] = Field(
+        default=None, description="the exact model against that reference, lowest item (1: identical)"
+    )
+    measured_cuts: list[int] = Field(
+        description="cuts where lossy codecs were measured; elsewhere only lossless ones are listed"
+    )
     wall_s: float = Field(ge=0, description="time spent measuring fidelity")
 
 

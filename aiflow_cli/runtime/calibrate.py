@@ -40,8 +40,16 @@ TOKENS = 8
 WARMUP = 3
 SCHEMA_VERSION = 1
 #: The calibration link: the emulator's timer and relay, with nothing to serialise against.
-CALIBRATION_LINK = LinkProfile(name="calibration", source="aiflow calibration (no rate limit)", uplink_mbps=10_000.0,
-                               downlink_mbps=10_000.0, rtt_ms=RTT_MS, jitter_ms=0.0, loss_pct=0.0, queue_ms=100.0)
+CALIBRATION_LINK = LinkProfile(
+    name="calibration",
+    source="aiflow calibration (no rate limit)",
+    uplink_mbps=10_000.0,
+    downlink_mbps=10_000.0,
+    rtt_ms=RTT_MS,
+    jitter_ms=0.0,
+    loss_pct=0.0,
+    queue_ms=100.0,
+)
 
 
 def calibration_path() -> Path:
@@ -119,9 +127,14 @@ def measure(log: Callable[[str], None] = lambda s: None, workdir: Optional[Path]
         d = Path(tmp)
         log(f"calibrate: profiling {MODEL}")
         prof = profile_model(MODEL, repeats=1, warmup=0, codecs=["raw"])
-        plan = solve({"*": prof}, {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},
-                     objective="generate", tokens=TOKENS, speeds={"device": 1.0, "edge": 1.0, "cloud": 1.0},
-                     limits=Limits(require=frozenset({"device", "edge", "cloud"}), codecs=("raw",)))
+        plan = solve(
+            {"*": prof},
+            {"device-edge": load_link("lan"), "edge-cloud": load_link("lan")},
+            objective="generate",
+            tokens=TOKENS,
+            speeds={"device": 1.0, "edge": 1.0, "cloud": 1.0},
+            limits=Limits(require=frozenset({"device", "edge", "cloud"}), codecs=("raw",)),
+        )
         save_plan(plan, d / "plan.json")
         log("calibrate: starting edge and cloud (device-edge through the emulator, edge-cloud direct)")
         with LocalCluster(d / "plan.json", d, links={"device-edge": CALIBRATION_LINK}) as c:
@@ -150,10 +163,17 @@ def measure(log: Callable[[str], None] = lambda s: None, workdir: Optional[Path]
                     fresh.close()
     h, we, wd = _median(handoff), _median(wire_e), _median(wire_d)
     return Calibration(
-        emulated_message_ms=round(h + we, 3), direct_message_ms=round(h + wd, 3), handshake_ms=round(_median(hs), 3),
-        handoff_ms=round(h, 3), emulated_wire_ms=round(we, 3), direct_wire_ms=round(wd, 3), requests=REQUESTS,
-        messages_per_request=messages, load_avg_1min=round(os.getloadavg()[0], 2),
-        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        emulated_message_ms=round(h + we, 3),
+        direct_message_ms=round(h + wd, 3),
+        handshake_ms=round(_median(hs), 3),
+        handoff_ms=round(h, 3),
+        emulated_wire_ms=round(we, 3),
+        direct_wire_ms=round(wd, 3),
+        requests=REQUESTS,
+        messages_per_request=messages,
+        load_avg_1min=round(os.getloadavg()[0], 2),
+        measured_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
 
 
 def calibrate(*, force: bool = False, log: Callable[[str], None] = lambda s: None) -> Calibration:
@@ -161,13 +181,17 @@ def calibrate(*, force: bool = False, log: Callable[[str], None] = lambda s: Non
     if not force:
         cal = load_calibration()
         if cal is not None:
-            log(f"calibration: cached {calibration_path()} (message {cal.emulated_message_ms:.2f} ms emulated, "
-                f"{cal.direct_message_ms:.2f} ms direct; handshake {cal.handshake_ms:.1f} ms + 1 RTT)")
+            log(
+                f"calibration: cached {calibration_path()} (message {cal.emulated_message_ms:.2f} ms emulated, "
+                f"{cal.direct_message_ms:.2f} ms direct; handshake {cal.handshake_ms:.1f} ms + 1 RTT)"
+            )
             return cal
     cal = measure(log)
     path = calibration_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cal.to_json(), indent=2) + "\n")
-    log(f"calibration: message {cal.emulated_message_ms:.2f} ms emulated, {cal.direct_message_ms:.2f} ms direct; "
-        f"handshake {cal.handshake_ms:.1f} ms + 1 RTT (stored in {path})")
+    log(
+        f"calibration: message {cal.emulated_message_ms:.2f} ms emulated, {cal.direct_message_ms:.2f} ms direct; "
+        f"handshake {cal.handshake_ms:.1f} ms + 1 RTT (stored in {path})"
+    )
     return cal

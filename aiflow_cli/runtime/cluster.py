@@ -47,9 +47,18 @@ class LocalCluster:
     its cores, or every op waits for a descheduled OpenMP thread; see docs/runtime.md).
     """
 
-    def __init__(self, plan_path: str | Path, workdir: str | Path, *, links: Optional[dict[str, Any]] = None,
-                 speeds: Optional[dict[str, float]] = None, cache_mib: int = 1024, seed: int = 0,
-                 threads: Optional[int] = 1, dilation: float = 1.0):
+    def __init__(
+        self,
+        plan_path: str | Path,
+        workdir: str | Path,
+        *,
+        links: Optional[dict[str, Any]] = None,
+        speeds: Optional[dict[str, float]] = None,
+        cache_mib: int = 1024,
+        seed: int = 0,
+        threads: Optional[int] = 1,
+        dilation: float = 1.0,
+    ):
         self.plan_path = Path(plan_path)
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -69,10 +78,18 @@ class LocalCluster:
 
     def start_tier(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierProcess:
         """Starts (or restarts, on the same ``listen``) one server tier."""
-        spec = TierSpec(role=tier, plan_path=str(self.plan_path), identity_dir=str(self.keys[tier].cert_path.parent),
-                        trust=tuple(self.fingerprints()), listen=listen, next_addr=next_addr,
-                        speed=self.speeds.get(tier, 1.0), cache_limit_bytes=self.cache_mib << 20,
-                        threads=self.threads, dilation=self.dilation)
+        spec = TierSpec(
+            role=tier,
+            plan_path=str(self.plan_path),
+            identity_dir=str(self.keys[tier].cert_path.parent),
+            trust=tuple(self.fingerprints()),
+            listen=listen,
+            next_addr=next_addr,
+            speed=self.speeds.get(tier, 1.0),
+            cache_limit_bytes=self.cache_mib << 20,
+            threads=self.threads,
+            dilation=self.dilation,
+        )
         proc = TierProcess(spec, self.workdir / f"{tier}.log")
         self.servers[tier] = proc
         return proc
@@ -104,8 +121,9 @@ class LocalCluster:
         """A device :class:`Pipeline` connected to the edge (through its emulator if any)."""
         kw.setdefault("speed", self.speeds.get("device", 1.0))
         kw.setdefault("dilation", self.dilation)
-        return Pipeline(self.plan_path, edge=self.addresses["edge"], identity=self.keys["device"],
-                        trust=self.fingerprints(), **kw)
+        return Pipeline(
+            self.plan_path, edge=self.addresses["edge"], identity=self.keys["device"], trust=self.fingerprints(), **kw
+        )
 
     def set_link(self, link: str, profile: LinkProfile | str) -> str:
         """Swaps the emulator of ``link`` for one of ``profile`` on the same address, so the servers keep running

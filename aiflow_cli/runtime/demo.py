@@ -93,8 +93,9 @@ def profile_cache_dir() -> Path:
     return Path(os.environ.get("AIFLOW_CACHE_DIR", Path.home() / ".cache" / "aiflow")) / "profiles"
 
 
-def cached_profile(model: str, log: Callable[[str], None], inputs: Optional[dict[str, Any]] = None,
-                   max_new_tokens: int = 0) -> ModelProfile:
+def cached_profile(
+    model: str, log: Callable[[str], None], inputs: Optional[dict[str, Any]] = None, max_new_tokens: int = 0
+) -> ModelProfile:
     """This machine's profile of ``model`` at the current torch thread count, measured once per model hash,
     thread count and request shape and kept in :func:`profile_cache_dir`. For a text request (``inputs``), the
     prefill is profiled at the prompt's length and the decode step at the KV length half-way through the
@@ -107,14 +108,16 @@ def cached_profile(model: str, log: Callable[[str], None], inputs: Optional[dict
         if stages.generates:
             decode_tokens = seq_len + max(max_new_tokens // 2, 1)
     shape = "" if seq_len is None else f"-s{seq_len}" + ("" if decode_tokens is None else f"d{decode_tokens}")
-    path = profile_cache_dir() / (f"{_safe(model)}-{stages.model_hash[:12]}-t{torch.get_num_threads()}{shape}"
-                                  f"-v{PROFILE_CACHE_VERSION}.json")
+    path = profile_cache_dir() / (
+        f"{_safe(model)}-{stages.model_hash[:12]}-t{torch.get_num_threads()}{shape}-v{PROFILE_CACHE_VERSION}.json"
+    )
     if path.is_file():
         log(f"profile: cached {path}")
         return load_profile(str(path))
     log(f"profile: measuring {model} on this CPU (once; cached in {path.parent})")
-    prof = profile_model(model, repeats=3, label="this-cpu", seq_len=seq_len, decode_tokens=decode_tokens,
-                         **PROFILE_FIDELITY)
+    prof = profile_model(
+        model, repeats=3, label="this-cpu", seq_len=seq_len, decode_tokens=decode_tokens, **PROFILE_FIDELITY
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     save_profile(prof, path)
     return prof
@@ -214,8 +217,14 @@ class PlacementRun:
         return float(statistics.median(t.result.total_ms for t in self.warm))
 
 
-def run_placement(name: str, plan: Plan, cfg: DemoConfig, inputs: dict[str, Any], links: dict[str, LinkProfile],
-                  log: Callable[[str], None]) -> PlacementRun:
+def run_placement(
+    name: str,
+    plan: Plan,
+    cfg: DemoConfig,
+    inputs: dict[str, Any],
+    links: dict[str, LinkProfile],
+    log: Callable[[str], None],
+) -> PlacementRun:
     """Starts the tiers ``plan`` needs (none when the device runs every stage), times one cold request, one
     warm-up and ``cfg.repeats`` warm requests."""
     d = cfg.dilation
@@ -235,12 +244,20 @@ def run_placement(name: str, plan: Plan, cfg: DemoConfig, inputs: dict[str, Any]
     if runs_locally(plan):
         keys = identities(cfg.workdir)
         log(f"{name}: the device runs every stage ({d.factor / cfg.device_speed:g}x stretched)")
-        with Pipeline(plan, edge=None, identity=keys["device"], trust=[], speed=cfg.device_speed,
-                      dilation=d.factor, timeout_s=timeout_s) as p:
+        with Pipeline(
+            plan,
+            edge=None,
+            identity=keys["device"],
+            trust=[],
+            speed=cfg.device_speed,
+            dilation=d.factor,
+            timeout_s=timeout_s,
+        ) as p:
             return measure(p, lambda: [p.node.describe()])
     log(f"{name}: starting edge and cloud for {plan.summary()}")
-    with LocalCluster(plan_path, cfg.workdir, links=d.links(links), speeds=cfg.speeds, threads=cfg.threads,
-                      dilation=d.factor) as c:
+    with LocalCluster(
+        plan_path, cfg.workdir, links=d.links(links), speeds=cfg.speeds, threads=cfg.threads, dilation=d.factor
+    ) as c:
         with c.pipeline(timeout_s=timeout_s) as p:
             log(f"{name}: cold request, warm-up, {cfg.repeats} warm requests")
             return measure(p, p.hello)
@@ -258,8 +275,14 @@ def _reference(full, inputs: dict[str, Any], n: int):
     return full.output(full.run(full.prepare(**local)))
 
 
-def strategy_entry(plan: Plan, run: PlacementRun, reference: Optional[torch.Tensor], floor: Optional[float],
-                   measured_as: Optional[str], decode_start: int) -> dict[str, Any]:
+def strategy_entry(
+    plan: Plan,
+    run: PlacementRun,
+    reference: Optional[torch.Tensor],
+    floor: Optional[float],
+    measured_as: Optional[str],
+    decode_start: int,
+) -> dict[str, Any]:
     """One strategy of the JSON: measured (emulated ms) beside predicted."""
     m = run.median
     r = m.result
@@ -267,14 +290,20 @@ def strategy_entry(plan: Plan, run: PlacementRun, reference: Optional[torch.Tens
     n = r.tokens.shape[1] if r.tokens is not None else 0
     links = {k: {"up": v.bytes_up, "down": v.bytes_down, "messages": v.messages} for k, v in r.timings.links.items()}
     e: dict[str, Any] = {
-        "plan": plan.summary(), "measured_as": measured_as,
-        "warm_ms": round(warm, 2), "samples_ms": [round(t.result.total_ms, 2) for t in run.warm],
+        "plan": plan.summary(),
+        "measured_as": measured_as,
+        "warm_ms": round(warm, 2),
+        "samples_ms": [round(t.result.total_ms, 2) for t in run.warm],
         "predicted_ms": round(predicted_ms(plan, n or None), 2),
         "prediction_error": round((predicted_ms(plan, n or None) - warm) / warm, 4),
-        "ttft_ms": round(m.ttft_ms, 2), "predicted_ttft_ms": round(predicted_ttft_ms(plan, decode_start), 2),
+        "ttft_ms": round(m.ttft_ms, 2),
+        "predicted_ttft_ms": round(predicted_ttft_ms(plan, decode_start), 2),
         "tokens_per_s": round(n / (warm / 1e3), 2) if n else None,
-        "cold_ms": round(run.cold.result.total_ms, 2), "predicted_cold_ms": round(predicted_cold_ms(plan, n or None), 2),
-        "links": links, "timings": r.timings.to_json(), "tiers": run.tiers,
+        "cold_ms": round(run.cold.result.total_ms, 2),
+        "predicted_cold_ms": round(predicted_cold_ms(plan, n or None), 2),
+        "links": links,
+        "timings": r.timings.to_json(),
+        "tiers": run.tiers,
     }
     if r.tokens is not None:
         e["tokens"] = r.tokens.tolist()
@@ -282,8 +311,9 @@ def strategy_entry(plan: Plan, run: PlacementRun, reference: Optional[torch.Tens
         if reference is not None:
             e["agreement"] = agreement(r.tokens, reference)
     elif r.output is not None and reference is not None:
-        e["agreement"] = float(torch.nn.functional.cosine_similarity(r.output.flatten().double(),
-                                                                     reference.flatten().double(), dim=0))
+        e["agreement"] = float(
+            torch.nn.functional.cosine_similarity(r.output.flatten().double(), reference.flatten().double(), dim=0)
+        )
     if floor is not None and "agreement" in e:
         e["below_floor"] = e["agreement"] < floor
     return e
@@ -301,14 +331,23 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     inputs = request_input(full.task, cfg)
     prof = cached_profile(cfg.model, log, inputs, cfg.max_new_tokens)
     links = {"device-edge": load_link(cfg.uplink), "edge-cloud": load_link(cfg.wan)}
-    solved = solve_strategies(prof, links, cfg.speeds, tokens=cfg.max_new_tokens, input_bytes=upload_bytes(inputs),
-                              overheads=overheads, min_fidelity=cfg.min_fidelity)
+    solved = solve_strategies(
+        prof,
+        links,
+        cfg.speeds,
+        tokens=cfg.max_new_tokens,
+        input_bytes=upload_bytes(inputs),
+        overheads=overheads,
+        min_fidelity=cfg.min_fidelity,
+    )
     plans = {k: v for k, v in solved.items() if isinstance(v, Plan)}
     if OPTIMAL not in plans:
         err = solved.get(OPTIMAL)
         raise err if isinstance(err, PlanError) else PlanError("no aiflow plan")
-    log(f"plan ({cfg.uplink} to the edge, {cfg.wan} to the cloud; tiers {cfg.device_speed:g}x / {cfg.edge_speed:g}x "
-        f"/ {cfg.cloud_speed:g}x, {cfg.dilation.label()}): {plans[OPTIMAL].summary()}")
+    log(
+        f"plan ({cfg.uplink} to the edge, {cfg.wan} to the cloud; tiers {cfg.device_speed:g}x / {cfg.edge_speed:g}x "
+        f"/ {cfg.cloud_speed:g}x, {cfg.dilation.label()}): {plans[OPTIMAL].summary()}"
+    )
     runs: dict[tuple, PlacementRun] = {}
     first: dict[tuple, str] = {}
     for name, plan in plans.items():
@@ -320,20 +359,29 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
             log(f"{name}: same placement as {first[key]} (measured once)")
     reference = _reference(full, inputs, cfg.max_new_tokens)
     out: dict[str, Any] = {
-        "model": cfg.model, "task": full.task, "has_tokenizer": full.has_tokenizer, "input": {k: str(v) for k, v in inputs.items()},
-        "links": {"device-edge": cfg.uplink, "edge-cloud": cfg.wan}, "speeds": cfg.speeds,
-        "dilation": cfg.dilation.factor, "time": "emulated ms: measured / dilation" if cfg.dilation.active else "ms",
+        "model": cfg.model,
+        "task": full.task,
+        "has_tokenizer": full.has_tokenizer,
+        "input": {k: str(v) for k, v in inputs.items()},
+        "links": {"device-edge": cfg.uplink, "edge-cloud": cfg.wan},
+        "speeds": cfg.speeds,
+        "dilation": cfg.dilation.factor,
+        "time": "emulated ms: measured / dilation" if cfg.dilation.active else "ms",
         "cloud_speed_note": CLOUD_SPEED_NOTE if cfg.cloud_speed > 1 else "",
-        "max_new_tokens": cfg.max_new_tokens, "min_fidelity": cfg.min_fidelity,
-        "overheads": {"message_ms": overheads.message_ms, "handshake_ms": overheads.handshake_ms,
-                      "source": overheads.source},
-        "strategies": {}, "infeasible": {k: str(v) for k, v in solved.items() if not isinstance(v, Plan)},
+        "max_new_tokens": cfg.max_new_tokens,
+        "min_fidelity": cfg.min_fidelity,
+        "overheads": {
+            "message_ms": overheads.message_ms,
+            "handshake_ms": overheads.handshake_ms,
+            "source": overheads.source,
+        },
+        "strategies": {},
+        "infeasible": {k: str(v) for k, v in solved.items() if not isinstance(v, Plan)},
     }
     for name, plan in plans.items():
         key = placement_key(plan)
         note = None if first[key] == name else f"same placement as {first[key]}"
-        out["strategies"][name] = strategy_entry(plan, runs[key], reference, cfg.min_fidelity, note,
-                                                 full.decode_start)
+        out["strategies"][name] = strategy_entry(plan, runs[key], reference, cfg.min_fidelity, note, full.decode_start)
     out["verdict"] = verdict(out["strategies"])
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     return out
@@ -343,7 +391,9 @@ def verdict(strategies: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Whether aiflow measured fastest, or tied within the noise of the warm samples (the larger of 5 % and the
     spread of either run's samples)."""
     a = strategies[OPTIMAL]
-    others = {k: v for k, v in strategies.items() if k != OPTIMAL and v.get("measured_as") != f"same placement as {OPTIMAL}"}
+    others = {
+        k: v for k, v in strategies.items() if k != OPTIMAL and v.get("measured_as") != f"same placement as {OPTIMAL}"
+    }
     if not others:
         return {"fastest": True, "detail": "every strategy is the aiflow placement"}
     best_name = min(others, key=lambda k: others[k]["warm_ms"])
@@ -351,10 +401,17 @@ def verdict(strategies: dict[str, dict[str, Any]]) -> dict[str, Any]:
     spread = max(max(v["samples_ms"]) - min(v["samples_ms"]) for v in (a, b))
     tol = max(0.05 * b["warm_ms"], spread)
     ok = a["warm_ms"] <= b["warm_ms"] + tol
-    return {"fastest": ok, "best_other": best_name, "aiflow_ms": a["warm_ms"], "best_other_ms": b["warm_ms"],
-            "tolerance_ms": round(tol, 2),
-            "detail": (f"aiflow {a['warm_ms']:.0f} ms vs best other ({best_name}) {b['warm_ms']:.0f} ms, "
-                       f"noise {tol:.0f} ms: " + ("fastest or tied" if ok else "SLOWER: the cost model is wrong"))}
+    return {
+        "fastest": ok,
+        "best_other": best_name,
+        "aiflow_ms": a["warm_ms"],
+        "best_other_ms": b["warm_ms"],
+        "tolerance_ms": round(tol, 2),
+        "detail": (
+            f"aiflow {a['warm_ms']:.0f} ms vs best other ({best_name}) {b['warm_ms']:.0f} ms, "
+            f"noise {tol:.0f} ms: " + ("fastest or tied" if ok else "SLOWER: the cost model is wrong")
+        ),
+    }
 
 
 STRATEGY_ORDER = [s.name for s in STRATEGIES]

@@ -60,10 +60,16 @@ class Dilation:
         if not self.active:
             return link
         d = self.factor
-        return link.model_copy(update={
-            "name": f"{link.name}@x{d:g}", "uplink_mbps": link.uplink_mbps / d, "downlink_mbps": link.downlink_mbps / d,
-            "rtt_ms": link.rtt_ms * d, "jitter_ms": link.jitter_ms * d, "queue_ms": link.queue_ms * d,
-        })
+        return link.model_copy(
+            update={
+                "name": f"{link.name}@x{d:g}",
+                "uplink_mbps": link.uplink_mbps / d,
+                "downlink_mbps": link.downlink_mbps / d,
+                "rtt_ms": link.rtt_ms * d,
+                "jitter_ms": link.jitter_ms * d,
+                "queue_ms": link.queue_ms * d,
+            }
+        )
 
     def links(self, links: Mapping[str, LinkProfile]) -> dict[str, LinkProfile]:
         return {k: self.link(v) for k, v in links.items()}
@@ -76,9 +82,13 @@ class Dilation:
         """A copy of ``t`` with every time divided by ``factor`` (bytes and counts unchanged)."""
         out = Timings()
         for name, rec in t.tiers.items():
-            out.tiers[name] = dataclasses.replace(rec, **{f: getattr(rec, f) / self.factor for f in _MS_FIELDS[TierTiming]})
+            out.tiers[name] = dataclasses.replace(
+                rec, **{f: getattr(rec, f) / self.factor for f in _MS_FIELDS[TierTiming]}
+            )
         for name, link in t.links.items():
-            out.links[name] = dataclasses.replace(link, **{f: getattr(link, f) / self.factor for f in _MS_FIELDS[LinkTiming]})
+            out.links[name] = dataclasses.replace(
+                link, **{f: getattr(link, f) / self.factor for f in _MS_FIELDS[LinkTiming]}
+            )
         return out
 
     def result(self, r: RunResult) -> RunResult:

@@ -76,11 +76,16 @@ def check_speed(speed: float, dilation: float = 1.0) -> float:
         raise InputError(f"dilation={dilation}: must be >= 1 (1: no dilation)", param="dilation")
     if not 0 < speed <= dilation:
         if dilation == 1:
-            raise InputError(f"speed={speed}: without time dilation a tier can only be emulated slower than this "
-                             f"machine (0 < speed <= 1); for a faster one give dilation={speed:g} or more",
-                             param="speed,dilation")
-        raise InputError(f"speed={speed}: must be in (0, {dilation:g}] under dilation={dilation:g} (the fastest "
-                         f"tier runs at this CPU's real speed)", param="speed,dilation")
+            raise InputError(
+                f"speed={speed}: without time dilation a tier can only be emulated slower than this "
+                f"machine (0 < speed <= 1); for a faster one give dilation={speed:g} or more",
+                param="speed,dilation",
+            )
+        raise InputError(
+            f"speed={speed}: must be in (0, {dilation:g}] under dilation={dilation:g} (the fastest "
+            f"tier runs at this CPU's real speed)",
+            param="speed,dilation",
+        )
     return dilation / speed
 
 
@@ -94,9 +99,17 @@ class TierNode:
     ``D / speed``, so the fastest tier (``speed = D``) runs at this CPU's real speed; the figures the node
     reports are real (undilated) milliseconds, stretch included: divide by ``D`` for emulated time."""
 
-    def __init__(self, plan: Plan, tier: str, *, next_client: Optional[Client] = None, speed: float = 1.0,
-                 cache_limit_bytes: int = DEFAULT_CACHE_BYTES, model: Optional[StagedModel] = None,
-                 dilation: float = 1.0):
+    def __init__(
+        self,
+        plan: Plan,
+        tier: str,
+        *,
+        next_client: Optional[Client] = None,
+        speed: float = 1.0,
+        cache_limit_bytes: int = DEFAULT_CACHE_BYTES,
+        model: Optional[StagedModel] = None,
+        dilation: float = 1.0,
+    ):
         self.stretch = check_speed(speed, dilation)
         self.dilation = dilation
         self.plan = plan
@@ -108,10 +121,13 @@ class TierNode:
         self.index = names.index(tier)
         self.next_tier = names[self.index + 1] if self.index + 1 < len(names) else None
         self.stages = plan.stages_for(tier)
-        behind = [t.name for t in plan.tiers[self.index + 1:] if t.end > t.start]
+        behind = [t.name for t in plan.tiers[self.index + 1 :] if t.end > t.start]
         if behind and next_client is None:
-            raise InputError(f"{tier} must reach the next tier ({self.next_tier}): {', '.join(behind)} run stages "
-                             f"of this plan (give `next_client`)", param="next_client")
+            raise InputError(
+                f"{tier} must reach the next tier ({self.next_tier}): {', '.join(behind)} run stages "
+                f"of this plan (give `next_client`)",
+                param="next_client",
+            )
         self.next = next_client if behind else None
         self.link = f"{tier}-{self.next_tier}" if self.next_tier else ""
         self.speed = speed
@@ -130,9 +146,18 @@ class TierNode:
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
         """What ``hello`` reports about this tier."""
-        return TierInfo(self.tier, self.plan_hash, self.plan.model_hash, (self.stages.start, self.stages.stop),
-                        self.model.loaded_param_bytes(), rss_bytes(), round(self.load_ms, 1), self.speed, os.getpid(),
-                        self.dilation)
+        return TierInfo(
+            self.tier,
+            self.plan_hash,
+            self.plan.model_hash,
+            (self.stages.start, self.stages.stop),
+            self.model.loaded_param_bytes(),
+            rss_bytes(),
+            round(self.load_ms, 1),
+            self.speed,
+            os.getpid(),
+            self.dilation,
+        )
 
     def describe(self) -> dict[str, Any]:
         """:meth:`info` as a JSON-able dict."""
@@ -162,8 +187,15 @@ class TierNode:
             if isinstance(msg, Hello):
                 return protocol.encode(HelloReply((self.info(),) + self._hello_behind(deadline)))
             packed = PackedState(tensors=msg.tensors, frames=list(env.frames), encode_ms=0.0)
-            result = self.step((peer.fingerprint, env.session_id), msg.phase, msg.stage, Payload(packed=packed),
-                               max_new_tokens=msg.max_new_tokens, last=msg.last, deadline=deadline)
+            result = self.step(
+                (peer.fingerprint, env.session_id),
+                msg.phase,
+                msg.stage,
+                Payload(packed=packed),
+                max_new_tokens=msg.max_new_tokens,
+                last=msg.last,
+                deadline=deadline,
+            )
             result.timings.tier(self.tier).handle_ms += (time.perf_counter() - t0) * 1e3
             return self._reply(result)
         except Exception as e:  # every failure goes back as a reply; the server keeps serving
@@ -176,15 +208,26 @@ class TierNode:
         return protocol.encode(Result(result.timings, tokens, out.tensors if out else ()), out.frames if out else ())
 
     # -- one step -------------------------------------------------------------------------------------------
-    def step(self, key: SessionKey, phase: str, stage: int, payload: Payload, *, max_new_tokens: int = 0,
-             last: bool = True, deadline: float) -> StepResult:
+    def step(
+        self,
+        key: SessionKey,
+        phase: str,
+        stage: int,
+        payload: Payload,
+        *,
+        max_new_tokens: int = 0,
+        last: bool = True,
+        deadline: float,
+    ) -> StepResult:
         """Runs this tier's part of one step and everything behind it; see the module docstring."""
         computes = len(self.stages) > 0 and stage < self.stages.stop
         if not computes:
             return self._forward(key, phase, stage, payload, max_new_tokens, last, deadline, Timings())
         if stage < self.stages.start or stage > self.stages.stop or stage < 0:
-            raise PlanError(f"{self.tier}: got a state for stage {stage}, but runs stages "
-                            f"{self.stages.start}..{self.stages.stop - 1}")
+            raise PlanError(
+                f"{self.tier}: got a state for stage {stage}, but runs stages "
+                f"{self.stages.start}..{self.stages.stop - 1}"
+            )
         timings = Timings()
         mine = timings.tier(self.tier)
         mine.steps += 1
@@ -215,8 +258,9 @@ class TierNode:
                 mine.encode_ms += packed.encode_ms + self._stretch(t0, c0)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
-                result = self._forward(key, phase, self.stages.stop, Payload(packed=packed), max_new_tokens,
-                                       down_last, deadline, timings)
+                result = self._forward(
+                    key, phase, self.stages.stop, Payload(packed=packed), max_new_tokens, down_last, deadline, timings
+                )
             if session is not None:
                 self.sessions.done_step(key, session)
             if self.is_driver and phase == PREFILL:
@@ -227,12 +271,16 @@ class TierNode:
             if session is not None:
                 self.sessions.close(key)
             raise
-        ended = result.tokens is not None and bool(self.model.finished(result.tokens[:, -1:]).all())  # EOS: no next step
+        ended = result.tokens is not None and bool(
+            self.model.finished(result.tokens[:, -1:]).all()
+        )  # EOS: no next step
         if session is not None and (last or ended or (self.is_driver and phase == PREFILL)):
             self.sessions.close(key)
         return result
 
-    def _run_stages(self, stage: int, state: BoundaryState, cache, mine) -> tuple[BoundaryState, Optional[BoundaryState]]:
+    def _run_stages(
+        self, stage: int, state: BoundaryState, cache, mine
+    ) -> tuple[BoundaryState, Optional[BoundaryState]]:
         prompt = None
         t0, c0 = self._clocks()
         for i in range(stage, self.stages.stop):
@@ -280,18 +328,29 @@ class TierNode:
                 break
             step_in = self.model.next_inputs(step_in, tokens[-1].reshape(-1))
             session.step_inputs = step_in
-            r = self.step(key, DECODE, self.decode_start, Payload(state=step_in), deadline=deadline,
-                          last=n == max_new_tokens - 1)
+            r = self.step(
+                key, DECODE, self.decode_start, Payload(state=step_in), deadline=deadline, last=n == max_new_tokens - 1
+            )
             timings.merge(r.timings)
             tokens.append(r.tokens)
         return StepResult(tokens=torch.cat(tokens, dim=1), timings=timings)
 
     # -- the link to the next tier -----------------------------------------------------------------------------
-    def _forward(self, key: SessionKey, phase: str, stage: int, payload: Payload, max_new_tokens: int, last: bool,
-                 deadline: float, timings: Timings) -> StepResult:
+    def _forward(
+        self,
+        key: SessionKey,
+        phase: str,
+        stage: int,
+        payload: Payload,
+        max_new_tokens: int,
+        last: bool,
+        deadline: float,
+        timings: Timings,
+    ) -> StepResult:
         if self.next is None:
-            raise PlanError(f"{self.tier}: the state for stage {stage} has nowhere to go (no tier behind {self.tier} "
-                            f"runs stages)")
+            raise PlanError(
+                f"{self.tier}: the state for stage {stage} has nowhere to go (no tier behind {self.tier} runs stages)"
+            )
         packed = payload.packed
         if packed is None:  # a device that runs nothing uploads its raw input uncoded
             packed = pack_state(payload.state, self.model.roles(payload.state), "raw")

@@ -52,8 +52,11 @@ class RunResult:
     """Why the request finished locally (``fallback="local"``), or None."""
 
     def to_json(self, plan: Optional[Plan] = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"total_ms": round(self.total_ms, 3), "timings": self.timings.to_json(),
-                               "fallback": self.fallback}
+        out: dict[str, Any] = {
+            "total_ms": round(self.total_ms, 3),
+            "timings": self.timings.to_json(),
+            "fallback": self.fallback,
+        }
         if self.tokens is not None:
             out["tokens"] = self.tokens.tolist()
             out["text"] = self.text
@@ -72,8 +75,13 @@ def predicted(plan: Plan) -> dict[str, Any]:
     for d in (p.transfer_ms, p.rtt_ms):
         for k, v in d.items():
             links[k] = links.get(k, 0.0) + v
-    return {"total_ms": p.total_ms, "compute_ms": dict(p.compute_ms), "codec_ms": dict(p.codec_ms), "link_ms": links,
-            "tokens": p.tokens}
+    return {
+        "total_ms": p.total_ms,
+        "compute_ms": dict(p.compute_ms),
+        "codec_ms": dict(p.codec_ms),
+        "link_ms": links,
+        "tokens": p.tokens,
+    }
 
 
 def detokenize(model: StagedModel, tokens: torch.Tensor) -> list[str]:
@@ -88,9 +96,19 @@ class Pipeline:
     emulate another device (see :class:`TierNode`). Thread-safe for concurrent :meth:`run` calls.
     """
 
-    def __init__(self, plan: Plan | str | Path, *, edge: Optional[str], identity: Identity | str | Path,
-                 trust: Sequence[str | Identity], timeout_s: float = 60.0, fallback: Fallback = "none",
-                 speed: float = 1.0, limits: Optional[Limits] = None, dilation: float = 1.0):
+    def __init__(
+        self,
+        plan: Plan | str | Path,
+        *,
+        edge: Optional[str],
+        identity: Identity | str | Path,
+        trust: Sequence[str | Identity],
+        timeout_s: float = 60.0,
+        fallback: Fallback = "none",
+        speed: float = 1.0,
+        limits: Optional[Limits] = None,
+        dilation: float = 1.0,
+    ):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if fallback not in ("none", "local"):
             raise InputError(f"fallback={fallback!r}: choose none or local", param="fallback")
@@ -100,12 +118,21 @@ class Pipeline:
         client = None
         if upper:
             if not edge:
-                raise InputError(f"the plan runs stages on {', '.join(upper)}: give the edge's address (edge=HOST:PORT)", param="edge")
+                raise InputError(
+                    f"the plan runs stages on {', '.join(upper)}: give the edge's address (edge=HOST:PORT)",
+                    param="edge",
+                )
             client = Client(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.fallback = fallback
-        self.node = TierNode(self.plan, "device", next_client=client, speed=speed, cache_limit_bytes=DEFAULT_CACHE_BYTES,
-                             dilation=dilation)
+        self.node = TierNode(
+            self.plan,
+            "device",
+            next_client=client,
+            speed=speed,
+            cache_limit_bytes=DEFAULT_CACHE_BYTES,
+            dilation=dilation,
+        )
         self._local: Optional[StagedModel] = None
 
     @property
@@ -129,8 +156,14 @@ class Pipeline:
             image = decode_image_file(image_file_tensor(image))
         return self.model.prepare(text=text, image=image)
 
-    def run(self, *, text: Any = None, image: Any = None, inputs: Optional[BoundaryState] = None,
-            max_new_tokens: Optional[int] = None) -> RunResult:
+    def run(
+        self,
+        *,
+        text: Any = None,
+        image: Any = None,
+        inputs: Optional[BoundaryState] = None,
+        max_new_tokens: Optional[int] = None,
+    ) -> RunResult:
         """Runs one request (one of ``text``, ``image``, ``inputs``); generating models return ``max_new_tokens``
         tokens (default: the plan's, else 16)."""
         if inputs is None:
@@ -143,8 +176,15 @@ class Pipeline:
         key = ("local", random.getrandbits(63))
         t0 = time.perf_counter()
         try:
-            r = self.node.step(key, PREFILL, 0, Payload(state=inputs), max_new_tokens=n, last=n <= 1,
-                               deadline=time.monotonic() + self.timeout_s)
+            r = self.node.step(
+                key,
+                PREFILL,
+                0,
+                Payload(state=inputs),
+                max_new_tokens=n,
+                last=n <= 1,
+                deadline=time.monotonic() + self.timeout_s,
+            )
         except TransportError as e:
             if self.fallback != "local" or isinstance(e, PeerRejected):
                 raise
@@ -173,8 +213,14 @@ class Pipeline:
         timings.tier("device").compute_ms = (time.perf_counter() - t1) * 1e3
         total = (time.perf_counter() - t0) * 1e3
         timings.tier("device").handle_ms = total
-        return RunResult(tokens=tokens, output=output, text=detokenize(m, tokens) if tokens is not None else None,
-                         total_ms=total, timings=timings, fallback=reason)
+        return RunResult(
+            tokens=tokens,
+            output=output,
+            text=detokenize(m, tokens) if tokens is not None else None,
+            total_ms=total,
+            timings=timings,
+            fallback=reason,
+        )
 
     def close(self) -> None:
         if self.node.next is not None:

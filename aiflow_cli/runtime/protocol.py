@@ -51,9 +51,11 @@ DEFAULT_DEADLINE_MS = 60_000.0
 
 # -- field validation -------------------------------------------------------------------------------------------
 def _bad(kind: str, key: str, want: str, got: Any) -> TransportError:
-    return TransportError(f"malformed {kind} message: field {key!r} must be {want}, got {type(got).__name__}"
-                          f" {str(got)[:40]!r}" if got is not None else
-                          f"malformed {kind} message: field {key!r} ({want}) is missing")
+    return TransportError(
+        f"malformed {kind} message: field {key!r} must be {want}, got {type(got).__name__} {str(got)[:40]!r}"
+        if got is not None
+        else f"malformed {kind} message: field {key!r} ({want}) is missing"
+    )
 
 
 _WANT = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
@@ -108,13 +110,21 @@ class Hello:
     deadline_ms: float = DEFAULT_DEADLINE_MS
 
     def to_wire(self) -> dict:
-        return {"plan_hash": self.plan_hash, "model_hash": self.model_hash, "from": self.sender,
-                "deadline_ms": self.deadline_ms}
+        return {
+            "plan_hash": self.plan_hash,
+            "model_hash": self.model_hash,
+            "from": self.sender,
+            "deadline_ms": self.deadline_ms,
+        }
 
     @classmethod
     def from_wire(cls, meta: dict) -> "Hello":
-        return cls(_get(meta, HELLO, "plan_hash", str), _get(meta, HELLO, "model_hash", str),
-                   _get(meta, HELLO, "from", str), _num(meta, HELLO, "deadline_ms", DEFAULT_DEADLINE_MS))
+        return cls(
+            _get(meta, HELLO, "plan_hash", str),
+            _get(meta, HELLO, "model_hash", str),
+            _get(meta, HELLO, "from", str),
+            _num(meta, HELLO, "deadline_ms", DEFAULT_DEADLINE_MS),
+        )
 
 
 @dataclass(slots=True)
@@ -134,10 +144,18 @@ class TierInfo:
     dilation: float = 1.0
 
     def to_wire(self) -> dict:
-        return {"tier": self.tier, "plan_hash": self.plan_hash, "model_hash": self.model_hash,
-                "stages": [self.stages[0], self.stages[1]], "loaded_param_bytes": self.loaded_param_bytes,
-                "rss_bytes": self.rss_bytes, "load_ms": self.load_ms, "speed": self.speed, "pid": self.pid,
-                "dilation": self.dilation}
+        return {
+            "tier": self.tier,
+            "plan_hash": self.plan_hash,
+            "model_hash": self.model_hash,
+            "stages": [self.stages[0], self.stages[1]],
+            "loaded_param_bytes": self.loaded_param_bytes,
+            "rss_bytes": self.rss_bytes,
+            "load_ms": self.load_ms,
+            "speed": self.speed,
+            "pid": self.pid,
+            "dilation": self.dilation,
+        }
 
     to_json = to_wire
 
@@ -149,10 +167,18 @@ class TierInfo:
         stages = _get(meta, k, "stages", list)
         if len(stages) != 2 or not all(type(s) is int for s in stages):
             raise _bad(k, "stages", "[start, stop]", stages)
-        return cls(_get(meta, k, "tier", str), _get(meta, k, "plan_hash", str), _get(meta, k, "model_hash", str),
-                   (stages[0], stages[1]), _get(meta, k, "loaded_param_bytes", int), _get(meta, k, "rss_bytes", int),
-                   _num(meta, k, "load_ms"), _num(meta, k, "speed"), _get(meta, k, "pid", int),
-                   _num(meta, k, "dilation") if "dilation" in meta else 1.0)
+        return cls(
+            _get(meta, k, "tier", str),
+            _get(meta, k, "plan_hash", str),
+            _get(meta, k, "model_hash", str),
+            (stages[0], stages[1]),
+            _get(meta, k, "loaded_param_bytes", int),
+            _get(meta, k, "rss_bytes", int),
+            _num(meta, k, "load_ms"),
+            _num(meta, k, "speed"),
+            _get(meta, k, "pid", int),
+            _num(meta, k, "dilation") if "dilation" in meta else 1.0,
+        )
 
 
 @dataclass(slots=True)
@@ -188,9 +214,16 @@ class Infer:
     deadline_ms: float = DEFAULT_DEADLINE_MS
 
     def to_wire(self) -> dict:
-        return {"plan_hash": self.plan_hash, "from": self.sender, "phase": self.phase, "stage": self.stage,
-                "tensors": [t.to_wire() for t in self.tensors], "max_new_tokens": self.max_new_tokens,
-                "last": self.last, "deadline_ms": self.deadline_ms}
+        return {
+            "plan_hash": self.plan_hash,
+            "from": self.sender,
+            "phase": self.phase,
+            "stage": self.stage,
+            "tensors": [t.to_wire() for t in self.tensors],
+            "max_new_tokens": self.max_new_tokens,
+            "last": self.last,
+            "deadline_ms": self.deadline_ms,
+        }
 
     @classmethod
     def from_wire(cls, meta: dict) -> "Infer":
@@ -198,11 +231,22 @@ class Infer:
         g = meta.get
         ph, sender, phase, stage, tensors = g("plan_hash"), g("from"), g("phase"), g("stage"), g("tensors", [])
         new, last, dl = g("max_new_tokens", 0), g("last", True), g("deadline_ms", DEFAULT_DEADLINE_MS)
-        if (type(ph) is str and type(sender) is str and (phase == PREFILL or phase == DECODE) and type(stage) is int
-                and stage >= 0 and type(new) is int and new >= 0 and type(last) is bool
-                and (type(dl) is float or type(dl) is int) and dl == dl and type(tensors) is list):
-            return cls(ph, sender, phase, stage, tuple([TensorSpec.from_wire(t, INFER) for t in tensors]), new, last,
-                       float(dl))
+        if (
+            type(ph) is str
+            and type(sender) is str
+            and (phase == PREFILL or phase == DECODE)
+            and type(stage) is int
+            and stage >= 0
+            and type(new) is int
+            and new >= 0
+            and type(last) is bool
+            and (type(dl) is float or type(dl) is int)
+            and dl == dl
+            and type(tensors) is list
+        ):
+            return cls(
+                ph, sender, phase, stage, tuple([TensorSpec.from_wire(t, INFER) for t in tensors]), new, last, float(dl)
+            )
         phase = _get(meta, INFER, "phase", str)
         if phase not in PHASES:
             raise TransportError(f"malformed infer message: unknown phase {phase[:20]!r} (expected prefill or decode)")
@@ -210,9 +254,16 @@ class Infer:
         new = _get(meta, INFER, "max_new_tokens", int, 0)
         if stage < 0 or new < 0:
             raise TransportError(f"malformed infer message: stage {stage} and max_new_tokens {new} must be >= 0")
-        return cls(_get(meta, INFER, "plan_hash", str), _get(meta, INFER, "from", str), phase, stage,
-                   _tensors(meta, INFER), new, _get(meta, INFER, "last", bool, True),
-                   _num(meta, INFER, "deadline_ms", DEFAULT_DEADLINE_MS))
+        return cls(
+            _get(meta, INFER, "plan_hash", str),
+            _get(meta, INFER, "from", str),
+            phase,
+            stage,
+            _tensors(meta, INFER),
+            new,
+            _get(meta, INFER, "last", bool, True),
+            _num(meta, INFER, "deadline_ms", DEFAULT_DEADLINE_MS),
+        )
 
 
 @dataclass(slots=True)
@@ -236,8 +287,9 @@ class Result:
     @classmethod
     def from_wire(cls, meta: dict) -> "Result":
         tokens = meta.get("tokens")
-        if tokens is not None and not (type(tokens) is list and all(
-                type(row) is list and all(type(t) is int for t in row) for row in tokens)):
+        if tokens is not None and not (
+            type(tokens) is list and all(type(row) is list and all(type(t) is int for t in row) for row in tokens)
+        ):
             raise _bad(RESULT, "tokens", "a list of lists of token ids", tokens)
         try:
             timings = Timings.from_wire(meta.get("timings"))
@@ -271,8 +323,12 @@ class Error:
     def from_wire(cls, meta: dict) -> "Error":
         # lenient: an error must still reach the user when a field is off
         param = meta.get("param")
-        return cls(str(meta.get("error_kind", "RemoteError")), str(meta.get("message", "no message")),
-                   str(meta.get("tier", "?")), param if type(param) is str else None)
+        return cls(
+            str(meta.get("error_kind", "RemoteError")),
+            str(meta.get("message", "no message")),
+            str(meta.get("tier", "?")),
+            param if type(param) is str else None,
+        )
 
     def exception(self) -> AiflowError:
         """The error as the exception to raise (its class when it names one of :mod:`aiflow_cli.errors`)."""
@@ -307,8 +363,10 @@ def check_version(meta: dict) -> None:
     """Refuses a message of another protocol version (:class:`PeerRejected`, naming both versions)."""
     v = meta.get("v", 1)
     if v != PROTOCOL_VERSION:
-        raise PeerRejected(f"protocol version mismatch: this tier speaks version {PROTOCOL_VERSION}, the peer sent "
-                           f"version {str(v)[:20]}; run the same aiflow version on every tier")
+        raise PeerRejected(
+            f"protocol version mismatch: this tier speaks version {PROTOCOL_VERSION}, the peer sent "
+            f"version {str(v)[:20]}; run the same aiflow version on every tier"
+        )
 
 
 def decode(env: Message) -> AnyMessage:
@@ -323,8 +381,9 @@ def decode(env: Message) -> AnyMessage:
         check_version(meta)
     msg = cls.from_wire(meta)
     if cls in _WITH_FRAMES and len(msg.tensors) != len(env.frames):
-        raise TransportError(f"malformed {env.kind} message: it lists {len(msg.tensors)} tensors but carries "
-                             f"{len(env.frames)} frames")
+        raise TransportError(
+            f"malformed {env.kind} message: it lists {len(msg.tensors)} tensors but carries {len(env.frames)} frames"
+        )
     return msg
 
 

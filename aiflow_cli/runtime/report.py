@@ -39,10 +39,22 @@ def flow_table(plan: Plan, result: RunResult, title: str = "where the request we
         t.add_row(tier.name, runs, measured, f"{pred.compute_ms.get(tier.name, 0):.1f}", "", "")
     for name, link in tm.links.items():
         predicted = pred.transfer_ms.get(name, 0.0) + pred.rtt_ms.get(name, 0.0) + pred.message_ms.get(name, 0.0)
-        t.add_row(f"link {name}", f"{link.messages} msgs", f"{link.wire_ms:.1f}", f"{predicted:.1f}",
-                  _fmt_bytes(link.bytes_up), _fmt_bytes(link.bytes_down))
-    t.add_row("[bold]total[/]", result.fallback and "fallback: local" or plan.summary(), f"[bold]{result.total_ms:.1f}[/]",
-              f"{pred.total_ms:.1f}", "", "")
+        t.add_row(
+            f"link {name}",
+            f"{link.messages} msgs",
+            f"{link.wire_ms:.1f}",
+            f"{predicted:.1f}",
+            _fmt_bytes(link.bytes_up),
+            _fmt_bytes(link.bytes_down),
+        )
+    t.add_row(
+        "[bold]total[/]",
+        result.fallback and "fallback: local" or plan.summary(),
+        f"[bold]{result.total_ms:.1f}[/]",
+        f"{pred.total_ms:.1f}",
+        "",
+        "",
+    )
     return t
 
 
@@ -68,8 +80,13 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
         console.print(f"[bold]answer[/] (aiflow){' (' + what + ')' if what else ''}:", highlight=False)
         console.print(f"  {a['text'][0].strip()}", highlight=False, markup=False)
     gen = "ttft_ms" in a and a.get("tokens") is not None
-    t = Table(title=f"warm requests, median of {len(a['samples_ms'])} (ms{when})", title_justify="left",
-              box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    t = Table(
+        title=f"warm requests, median of {len(a['samples_ms'])} (ms{when})",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
     cols = ["strategy", "warm", "pred", "err"] + (["ttft", "pred", "err", "tok/s"] if gen else []) + ["agree"]
     for i, c in enumerate(cols):
         t.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
@@ -78,13 +95,22 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
         agree = "-" if e.get("agreement") is None else f"{e['agreement']:.3f}{flag}"
         row = [name, f"{e['warm_ms']:.0f}", f"{e['predicted_ms']:.0f}", _err(e["predicted_ms"], e["warm_ms"])]
         if gen:
-            row += [f"{e['ttft_ms']:.0f}", f"{e['predicted_ttft_ms']:.0f}", _err(e["predicted_ttft_ms"], e["ttft_ms"]),
-                    f"{e['tokens_per_s']:.1f}"]
+            row += [
+                f"{e['ttft_ms']:.0f}",
+                f"{e['predicted_ttft_ms']:.0f}",
+                _err(e["predicted_ttft_ms"], e["ttft_ms"]),
+                f"{e['tokens_per_s']:.1f}",
+            ]
         row += [agree]
         t.add_row(*row, style="bold" if name == OPTIMAL else None)
     console.print(t)
-    b = Table(title="cold first request (ms); KiB and messages per request on device-edge (d-e) and edge-cloud "
-                    "(e-c)", title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    b = Table(
+        title="cold first request (ms); KiB and messages per request on device-edge (d-e) and edge-cloud (e-c)",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
     for i, c in enumerate(["strategy", "cold", "pred", "d-e up", "down", "msgs", "e-c up", "down", "msgs"]):
         b.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
     for name, e in s.items():
@@ -101,24 +127,35 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
     for name, reason in out.get("infeasible", {}).items():
         console.print(f"  {name}: infeasible: {reason}", highlight=False)
     sp = out["speeds"]
-    console.print(f"tiers: device {sp['device']:g}x, edge {sp['edge']:g}x, cloud {sp['cloud']:g}x this CPU; links "
-                  f"{out['links']['device-edge']} + {out['links']['edge-cloud']}", highlight=False)
+    console.print(
+        f"tiers: device {sp['device']:g}x, edge {sp['edge']:g}x, cloud {sp['cloud']:g}x this CPU; links "
+        f"{out['links']['device-edge']} + {out['links']['edge-cloud']}",
+        highlight=False,
+    )
     if out["dilation"] > 1:
         d = out["dilation"]
-        console.print(f"time dilation x{d:g}: a tier of speed s ran with its compute stretched to {d:g}/s times its "
-                      f"CPU time, the links {d:g}x slower; every time above is measured / {d:g}", highlight=False)
+        console.print(
+            f"time dilation x{d:g}: a tier of speed s ran with its compute stretched to {d:g}/s times its "
+            f"CPU time, the links {d:g}x slower; every time above is measured / {d:g}",
+            highlight=False,
+        )
     if out.get("cloud_speed_note"):
         console.print(f"cloud speed: {out['cloud_speed_note']}", highlight=False)
     o = out["overheads"]
-    console.print(f"cost model: + {o['message_ms']:.2f} ms per message round trip, handshake {o['handshake_ms']:.1f} "
-                  f"ms + 1 RTT per connection (calibrated on this machine; dilated); cold = first request on new "
-                  f"connections", highlight=False)
+    console.print(
+        f"cost model: + {o['message_ms']:.2f} ms per message round trip, handshake {o['handshake_ms']:.1f} "
+        f"ms + 1 RTT per connection (calibrated on this machine; dilated); cold = first request on new "
+        f"connections",
+        highlight=False,
+    )
     floor = out.get("min_fidelity")
     low = [k for k, e in s.items() if e.get("below_floor")]
     if floor is not None:
-        console.print(f"agreement with the monolithic model; floor {floor:g} for aiflow: " +
-                      ("[red]below the floor: " + ", ".join(low) + "[/]" if low else "all at or above"),
-                      highlight=False)
+        console.print(
+            f"agreement with the monolithic model; floor {floor:g} for aiflow: "
+            + ("[red]below the floor: " + ", ".join(low) + "[/]" if low else "all at or above"),
+            highlight=False,
+        )
     v = out["verdict"]
     mark = "[green]aiflow fastest or tied[/]" if v["fastest"] else "[red]aiflow slower[/]"
     console.print(f"{mark}: {v['detail']}", highlight=False)

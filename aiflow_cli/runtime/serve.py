@@ -33,25 +33,53 @@ ROLES = ("edge", "cloud")
 class TierServer:
     """Tier ``role`` of the plan at ``plan_path``, listening on ``listen``; ``next_addr`` is the next tier."""
 
-    def __init__(self, role: str, plan_path: str | Path, *, listen: str, identity: Identity | str | Path,
-                 trust: Sequence[str], next_addr: Optional[str] = None, speed: float = 1.0,
-                 cache_limit_bytes: int = 1 << 30, timeout_s: float = 120.0, insecure_dev: bool = False,
-                 limits: Optional[Limits] = None, dilation: float = 1.0):
+    def __init__(
+        self,
+        role: str,
+        plan_path: str | Path,
+        *,
+        listen: str,
+        identity: Identity | str | Path,
+        trust: Sequence[str],
+        next_addr: Optional[str] = None,
+        speed: float = 1.0,
+        cache_limit_bytes: int = 1 << 30,
+        timeout_s: float = 120.0,
+        insecure_dev: bool = False,
+        limits: Optional[Limits] = None,
+        dilation: float = 1.0,
+    ):
         if role not in ROLES:
             raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
         if not trust and not insecure_dev:
-            raise InputError("give `trust` FINGERPRINT for every peer (devices and the next tier); there is no "
-                             "default trust (`insecure_dev` exists for local experiments only)", param="trust,insecure_dev")
+            raise InputError(
+                "give `trust` FINGERPRINT for every peer (devices and the next tier); there is no "
+                "default trust (`insecure_dev` exists for local experiments only)",
+                param="trust,insecure_dev",
+            )
         plan = load_plan(plan_path)
         ident = as_identity(identity)
         nxt = None
         if next_addr:
-            nxt = Client(next_addr, identity=ident, trust=list(trust), limits=limits, timeout_s=timeout_s,
-                         insecure_dev=insecure_dev)
-        self.node = TierNode(plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes,
-                             dilation=dilation)
-        self.server = Server(listen, identity=ident, trust=list(trust), handler=self.node.handle, limits=limits,
-                             insecure_dev=insecure_dev)
+            nxt = Client(
+                next_addr,
+                identity=ident,
+                trust=list(trust),
+                limits=limits,
+                timeout_s=timeout_s,
+                insecure_dev=insecure_dev,
+            )
+        self.node = TierNode(
+            plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes, dilation=dilation
+        )
+        self.server = Server(
+            listen,
+            identity=ident,
+            trust=list(trust),
+            handler=self.node.handle,
+            limits=limits,
+            insecure_dev=insecure_dev,
+        )
         self.identity = ident
 
     @property
@@ -59,8 +87,13 @@ class TierServer:
         return self.server.address
 
     def ready_info(self) -> dict[str, Any]:
-        return {"event": "ready", "role": self.node.tier, "address": self.address,
-                "fingerprint": self.identity.fingerprint, **self.node.describe()}
+        return {
+            "event": "ready",
+            "role": self.node.tier,
+            "address": self.address,
+            "fingerprint": self.identity.fingerprint,
+            **self.node.describe(),
+        }
 
     def serve_forever(self, duration_s: Optional[float] = None, on_ready: Callable[[dict], None] | None = None) -> dict:
         """Blocks until SIGTERM/SIGINT (or ``duration_s``), then closes and returns the transport's counters."""
@@ -95,8 +128,10 @@ START_TIMEOUT_S = 120.0
 #: Seconds :meth:`TierProcess.stop` waits after SIGTERM before SIGKILL.
 STOP_TIMEOUT_S = 5.0
 #: What a tier child runs: it asks to die with its parent before importing anything heavy.
-_CHILD_CODE = ("import sys; from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[2])); "
-               "from aiflow_cli.runtime.serve import tier_main; tier_main(int(sys.argv[1]))")
+_CHILD_CODE = (
+    "import sys; from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[2])); "
+    "from aiflow_cli.runtime.serve import tier_main; tier_main(int(sys.argv[1]))"
+)
 
 
 @dataclass(frozen=True)
@@ -164,9 +199,17 @@ def tier_main(ready_fd: int) -> None:
             import torch
 
             torch.set_num_threads(spec.threads)
-        srv = TierServer(spec.role, spec.plan_path, listen=spec.listen, identity=spec.identity_dir,
-                         trust=spec.trust, next_addr=spec.next_addr, speed=spec.speed, dilation=spec.dilation,
-                         cache_limit_bytes=spec.cache_limit_bytes)
+        srv = TierServer(
+            spec.role,
+            spec.plan_path,
+            listen=spec.listen,
+            identity=spec.identity_dir,
+            trust=spec.trust,
+            next_addr=spec.next_addr,
+            speed=spec.speed,
+            dilation=spec.dilation,
+            cache_limit_bytes=spec.cache_limit_bytes,
+        )
     except AiflowError as e:
         _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
         os._exit(e.exit_code)
@@ -185,16 +228,28 @@ class TierProcess:
     """A tier served by a child process (see :class:`TierSpec`); :attr:`ready` once it listens. Raises the
     child's own error class if it fails to start, or :class:`TransportError` with its log's tail if it dies."""
 
-    def __init__(self, spec: TierSpec, log_path: Path, *, env: Optional[dict[str, str]] = None,
-                 timeout_s: float = START_TIMEOUT_S):
+    def __init__(
+        self,
+        spec: TierSpec,
+        log_path: Path,
+        *,
+        env: Optional[dict[str, str]] = None,
+        timeout_s: float = START_TIMEOUT_S,
+    ):
         self.spec = spec
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
         r, w = os.pipe()
         try:
-            self.proc = signals.spawn([sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid())],
-                                      stdin=subprocess.PIPE, stdout=self._log, stderr=self._log, env=env,
-                                      pass_fds=(w,), start_new_session=True)
+            self.proc = signals.spawn(
+                [sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid())],
+                stdin=subprocess.PIPE,
+                stdout=self._log,
+                stderr=self._log,
+                env=env,
+                pass_fds=(w,),
+                start_new_session=True,
+            )
         finally:
             os.close(w)
         try:

@@ -96,7 +96,9 @@ class SessionStore:
                 why = self._evicted.get(key)
                 if why:
                     raise LimitExceeded(f"{self.tier}: session {key[1]} was evicted ({why})", param="cache_limit_bytes")
-                raise LimitExceeded(f"{self.tier}: no session {key[1]} (expired after {self.idle_s:.0f} s idle, or never opened)")
+                raise LimitExceeded(
+                    f"{self.tier}: no session {key[1]} (expired after {self.idle_s:.0f} s idle, or never opened)"
+                )
             s.busy = True
             s.last_used = time.monotonic()
             self._sessions.move_to_end(key)
@@ -109,10 +111,16 @@ class SessionStore:
             session.nbytes, session.busy = nbytes, False
             session.last_used = time.monotonic()
             if nbytes > self.limit_bytes:
-                self._drop(key, f"it alone needs {nbytes / 2**20:.1f} MiB, the {self.tier} cache limit is "
-                                f"{self.limit_bytes / 2**20:.1f} MiB")
-                raise LimitExceeded(f"{self.tier}: session {key[1]} needs {nbytes / 2**20:.1f} MiB of KV cache, more "
-                                    f"than the limit of {self.limit_bytes / 2**20:.1f} MiB (`cache_limit_bytes`)", param="cache_limit_bytes")
+                self._drop(
+                    key,
+                    f"it alone needs {nbytes / 2**20:.1f} MiB, the {self.tier} cache limit is "
+                    f"{self.limit_bytes / 2**20:.1f} MiB",
+                )
+                raise LimitExceeded(
+                    f"{self.tier}: session {key[1]} needs {nbytes / 2**20:.1f} MiB of KV cache, more "
+                    f"than the limit of {self.limit_bytes / 2**20:.1f} MiB (`cache_limit_bytes`)",
+                    param="cache_limit_bytes",
+                )
             total = sum(s.nbytes for s in self._sessions.values())
             for other in list(self._sessions):
                 if total <= self.limit_bytes:
@@ -121,7 +129,10 @@ class SessionStore:
                 if other == key or victim.busy:
                     continue
                 total -= victim.nbytes
-                self._drop(other, f"the {self.tier} KV cache was full: {self.limit_bytes / 2**20:.1f} MiB (`cache_limit_bytes`)")
+                self._drop(
+                    other,
+                    f"the {self.tier} KV cache was full: {self.limit_bytes / 2**20:.1f} MiB (`cache_limit_bytes`)",
+                )
 
     def close(self, key: SessionKey) -> None:
         with self._lock:

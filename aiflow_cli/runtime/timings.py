@@ -61,13 +61,17 @@ class Timings:
             _add(self.link(k), link)
 
     def to_json(self) -> dict[str, Any]:
-        return {"tiers": {k: asdict(v) for k, v in self.tiers.items()},
-                "links": {k: asdict(v) for k, v in self.links.items()}}
+        return {
+            "tiers": {k: asdict(v) for k, v in self.tiers.items()},
+            "links": {k: asdict(v) for k, v in self.links.items()},
+        }
 
     def to_wire(self) -> dict[str, Any]:
         """The compact form carried in result messages (see the module docstring)."""
-        return {"tiers": {k: list(vars(v).values()) for k, v in self.tiers.items()},
-                "links": {k: list(vars(v).values()) for k, v in self.links.items()}}
+        return {
+            "tiers": {k: list(vars(v).values()) for k, v in self.tiers.items()},
+            "links": {k: list(vars(v).values()) for k, v in self.links.items()},
+        }
 
     @classmethod
     def from_wire(cls, data: Any) -> "Timings":
@@ -75,8 +79,10 @@ class Timings:
         if type(data) is not dict or set(data) - {"tiers", "links"}:
             raise ValueError("expected {tiers, links}")
         out = cls()
-        sections: tuple[tuple[str, dict[str, Any], Any], ...] = (("tiers", out.tiers, TierTiming),
-                                                                  ("links", out.links, LinkTiming))
+        sections: tuple[tuple[str, dict[str, Any], Any], ...] = (
+            ("tiers", out.tiers, TierTiming),
+            ("links", out.links, LinkTiming),
+        )
         for key, into, kind in sections:
             types = _TYPES[kind]
             entries = data.get(key, {})

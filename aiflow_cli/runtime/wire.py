@@ -44,9 +44,12 @@ def pack_state(state: Mapping[str, torch.Tensor], roles: Mapping[str, str], code
     return PackedState(tensors=tuple(tensors), frames=frames, encode_ms=(time.perf_counter() - t0) * 1e3)
 
 
-def unpack_state(tensors: Sequence[TensorSpec], frames: Sequence[FrameLike], *,
-                 max_decoded_bytes: int = codec.DEFAULT_MAX_DECODED_BYTES
-                 ) -> tuple[dict[str, torch.Tensor], dict[str, str], float]:
+def unpack_state(
+    tensors: Sequence[TensorSpec],
+    frames: Sequence[FrameLike],
+    *,
+    max_decoded_bytes: int = codec.DEFAULT_MAX_DECODED_BYTES,
+) -> tuple[dict[str, torch.Tensor], dict[str, str], float]:
     """Decodes frames back into (state, roles, decode_ms). Raises :class:`FrameError` on any mismatch."""
     if len(tensors) != len(frames):
         raise FrameError(f"message lists {len(tensors)} tensors but carries {len(frames)} frames")

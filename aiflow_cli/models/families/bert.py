@@ -55,15 +55,24 @@ class BertAdapter(Adapter):
             self.check_ids(state["input_ids"], self.config.vocab_size)
             if state["input_ids"].shape[1] > self.config.max_position_embeddings:
                 raise InputError(f"sequence longer than the model's {self.config.max_position_embeddings} positions")
-            hidden = m.embeddings(input_ids=state["input_ids"], position_ids=state["position_ids"],
-                                  token_type_ids=state.get("token_type_ids"))
+            hidden = m.embeddings(
+                input_ids=state["input_ids"],
+                position_ids=state["position_ids"],
+                token_type_ids=state.get("token_type_ids"),
+            )
             return {"hidden_states": hidden, "attention_mask": state["attention_mask"]}
         if spec.kind == "head":
-            emb = pool(state["hidden_states"], state["attention_mask"], self.options.get("pooling", "mean"),
-                       self.options.get("normalize", False))
+            emb = pool(
+                state["hidden_states"],
+                state["attention_mask"],
+                self.options.get("pooling", "mean"),
+                self.options.get("normalize", False),
+            )
             return {"embeddings": emb}
         hidden = state["hidden_states"]
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"])
+        mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"]
+        )
         hidden = m.encoder.layer[spec.layer](hidden, mask, None, encoder_attention_mask=None)
         return {"hidden_states": hidden, "attention_mask": state["attention_mask"]}
 
@@ -72,7 +81,10 @@ class BertAdapter(Adapter):
             raise InputError("bert models take text; `image_size` does not apply", param="image_size")
         seq_len = seq_len or 32
         if seq_len > self.config.max_position_embeddings:
-            raise InputError(f"seq_len={seq_len} exceeds the model's {self.config.max_position_embeddings} positions", param="seq_len")
+            raise InputError(
+                f"seq_len={seq_len} exceeds the model's {self.config.max_position_embeddings} positions",
+                param="seq_len",
+            )
         ids = torch.randint(0, self.config.vocab_size, (batch, seq_len), generator=generator).to(device)
         mask, pos = text_positions(batch, seq_len, device)
         return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
@@ -89,9 +101,15 @@ class BertAdapter(Adapter):
         return tokenize(self.options, text, self.config.vocab_size, device, max_len=max_len)
 
     def monolithic(self, inputs):
-        hidden = self.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                            position_ids=inputs["position_ids"], token_type_ids=inputs.get("token_type_ids")).last_hidden_state
-        return pool(hidden, inputs["attention_mask"], self.options.get("pooling", "mean"), self.options.get("normalize", False))
+        hidden = self.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            token_type_ids=inputs.get("token_type_ids"),
+        ).last_hidden_state
+        return pool(
+            hidden, inputs["attention_mask"], self.options.get("pooling", "mean"), self.options.get("normalize", False)
+        )
 
     def output_description(self) -> str:
         return "sentence embeddings"

@@ -40,20 +40,24 @@ class CaptionerAdapter(Adapter):
         return self.model.decoder.config
 
     def _needs_proj(self) -> bool:
-        return (self.enc_config.hidden_size != self.dec_config.hidden_size
-                and getattr(self.dec_config, "cross_attention_hidden_size", None) is None)
+        return (
+            self.enc_config.hidden_size != self.dec_config.hidden_size
+            and getattr(self.dec_config, "cross_attention_hidden_size", None) is None
+        )
 
     def stage_specs(self):
         n = self.enc_config.num_hidden_layers
         last_extra = ("encoder.layernorm",) + (("enc_to_dec_proj",) if self._needs_proj() else ())
         specs = [StageSpec("enc.embed", "encoder_embed", ("encoder.embeddings",))]
         specs += [
-            StageSpec(f"enc.block{i}", "encoder_block", (f"encoder.layers.{i}",) + (last_extra if i == n - 1 else ()),
-                      layer=i)
+            StageSpec(
+                f"enc.block{i}", "encoder_block", (f"encoder.layers.{i}",) + (last_extra if i == n - 1 else ()), layer=i
+            )
             for i in range(n)
         ]
-        dec = gpt2_specs("decoder.transformer", "decoder.lm_head", self.dec_config.n_layer, kind="decoder_block",
-                         name_prefix="dec.")
+        dec = gpt2_specs(
+            "decoder.transformer", "decoder.lm_head", self.dec_config.n_layer, kind="decoder_block", name_prefix="dec."
+        )
         dec[0] = StageSpec("dec.embed", "decoder_embed", dec[0].modules, decodes=True)
         dec[-1] = StageSpec("head", "head", dec[-1].modules, decodes=True)
         return specs + dec
@@ -85,7 +89,9 @@ class CaptionerAdapter(Adapter):
 
     def _prompt(self, batch: int, seq_len: int, generator, device) -> dict[str, torch.Tensor]:
         if seq_len > self.dec_config.n_positions:
-            raise InputError(f"seq_len={seq_len} exceeds the decoder's {self.dec_config.n_positions} positions", param="seq_len")
+            raise InputError(
+                f"seq_len={seq_len} exceeds the decoder's {self.dec_config.n_positions} positions", param="seq_len"
+            )
         ids = torch.randint(0, self.dec_config.vocab_size, (batch, seq_len), generator=generator)
         ids[:, 0] = self.model.config.decoder_start_token_id
         mask, pos = text_positions(batch, seq_len, device)
@@ -107,8 +113,10 @@ class CaptionerAdapter(Adapter):
 
     def monolithic(self, inputs):
         return self.model(
-            pixel_values=inputs["pixel_values"], decoder_input_ids=inputs["input_ids"],
-            decoder_attention_mask=inputs["attention_mask"], decoder_position_ids=inputs["position_ids"],
+            pixel_values=inputs["pixel_values"],
+            decoder_input_ids=inputs["input_ids"],
+            decoder_attention_mask=inputs["attention_mask"],
+            decoder_position_ids=inputs["position_ids"],
             use_cache=False,
         ).logits
 

@@ -87,14 +87,23 @@ class FxAdapter(Adapter):
         return self.original(inputs["fx:input"])
 
 
-def stage_module(module: nn.Module, example_input: torch.Tensor, *, name: str = "fx", max_stages: int = 16,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> StagedModel:
+def stage_module(
+    module: nn.Module,
+    example_input: torch.Tensor,
+    *,
+    name: str = "fx",
+    max_stages: int = 16,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> StagedModel:
     """Cuts a plain module into stages where a single tensor crosses; :class:`ModelError` where it cannot."""
     module = module.eval().to(device=device, dtype=dtype)
     try:
         traced = fx.symbolic_trace(module)
     except Exception as e:  # noqa: BLE001 - fx raises many kinds on untraceable code
-        raise ModelError(f"{name}: torch.fx cannot trace this module ({type(e).__name__}: {e}); it cannot be cut") from None
+        raise ModelError(
+            f"{name}: torch.fx cannot trace this module ({type(e).__name__}: {e}); it cannot be cut"
+        ) from None
     cuts = single_tensor_cuts(traced.graph)
     if not cuts:
         raise ModelError(f"{name}: no point in the graph where a single tensor crosses; it cannot be cut into stages")

@@ -18,7 +18,9 @@ from aiflow_cli.models.adapter import MASK_CACHE_KWARG, Adapter, StageCache, Sta
 from aiflow_cli.models.state import BoundaryState
 
 
-def gpt2_specs(prefix: str, head_prefix: str, n_layer: int, *, kind: str = "block", name_prefix: str = "") -> list[StageSpec]:
+def gpt2_specs(
+    prefix: str, head_prefix: str, n_layer: int, *, kind: str = "block", name_prefix: str = ""
+) -> list[StageSpec]:
     """Stage specs of a GPT-2 stack whose ``GPT2Model`` lives at ``prefix`` and ``lm_head`` at ``head_prefix``."""
     specs = [StageSpec(f"{name_prefix}embed", "embed", (f"{prefix}.wte", f"{prefix}.wpe"), decodes=True)]
     specs += [
@@ -123,8 +125,10 @@ class GPT2Adapter(Adapter):
 
     def monolithic(self, inputs):
         return self.model(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"], use_cache=False,
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            use_cache=False,
         ).logits
 
     def output_description(self) -> str:

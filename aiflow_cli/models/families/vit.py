@@ -21,8 +21,11 @@ IMAGE_STD = (0.5, 0.5, 0.5)
 def check_image_size(config, image_size: int | None) -> int:
     size = config.image_size if image_size is None else image_size
     if size != config.image_size:
-        raise InputError(f"image_size={size}: this ViT takes {config.image_size}x{config.image_size} images "
-                         "(its position embeddings are fixed)", param="image_size")
+        raise InputError(
+            f"image_size={size}: this ViT takes {config.image_size}x{config.image_size} images "
+            "(its position embeddings are fixed)",
+            param="image_size",
+        )
     return size
 
 
@@ -32,9 +35,15 @@ def random_pixels(config, batch: int, image_size: int | None, generator, device,
 
 
 def vit_embed(vit, config, pixels: torch.Tensor) -> torch.Tensor:
-    if pixels.ndim != 4 or pixels.shape[1] != config.num_channels or tuple(pixels.shape[2:]) != (config.image_size,) * 2:
-        raise InputError(f"pixel_values must be [B, {config.num_channels}, {config.image_size}, {config.image_size}], "
-                         f"got {list(pixels.shape)}")
+    if (
+        pixels.ndim != 4
+        or pixels.shape[1] != config.num_channels
+        or tuple(pixels.shape[2:]) != (config.image_size,) * 2
+    ):
+        raise InputError(
+            f"pixel_values must be [B, {config.num_channels}, {config.image_size}, {config.image_size}], "
+            f"got {list(pixels.shape)}"
+        )
     expected = vit.embeddings.patch_embeddings.projection.weight.dtype
     return vit.embeddings(pixels.to(expected))
 
