@@ -4,7 +4,6 @@ in :mod:`aiflow_cli.plan`."""
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -149,8 +148,8 @@ def plan(
 ) -> None:
     """Choose which tier runs which stages and the codec of each cut (exact DP)."""
     from aiflow_cli.plan.problem import Limits, build_problem
-    from aiflow_cli.plan.schema import plan_from_solution, save_plan
-    from aiflow_cli.plan.verify import solve_verified
+    from aiflow_cli.plan.schema import save_plan
+    from aiflow_cli.plan.solver import solve_plan
 
     profiles, sources, speeds, links = _load_inputs(profile, speed, link)
     limits = Limits(
@@ -171,14 +170,9 @@ def plan(
         speeds=speeds,
         input_bytes=parse_bytes(input_bytes) if input_bytes is not None else None,
     )
-    t0 = time.perf_counter()
     with err_console.status("solving") as status:
-        v = solve_verified(problem, verify=verify, log=status.update)
-    problem = v.problem  # with the (cut, codec) pairs that measured below the floor excluded
-    solve_ms = (time.perf_counter() - t0) * 1e3 - v.fidelity.measure_s * 1e3
-    the_plan = plan_from_solution(
-        problem, v.placement, v.evaluation, solve_ms=solve_ms, sources=sources, fidelity=v.fidelity
-    )
+        # problem: as finally solved, with the (cut, codec) pairs that measured below the floor excluded
+        the_plan, problem = solve_plan(problem, sources=sources, verify=verify, log=status.update)
     if output is not None:
         save_plan(the_plan, output)
 

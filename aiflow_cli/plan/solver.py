@@ -326,9 +326,6 @@ def solve(
     (:func:`aiflow_cli.plan.verify.solve_verified`; ``model``: the loaded model, default loaded by name;
     ``verify``: force or skip the measurement).
     Returns a :class:`aiflow_cli.plan.schema.Plan`; raises PlanError / InputError on bad or infeasible input."""
-    from aiflow_cli.plan.schema import plan_from_solution
-    from aiflow_cli.plan.verify import solve_verified
-
     problem = build_problem(
         profiles,
         links,
@@ -339,12 +336,25 @@ def solve(
         input_bytes=input_bytes,
         overheads=overheads,
     )
+    return solve_plan(problem, sources=sources, model=model, verify=verify)[0]
+
+
+def solve_plan(
+    problem: Problem, *, sources: Optional[dict[str, str]] = None, model=None, verify: Optional[bool] = None, log=None
+):
+    """The plan for a built ``problem`` (see :func:`solve`), and the problem as finally solved: with the
+    (cut, codec) pairs that measured below the fidelity floor excluded, which is what reports on the plan
+    (explain, sweep) must compare against. ``log``: called with progress lines of the verification."""
+    from aiflow_cli.plan.schema import plan_from_solution
+    from aiflow_cli.plan.verify import solve_verified
+
     t0 = time.perf_counter()
-    v = solve_verified(problem, model=model, verify=verify)
+    v = solve_verified(problem, model=model, verify=verify, log=log)
     solve_ms = (time.perf_counter() - t0) * 1e3 - v.fidelity.measure_s * 1e3
-    return plan_from_solution(
+    plan = plan_from_solution(
         v.problem, v.placement, v.evaluation, solve_ms=solve_ms, sources=sources or {}, fidelity=v.fidelity
     )
+    return plan, v.problem
 
 
 def solve_variants(
