@@ -55,6 +55,9 @@ class Limits:
     request_timeout_ms: int
     stream_window_bytes: int
     connection_window_bytes: int
+    max_inflight_bytes_per_connection: int
+    max_inflight_bytes_per_peer: int
+    max_inflight_bytes: int
     congestion: str
     def __new__(
         cls,
@@ -67,6 +70,9 @@ class Limits:
         request_timeout_ms: int = ...,
         stream_window_bytes: int = ...,
         connection_window_bytes: int = ...,
+        max_inflight_bytes_per_connection: int = ...,
+        max_inflight_bytes_per_peer: int = ...,
+        max_inflight_bytes: int = ...,
         congestion: str = ...,
     ) -> Self: ...
 

@@ -38,6 +38,17 @@ macro_rules! limits_fields {
             stream_window_bytes: u64 = 32 << 20,
             /// QUIC flow-control window per connection (bytes), shared by its streams.
             connection_window_bytes: u64 = 64 << 20,
+            // Bytes of requests a server holds from their first byte until they are answered, charged as they
+            // arrive (never from a declared size). One 1 GiB message fits a connection's budget; a peer gets two
+            // connections' worth; the whole server four, so a few trusted peers cannot take the host's memory.
+            /// Most bytes of requests in flight on one connection (received, not yet answered); a stream whose
+            /// next bytes would exceed it is refused with a limit error (server only).
+            max_inflight_bytes_per_connection: u64 = (1 << 30) + (64 << 20),
+            /// Most bytes of requests in flight from one peer (certificate fingerprint), all its connections
+            /// together (server only).
+            max_inflight_bytes_per_peer: u64 = 2 << 30,
+            /// Most bytes of requests in flight on the whole server, all peers together (server only).
+            max_inflight_bytes: u64 = 4 << 30,
             /// Congestion controller of what this endpoint sends: "rate" (aiflow's delivery-rate controller,
             /// BBR's model: keeps a lossy link busy), "cubic", "newreno", or "bbr" (quinn's, experimental).
             congestion: $crate::limits::Congestion = $crate::limits::DEFAULT_CONGESTION,
@@ -125,6 +136,9 @@ impl Limits {
             ("request_timeout_ms", self.request_timeout_ms),
             ("stream_window_bytes", self.stream_window_bytes),
             ("connection_window_bytes", self.connection_window_bytes),
+            ("max_inflight_bytes_per_connection", self.max_inflight_bytes_per_connection),
+            ("max_inflight_bytes_per_peer", self.max_inflight_bytes_per_peer),
+            ("max_inflight_bytes", self.max_inflight_bytes),
         ];
         for (name, v) in nonzero {
             if v == 0 {
@@ -158,7 +172,7 @@ mod tests {
         let l = Limits::default();
         l.validate().unwrap();
         assert_eq!(l.congestion, DEFAULT_CONGESTION);
-        assert_eq!(Limits::FIELDS.len(), 10);
+        assert_eq!(Limits::FIELDS.len(), 13);
         assert_eq!(Limits::FIELDS[0], "max_message_bytes");
         assert!(matches!(Limits { max_frames: 0, ..l.clone() }.validate(), Err(Error::Input(_))));
         for name in Congestion::NAMES {

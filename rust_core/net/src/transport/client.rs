@@ -11,6 +11,7 @@ use bytes::Bytes;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint};
 
+use super::budget::Reservation;
 use super::identity::{self, Identity, Trust};
 use super::io::{self, CODE_OK, CODE_RESET};
 use super::config::{self, PathKind};
@@ -139,6 +140,13 @@ impl Client {
         self.connection().await.map(|_| ())
     }
 
+    /// A bare stream on the connection, for tools and tests that write the message format by hand (a
+    /// misbehaving peer, in the limits tests).
+    pub async fn open_stream(&self) -> Result<(quinn::SendStream, quinn::RecvStream)> {
+        let live = self.connection().await?;
+        live.conn.open_bi().await.map_err(|e| io::conn_err(&e))
+    }
+
     /// Sends `msg` and returns the reply. The request id is assigned here; the session id is the caller's.
     /// An error reply becomes the matching error (`Remote` for a handler failure). `timeout` bounds the whole
     /// round trip, the connection setup included.
@@ -165,7 +173,8 @@ impl Client {
             let (mut send, mut recv) = live.conn.open_bi().await.map_err(|e| io::conn_err(&e))?;
             // Read while writing: a server that refuses the message early (a limit) answers before we are done.
             let write = io::write_encoded(&mut send, head, frames);
-            let read = io::read_message(&mut recv, &self.inner.limits);
+            let mut held = Reservation::default();
+            let read = io::read_message(&mut recv, &self.inner.limits, &mut held);
             let (w, r) = tokio::join!(write, read);
             let reply = match (w, r) {
                 (_, Ok(reply)) => reply,

@@ -3,6 +3,7 @@
 use bytes::Bytes;
 use quinn::{ConnectionError, ReadError, ReadExactError, RecvStream, SendStream, VarInt, WriteError};
 
+use super::budget::Reservation;
 use super::buffers;
 use super::Limits;
 use super::message::{self, Message, PREAMBLE_LEN};
@@ -138,18 +139,19 @@ fn parse_fail(e: Error) -> ReadFail {
     }
 }
 
-/// Reads one message, validating its header against `limits` before reading or allocating any payload, and
-/// checks that the stream ends right after the declared frames.
-pub async fn read_message(recv: &mut RecvStream, limits: &Limits) -> std::result::Result<Message, ReadFail> {
+/// Reads one message, validating its header against `limits` before reading any payload, and checks that the
+/// stream ends right after the declared frames. Memory is taken as bytes arrive and charged to `budget` first
+/// (a refused or impossible growth is a [`ReadFail::Limit`]); `budget` then holds the message's bytes.
+pub async fn read_message(recv: &mut RecvStream, limits: &Limits, budget: &mut Reservation) -> std::result::Result<Message, ReadFail> {
     let mut pre = [0u8; PREAMBLE_LEN];
     recv.read_exact(&mut pre).await.map_err(|e| ReadFail::Gone(read_exact_err(e, "preamble")))?;
     let p = message::parse_preamble(&pre, limits).map_err(parse_fail)?;
-    let mut rest = vec![0u8; p.rest_len()];
-    recv.read_exact(&mut rest).await.map_err(|e| ReadFail::Gone(read_exact_err(e, "header")))?;
+    let rest = read_exactly(recv, p.rest_len(), budget, "header").await?;
     let (header, lens) = message::parse_rest(&p, &rest, limits).map_err(parse_fail)?;
+    drop(rest);
     let mut frames = Vec::with_capacity(lens.len());
     for n in lens {
-        frames.push(read_frame(recv, n as usize).await.map_err(ReadFail::Gone)?);
+        frames.push(read_exactly(recv, n as usize, budget, "frame").await?);
     }
     match recv.read_chunk(1, true).await.map_err(|e| ReadFail::Gone(read_err(e)))? {
         None => Ok(Message { header, frames }),
@@ -157,29 +159,29 @@ pub async fn read_message(recv: &mut RecvStream, limits: &Limits) -> std::result
     }
 }
 
-/// Reads exactly `n` bytes. A frame that arrives in one chunk is passed on without a copy; otherwise the chunks
-/// are copied once into a buffer of the declared size (already validated against the limits).
-async fn read_frame(recv: &mut RecvStream, n: usize) -> Result<Bytes> {
+/// Reads exactly `n` bytes (`what`: of the message's header or a frame). What arrives in one chunk is passed on
+/// without a copy; otherwise the chunks are copied once into a buffer that grows as they arrive (see
+/// [`buffers::Growing`]). Either way the bytes are charged to `budget` before they are kept.
+async fn read_exactly(recv: &mut RecvStream, n: usize, budget: &mut Reservation, what: &str) -> std::result::Result<Bytes, ReadFail> {
     if n == 0 {
         return Ok(Bytes::new());
     }
-    let first = recv.read_chunk(n, true).await.map_err(read_err)?;
-    let first = first.ok_or_else(|| Error::Transport("the stream ended before a frame (peer disconnected mid-message?)".into()))?;
+    let ended = |got: usize| ReadFail::Gone(Error::Transport(format!(
+        "the stream ended inside a message {what} after {got} of {n} bytes (peer disconnected mid-message?)"
+    )));
+    let first = recv.read_chunk(n, true).await.map_err(|e| ReadFail::Gone(read_err(e)))?.ok_or_else(|| ended(0))?;
     if first.bytes.len() == n {
+        budget.grow(n as u64).map_err(ReadFail::Limit)?;
         return Ok(first.bytes);
     }
-    let mut buf = buffers::take(n);
-    buf.extend_from_slice(&first.bytes);
+    let mut buf = buffers::Growing::new(n);
+    let mut charge = |b: u64| budget.grow(b);
+    buf.extend(&first.bytes, &mut charge).map_err(ReadFail::Limit)?;
     while buf.len() < n {
-        match recv.read_chunk(n - buf.len(), true).await.map_err(read_err)? {
-            Some(c) => buf.extend_from_slice(&c.bytes),
-            None => {
-                return Err(Error::Transport(format!(
-                    "the stream ended inside a frame after {} of {n} bytes (peer disconnected mid-message?)",
-                    buf.len()
-                )))
-            }
+        match recv.read_chunk(n - buf.len(), true).await.map_err(|e| ReadFail::Gone(read_err(e)))? {
+            Some(c) => buf.extend(&c.bytes, &mut charge).map_err(ReadFail::Limit)?,
+            None => return Err(ended(buf.len())),
         }
     }
-    Ok(buffers::into_bytes(buf))
+    Ok(buf.into_bytes())
 }

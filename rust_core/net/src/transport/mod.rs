@@ -6,12 +6,14 @@
 //! - [`identity`]: node certificates, SHA-256 fingerprints, and the pinning TLS verifiers (mutual TLS).
 //! - [`message`]: the message format on a stream (header + frames), I/O-free: `aiflow_proto::message`.
 //! - [`io`]: reading/writing a message on a quinn stream; quinn errors mapped onto [`crate::Error`].
-//! - [`buffers`]: receive buffers of large frames (huge pages, a small reuse pool).
+//! - [`buffers`]: receive buffers that grow as bytes arrive (huge pages, a small reuse pool for large frames).
+//! - [`budget`]: a server's in-flight byte budgets (per connection, per peer, in all).
 //! - [`server`] / [`client`]: the endpoints. One request = one bidirectional stream.
 //! - [`runtime`]: the shared tokio runtime, and how blocking threads wait on it without `block_on`.
 //!
 //! See docs/transport.md for the format, the trust model and the limits.
 
+pub mod budget;
 pub mod buffers;
 pub mod client;
 pub mod config;

@@ -2,6 +2,10 @@
 //!
 //! Handlers are blocking functions run on tokio's blocking pool (never on an I/O worker), so they may take their
 //! time, run concurrently, and themselves use a [`super::Client`] (edge forwarding to cloud).
+//!
+//! Memory: a request's buffers grow as its bytes arrive and are charged to the connection's, the peer's and the
+//! server's in-flight budgets ([`super::budget`]); a stream that would overrun one is refused with a limit error
+//! and the others carry on. A handler that cannot get a thread is answered with an error.
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -11,6 +15,7 @@ use std::time::Duration;
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 
+use super::budget::{Budget, PeerBudgets, Reservation};
 use super::identity::{self, Identity, Trust};
 use super::io::{self, ReadFail, CODE_LIMIT, CODE_OK, CODE_PROTOCOL, CODE_TIMEOUT};
 use super::config::{self, PathKind};
@@ -63,6 +68,12 @@ counters! {
         limit_errors,
         /// Streams the peer abandoned mid-message (reset, disconnect).
         streams_aborted,
+        /// Handlers that could not be started (no thread to be had): answered with an error.
+        handler_start_failures,
+        /// Bytes of requests held now (received, not yet answered; see `max_inflight_bytes`).
+        inflight_bytes,
+        /// The most bytes of requests ever held at once.
+        inflight_bytes_peak,
     }
 }
 
@@ -70,6 +81,9 @@ struct Shared {
     handler: Handler,
     limits: Limits,
     counters: Counters,
+    /// In-flight bytes of the whole server, and of each peer (see [`budget`]).
+    inflight: Arc<Budget>,
+    peers: PeerBudgets,
     last_handshake_error: Mutex<String>,
     configs: PathConfigs,
 }
@@ -120,8 +134,10 @@ impl Server {
         let local_addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
             handler,
+            inflight: Budget::new("this server (all peers)", "max_inflight_bytes", cfg.limits.max_inflight_bytes),
             limits: cfg.limits,
             counters: Counters::default(),
+            peers: PeerBudgets::default(),
             last_handshake_error: Mutex::new(String::new()),
             configs: PathConfigs { network, loopback_v4, loopback_v6 },
         });
@@ -135,7 +151,10 @@ impl Server {
     }
 
     pub fn stats(&self) -> ServerStats {
-        self.shared.counters.snapshot()
+        let mut s = self.shared.counters.snapshot();
+        s.inflight_bytes = self.shared.inflight.used();
+        s.inflight_bytes_peak = self.shared.inflight.peak();
+        s
     }
 
     /// The last handshake failure (empty if none), for a clear log line.
@@ -199,10 +218,17 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     c.connections_accepted.fetch_add(1, Ordering::Relaxed);
     c.connections_active.fetch_add(1, Ordering::Relaxed);
     let peer = PeerInfo { address: conn.remote_address(), fingerprint: peer_fingerprint(&conn), connection_id: conn.stable_id() as u64 };
+    let limits = &shared.limits;
+    let budgets = vec![
+        Budget::new("this connection", "max_inflight_bytes_per_connection", limits.max_inflight_bytes_per_connection),
+        shared.peers.get(&peer.fingerprint, limits.max_inflight_bytes_per_peer),
+        shared.inflight.clone(),
+    ];
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(send, recv, conn.clone(), peer.clone(), shared.clone()));
+                let budget = Reservation::new(budgets.clone());
+                tokio::spawn(serve_stream(send, recv, conn.clone(), peer.clone(), budget, shared.clone()));
             }
             Err(e) => {
                 if matches!(e, quinn::ConnectionError::TimedOut) {
@@ -215,10 +241,12 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     c.connections_active.fetch_sub(1, Ordering::Relaxed);
 }
 
-async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connection, peer: PeerInfo, shared: Arc<Shared>) {
+/// Reads one request, runs the handler, writes the reply. `budget` holds the request's bytes (charged as they
+/// arrive) until the reply is written: the handler may send the request's frames back.
+async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connection, peer: PeerInfo, mut budget: Reservation, shared: Arc<Shared>) {
     let c = &shared.counters;
     let limits = &shared.limits;
-    let read = tokio::time::timeout(limits.request_timeout(), io::read_message(&mut recv, limits)).await;
+    let read = tokio::time::timeout(limits.request_timeout(), io::read_message(&mut recv, limits, &mut budget)).await;
     let request = match read {
         Ok(Ok(m)) => m,
         Ok(Err(ReadFail::Limit(e))) => {
@@ -256,7 +284,20 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connecti
     };
     let (request_id, session_id) = (request.header.request_id, request.header.session_id);
     let handler = shared.handler.clone();
-    let outcome = tokio::task::spawn_blocking(move || handler(request, peer)).await;
+    // tokio panics when it needs a new blocking thread and the OS refuses one (thread or memory limits): that
+    // request is answered with an error and the server keeps serving.
+    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tokio::task::spawn_blocking(move || handler(request, peer))));
+    let outcome = match spawned {
+        Ok(task) => task.await,
+        Err(panic) => {
+            c.handler_start_failures.fetch_add(1, Ordering::Relaxed);
+            c.requests_failed.fetch_add(1, Ordering::Relaxed);
+            let why = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown");
+            let msg = format!("the server could not start the handler ({why}); retry later");
+            let _ = io::write_message(&mut send, Message::error(request_id, session_id, ErrorCode::Limit, &msg), limits).await;
+            return;
+        }
+    };
     let mut reply = match outcome {
         Ok(Ok(m)) => m,
         Ok(Err(e)) => {
