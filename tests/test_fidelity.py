@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from aiflow_cli.commands.flags import for_cli
 from aiflow_cli.errors import PlanError, SchemaError
 from aiflow_cli.links import load_link
 from aiflow_cli.models import load_model
@@ -174,7 +175,8 @@ def test_verification_loop_excludes_and_gives_up_in_one_line(gpt2_profile, monke
     # only int4 allowed: every cut's int4 is excluded in turn, then no plan is left
     with pytest.raises(PlanError) as e:
         solve_verified(_two_tier_problem(lying, 0.99, codecs=("int4",)), model=model, max_tries=3)
-    assert "\n" not in str(e.value) and "--min-fidelity" in str(e.value)
+    assert "\n" not in str(e.value) and "min_fidelity=0.99" in str(e.value)
+    assert "--min-fidelity 0.99" in for_cli(e.value)  # the CLI names its flag
 
 
 def test_measure_is_cached_per_combination(gpt2):
