@@ -35,3 +35,18 @@ def three_tier_plan(model: str, path: Path, codec: str = "raw", tokens: int = 6)
     )
     save_plan(plan, path)
     return plan
+
+
+class Direct:
+    """Stands in for the transport client of a tier: hands each request to the next tier's handler in-process."""
+
+    def __init__(self, target) -> None:
+        self.target = target
+
+    def request(self, msg, timeout_s):
+        from aiflow_cli.transport import PeerInfo
+
+        return self.target.handle(msg, PeerInfo("127.0.0.1:0", "test-peer", 1))
+
+    def reset_after(self, error) -> None:
+        pass

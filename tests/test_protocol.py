@@ -9,7 +9,7 @@ import pytest
 
 from aiflow_cli.errors import LimitExceeded, PeerRejected, RemoteError, TransportError
 from aiflow_cli.runtime import protocol
-from aiflow_cli.runtime.protocol import Error, Hello, HelloReply, Infer, Result, TensorSpec, TierInfo
+from aiflow_cli.runtime.protocol import Error, Hello, HelloReply, Infer, Result, TensorSpec, TierInfo, Verify
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import Message
 
@@ -42,6 +42,7 @@ MESSAGES = [
         ),
         [b"f1", b"f2"],
     ),
+    (Verify("a" * 64, "device", 5, (TensorSpec("hidden_states", "hidden", "raw"),), 17, (4, 9, 2), 6, 800.0), [b"h"]),
     (Result(_timings(), tokens=[[1, 2, 3]]), []),
     (Result(_timings(), tensors=(TensorSpec("output", "hidden", "raw"),)), [b"out"]),
     (Error("LimitExceeded", "edge: too big", "edge"), []),
@@ -57,13 +58,32 @@ def test_every_message_round_trips(msg, frames) -> None:
 
 def test_other_versions_are_refused_naming_both() -> None:
     env = _through_json(protocol.encode(*MESSAGES[2]))
-    for v, shown in ((1, "1"), (3, "3")):
+    newer = protocol.PROTOCOL_VERSION + 1
+    for v, shown in ((1, "1"), (newer, str(newer))):
         env.meta["v"] = v
         want = f"speaks version {protocol.PROTOCOL_VERSION}, the peer sent version {shown}"
         with pytest.raises(PeerRejected, match=want):
             protocol.decode(env)
     del env.meta["v"]  # the untyped protocol had no version field
     with pytest.raises(PeerRejected, match="sent version 1"):
+        protocol.decode(env)
+
+
+@pytest.mark.parametrize(
+    "change,names",
+    [
+        ({"draft": [1, "2"]}, "'draft'"),
+        ({"draft": 3}, "'draft'"),
+        ({"cache_len": -1}, "cache_len -1"),
+        ({"remaining": 0}, "remaining 0"),
+        ({"stage": True}, "'stage'"),
+    ],
+)
+def test_a_malformed_verify_is_refused_naming_the_field(change, names) -> None:
+    msg, frames = next(m for m in MESSAGES if isinstance(m[0], Verify))
+    env = _through_json(protocol.encode(msg, frames))
+    env.meta.update(change)
+    with pytest.raises(TransportError, match=names):
         protocol.decode(env)
 
 

@@ -86,7 +86,7 @@ def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
         (Message("nonsense", dict(base)), "unknown message kind"),
         (
             Message(protocol.INFER, {**base, "v": 1}),
-            "version mismatch: this tier speaks version 2, the peer sent version 1",
+            f"version mismatch: this tier speaks version {protocol.PROTOCOL_VERSION}, the peer sent version 1",
         ),
         (Message(protocol.INFER, {k: v for k, v in base.items() if k != "v"}), "version mismatch"),
         (Message(protocol.INFER, {**base, "phase": "sideways"}), "unknown phase"),

@@ -10,6 +10,7 @@ from importlib import metadata
 
 import pytest
 import torch
+from runtime_support import Direct
 from transformers import AutoModelForCausalLM
 
 from aiflow_cli.errors import ModelError
@@ -160,21 +161,6 @@ def test_cli_run_prints_the_answer_as_text(smol, tmp_path):
     assert "Traceback" not in r.stderr and "Warning" not in r.stderr
 
 
-class _Direct:
-    """Stands in for the transport client of a tier: hands each request to the next tier's handler in-process."""
-
-    def __init__(self, target) -> None:
-        self.target = target
-
-    def request(self, msg, timeout_s):
-        from aiflow_cli.transport import PeerInfo
-
-        return self.target.handle(msg, PeerInfo("127.0.0.1:0", "test-peer", 1))
-
-    def reset_after(self, error) -> None:
-        pass
-
-
 def test_generation_stopped_at_eos_closes_every_tiers_session(smol):
     """The driver stops at EOS before max_new_tokens, so no step carries ``last``: the tiers behind it close their
     session when the reply they relay carries an end-of-sequence token, instead of holding the KV cache until it
@@ -186,10 +172,8 @@ def test_generation_stopped_at_eos_closes_every_tiers_session(smol):
 
     plan = _three_tier_plan(smol)
     cloud = TierNode(plan, "cloud", model=load_stages("smollm2", plan.stages_for("cloud")))
-    edge = TierNode(plan, "edge", next_client=_Direct(cloud), model=load_stages("smollm2", plan.stages_for("edge")))
-    device = TierNode(
-        plan, "device", next_client=_Direct(edge), model=load_stages("smollm2", plan.stages_for("device"))
-    )
+    edge = TierNode(plan, "edge", next_client=Direct(cloud), model=load_stages("smollm2", plan.stages_for("edge")))
+    device = TierNode(plan, "device", next_client=Direct(edge), model=load_stages("smollm2", plan.stages_for("device")))
     r = device.step(
         ("local", 1),
         PREFILL,

@@ -117,6 +117,12 @@ def run(
         "none", "--fallback", help="none | local: finish on the device if the upper tiers fail."
     ),
     speed: float = typer.Option(1.0, "--speed", help="Emulate a slower device (0 < SPEED <= 1)."),
+    speculate: Optional[str] = typer.Option(
+        None,
+        "--speculate",
+        help="K|auto: draft K tokens per round with the device's own layers (early exit), verified upstream in one "
+        "round trip; auto adapts K to acceptance and RTT. Greedy output unchanged.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
@@ -132,6 +138,7 @@ def run(
         timeout_s=timeout_s,
         fallback=fallback,  # type: ignore[arg-type]  # Pipeline checks it
         speed=speed,
+        speculate=speculate,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens)
@@ -149,6 +156,14 @@ def run(
         )
     if result.fallback:
         err_console.print(f"[yellow]finished locally[/]: {result.fallback}")
+    if result.speculation is not None:
+        s = result.speculation
+        acc = "-" if s["acceptance"] is None else f"{s['acceptance']:.0%}"
+        console.print(
+            f"speculation: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} drafts accepted ({acc}), "
+            f"{s['tokens_per_round'] or 0:.2f} tokens per round",
+            highlight=False,
+        )
     console.print(flow_table(p.plan, result))
     for d in chain:
         console.print(

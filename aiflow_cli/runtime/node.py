@@ -9,7 +9,9 @@ the frames untouched.
 Generation is driven by the tier that holds the first decode stage (the device for LMs it starts; the tier
 holding ``dec.embed`` for the captioner): after the prefill it feeds each chosen token back into its own stages
 and sends one token's hidden state per cut per step, while every tier keeps the KV cache of its own blocks.
-Tiers in front of the driver see one prefill and get all tokens back at once.
+Tiers in front of the driver see one prefill and get all tokens back at once. With ``speculate`` the driver
+drafts several tokens per round with its own layers and the tiers behind verify them in one message per link
+(:mod:`aiflow_cli.runtime.speculate`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol
-from aiflow_cli.runtime.protocol import DECODE, PREFILL, Hello, HelloReply, Infer, Result, TierInfo
+from aiflow_cli.runtime import speculate as spec
+from aiflow_cli.runtime.protocol import DECODE, PREFILL, VERIFY, Hello, HelloReply, Infer, Result, TierInfo, Verify
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import PackedState, pack_state, unpack_state
@@ -67,6 +70,7 @@ class StepResult:
     output: Optional[torch.Tensor] = None
     output_packed: Optional[PackedState] = None
     timings: Timings = field(default_factory=Timings)
+    spec: Optional[spec.SpecStats] = None  # the driver's speculation figures (speculative requests)
 
 
 def check_speed(speed: float, dilation: float = 1.0) -> float:
@@ -109,6 +113,7 @@ class TierNode:
         cache_limit_bytes: int = DEFAULT_CACHE_BYTES,
         model: Optional[StagedModel] = None,
         dilation: float = 1.0,
+        exit_head: bool = False,
     ):
         self.stretch = check_speed(speed, dilation)
         self.dilation = dilation
@@ -132,7 +137,9 @@ class TierNode:
         self.link = f"{tier}-{self.next_tier}" if self.next_tier else ""
         self.speed = speed
         t0 = time.perf_counter()
-        self.model = model or load_stages(plan.model, list(self.stages))
+        # a driver that self-speculates also loads the head stage (final norm + LM head) as its early exit
+        extra = [plan.n_stages - 1] if exit_head and self.stages.stop < plan.n_stages else []
+        self.model = model or load_stages(plan.model, list(self.stages) + extra)
         self.load_ms = (time.perf_counter() - t0) * 1e3
         plan.check_model(self.model.model_hash)
         self.generates = self.model.generates
@@ -180,21 +187,23 @@ class TierNode:
         t0 = time.perf_counter()
         try:
             msg = protocol.decode(env)
-            if not isinstance(msg, (Hello, Infer)):
+            if not isinstance(msg, (Hello, Infer, Verify)):
                 raise TransportError(f"{self.tier}: a {env.kind} message is a reply, not a request")
             deadline = time.monotonic() + max(0.0, msg.deadline_ms) / 1e3
             protocol.check_peer(self.tier, self.plan, self.plan_hash, msg)
             if isinstance(msg, Hello):
                 return protocol.encode(HelloReply((self.info(),) + self._hello_behind(deadline)))
             packed = PackedState(tensors=msg.tensors, frames=list(env.frames), encode_ms=0.0)
+            verify = msg if isinstance(msg, Verify) else None
             result = self.step(
                 (peer.fingerprint, env.session_id),
-                msg.phase,
+                VERIFY if verify else msg.phase,
                 msg.stage,
                 Payload(packed=packed),
-                max_new_tokens=msg.max_new_tokens,
-                last=msg.last,
+                max_new_tokens=0 if verify else msg.max_new_tokens,
+                last=False if verify else msg.last,
                 deadline=deadline,
+                verify=verify,
             )
             result.timings.tier(self.tier).handle_ms += (time.perf_counter() - t0) * 1e3
             return self._reply(result)
@@ -218,11 +227,14 @@ class TierNode:
         max_new_tokens: int = 0,
         last: bool = True,
         deadline: float,
+        verify: Optional[Verify] = None,
+        speculate: Optional[spec.SpecPolicy] = None,
     ) -> StepResult:
-        """Runs this tier's part of one step and everything behind it; see the module docstring."""
+        """Runs this tier's part of one step and everything behind it; see the module docstring. ``verify``: a
+        speculative round (phase VERIFY); ``speculate``: the driver's policy for a speculative generation."""
         computes = len(self.stages) > 0 and stage < self.stages.stop
         if not computes:
-            return self._forward(key, phase, stage, payload, max_new_tokens, last, deadline, Timings())
+            return self._forward(key, phase, stage, payload, max_new_tokens, last, deadline, Timings(), verify)
         if stage < self.stages.start or stage > self.stages.stop or stage < 0:
             raise PlanError(
                 f"{self.tier}: got a state for stage {stage}, but runs stages "
@@ -244,12 +256,14 @@ class TierNode:
         session = None
         if self.keeps_cache:
             session = self.sessions.open(key) if phase == PREFILL else self.sessions.get(key)
+            if verify is not None:
+                session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
         try:
             state, prompt = self._run_stages(stage, state, session.cache if session else None, mine)
             if session is not None and prompt is not None:
                 session.step_inputs = prompt
             if self.is_output:
-                result = self._output(state, mine)
+                result = self._output(state, mine, every_position=verify is not None)
                 result.timings = timings
             else:
                 cut = self.plan.cut_codec(self.stages.stop - 1) or "raw"
@@ -259,21 +273,35 @@ class TierNode:
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
                 result = self._forward(
-                    key, phase, self.stages.stop, Payload(packed=packed), max_new_tokens, down_last, deadline, timings
+                    key,
+                    phase,
+                    self.stages.stop,
+                    Payload(packed=packed),
+                    max_new_tokens,
+                    down_last,
+                    deadline,
+                    timings,
+                    verify,
                 )
             if session is not None:
                 self.sessions.done_step(key, session)
             if self.is_driver and phase == PREFILL:
                 self.first_token_at = time.perf_counter()  # time to first token (the latest request's)
             if self.is_driver and phase == PREFILL and max_new_tokens > 1:
-                result = self._drive(key, session, result, max_new_tokens, deadline)
+                if speculate is not None and self.can_speculate(result):
+                    result = spec.drive(self, key, session, result, max_new_tokens, deadline, speculate)
+                else:
+                    result = self._drive(key, session, result, max_new_tokens, deadline)
         except BaseException:
             if session is not None:
                 self.sessions.close(key)
             raise
-        ended = result.tokens is not None and bool(
-            self.model.finished(result.tokens[:, -1:]).all()
-        )  # EOS: no next step
+        if verify is not None:  # the round that emits the request's last token (or an EOS) ends it
+            ended = spec.round_ends(verify, result.tokens, self.model.eos_token_ids)
+        else:
+            ended = result.tokens is not None and bool(
+                self.model.finished(result.tokens[:, -1:]).all()
+            )  # EOS: no next step
         if session is not None and (last or ended or (self.is_driver and phase == PREFILL)):
             self.sessions.close(key)
         return result
@@ -311,13 +339,25 @@ class TierNode:
         time.sleep(left)
         return left * 1e3
 
-    def _output(self, state: BoundaryState, mine) -> StepResult:
+    def _output(self, state: BoundaryState, mine, every_position: bool = False) -> StepResult:
         out = self.model.output(state)
         if self.generates:
-            return StepResult(tokens=out[:, -1].argmax(-1).reshape(-1, 1))
+            return StepResult(tokens=out.argmax(-1) if every_position else out[:, -1].argmax(-1).reshape(-1, 1))
         packed = pack_state({"output": out.contiguous()}, {"output": "hidden"}, "raw")
         mine.encode_ms += packed.encode_ms
         return StepResult(output=out, output_packed=packed)
+
+    def can_speculate(self, first: StepResult) -> bool:
+        """Whether this driver can self-speculate the generation whose prefill gave ``first``: tiers behind it
+        verify, one sequence, its exit (the head stage) loaded, a model whose KV cache can be rolled back."""
+        head = self.model.num_stages - 1
+        return (
+            self.next is not None
+            and first.tokens is not None
+            and first.tokens.shape[0] == 1
+            and head in self.model.loaded
+            and spec.unsupported(self.model) is None
+        )
 
     def _drive(self, key: SessionKey, session, first: StepResult, max_new_tokens: int, deadline: float) -> StepResult:
         """The decode loop of the driving tier: one token per step through every tier behind it."""
@@ -346,6 +386,7 @@ class TierNode:
         last: bool,
         deadline: float,
         timings: Timings,
+        verify: Optional[Verify] = None,
     ) -> StepResult:
         if self.next is None:
             raise PlanError(
@@ -355,7 +396,22 @@ class TierNode:
         if packed is None:  # a device that runs nothing uploads its raw input uncoded
             packed = pack_state(payload.state, self.model.roles(payload.state), "raw")
         budget_s = self._budget_s(deadline)
-        request = Infer(self.plan_hash, self.tier, phase, stage, packed.tensors, max_new_tokens, last, budget_s * 1e3)
+        request: Infer | Verify
+        if verify is not None:  # a speculative round: the same fields, this hop's tensors and deadline
+            request = Verify(
+                self.plan_hash,
+                self.tier,
+                stage,
+                packed.tensors,
+                verify.cache_len,
+                verify.draft,
+                verify.remaining,
+                budget_s * 1e3,
+            )
+        else:
+            request = Infer(
+                self.plan_hash, self.tier, phase, stage, packed.tensors, max_new_tokens, last, budget_s * 1e3
+            )
         t0 = time.perf_counter()
         env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
         rtt_ms = (time.perf_counter() - t0) * 1e3

@@ -5,6 +5,9 @@
         r = p.run(image=PIL.Image.open("cat.jpg"))   # or text="...", or inputs={...}
         print(r.text or r.output, r.total_ms, r.timings.to_json())
 
+``speculate=K`` (or ``"auto"``) makes the device draft K tokens per round with its own layers and the upper tiers
+verify them in one round trip (:mod:`aiflow_cli.runtime.speculate`): greedy output unchanged, fewer round trips.
+
 ``fallback="local"`` finishes a request on the device (its own stages plus a local copy of the rest, loaded on
 first need) when the upper tiers cannot be reached or time out; the result says so.
 """
@@ -27,6 +30,7 @@ from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan, load_plan
 from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL
+from aiflow_cli.runtime.speculate import SpecPolicy, Speculate, parse_speculate, unsupported
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import Client, Identity, Limits
 
@@ -50,6 +54,8 @@ class RunResult:
     timings: Timings
     fallback: Optional[str] = None
     """Why the request finished locally (``fallback="local"``), or None."""
+    speculation: Optional[dict[str, Any]] = None
+    """Rounds, drafts and acceptance of a speculative generation (``speculate``), or None."""
 
     def to_json(self, plan: Optional[Plan] = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -57,6 +63,8 @@ class RunResult:
             "timings": self.timings.to_json(),
             "fallback": self.fallback,
         }
+        if self.speculation is not None:
+            out["speculation"] = self.speculation
         if self.tokens is not None:
             out["tokens"] = self.tokens.tolist()
             out["text"] = self.text
@@ -108,6 +116,7 @@ class Pipeline:
         speed: float = 1.0,
         limits: Optional[Limits] = None,
         dilation: float = 1.0,
+        speculate: Speculate = None,
     ):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if fallback not in ("none", "local"):
@@ -125,6 +134,7 @@ class Pipeline:
             client = Client(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.fallback = fallback
+        k = parse_speculate(speculate)
         self.node = TierNode(
             self.plan,
             "device",
@@ -132,7 +142,19 @@ class Pipeline:
             speed=speed,
             cache_limit_bytes=DEFAULT_CACHE_BYTES,
             dilation=dilation,
+            exit_head=k is not None,
         )
+        self.speculate: Optional[SpecPolicy] = None
+        """The speculation policy of this device's generations (None: one round trip per token)."""
+        if k is not None:
+            why = unsupported(self.node.model) or (
+                None
+                if self.node.is_driver
+                else f"the plan runs no decode stage on the device ({self.plan.summary()}): nothing to draft with"
+            )
+            if why:
+                raise InputError(f"speculate={k}: {why}", param="speculate")
+            self.speculate = SpecPolicy(k)
         self._local: Optional[StagedModel] = None
 
     @property
@@ -184,6 +206,7 @@ class Pipeline:
                 max_new_tokens=n,
                 last=n <= 1,
                 deadline=time.monotonic() + self.timeout_s,
+                speculate=self.speculate,
             )
         except TransportError as e:
             if self.fallback != "local" or isinstance(e, PeerRejected):
@@ -195,7 +218,10 @@ class Pipeline:
         if output is None and r.output_packed is not None:
             output = codec.decode(r.output_packed.frames[0])
         text_out = detokenize(self.model, r.tokens) if r.tokens is not None else None
-        return RunResult(tokens=r.tokens, output=output, text=text_out, total_ms=total, timings=r.timings)
+        spec = r.spec.to_json() if r.spec is not None else None
+        return RunResult(
+            tokens=r.tokens, output=output, text=text_out, total_ms=total, timings=r.timings, speculation=spec
+        )
 
     def _run_locally(self, inputs: BoundaryState, n: int, t0: float, reason: str) -> RunResult:
         if self._local is None:

@@ -14,6 +14,8 @@ Requests go down the chain device -> edge -> cloud, replies come back up:
   the side that differs.
 - :class:`Infer` (one prefill or decode step of one request) -> :class:`Result` (output frames or tokens, plus
   every tier's timings).
+- :class:`Verify` (one round of speculative decoding: several positions at once, after a KV-cache roll-back) ->
+  :class:`Result` (the greedy token after every position); see :mod:`aiflow_cli.runtime.speculate`.
 - :class:`Error`: the reply to any request that failed, re-raised on the device as the same
   :class:`AiflowError` class, tagged with the tier where it happened.
 
@@ -37,10 +39,11 @@ from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import FrameLike, Message
 
-#: Version of the messages below. 1 was the untyped protocol (dicts without a version field).
-PROTOCOL_VERSION = 2
+#: Version of the messages below. 1 was the untyped protocol (dicts without a version field); 3 added verify.
+PROTOCOL_VERSION = 3
 
 HELLO, HELLO_REPLY, INFER, RESULT, ERROR = "hello", "hello_reply", "infer", "result", "error"
+VERIFY = "verify"
 PREFILL, DECODE = "prefill", "decode"
 Phase = Literal["prefill", "decode"]
 PHASES = (PREFILL, DECODE)
@@ -267,6 +270,65 @@ class Infer:
 
 
 @dataclass(slots=True)
+class Verify:
+    """One round of speculative decoding: the boundary state (``tensors``) of ``len(draft) + 1`` positions (the
+    last accepted token, then the drafts) that feeds stage ``stage``. The receiver first crops its KV cache to
+    ``cache_len`` positions (what the previous round did not accept: idempotent), then runs every position at
+    once; the output tier answers with a :class:`Result` holding the greedy token after each position.
+    ``draft``: the draft token ids (batch 1); ``remaining``: tokens the request may still emit (>= 1), so that
+    every tier sees which round ends the request and frees its session then."""
+
+    KIND: ClassVar[str] = VERIFY
+    plan_hash: str
+    sender: str
+    stage: int
+    tensors: tuple[TensorSpec, ...]
+    cache_len: int
+    draft: tuple[int, ...]
+    remaining: int
+    deadline_ms: float = DEFAULT_DEADLINE_MS
+
+    def to_wire(self) -> dict:
+        return {
+            "plan_hash": self.plan_hash,
+            "from": self.sender,
+            "stage": self.stage,
+            "tensors": [t.to_wire() for t in self.tensors],
+            "cache_len": self.cache_len,
+            "draft": list(self.draft),
+            "remaining": self.remaining,
+            "deadline_ms": self.deadline_ms,
+        }
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "Verify":
+        k = VERIFY
+        stage, cache_len, remaining = (
+            _get(meta, k, "stage", int),
+            _get(meta, k, "cache_len", int),
+            _get(meta, k, "remaining", int),
+        )
+        draft = _get(meta, k, "draft", list)
+        if not all(type(t) is int and t >= 0 for t in draft):
+            raise _bad(k, "draft", "a list of token ids", draft)
+        if stage < 0 or cache_len < 0 or remaining < 1:
+            raise TransportError(
+                f"malformed verify message: stage {stage} and cache_len {cache_len} must be >= 0, remaining "
+                f"{remaining} >= 1"
+            )
+        return cls(
+            _get(meta, k, "plan_hash", str),
+            _get(meta, k, "from", str),
+            stage,
+            _tensors(meta, k),
+            cache_len,
+            tuple(draft),
+            remaining,
+            _num(meta, k, "deadline_ms", DEFAULT_DEADLINE_MS),
+        )
+
+
+@dataclass(slots=True)
 class Result:
     """The answer to :class:`Infer`: generated ``tokens`` ([batch][n] ids) or output ``tensors`` (one frame
     each), and the figures of every tier that worked on the step."""
@@ -341,14 +403,14 @@ class Error:
         return exc
 
 
-Request = Union[Hello, Infer]
+Request = Union[Hello, Infer, Verify]
 Reply = Union[HelloReply, Result, Error]
-AnyMessage = Union[Hello, HelloReply, Infer, Result, Error]
+AnyMessage = Union[Hello, HelloReply, Infer, Verify, Result, Error]
 
 #: Every message class by its kind.
-MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Result, Error)}
+MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Result, Error)}
 #: Messages that carry one frame per entry of ``tensors``.
-_WITH_FRAMES = (Infer, Result)
+_WITH_FRAMES = (Infer, Verify, Result)
 
 
 # -- the envelope -----------------------------------------------------------------------------------------------
