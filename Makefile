@@ -84,6 +84,7 @@ bench: build
 	$(VENV)/bin/aiflow bench plan
 	$(VENV)/bin/aiflow bench runtime $(QUICK)
 	$(VENV)/bin/aiflow bench e2e $(QUICK)
+	$(VENV)/bin/aiflow bench decode $(QUICK)
 
 clean:
 	rm -rf target $(VENV) aiflow_cli/_core*.so

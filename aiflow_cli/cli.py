@@ -39,6 +39,7 @@ COMMAND_MODULES = [
     "aiflow_cli.commands.plan",
     "aiflow_cli.commands.runtime",
     "aiflow_cli.commands.e2e",
+    "aiflow_cli.commands.decode",
 ]
 
 for _name in COMMAND_MODULES:

@@ -24,7 +24,8 @@ past it is emitted and every tier frees its session on the round that ends it.
 
 ``speculate=K`` drafts ``K`` tokens per round; ``speculate="auto"`` picks ``g`` each round to maximise the expected
 tokens per second, from the acceptance rate observed so far (per-draft, decayed) and the measured costs: the
-driver's time per position, the verify round trip's fixed part and the upstream compute per position.
+driver's time per position, the verify round trip's fixed part and the upstream compute per position; when it
+drafts nothing it still sends one draft now and then to re-measure the acceptance.
 Speculation applies to one sequence at a time (batch 1) on LMs whose attention keeps every position (no sliding
 window); other requests run the plain decode loop.
 """
@@ -55,6 +56,9 @@ AUTO_START = 4
 MAX_K = 32
 #: Weight of older rounds in the acceptance and cost estimates of ``auto`` (per round).
 DECAY = 0.9
+#: When ``auto`` drafts nothing, its acceptance evidence decays; below this many (decayed) drafts it sends one
+#: draft to measure acceptance again (about once per 20 rounds), so an early unlucky estimate is not final.
+PROBE_EVIDENCE = 1.0
 
 Speculate = Union[int, str, None]
 
@@ -174,7 +178,10 @@ class SpecPolicy:
         if self.fixed_ms is None:
             return AUTO_START
         a = self.alpha
-        return max(range(self.k_max + 1), key=lambda g: expected_tokens(a, g) / max(self.round_ms(g), 1e-6))
+        g = max(range(self.k_max + 1), key=lambda g: expected_tokens(a, g) / max(self.round_ms(g), 1e-6))
+        if g == 0 and self.hits + self.misses < PROBE_EVIDENCE:
+            return 1  # what was learnt about acceptance has faded: one draft to measure it again
+        return g
 
     def draft_len(self, remaining: int) -> int:
         """Drafts for the next round when ``remaining`` tokens may still be emitted (never more than fit)."""
