@@ -52,7 +52,7 @@ def test_limits_keep_the_dataclass_api() -> None:
     d = Limits()
     assert (d.max_message_bytes, d.max_frames, d.max_meta_bytes) == (1 << 30, 4096, 1 << 20)
     assert (d.max_concurrent_streams, d.max_connections) == (256, 1024)
-    assert (d.idle_timeout_ms, d.request_timeout_ms) == (30_000, 120_000)
+    assert (d.idle_timeout_ms, d.request_timeout_ms) == (1_500, 120_000)
     assert (d.stream_window_bytes, d.connection_window_bytes, d.congestion) == (32 << 20, 64 << 20, "rate")
     custom = Limits(max_frames=4, congestion="cubic")
     assert (custom.max_frames, custom.congestion, custom.max_meta_bytes) == (4, "cubic", 1 << 20)

@@ -33,6 +33,7 @@ def setup(tmp_path_factory):
         ("serve --role cloud --plan {plan} --identity {keys}", 3, "--trust"),
         ("serve --role edge --plan {plan} --identity {keys} --trust {fp}", 3, "--next"),
         ("serve --role cloud --plan {plan} --identity {keys} --trust {fp} --speed 2", 3, "slower"),
+        ("serve --role cloud --plan {plan} --identity {keys} --trust {fp} --metrics 9100", 3, "--metrics '9100'"),
         ("run hi --plan {plan} --identity {keys} --trust {fp}", 3, "--edge"),
         ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --timeout 1.5", 9, "edge"),
         ("run hi --plan {plan} --identity {keys} --trust {fp} --edge 127.0.0.1:9 --fallback sideways", 3, "fallback"),

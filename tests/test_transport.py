@@ -221,7 +221,11 @@ def test_request_timeout_and_concurrent_handlers(ids):
 
 
 def test_idle_timeout_closes_the_connection_and_the_client_reconnects(ids):
-    with serve(ids, limits=Limits(idle_timeout_ms=300)) as srv, client_of(srv, ids) as cli:
+    # the client's keep-alives (a fifth of its own idle timeout: 6 s) come too late for the server's 300 ms
+    with (
+        serve(ids, limits=Limits(idle_timeout_ms=300)) as srv,
+        client_of(srv, ids, limits=Limits(idle_timeout_ms=30_000)) as cli,
+    ):
         assert cli.request(Message("a")).kind == "re:a"
         assert srv.stats()["connections_active"] == 1
         stats = wait_until(lambda: (st := srv.stats())["connections_active"] == 0 and st, what="the idle timeout")

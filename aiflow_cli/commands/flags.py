@@ -51,6 +51,7 @@ FLAGS: dict[str, str] = {
     "max_new_tokens": "--max-new-tokens",
     "cache_limit_bytes": "--cache-mib",
     "dilation": "--dilation",
+    "metrics": "--metrics",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",

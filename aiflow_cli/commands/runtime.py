@@ -49,6 +49,9 @@ def serve(
         False, "--insecure-dev", help="Accept any peer certificate (local experiments only)."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print the ready line and final counters as JSON lines."),
+    metrics: Optional[str] = typer.Option(
+        None, "--metrics", help="Serve Prometheus metrics on HOST:PORT (/metrics; docs/metrics.md). Off by default."
+    ),
 ) -> None:
     """Serve one tier of a plan: load only its stages, run them for every device, forward to the next tier."""
     import json
@@ -68,6 +71,7 @@ def serve(
         cache_limit_bytes=cache_mib << 20,
         insecure_dev=insecure_dev,
         dilation=dilation,
+        metrics=metrics,
     )
 
     def ready(info: dict[str, Any]) -> None:
@@ -79,7 +83,9 @@ def serve(
             err_console.print(
                 f"{role} ready on {info['address']} (fingerprint {info['fingerprint'][:16]}..): stages "
                 f"{'none (relay)' if hi == lo else f'[{lo}:{hi})'}, weights {info['loaded_param_bytes'] / 2**20:.1f} MiB, "
-                f"RSS {info['rss_bytes'] / 2**20:.0f} MiB" + ("" if duration_s else "; Ctrl-C to stop"),
+                f"RSS {info['rss_bytes'] / 2**20:.0f} MiB"
+                + (f", metrics on http://{info['metrics']}/metrics" if "metrics" in info else "")
+                + ("" if duration_s else "; Ctrl-C to stop"),
                 highlight=False,
             )
 

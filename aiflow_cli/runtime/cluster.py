@@ -58,6 +58,7 @@ class LocalCluster:
         seed: int = 0,
         threads: Optional[int] = 1,
         dilation: float = 1.0,
+        metrics: Optional[dict[str, str]] = None,
     ):
         self.plan_path = Path(plan_path)
         self.workdir = Path(workdir)
@@ -68,6 +69,7 @@ class LocalCluster:
         self.seed = seed
         self.threads = threads
         self.dilation = dilation  # time dilation (aiflow_cli/runtime/dilation.py): passed to every tier
+        self.metrics = metrics or {}  # tier -> HOST:PORT of its Prometheus metrics (TierReady.metrics: bound)
         self.keys = identities(self.workdir)
         self.servers: dict[str, TierProcess] = {}
         self.emulators: dict[str, LinkEmulator] = {}
@@ -89,6 +91,7 @@ class LocalCluster:
             cache_limit_bytes=self.cache_mib << 20,
             threads=self.threads,
             dilation=self.dilation,
+            metrics=self.metrics.get(tier),
         )
         proc = TierProcess(spec, self.workdir / f"{tier}.log")
         self.servers[tier] = proc

@@ -28,7 +28,7 @@ from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
-from aiflow_cli.runtime import protocol
+from aiflow_cli.runtime import protocol, tracing
 from aiflow_cli.runtime import speculate as spec
 from aiflow_cli.runtime.protocol import DECODE, PREFILL, VERIFY, Hello, HelloReply, Infer, Result, TierInfo, Verify
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
@@ -149,6 +149,7 @@ class TierNode:
         self.keeps_cache = self.generates and self.stages.stop > self.decode_start
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
         self.first_token_at: Optional[float] = None  # perf_counter() when this driver had its first token
+        self.observer: Optional[Any] = None  # a runtime.metrics.TierMetrics, told of each request (serve --metrics)
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
@@ -195,19 +196,26 @@ class TierNode:
                 return protocol.encode(HelloReply((self.info(),) + self._hello_behind(deadline)))
             packed = PackedState(tensors=msg.tensors, frames=list(env.frames), encode_ms=0.0)
             verify = msg if isinstance(msg, Verify) else None
-            result = self.step(
-                (peer.fingerprint, env.session_id),
-                VERIFY if verify else msg.phase,
-                msg.stage,
-                Payload(packed=packed),
-                max_new_tokens=0 if verify else msg.max_new_tokens,
-                last=False if verify else msg.last,
-                deadline=deadline,
-                verify=verify,
-            )
+            phase = VERIFY if verify else msg.phase
+            with tracing.span(f"aiflow {self.tier} {phase}", getattr(msg, "traceparent", ""), tier=self.tier):
+                result = self.step(
+                    (peer.fingerprint, env.session_id),
+                    phase,
+                    msg.stage,
+                    Payload(packed=packed),
+                    max_new_tokens=0 if verify else msg.max_new_tokens,
+                    last=False if verify else msg.last,
+                    deadline=deadline,
+                    verify=verify,
+                )
             result.timings.tier(self.tier).handle_ms += (time.perf_counter() - t0) * 1e3
-            return self._reply(result)
+            reply = self._reply(result)
+            if self.observer is not None:
+                self.observer.handled(msg, env, reply, result, time.perf_counter() - t0)
+            return reply
         except Exception as e:  # every failure goes back as a reply; the server keeps serving
+            if self.observer is not None:
+                self.observer.failed(env, e)
             return protocol.error_reply(self.tier, e)
 
     @staticmethod
@@ -269,6 +277,8 @@ class TierNode:
                 cut = self.plan.cut_codec(self.stages.stop - 1) or "raw"
                 t0, c0 = self._clocks()
                 packed = pack_state(state, self.model.roles(state), cut)
+                if self.observer is not None:
+                    self.observer.packed(sum(t.numel() * t.element_size() for t in state.values()), packed)
                 mine.encode_ms += packed.encode_ms + self._stretch(t0, c0)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
@@ -412,6 +422,7 @@ class TierNode:
             request = Infer(
                 self.plan_hash, self.tier, phase, stage, packed.tensors, max_new_tokens, last, budget_s * 1e3
             )
+            request.traceparent = tracing.current()  # the span this step belongs to (aiflow_cli/runtime/tracing.py)
         t0 = time.perf_counter()
         env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
         rtt_ms = (time.perf_counter() - t0) * 1e3
@@ -445,5 +456,6 @@ class TierNode:
             # drop the failed connection at once so the next request reconnects (e.g. to a restarted tier); a
             # newer connection another thread already opened is left alone
             self.next.reset_after(e)
-            e.args = (f"request to {self.next_tier} ({self.next.server}) failed: {e}",)
+            detail = str(e).removeprefix(f"{self.next.server}: ")  # the transport names the address too
+            e.args = (f"request to {self.next_tier} ({self.next.server}) failed: {detail}",)
             raise

@@ -28,6 +28,7 @@ from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file, image_file_tensor
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan, load_plan
+from aiflow_cli.runtime import tracing
 from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL
 from aiflow_cli.runtime.speculate import SpecPolicy, Speculate, parse_speculate, unsupported
@@ -198,16 +199,17 @@ class Pipeline:
         key = ("local", random.getrandbits(63))
         t0 = time.perf_counter()
         try:
-            r = self.node.step(
-                key,
-                PREFILL,
-                0,
-                Payload(state=inputs),
-                max_new_tokens=n,
-                last=n <= 1,
-                deadline=time.monotonic() + self.timeout_s,
-                speculate=self.speculate,
-            )
+            with tracing.span("aiflow request", tier="device"):  # a new trace; every tier continues it
+                r = self.node.step(
+                    key,
+                    PREFILL,
+                    0,
+                    Payload(state=inputs),
+                    max_new_tokens=n,
+                    last=n <= 1,
+                    deadline=time.monotonic() + self.timeout_s,
+                    speculate=self.speculate,
+                )
         except TransportError as e:
             if self.fallback != "local" or isinstance(e, PeerRejected):
                 raise

@@ -204,7 +204,8 @@ class Infer:
     """One step of one request: the boundary state (``tensors``, one frame each) that feeds stage ``stage``.
 
     ``max_new_tokens``: tokens the whole request generates; ``last``: the request's last step on this session
-    (the receiver frees its KV cache after it); ``deadline_ms``: what is left of the request's deadline."""
+    (the receiver frees its KV cache after it); ``deadline_ms``: what is left of the request's deadline;
+    ``traceparent``: the sender's W3C trace context (aiflow_cli/runtime/tracing.py; "" for none)."""
 
     KIND: ClassVar[str] = INFER
     plan_hash: str
@@ -215,6 +216,7 @@ class Infer:
     max_new_tokens: int = 0
     last: bool = True
     deadline_ms: float = DEFAULT_DEADLINE_MS
+    traceparent: str = ""
 
     def to_wire(self) -> dict:
         return {
@@ -226,6 +228,7 @@ class Infer:
             "max_new_tokens": self.max_new_tokens,
             "last": self.last,
             "deadline_ms": self.deadline_ms,
+            **({"traceparent": self.traceparent} if self.traceparent else {}),
         }
 
     @classmethod
@@ -234,6 +237,7 @@ class Infer:
         g = meta.get
         ph, sender, phase, stage, tensors = g("plan_hash"), g("from"), g("phase"), g("stage"), g("tensors", [])
         new, last, dl = g("max_new_tokens", 0), g("last", True), g("deadline_ms", DEFAULT_DEADLINE_MS)
+        tp = g("traceparent", "")
         if (
             type(ph) is str
             and type(sender) is str
@@ -246,10 +250,10 @@ class Infer:
             and (type(dl) is float or type(dl) is int)
             and dl == dl
             and type(tensors) is list
+            and type(tp) is str
         ):
-            return cls(
-                ph, sender, phase, stage, tuple([TensorSpec.from_wire(t, INFER) for t in tensors]), new, last, float(dl)
-            )
+            specs = tuple([TensorSpec.from_wire(t, INFER) for t in tensors])
+            return cls(ph, sender, phase, stage, specs, new, last, float(dl), tp)
         phase = _get(meta, INFER, "phase", str)
         if phase not in PHASES:
             raise TransportError(f"malformed infer message: unknown phase {phase[:20]!r} (expected prefill or decode)")
@@ -266,6 +270,7 @@ class Infer:
             new,
             _get(meta, INFER, "last", bool, True),
             _num(meta, INFER, "deadline_ms", DEFAULT_DEADLINE_MS),
+            _get(meta, INFER, "traceparent", str, ""),
         )
 
 

@@ -48,7 +48,9 @@ class TierServer:
         insecure_dev: bool = False,
         limits: Optional[Limits] = None,
         dilation: float = 1.0,
+        metrics: Optional[str] = None,
     ):
+        """``metrics``: HOST:PORT to serve Prometheus metrics on (aiflow_cli/runtime/metrics.py); None: none."""
         if role not in ROLES:
             raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
         if not trust and not insecure_dev:
@@ -57,6 +59,10 @@ class TierServer:
                 "default trust (`insecure_dev` exists for local experiments only)",
                 param="trust,insecure_dev",
             )
+        if metrics is not None:
+            from aiflow_cli.runtime.metrics import parse_listen
+
+            parse_listen(metrics)  # a bad address is refused before the stages load
         plan = load_plan(plan_path)
         ident = as_identity(identity)
         nxt = None
@@ -81,6 +87,17 @@ class TierServer:
             insecure_dev=insecure_dev,
         )
         self.identity = ident
+        self.metrics, self.metrics_address = None, ""
+        if metrics is not None:
+            from aiflow_cli.runtime.metrics import TierMetrics
+
+            self.metrics = TierMetrics(self.node)
+            try:
+                self.metrics_address = self.metrics.serve(metrics)
+            except BaseException:
+                self.close()
+                raise
+            self.node.observer = self.metrics
 
     @property
     def address(self) -> str:
@@ -92,6 +109,7 @@ class TierServer:
             "role": self.node.tier,
             "address": self.address,
             "fingerprint": self.identity.fingerprint,
+            **({"metrics": self.metrics_address} if self.metrics else {}),
             **self.node.describe(),
         }
 
@@ -119,6 +137,8 @@ class TierServer:
         self.server.close()
         if self.node.next is not None:
             self.node.next.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
 
 # ---- a tier in a child process -------------------------------------------------------------------------------
@@ -150,6 +170,8 @@ class TierSpec:
     """torch intra-op threads (None: torch's default)."""
     dilation: float = 1.0
     """time dilation factor of the run (aiflow_cli/runtime/dilation.py); every tier of a run uses the same."""
+    metrics: Optional[str] = None
+    """HOST:PORT of the tier's Prometheus metrics (None: none)."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +183,8 @@ class TierReady:
     fingerprint: str
     pid: int
     node: dict[str, Any] = field(default_factory=dict)
+    metrics: str = ""
+    """``host:port`` of its Prometheus metrics ("" for none)."""
 
 
 @dataclass(frozen=True)
@@ -209,13 +233,17 @@ def tier_main(ready_fd: int) -> None:
             speed=spec.speed,
             dilation=spec.dilation,
             cache_limit_bytes=spec.cache_limit_bytes,
+            metrics=spec.metrics,
         )
     except AiflowError as e:
         _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
         os._exit(e.exit_code)
 
     def ready(info: dict[str, Any]) -> None:
-        _send(ready_fd, TierReady(spec.role, srv.address, srv.identity.fingerprint, os.getpid(), srv.node.describe()))
+        pid, described = os.getpid(), srv.node.describe()
+        _send(
+            ready_fd, TierReady(spec.role, srv.address, srv.identity.fingerprint, pid, described, srv.metrics_address)
+        )
         os.close(ready_fd)
         print(f"{spec.role} ready on {srv.address} (pid {os.getpid()})", file=sys.stderr, flush=True)
 

@@ -25,9 +25,15 @@ macro_rules! limits_fields {
             max_concurrent_streams: u32 = 256,
             /// Most connections a server holds at once; further handshakes are refused.
             max_connections: u32 = 1024,
-            /// A connection with no traffic for this long is closed (ms); clients send keep-alives at a third of
-            /// it and reconnect on their next request.
-            idle_timeout_ms: u64 = 30_000,
+            // Liveness (issue 14): a dead tier must be noticed within 3 s, not at the request's deadline, so the
+            // idle timeout is short and clients keep it from firing on a live peer with keep-alives (5 per
+            // timeout: 4 in a row may be lost). A death is noticed between the idle timeout and that plus one
+            // keep-alive interval after it (1.5-1.8 s). quinn never times out sooner than 3 probe timeouts
+            // (about 3 RTTs), so long paths get more.
+            /// A peer silent for this long is taken for dead (ms): its connection is closed and the requests in
+            /// flight on it fail at once. Clients send a keep-alive every fifth of it, so a live peer, idle or
+            /// busy computing, is never that silent; the client reconnects on its next request.
+            idle_timeout_ms: u64 = 1_500,
             /// Deadline for one request (ms): on the server, to receive it; on the client, the default deadline
             /// of the whole round trip.
             request_timeout_ms: u64 = 120_000,
@@ -156,6 +162,11 @@ impl Limits {
 
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// How often a client pings a quiet connection: a fifth of the idle timeout.
+    pub fn keep_alive_interval(&self) -> Duration {
+        self.idle_timeout() / 5
     }
 
     pub fn request_timeout(&self) -> Duration {

@@ -128,8 +128,15 @@ impl Client {
             .inner
             .endpoint
             .connect_with(self.inner.quic.clone(), self.inner.server, SERVER_NAME)
-            .map_err(|e| Error::Transport(format!("cannot connect to {}: {e}", self.inner.server)))?;
-        let conn = connecting.await.map_err(|e| io::conn_err(&e))?;
+            .map_err(|e| Error::Transport(format!("cannot connect: {e}")))?;
+        let conn = connecting.await.map_err(|e| match e {
+            // Nobody answered the handshake (no server there, or the path is down): not a peer that died.
+            quinn::ConnectionError::TimedOut => Error::Timeout(format!(
+                "no answer to the QUIC handshake within the idle timeout ({} ms): is a server listening there?",
+                self.inner.limits.idle_timeout_ms
+            )),
+            other => io::conn_err(&other),
+        })?;
         let live = Live { conn, generation: self.inner.next_generation.fetch_add(1, Ordering::Relaxed) };
         *self.inner.current.lock().unwrap_or_else(|p| p.into_inner()) = Some(live.clone());
         Ok(live)
@@ -190,11 +197,24 @@ impl Client {
             Ok(reply)
         };
         let result = match tokio::time::timeout(timeout, exchange).await {
-            Ok(r) => r,
+            Ok(r) => r.map_err(|e| self.naming_server(e)),
             Err(_) => Err(Error::Timeout(format!("no reply from {} within {:.3} s", self.inner.server, timeout.as_secs_f64()))),
         };
         let generation = *used.lock().unwrap_or_else(|p| p.into_inner());
         (result, generation)
+    }
+
+    /// `e` with this client's server named, if it is a failure of the connection (a lost peer, a refused
+    /// handshake), so that the caller's log says which peer went away. A remote handler's error is the peer's
+    /// own and a limit error names its limit: both pass unchanged.
+    fn naming_server(&self, e: Error) -> Error {
+        let server = self.inner.server;
+        match e {
+            Error::Transport(m) => Error::Transport(format!("{server}: {m}")),
+            Error::PeerRejected(m) => Error::PeerRejected(format!("{server}: {m}")),
+            Error::Timeout(m) => Error::Timeout(format!("{server}: {m}")),
+            other => other,
+        }
     }
 
     /// Starts a request on the shared runtime; a blocking caller waits on the returned [`Pending`]. Never

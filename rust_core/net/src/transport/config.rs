@@ -31,7 +31,7 @@ pub fn transport_config(limits: &Limits, keep_alive: bool, path: PathKind) -> Re
         .map_err(|_| Error::Input(format!("idle_timeout_ms {} is too large", limits.idle_timeout_ms)))?;
     t.max_idle_timeout(Some(idle));
     if keep_alive {
-        t.keep_alive_interval(Some(limits.idle_timeout() / 3));
+        t.keep_alive_interval(Some(limits.keep_alive_interval()));
     }
     let var = |v: u64| VarInt::from_u64(v).map_err(|_| Error::Input(format!("window {v} too large")));
     t.stream_receive_window(var(limits.stream_window_bytes)?);

@@ -64,7 +64,10 @@ pub fn conn_err(e: &ConnectionError) -> Error {
                 Error::Transport(format!("the peer closed the connection (code {}): {reason}", c.error_code))
             }
         }
-        ConnectionError::TimedOut => Error::Timeout("the connection went idle past the idle timeout (or the peer is unreachable)".into()),
+        // A dead peer, not a deadline: with keep-alives a live one is never silent that long.
+        ConnectionError::TimedOut => {
+            Error::Transport("the peer went silent past the idle timeout (idle_timeout_ms): it died or the path to it is down".into())
+        }
         ConnectionError::LocallyClosed => Error::Transport("the connection was closed locally".into()),
         other => Error::Transport(format!("connection lost: {other}")),
     }

@@ -1,0 +1,89 @@
+"""W3C trace context of a request (https://www.w3.org/TR/trace-context/), so that one device-edge-cloud request
+can be followed across the tiers.
+
+The device starts a trace per request; every ``infer`` message carries the sender's ``traceparent``
+(``00-<trace id: 32 hex>-<parent span id: 16 hex>-<flags: 2 hex>``) and each tier continues it with a span of
+its own. Without OpenTelemetry the ids are only propagated (and logged by whoever wants them); when the
+``opentelemetry`` API is importable and the user configured a tracer provider (an exporter: e.g. the SDK set up
+in code, or ``opentelemetry-instrument``), each tier's work is also recorded as a span of that trace.
+
+A malformed ``traceparent`` from a peer is ignored (the tier starts a new trace), as the W3C text says.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any, Iterator, Optional
+
+#: version 00: trace id, parent (span) id, flags; all-zero ids are invalid.
+_TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+#: Sampled: a collector keeps the trace.
+SAMPLED = "01"
+
+#: The traceparent this thread's current work sends to the next tier ("" outside a request).
+_current: ContextVar[str] = ContextVar("aiflow_traceparent", default="")
+
+
+def parse(traceparent: str) -> Optional[tuple[str, str, str]]:
+    """``(trace_id, span_id, flags)`` of a valid traceparent, else None."""
+    m = _TRACEPARENT.fullmatch(traceparent) if isinstance(traceparent, str) else None
+    if m is None or set(m[1]) == {"0"} or set(m[2]) == {"0"}:
+        return None
+    return m[1], m[2], m[3]
+
+
+def _format(trace_id: str, span_id: str, flags: str) -> str:
+    return f"00-{trace_id}-{span_id}-{flags}"
+
+
+def child_of(traceparent: str) -> str:
+    """A new span of ``traceparent``'s trace (a new trace if it is empty or malformed)."""
+    p = parse(traceparent)
+    trace_id, flags = (p[0], p[2]) if p else (secrets.token_hex(16), SAMPLED)
+    return _format(trace_id, secrets.token_hex(8), flags)
+
+
+def current() -> str:
+    """The traceparent to send with this thread's next message ("" outside a request)."""
+    return _current.get()
+
+
+def _otel_tracer() -> Any:
+    """OpenTelemetry's tracer if the API is importable and a real tracer provider is configured, else None."""
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return None
+    provider = trace.get_tracer_provider()
+    if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
+        return None  # nothing configured: spans would go nowhere
+    return trace.get_tracer("aiflow")
+
+
+@contextmanager
+def span(name: str, traceparent: str = "", **attributes: Any) -> Iterator[str]:
+    """This tier's span ``name``, a child of ``traceparent`` (a new trace when it is ""), current for the block:
+    messages sent meanwhile carry it (:func:`current`). Yields its traceparent. Recorded in OpenTelemetry when
+    that is configured (see the module docstring)."""
+    tracer = _otel_tracer()
+    if tracer is None:
+        token = _current.set(child_of(traceparent))
+        try:
+            yield _current.get()
+        finally:
+            _current.reset(token)
+        return
+    from opentelemetry import propagate
+
+    ctx = propagate.extract({"traceparent": traceparent}) if parse(traceparent) else None
+    with tracer.start_as_current_span(name, context=ctx, attributes=attributes):
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        token = _current.set(carrier.get("traceparent") or child_of(traceparent))
+        try:
+            yield _current.get()
+        finally:
+            _current.reset(token)

@@ -1,0 +1,106 @@
+"""Prometheus metrics (`aiflow serve --metrics HOST:PORT`) and W3C trace context: /metrics scraped during a real
+3-process run moves, with aiflow_ names in seconds and bytes; bad addresses are refused in one line."""
+
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from runtime_support import three_tier_plan
+
+from aiflow_cli.errors import InputError
+from aiflow_cli.runtime import protocol, tracing
+from aiflow_cli.runtime.cluster import LocalCluster
+from aiflow_cli.runtime.metrics import parse_listen
+from aiflow_cli.transport import Client, Message
+
+MODEL = "builtin:gpt2-tiny"
+
+
+def scrape(address: str) -> dict[tuple[str, tuple], float]:
+    """``{(sample name, sorted labels): value}`` of ``http://address/metrics``."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("aiflow_"), family.name
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    return sum(v for (n, ls), v in samples.items() if n == name and set(labels.items()) <= set(ls))
+
+
+@pytest.mark.parametrize("bad", ["9100", "localhost", ":9100", "host:port", "127.0.0.1:70000", ""])
+def test_a_bad_metrics_address_is_refused_in_one_line(bad):
+    with pytest.raises(InputError, match="give HOST:PORT"):
+        parse_listen(bad)
+
+
+def test_metrics_addresses_parse():
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_listen("[::1]:9100") == ("::1", 9100)
+
+
+def test_traceparent_continues_the_trace_and_travels_in_infer():
+    with tracing.span("request") as root:
+        assert tracing.current() == root
+        trace_id, span_id, flags = tracing.parse(root)
+        with tracing.span("edge", root) as child:
+            assert tracing.parse(child)[0] == trace_id and tracing.parse(child)[1] != span_id
+        assert tracing.current() == root
+    assert tracing.current() == ""
+    assert tracing.parse(tracing.child_of("00-zz-bad")) is not None  # a malformed parent starts a new trace
+    infer = protocol.Infer("h", "device", "prefill", 0, (), traceparent=root)
+    assert protocol.decode(protocol.encode(infer)).traceparent == root
+    assert protocol.decode(protocol.encode(protocol.Infer("h", "device", "prefill", 0, ()))).traceparent == ""
+
+
+def test_metrics_of_a_real_three_process_run(tmp_path):
+    three_tier_plan(MODEL, tmp_path / "plan.json", codec="int8")
+    metrics = {"edge": "127.0.0.1:0", "cloud": "127.0.0.1:0"}
+    with LocalCluster(tmp_path / "plan.json", tmp_path, metrics=metrics) as c:
+        edge, cloud = (c.servers[t].ready.metrics for t in ("edge", "cloud"))
+        assert edge.startswith("127.0.0.1:") and cloud.startswith("127.0.0.1:")
+        before = scrape(edge)
+        assert total(before, "aiflow_requests_total", tier="edge") == 0
+        with c.pipeline(timeout_s=60) as p:
+            r = p.run(text="metrics", max_new_tokens=4)
+            assert r.tokens.shape[1] == 4
+        # a malformed request: an error by class
+        with Client(c.addresses["edge"], identity=c.keys["device"], trust=c.fingerprints(), timeout_s=20) as cli:
+            bad = cli.request(Message("infer", {"v": protocol.PROTOCOL_VERSION, "plan_hash": "x"}))
+            assert bad.kind == "error"
+        e, k = scrape(edge), scrape(cloud)
+    # the device sends a prefill and 3 decode steps through the edge to the cloud
+    assert total(e, "aiflow_requests_total", tier="edge", kind="infer", phase="prefill") == 1
+    assert total(e, "aiflow_requests_total", tier="edge", kind="infer", phase="decode") == 3
+    assert total(k, "aiflow_requests_total", tier="cloud", kind="infer") == 4
+    assert total(e, "aiflow_request_errors_total", tier="edge", error_class="TransportError") == 1
+    for samples, tier in ((e, "edge"), (k, "cloud")):
+        assert total(samples, "aiflow_stage_compute_seconds_count", tier=tier) == 4
+        assert 0 < total(samples, "aiflow_stage_compute_seconds_sum", tier=tier) < 60
+        assert total(samples, "aiflow_codec_seconds_count", tier=tier, op="decode") == 4
+        assert total(samples, "aiflow_request_duration_seconds_count", tier=tier) == 4
+        assert total(samples, "aiflow_batch_size_count", tier=tier) == 4
+        assert ("aiflow_active_sessions", (("tier", tier),)) in samples
+        assert ("aiflow_kv_cache_bytes", (("tier", tier),)) in samples
+    # bytes per link and direction, as each side sees them: the edge's upload to the cloud is what the cloud got
+    up = total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="up")
+    assert up > 0 and up == total(k, "aiflow_link_bytes_total", link="edge-cloud", direction="up")
+    assert total(e, "aiflow_link_bytes_total", link="device-edge", direction="up") > 0
+    assert total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="down") > 0  # tokens come back
+    # int8 on the edge's cut: up to 4x smaller than float32 (integer tensors go raw)
+    ratio = total(e, "aiflow_compression_ratio_sum") / total(e, "aiflow_compression_ratio_count")
+    assert 1 < ratio <= 4, ratio
+    # the QUIC path to the next tier (only the edge has one)
+    rtt = total(e, "aiflow_quic_rtt_seconds", link="edge-cloud")
+    assert 0 < rtt < 1, rtt
+    assert total(e, "aiflow_quic_congestion_window_bytes") > 0
+    assert total(e, "aiflow_quic_sent_packets_total") > 0
+    assert ("aiflow_quic_lost_packets_total", (("link", "edge-cloud"), ("tier", "edge"))) in e
+    assert not any(n.startswith("aiflow_quic") for n, _ in k)
