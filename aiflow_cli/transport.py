@@ -4,7 +4,8 @@ The work is done in Rust (quinn + rustls, ``aiflow_cli._core``); this module giv
 
 - :class:`Identity`: a node's key and self-signed certificate; its ``fingerprint`` (SHA-256 of the DER
   certificate, hex) is what peers pin. ``aiflow keygen --out DIR`` makes one.
-- :class:`Message`: ``kind`` (a short string), ``meta`` (a JSON-able dict) and ``frames`` (opaque byte blobs, in
+- :class:`Message`: ``kind`` (a short string), ``meta`` (a JSON-able dict, or ``bytes``: a binary header that only
+  the application reads, as the tier protocol's hot-path messages are) and ``frames`` (opaque byte blobs, in
   practice codec frames from :mod:`aiflow_cli.codec`).
 - :class:`Server`: listens on UDP, accepts only peers whose fingerprint it trusts (mutual TLS, ALPN ``aiflow/1``)
   and answers each message with a Python handler, called on a worker thread with the GIL held only while it runs.
@@ -85,14 +86,15 @@ def _trust_list(trust: Iterable[str | Identity] | None) -> list[str]:
 
 @dataclass
 class Message:
-    """One request or reply. ``meta`` must be JSON-serialisable; ``frames`` are byte blobs.
+    """One request or reply. ``meta`` is a JSON-serialisable dict or a binary header (``bytes``, sent as it is and
+    received as ``bytes``); ``frames`` are byte blobs.
 
     ``session_id`` (u64) is the caller's to set and is echoed in the reply; ``request_id`` is assigned by the
     client and is informational.
     """
 
     kind: str
-    meta: dict[str, Any] = field(default_factory=dict)
+    meta: Union[dict[str, Any], bytes] = field(default_factory=dict)
     frames: list[FrameLike] = field(default_factory=list)
     session_id: int = 0
     request_id: int = 0
@@ -110,18 +112,18 @@ class PeerInfo:
 Handler = Callable[[Message, PeerInfo], Message]
 
 
-def _meta_json(meta: dict[str, Any]) -> str:
+def _meta_out(meta: Union[dict[str, Any], bytes]) -> Union[str, bytes]:
+    """What the extension sends: JSON text for a dict, a binary header as it is."""
+    if type(meta) is bytes:
+        return meta
     if not isinstance(meta, dict):
-        raise InputError(f"message meta must be a dict, got {type(meta).__name__}")
+        raise InputError(f"message meta must be a dict or bytes, got {type(meta).__name__}")
     return json.dumps(meta, separators=(",", ":")) if meta else ""
 
 
-def _meta_dict(text: str) -> dict[str, Any]:
-    return json.loads(text) if text else {}
-
-
-def _received(request_id: int, session_id: int, kind: str, meta_json: str, frames: list) -> Message:
-    return Message(kind, _meta_dict(meta_json), [memoryview(f) for f in frames], session_id, request_id)
+def _received(request_id: int, session_id: int, kind: str, meta: Union[str, bytes], frames: list) -> Message:
+    body = (json.loads(meta) if meta else {}) if isinstance(meta, str) else meta
+    return Message(kind, body, [memoryview(f) for f in frames], session_id, request_id)
 
 
 class Server:
@@ -147,11 +149,11 @@ class Server:
         ident = as_identity(identity)
         self._handler = handler
 
-        def dispatch(request_id: int, session_id: int, kind: str, meta_json: str, frames: list, peer: dict):
-            reply = handler(_received(request_id, session_id, kind, meta_json, frames), PeerInfo(**peer))
+        def dispatch(request_id: int, session_id: int, kind: str, meta: Union[str, bytes], frames: list, peer: dict):
+            reply = handler(_received(request_id, session_id, kind, meta, frames), PeerInfo(**peer))
             if not isinstance(reply, Message):
                 raise TypeError(f"the handler must return a Message, not {type(reply).__name__}")
-            return reply.kind, _meta_json(reply.meta), reply.frames
+            return reply.kind, _meta_out(reply.meta), reply.frames
 
         self._srv = _core.TransportServer(
             listen,
@@ -229,10 +231,10 @@ class Client:
         ``connection_id`` attribute names the connection the request used (None if none was open): pass it to
         :meth:`reset` to drop exactly that connection.
         """
-        rid, sid, kind, meta_json, frames = self._cli.request(
-            message.kind, _meta_json(message.meta), message.frames, message.session_id, timeout_s or self.timeout_s
+        rid, sid, kind, meta, frames = self._cli.request(
+            message.kind, _meta_out(message.meta), message.frames, message.session_id, timeout_s or self.timeout_s
         )
-        return _received(rid, sid, kind, meta_json, frames)
+        return _received(rid, sid, kind, meta, frames)
 
     async def arequest(self, message: Message, timeout_s: float | None = None) -> Message:
         """:meth:`request` for asyncio code: runs on a worker thread, so the event loop keeps going."""

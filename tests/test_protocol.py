@@ -1,5 +1,6 @@
-"""The tier protocol without a network: every message survives encode -> JSON -> decode, and a malformed or
-foreign-version envelope is refused naming the field or both versions."""
+"""The tier protocol without a network: every message survives encode -> JSON (or its binary header) -> decode,
+and a malformed or foreign-version envelope is refused naming the field or both versions. The binary headers
+themselves: tests/test_headers.py."""
 
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ def _timings() -> Timings:
 
 
 def _through_json(env: Message) -> Message:
-    """What the receiver gets: the meta goes through JSON as the transport sends it."""
-    return Message(env.kind, json.loads(json.dumps(env.meta)), list(env.frames), env.session_id)
+    """What the receiver gets: the meta goes through JSON as the transport sends it (a binary one as it is)."""
+    meta = env.meta if type(env.meta) is bytes else json.loads(json.dumps(env.meta))
+    return Message(env.kind, meta, list(env.frames), env.session_id)
 
 
 MESSAGES = [
@@ -49,17 +51,26 @@ MESSAGES = [
 ]
 
 
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 @pytest.mark.parametrize("msg,frames", MESSAGES, ids=[type(m).__name__ for m, _ in MESSAGES])
-def test_every_message_round_trips(msg, frames) -> None:
-    env = protocol.encode(msg, frames, session_id=7)
-    assert env.kind == msg.KIND and env.meta["v"] == protocol.PROTOCOL_VERSION and env.session_id == 7
+def test_every_message_round_trips(msg, frames, binary) -> None:
+    env = protocol.encode(msg, frames, session_id=7, binary=binary)
+    assert env.kind == msg.KIND and env.session_id == 7
+    if binary and msg.KIND in protocol.BINARY:  # the hot-path messages: a binary header, no JSON
+        assert type(env.meta) is bytes and env.meta[0] == protocol.PROTOCOL_VERSION
+    else:
+        assert env.meta["v"] == protocol.PROTOCOL_VERSION
     assert protocol.decode(_through_json(env)) == msg
 
 
+def test_infer_and_result_travel_binary() -> None:
+    assert set(protocol.BINARY) == {protocol.INFER, protocol.RESULT}
+
+
 def test_other_versions_are_refused_naming_both() -> None:
-    env = _through_json(protocol.encode(*MESSAGES[2]))
-    newer = protocol.PROTOCOL_VERSION + 1
-    for v, shown in ((1, "1"), (newer, str(newer))):
+    env = _through_json(protocol.encode(*MESSAGES[2], binary=False))
+    for v in (1, 2, protocol.PROTOCOL_VERSION + 1):
+        shown = str(v)
         env.meta["v"] = v
         want = f"speaks version {protocol.PROTOCOL_VERSION}, the peer sent version {shown}"
         with pytest.raises(PeerRejected, match=want):
@@ -112,7 +123,7 @@ def test_an_error_of_another_version_still_reaches_the_user() -> None:
     ],
 )
 def test_malformed_fields_are_named(change, why) -> None:
-    env = _through_json(protocol.encode(*MESSAGES[2]))
+    env = _through_json(protocol.encode(*MESSAGES[2], binary=False))
     env.meta.update(change)
     env.meta = {k: v for k, v in env.meta.items() if v is not None}
     with pytest.raises(TransportError, match=why):

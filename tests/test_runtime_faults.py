@@ -17,6 +17,7 @@ from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.pipeline import Pipeline
 from aiflow_cli.runtime.sessions import SessionStore
+from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import Client, Identity, Message
 
 MODEL = "builtin:gpt2-tiny"
@@ -98,6 +99,19 @@ def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
         (Message(protocol.INFER, {**base, "phase": "decode", "tensors": []}, [], session_id=12345), ""),
         (Message(protocol.INFER, {"v": protocol.PROTOCOL_VERSION, "phase": "prefill", "stage": 0}), "'plan_hash'"),
         (Message(protocol.RESULT, {"v": protocol.PROTOCOL_VERSION, "timings": {}}), "reply, not a request"),
+    ]
+    # the same with binary headers (what a tier sends): foreign version, truncated, oversized, mutated
+    good = protocol.encode(protocol.Infer(plan_hash, "test", "prefill", 2, (), 1)).meta
+    cut = protocol.encode(protocol.Infer(plan_hash, "tëst", "prefill", 2, (), 1)).meta
+    bad += [
+        (Message(protocol.INFER, bytes([1]) + good[1:]), "this tier speaks version"),
+        (Message(protocol.INFER, good[:5] + b"\0"), "malformed infer message: field 'the fixed fields': truncated"),
+        (Message(protocol.INFER, good[:-4] + b"\xff\xff\xff\xff"), "field 'tensors': declares 4294967295 items"),
+        (Message(protocol.INFER, good + b"\0"), "1 bytes after the last field"),
+        (Message(protocol.INFER, cut.replace("ë".encode(), b"\xff\xfe")), "field 'sender': a string is not UTF-8"),
+        (Message(protocol.INFER, good[:5] + bytes(30)), "malformed infer message: field 'sender': truncated"),
+        (Message(protocol.HELLO, good), "hello message has no binary form"),
+        (Message(protocol.RESULT, protocol.encode(protocol.Result(Timings())).meta), "reply, not a request"),
     ]
     for m, why in bad:
         reply = c.request(m)

@@ -2,10 +2,14 @@
 
 Every message is one dataclass below (slotted, not frozen: a frozen one costs microseconds more per message to
 build, and each decode step builds several; treat them as values). :func:`encode` turns it into the transport's
-:class:`Message` (``kind`` names the class, ``meta`` holds its fields plus the protocol version ``v``, ``frames``
-its tensors, ``session_id`` names a request across its decode steps) and :func:`decode` validates a received
+:class:`Message` (``kind`` names the class, ``meta`` holds its fields and the protocol version, ``frames`` its
+tensors, ``session_id`` names a request across its decode steps) and :func:`decode` validates a received
 envelope back into the class its kind names: the version first (:class:`PeerRejected` naming both versions), then every field's
 type (:class:`TransportError` naming the field), so a handler only ever sees well-formed messages.
+
+The messages of every decode step (:data:`BINARY`: :class:`Infer`, :class:`Result`) travel with a binary header
+(:mod:`aiflow_cli.runtime.headers`: the dataclass's fields in declaration order, no JSON); the others, and any
+message a peer sends as JSON, as a JSON object whose ``v`` is the version. Both forms are validated alike.
 
 Requests go down the chain device -> edge -> cloud, replies come back up:
 
@@ -19,11 +23,12 @@ Requests go down the chain device -> edge -> cloud, replies come back up:
 - :class:`Error`: the reply to any request that failed, re-raised on the device as the same
   :class:`AiflowError` class, tagged with the tier where it happened.
 
-Wire form, kept small because it is paid on every decode step: tensors are ``[name, role, codec]`` triples in
-frame order, timings are arrays in field order (see :mod:`aiflow_cli.runtime.timings`). New messages (e.g. the
-draft and verify steps of cooperative decoding) are a new dataclass with ``KIND``, ``to_wire`` and
-``from_wire``, registered in :data:`MESSAGES`; a change to an existing message's fields bumps
-:data:`PROTOCOL_VERSION`.
+JSON form: tensors are ``[name, role, codec]`` triples in frame order, timings are arrays in field order (see
+:mod:`aiflow_cli.runtime.timings`). New messages (e.g. the draft and verify steps of cooperative decoding) are a
+new dataclass with ``KIND``, ``to_wire`` and ``from_wire``, registered in :data:`MESSAGES` (and in
+:data:`BINARY` to travel with a binary header: its layout follows the dataclass's fields, nothing to write); a
+change to an existing message's fields bumps :data:`PROTOCOL_VERSION` (a binary header also carries a checksum
+of its fields' layout, so peers that differ by a field refuse each other even when the version was not bumped).
 """
 
 from __future__ import annotations
@@ -36,10 +41,12 @@ from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 from aiflow_cli import errors
 from aiflow_cli.errors import AiflowError, PeerRejected, RemoteError, TransportError
 from aiflow_cli.plan.schema import Plan
+from aiflow_cli.runtime.headers import HeaderCodec
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import FrameLike, Message
 
-#: Version of the messages below. 1 was the untyped protocol (dicts without a version field); 3 added verify.
+#: Version of the messages below. 1 was the untyped protocol (dicts without a version field), 2 JSON only, 3
+#: binary headers for infer and result, and the verify message (speculative decoding).
 PROTOCOL_VERSION = 3
 
 HELLO, HELLO_REPLY, INFER, RESULT, ERROR = "hello", "hello_reply", "infer", "result", "error"
@@ -332,6 +339,20 @@ class Verify:
             _num(meta, k, "deadline_ms", DEFAULT_DEADLINE_MS),
         )
 
+    def check(self) -> "Infer":
+        """The checks beyond field types (a binary header guarantees the types): raises :class:`TransportError`."""
+        if self.phase not in PHASES:
+            raise TransportError(
+                f"malformed infer message: unknown phase {self.phase[:20]!r} (expected {' or '.join(PHASES)})"
+            )
+        if self.stage < 0 or self.max_new_tokens < 0:
+            raise TransportError(
+                f"malformed infer message: stage {self.stage} and max_new_tokens {self.max_new_tokens} must be >= 0"
+            )
+        if self.deadline_ms != self.deadline_ms:
+            raise _bad(INFER, "deadline_ms", "a number", self.deadline_ms)
+        return self
+
 
 @dataclass(slots=True)
 class Result:
@@ -416,11 +437,17 @@ AnyMessage = Union[Hello, HelloReply, Infer, Verify, Result, Error]
 MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Result, Error)}
 #: Messages that carry one frame per entry of ``tensors``.
 _WITH_FRAMES = (Infer, Verify, Result)
+#: Messages sent with a binary header (one line per message; the layout is derived from the dataclass).
+BINARY: dict[str, HeaderCodec] = {c.KIND: HeaderCodec(c, PROTOCOL_VERSION) for c in (Infer, Result)}
 
 
 # -- the envelope -----------------------------------------------------------------------------------------------
-def encode(msg: AnyMessage, frames: Sequence[FrameLike] = (), session_id: int = 0) -> Message:
-    """The transport envelope of ``msg`` (its frames, if it carries tensors, in ``tensors`` order)."""
+def encode(msg: AnyMessage, frames: Sequence[FrameLike] = (), session_id: int = 0, *, binary: bool = True) -> Message:
+    """The transport envelope of ``msg`` (its frames, if it carries tensors, in ``tensors`` order); with a binary
+    header when its kind has one (:data:`BINARY`) and ``binary``, else as JSON."""
+    codec = BINARY.get(msg.KIND) if binary else None
+    if codec is not None:
+        return Message(msg.KIND, codec.encode(msg), list(frames), session_id)
     meta = msg.to_wire()
     meta["v"] = PROTOCOL_VERSION
     return Message(msg.KIND, meta, list(frames), session_id)
@@ -444,9 +471,18 @@ def decode(env: Message) -> AnyMessage:
     if cls is None:
         raise TransportError(f"unknown message kind {env.kind[:40]!r} (expected one of {', '.join(MESSAGES)})")
     meta = env.meta
-    if meta.get("v") != PROTOCOL_VERSION and cls is not Error:
-        check_version(meta)
-    msg = cls.from_wire(meta)
+    if isinstance(meta, bytes):
+        codec = BINARY.get(env.kind)
+        if codec is None:
+            raise TransportError(f"a {env.kind[:40]} message has no binary form (expected JSON)")
+        msg = codec.decode(meta)
+        check = getattr(msg, "check", None)  # checks beyond the field types (Infer.check)
+        if check is not None:
+            check()
+    else:
+        if meta.get("v") != PROTOCOL_VERSION and cls is not Error:
+            check_version(meta)
+        msg = cls.from_wire(meta)
     if cls in _WITH_FRAMES and len(msg.tensors) != len(env.frames):
         raise TransportError(
             f"malformed {env.kind} message: it lists {len(msg.tensors)} tensors but carries {len(env.frames)} frames"

@@ -6,15 +6,19 @@
 //! offset  size  field
 //!  0      4     magic b"AFM1"
 //!  4      1     version (1)
-//!  5      1     flags: bit 0 = error reply; other bits must be 0
+//!  5      1     flags: bit 0 = error reply; bit 1 = binary meta; other bits must be 0
 //!  6      2     kind_len (u16 LE), 1..=MAX_KIND_BYTES
 //!  8      8     request_id (u64 LE)
 //! 16      8     session_id (u64 LE)
 //! 24      4     meta_len (u32 LE)
 //! 28      4     n_frames (u32 LE)
-//! 32      ...   kind (UTF-8), meta (a JSON object, UTF-8), n_frames x u64 LE frame lengths
+//! 32      ...   kind (UTF-8), meta, n_frames x u64 LE frame lengths
 //! ...     ...   the frames, back to back, then FIN
 //! ```
+//!
+//! The meta is a JSON object (UTF-8), validated here, or, with flag bit 1, the application's own binary header
+//! (the tier protocol's `Infer` and `Result`, aiflow_cli/runtime/headers.py): opaque bytes here, bounded by
+//! `max_meta_bytes` like JSON, and validated field by field by the application.
 //!
 //! Everything the receiver needs to bound its memory (header size, frame count, total payload) is in the first
 //! 32 bytes plus the frame table, so a message is validated against [`Limits`] before a byte of payload is read
@@ -36,6 +40,33 @@ pub const PREAMBLE_LEN: usize = 32;
 pub const MAX_KIND_BYTES: usize = 256;
 /// Flag bit: this reply carries an error (its meta has `error` and `code`).
 pub const FLAG_ERROR: u8 = 1;
+/// Flag bit: the meta is binary (the application's header), not JSON.
+pub const FLAG_BINARY_META: u8 = 2;
+
+/// A message's meta: a JSON object as text (validated on decode; empty means `{}`), or binary bytes that only
+/// the application interprets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Meta {
+    Json(String),
+    Binary(Bytes),
+}
+
+impl Meta {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Meta::Json(s) => s.as_bytes(),
+            Meta::Binary(b) => b,
+        }
+    }
+
+    /// The JSON text, or "" for a binary meta.
+    pub fn json(&self) -> &str {
+        match self {
+            Meta::Json(s) => s,
+            Meta::Binary(_) => "",
+        }
+    }
+}
 
 /// What a message says about itself besides its frames.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,8 +74,7 @@ pub struct Header {
     pub request_id: u64,
     pub session_id: u64,
     pub kind: String,
-    /// A JSON object, as text (validated on decode); empty means `{}`.
-    pub meta_json: String,
+    pub meta: Meta,
     /// True for an error reply.
     pub is_error: bool,
 }
@@ -109,19 +139,21 @@ impl ErrorCode {
 }
 
 impl Message {
-    /// A plain message.
+    /// A plain message with a JSON meta.
     pub fn new(kind: impl Into<String>, meta_json: impl Into<String>, frames: Vec<Bytes>) -> Message {
-        Message {
-            header: Header { request_id: 0, session_id: 0, kind: kind.into(), meta_json: meta_json.into(), is_error: false },
-            frames,
-        }
+        Message::with_meta(kind, Meta::Json(meta_json.into()), frames)
+    }
+
+    /// A plain message with either kind of meta.
+    pub fn with_meta(kind: impl Into<String>, meta: Meta, frames: Vec<Bytes>) -> Message {
+        Message { header: Header { request_id: 0, session_id: 0, kind: kind.into(), meta, is_error: false }, frames }
     }
 
     /// An error reply to `request_id`; `msg` is shown to the remote user.
     pub fn error(request_id: u64, session_id: u64, code: ErrorCode, msg: &str) -> Message {
         let meta = serde_json::json!({ "error": msg, "code": code.as_str() }).to_string();
         Message {
-            header: Header { request_id, session_id, kind: "error".into(), meta_json: meta, is_error: true },
+            header: Header { request_id, session_id, kind: "error".into(), meta: Meta::Json(meta), is_error: true },
             frames: Vec::new(),
         }
     }
@@ -136,7 +168,7 @@ impl Message {
         if !self.header.is_error {
             return None;
         }
-        let v: serde_json::Value = serde_json::from_str(&self.header.meta_json).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(self.header.meta.json()).unwrap_or_default();
         let msg = v.get("error").and_then(|m| m.as_str()).unwrap_or("remote error without a message").to_string();
         let code = v.get("code").and_then(|c| c.as_str()).unwrap_or("handler");
         Some(ErrorCode::to_error(code, msg))
@@ -150,25 +182,27 @@ pub fn encode_head(msg: &Message, limits: &Limits) -> Result<Vec<u8>> {
     if h.kind.is_empty() || h.kind.len() > MAX_KIND_BYTES {
         return Err(Error::Input(format!("message kind must be 1..={MAX_KIND_BYTES} bytes, got {}", h.kind.len())));
     }
-    if h.meta_json.len() as u64 > limits.max_meta_bytes {
+    let meta = h.meta.as_bytes();
+    if meta.len() as u64 > limits.max_meta_bytes {
         return Err(Error::LimitExceeded(format!(
             "message meta is {} bytes; the limit is {} (max_meta_bytes)",
-            h.meta_json.len(),
+            meta.len(),
             limits.max_meta_bytes
         )));
     }
     check_frames(msg.frames.len() as u64, msg.frames_len(), limits)?;
-    let mut out = Vec::with_capacity(PREAMBLE_LEN + h.kind.len() + h.meta_json.len() + 8 * msg.frames.len());
+    let mut out = Vec::with_capacity(PREAMBLE_LEN + h.kind.len() + meta.len() + 8 * msg.frames.len());
     out.extend_from_slice(&MAGIC);
     out.push(VERSION);
-    out.push(if h.is_error { FLAG_ERROR } else { 0 });
+    let binary = if matches!(h.meta, Meta::Binary(_)) { FLAG_BINARY_META } else { 0 };
+    out.push(if h.is_error { FLAG_ERROR } else { 0 } | binary);
     out.extend_from_slice(&(h.kind.len() as u16).to_le_bytes());
     out.extend_from_slice(&h.request_id.to_le_bytes());
     out.extend_from_slice(&h.session_id.to_le_bytes());
-    out.extend_from_slice(&(h.meta_json.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(meta.len() as u32).to_le_bytes());
     out.extend_from_slice(&(msg.frames.len() as u32).to_le_bytes());
     out.extend_from_slice(h.kind.as_bytes());
-    out.extend_from_slice(h.meta_json.as_bytes());
+    out.extend_from_slice(meta);
     for f in &msg.frames {
         out.extend_from_slice(&(f.len() as u64).to_le_bytes());
     }
@@ -220,7 +254,7 @@ pub fn parse_preamble(b: &[u8; PREAMBLE_LEN], limits: &Limits) -> Result<Preambl
         return Err(Error::Transport(format!("unsupported message version {} (this build speaks {VERSION})", b[4])));
     }
     let flags = b[5];
-    if flags & !FLAG_ERROR != 0 {
+    if flags & !(FLAG_ERROR | FLAG_BINARY_META) != 0 {
         return Err(Error::Transport(format!("unknown message flags {flags:#04x}")));
     }
     let kind_len = u16_at(b, 6) as usize;
@@ -257,12 +291,14 @@ pub fn parse_rest(p: &Preamble, rest: &[u8], limits: &Limits) -> Result<(Header,
         .to_string();
     let meta_bytes = &rest[p.kind_len..p.kind_len + p.meta_len];
     // An empty meta means `{}`; it is kept as sent so that decode(encode(m)) == m.
-    let meta_json = if meta_bytes.is_empty() {
-        String::new()
+    let meta = if p.flags & FLAG_BINARY_META != 0 {
+        Meta::Binary(Bytes::copy_from_slice(meta_bytes))
+    } else if meta_bytes.is_empty() {
+        Meta::Json(String::new())
     } else {
         let text = std::str::from_utf8(meta_bytes).map_err(|_| Error::Transport("message meta is not UTF-8".into()))?;
         match serde_json::from_str::<serde_json::Value>(text) {
-            Ok(serde_json::Value::Object(_)) => text.to_string(),
+            Ok(serde_json::Value::Object(_)) => Meta::Json(text.to_string()),
             Ok(_) => return Err(Error::Transport("message meta must be a JSON object".into())),
             Err(e) => return Err(Error::Transport(format!("message meta is not valid JSON: {e}"))),
         }
@@ -280,7 +316,7 @@ pub fn parse_rest(p: &Preamble, rest: &[u8], limits: &Limits) -> Result<(Header,
         request_id: p.request_id,
         session_id: p.session_id,
         kind,
-        meta_json,
+        meta,
         is_error: p.flags & FLAG_ERROR != 0,
     };
     Ok((header, lens))
@@ -330,6 +366,24 @@ mod tests {
         let e = Message::error(3, 4, ErrorCode::Limit, "too big");
         let d = decode(&encode(&e, &l).unwrap(), &l).unwrap();
         assert!(matches!(d.as_error(), Some(Error::LimitExceeded(s)) if s.contains("too big")));
+        // A binary meta crosses as it is, even when it is not UTF-8, and keeps its flag.
+        let b = Message::with_meta("infer", Meta::Binary(Bytes::from_static(&[3, 0, 0xff, 0xfe])), vec![Bytes::from_static(b"x")]);
+        let enc = encode(&b, &l).unwrap();
+        assert_eq!(enc[5], FLAG_BINARY_META);
+        assert_eq!(decode(&enc, &l).unwrap(), b);
+    }
+
+    #[test]
+    fn binary_meta_is_bounded_like_json() {
+        let l = Limits { max_meta_bytes: 8, ..Limits::default() };
+        let b = Message::with_meta("k", Meta::Binary(Bytes::from(vec![0u8; 9])), vec![]);
+        assert!(matches!(encode(&b, &l), Err(Error::LimitExceeded(_))));
+        let enc = encode(&b, &Limits::default()).unwrap();
+        assert!(matches!(decode(&enc, &l), Err(Error::LimitExceeded(_))));
+        // Flag bits beyond error and binary are refused.
+        let mut bad = enc.clone();
+        bad[5] = 4;
+        assert!(matches!(decode(&bad, &Limits::default()), Err(Error::Transport(_))));
     }
 
     #[test]

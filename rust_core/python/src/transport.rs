@@ -1,11 +1,14 @@
-//! Bindings for the QUIC transport. Messages cross as (kind, meta JSON text, frames); the Python wrapper
-//! `aiflow_cli.transport` turns them into dataclasses. Received frames are `Frame` objects that expose the
+//! Bindings for the QUIC transport. Messages cross as (kind, meta, frames), the meta as JSON text (`str`) or a
+//! binary header (`bytes`, the tier protocol's hot-path messages); the Python wrapper `aiflow_cli.transport`
+//! turns them into dataclasses. Received frames are `Frame` objects that expose the
 //! received bytes through the buffer protocol (no copy); frames to send may be `bytes` (sent without a copy),
 //! `Frame`s, or any C-contiguous buffer (copied once).
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::cell::RefCell;
 use std::os::raw::{c_int, c_void};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,14 +18,14 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
-use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView};
+use pyo3::types::{PyBytes, PyDict, PyList, PyMemoryView, PyString};
 
 use super::counters_dict;
 use super::errors::IntoPyResult;
 use super::limits::PyLimits;
 use aiflow_net::transport::identity::{self, Identity, Trust};
 use aiflow_net::transport::runtime::Pending;
-use aiflow_net::transport::{Client, ClientConfig, Handler, Limits, Message, PeerInfo, Server, ServerConfig};
+use aiflow_net::transport::{Client, ClientConfig, Handler, Limits, Message, Meta, PeerInfo, Server, ServerConfig};
 use aiflow_proto::{Error, Result};
 
 /// Resolves "host:port" (IPv6 as "[::1]:port") to one socket address.
@@ -152,8 +155,73 @@ fn normalize_fingerprint(text: &str) -> PyResult<String> {
     identity::normalize_fingerprint(text).py()
 }
 
+/// A meta from Python: `str` is JSON text, `bytes` a binary header.
+fn meta_from(obj: &Bound<'_, PyAny>) -> PyResult<Meta> {
+    if let Ok(b) = obj.cast::<PyBytes>() {
+        return Ok(Meta::Binary(Bytes::copy_from_slice(b.as_bytes())));
+    }
+    Ok(Meta::Json(obj.extract::<String>()?))
+}
+
+fn meta_to<'py>(py: Python<'py>, meta: &Meta) -> Bound<'py, PyAny> {
+    match meta {
+        Meta::Json(s) => PyString::new(py, s).into_any(),
+        Meta::Binary(b) => PyBytes::new(py, b).into_any(),
+    }
+}
+
+/// Set when the interpreter starts finalizing (an `atexit` hook): thread states are then left alone.
+static FINALIZING: AtomicBool = AtomicBool::new(false);
+
+/// This thread's Python thread state, kept between handler calls. Without it every call on a pool thread makes
+/// and deletes one (PyGILState_Ensure/Release at depth 0), which costs tens of microseconds and fresh pages per
+/// request; with it a call only takes and drops the GIL. Deleted when the pool retires the thread.
+struct KeptThreadState {
+    gstate: pyo3::ffi::PyGILState_STATE,
+    saved: *mut pyo3::ffi::PyThreadState,
+}
+
+impl Drop for KeptThreadState {
+    fn drop(&mut self) {
+        // SAFETY: the state was made on this thread by `keep_thread_state` and is released by it alone; during
+        // finalization it is leaked rather than touched.
+        unsafe {
+            if pyo3::ffi::Py_IsInitialized() != 0 && !FINALIZING.load(Ordering::Acquire) {
+                pyo3::ffi::PyEval_RestoreThread(self.saved);
+                pyo3::ffi::PyGILState_Release(self.gstate);
+            }
+        }
+    }
+}
+
+thread_local! {
+    static KEPT: RefCell<Option<KeptThreadState>> = const { RefCell::new(None) };
+}
+
+/// Makes this (non-Python) thread's thread state outlive the next `Python::attach`.
+fn keep_thread_state() {
+    let _ = KEPT.try_with(|k| {
+        let mut k = k.borrow_mut();
+        // SAFETY: PyGILState_Ensure on a thread without a Python thread state makes one and takes the GIL;
+        // PyEval_SaveThread drops the GIL at once and keeps the state, so the thread holds no GIL after this.
+        if k.is_none() && unsafe { pyo3::ffi::Py_IsInitialized() } != 0 && !FINALIZING.load(Ordering::Acquire) {
+            unsafe {
+                let gstate = pyo3::ffi::PyGILState_Ensure();
+                let saved = pyo3::ffi::PyEval_SaveThread();
+                *k = Some(KeptThreadState { gstate, saved });
+            }
+        }
+    });
+}
+
+#[pyfunction]
+fn _mark_finalizing() {
+    FINALIZING.store(true, Ordering::Release);
+}
+
 fn python_handler(dispatch: Py<PyAny>) -> Handler {
     Arc::new(move |m: Message, peer: PeerInfo| -> Result<Message> {
+        keep_thread_state();
         Python::attach(|py| {
             let run = || -> PyResult<Message> {
                 let p = PyDict::new(py);
@@ -162,9 +230,10 @@ fn python_handler(dispatch: Py<PyAny>) -> Handler {
                 p.set_item("connection_id", peer.connection_id)?;
                 let h = m.header;
                 let frames = frames_to(py, m.frames)?;
-                let out = dispatch.call1(py, (h.request_id, h.session_id, h.kind, h.meta_json, frames, p))?;
-                let (kind, meta, frames): (String, String, Bound<'_, PyAny>) = out.extract(py)?;
-                Ok(Message::new(kind, meta, frames_from(&frames)?))
+                let meta = meta_to(py, &h.meta);
+                let out = dispatch.call1(py, (h.request_id, h.session_id, h.kind, meta, frames, p))?;
+                let (kind, meta, frames): (String, Bound<'_, PyAny>, Bound<'_, PyAny>) = out.extract(py)?;
+                Ok(Message::with_meta(kind, meta_from(&meta)?, frames_from(&frames)?))
             };
             run().map_err(|e| Error::Remote(e.to_string()))
         })
@@ -241,7 +310,7 @@ fn wait_pending<T: Send + 'static>(py: Python<'_>, mut pending: Pending<T>) -> P
     }
 }
 
-type Reply<'py> = (u64, u64, String, String, Bound<'py, PyList>);
+type Reply<'py> = (u64, u64, String, Bound<'py, PyAny>, Bound<'py, PyList>);
 
 /// The transport client; see `aiflow_cli.transport.Client`.
 #[pyclass(frozen, module = "aiflow_cli._core", name = "TransportClient")]
@@ -270,19 +339,20 @@ impl PyClient {
         Ok(PyClient { client: Client::new(cfg).py()? })
     }
 
-    /// request(kind, meta_json, frames, session_id=0, timeout_s=None) -> (request_id, session_id, kind, meta_json,
-    /// frames). Blocks with the GIL released; safe to call from many threads at once.
-    #[pyo3(signature = (kind, meta_json, frames, session_id = 0, timeout_s = None))]
+    /// request(kind, meta, frames, session_id=0, timeout_s=None) -> (request_id, session_id, kind, meta, frames);
+    /// `meta` is JSON text (str) or a binary header (bytes), the reply's likewise. Blocks with the GIL released;
+    /// safe to call from many threads at once.
+    #[pyo3(signature = (kind, meta, frames, session_id = 0, timeout_s = None))]
     fn request<'py>(
         &self,
         py: Python<'py>,
         kind: String,
-        meta_json: String,
+        meta: &Bound<'py, PyAny>,
         frames: &Bound<'py, PyAny>,
         session_id: u64,
         timeout_s: Option<f64>,
     ) -> PyResult<Reply<'py>> {
-        let mut msg = Message::new(kind, meta_json, frames_from(frames)?);
+        let mut msg = Message::with_meta(kind, meta_from(meta)?, frames_from(frames)?);
         msg.header.session_id = session_id;
         let timeout = match timeout_s {
             Some(t) if !(t > 0.0 && t.is_finite()) => {
@@ -299,7 +369,7 @@ impl PyClient {
             err
         })?;
         let h = reply.header;
-        Ok((h.request_id, h.session_id, h.kind, h.meta_json, frames_to(py, reply.frames)?))
+        Ok((h.request_id, h.session_id, h.kind, meta_to(py, &h.meta), frames_to(py, reply.frames)?))
     }
 
     /// Opens the connection now (handshake), so that the first request does not pay for it.
@@ -357,5 +427,8 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(identity_fingerprint, m)?)?;
     m.add_function(wrap_pyfunction!(normalize_fingerprint, m)?)?;
     m.add("ALPN", std::str::from_utf8(aiflow_net::transport::ALPN).unwrap_or("aiflow/1"))?;
+    // Handler threads keep their Python thread states (see KeptThreadState) until the interpreter finalizes.
+    let mark = wrap_pyfunction!(_mark_finalizing, m)?;
+    m.py().import("atexit")?.call_method1("register", (mark,))?;
     Ok(())
 }

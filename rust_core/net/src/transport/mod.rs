@@ -24,7 +24,7 @@ pub mod runtime;
 pub mod server;
 
 pub use aiflow_proto::limits::{self, Congestion, Limits};
-pub use aiflow_proto::message::{self, Header, Message, ALPN};
+pub use aiflow_proto::message::{self, Header, Message, Meta, ALPN};
 pub use client::{Client, ClientConfig, PathInfo};
 pub use config::PathKind;
 pub use identity::{Identity, Trust};

@@ -52,7 +52,7 @@ fn echo_round_trip_and_errors() {
     let r = client.request_blocking(msg, T).unwrap();
     assert_eq!(r.header.kind, "re:x");
     assert_eq!(r.frames, vec![Bytes::from_static(b"a"), big]);
-    assert!(r.header.meta_json.contains(&cid.fingerprint));
+    assert!(r.header.meta.json().contains(&cid.fingerprint));
     // Handler error -> Remote.
     let e = client.request_blocking(Message::new("fail", "", vec![]), T).unwrap_err();
     assert!(matches!(e, Error::Remote(ref s) if s.contains("boom")), "{e:?}");
