@@ -280,6 +280,20 @@ class Infer:
             _get(meta, INFER, "traceparent", str, ""),
         )
 
+    def check(self) -> "Infer":
+        """The checks beyond field types (a binary header guarantees the types): raises :class:`TransportError`."""
+        if self.phase not in PHASES:
+            raise TransportError(
+                f"malformed infer message: unknown phase {self.phase[:20]!r} (expected {' or '.join(PHASES)})"
+            )
+        if self.stage < 0 or self.max_new_tokens < 0:
+            raise TransportError(
+                f"malformed infer message: stage {self.stage} and max_new_tokens {self.max_new_tokens} must be >= 0"
+            )
+        if self.deadline_ms != self.deadline_ms:
+            raise _bad(INFER, "deadline_ms", "a number", self.deadline_ms)
+        return self
+
 
 @dataclass(slots=True)
 class Verify:
@@ -338,20 +352,6 @@ class Verify:
             remaining,
             _num(meta, k, "deadline_ms", DEFAULT_DEADLINE_MS),
         )
-
-    def check(self) -> "Infer":
-        """The checks beyond field types (a binary header guarantees the types): raises :class:`TransportError`."""
-        if self.phase not in PHASES:
-            raise TransportError(
-                f"malformed infer message: unknown phase {self.phase[:20]!r} (expected {' or '.join(PHASES)})"
-            )
-        if self.stage < 0 or self.max_new_tokens < 0:
-            raise TransportError(
-                f"malformed infer message: stage {self.stage} and max_new_tokens {self.max_new_tokens} must be >= 0"
-            )
-        if self.deadline_ms != self.deadline_ms:
-            raise _bad(INFER, "deadline_ms", "a number", self.deadline_ms)
-        return self
 
 
 @dataclass(slots=True)
