@@ -51,6 +51,7 @@ FLAGS: dict[str, str] = {
     "max_new_tokens": "--max-new-tokens",
     "cache_limit_bytes": "--cache-mib",
     "dilation": "--dilation",
+    "speculate": "--speculate",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",
@@ -60,6 +61,10 @@ FLAGS: dict[str, str] = {
     "threads": "--threads",
     "budget_s": "--budget-s",
     "image": "--image",
+    # bench decode
+    "rtts_ms": "--rtt",
+    "split": "--split",
+    "k": "--k",
 }
 
 
