@@ -197,6 +197,7 @@ def _summary(rtt_ms: float, m: _Mode, reference: torch.Tensor) -> dict[str, Any]
         "identical": all(r.tokens is not None and torch.equal(r.tokens, reference) for r in rs),
         "compute_ms_per_token": compute,
         "requests": len(rs),
+        "policy": rs[-1].speculation["policy"] if rs[-1].speculation else None,
     }
 
 
