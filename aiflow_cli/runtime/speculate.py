@@ -90,9 +90,8 @@ def unsupported(model: "StagedModel") -> Optional[str]:
     if model.stages[-1].kind != "head":
         return f"{model.name} has no head stage to exit through"
     cfg = model.adapter.config
-    if getattr(cfg, "sliding_window", None) is not None or "sliding_attention" in (
-        getattr(cfg, "layer_types", None) or []
-    ):
+    types = getattr(cfg, "layer_types", None)  # as the decoder family reads them: without types, sliding_window
+    if ("sliding_attention" in types) if types else getattr(cfg, "sliding_window", None) is not None:
         return f"{model.name} uses sliding-window attention, whose KV cache cannot be rolled back by position"
     return None
 
