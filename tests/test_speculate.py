@@ -74,6 +74,18 @@ def test_speculate_values():
     )
 
 
+def test_only_caches_that_can_be_rolled_back_are_speculated():
+    from types import SimpleNamespace as NS
+
+    def lm(**config):
+        return NS(name="m", task="generate", stages=[NS(kind="head")], adapter=NS(config=NS(**config)))
+
+    assert spec.unsupported(lm()) is None
+    assert "sliding-window" in spec.unsupported(lm(sliding_window=4096))
+    assert "sliding-window" in spec.unsupported(lm(layer_types=["sliding_attention", "full_attention"]))
+    assert spec.unsupported(lm(sliding_window=4096, layer_types=["full_attention"])) is None  # (Qwen2: window off)
+
+
 # -- three tiers in one process -------------------------------------------------------------------------------
 def _tiers(name: str, bounds: tuple[int, int]):
     m = load_model(name)

@@ -66,7 +66,7 @@ def fixed_plan(model: StagedModel, bounds: tuple[int, int], codec: str = "raw") 
     n = model.num_stages
     if not 0 <= a <= b < n or (0 < a == b):
         raise InputError(
-            f"split {a},{b}: need 0 < device end < edge end < {n} (stages of {model.name}), or 0,0 for cloud-only",
+            f"split={a},{b}: need 0 < device end < edge end < {n} (stages of {model.name}), or 0,0 for cloud-only",
             param="split",
         )
     prof = synthetic_profile(n, n_codecs=1, model_hash=model.model_hash).model_copy(
@@ -129,10 +129,11 @@ class DecodeConfig:
 
     def check(self) -> None:
         if not self.rtts_ms or any(not r >= 0 for r in self.rtts_ms):
-            raise InputError(f"--rtt {self.rtts_ms}: give one or more RTTs >= 0 ms", param="rtt")
+            rtts = ",".join(f"{r:g}" for r in self.rtts_ms)
+            raise InputError(f"rtts_ms={rtts}: give one or more RTTs >= 0 ms", param="rtts_ms")
         for name, v in (("tokens", self.tokens), ("repeats", self.repeats), ("k", self.k)):
             if v < 1:
-                raise InputError(f"--{name} {v}: must be >= 1", param=name)
+                raise InputError(f"{name}={v}: must be >= 1", param=name)
 
 
 @dataclass
@@ -196,6 +197,7 @@ def _summary(rtt_ms: float, m: _Mode, reference: torch.Tensor) -> dict[str, Any]
         "identical": all(r.tokens is not None and torch.equal(r.tokens, reference) for r in rs),
         "compute_ms_per_token": compute,
         "requests": len(rs),
+        "policy": rs[-1].speculation["policy"] if rs[-1].speculation else None,
     }
 
 

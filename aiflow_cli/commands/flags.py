@@ -52,6 +52,7 @@ FLAGS: dict[str, str] = {
     "cache_limit_bytes": "--cache-mib",
     "dilation": "--dilation",
     "metrics": "--metrics",
+    "speculate": "--speculate",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",
@@ -61,6 +62,10 @@ FLAGS: dict[str, str] = {
     "threads": "--threads",
     "budget_s": "--budget-s",
     "image": "--image",
+    # bench decode
+    "rtts_ms": "--rtt",
+    "split": "--split",
+    "k": "--k",
 }
 
 

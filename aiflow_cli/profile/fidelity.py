@@ -170,6 +170,16 @@ class Reference:
             start = last
         return self._gather(m.output(m.run(state, range(start, m.num_stages))))
 
+    def exit_agreement(self, m: StagedModel, state: BoundaryState) -> Optional[float]:
+        """Generation: the share of the exact greedy tokens (scored positions) that the head stage applied to
+        ``state`` (an inner stage's output: an early exit) predicts, teacher-forced; None but for LMs."""
+        last = m.num_stages - 1
+        if m.task != "generate" or m.stages[last].kind != "head" or "hidden_states" not in state:
+            return None
+        out = self.run_from(m, state, last)
+        v = self.valid.float()
+        return float(((out.argmax(-1) == self.target).float() * v).sum() / v.sum())
+
     def _gather(self, t: torch.Tensor) -> torch.Tensor:
         idx = self.positions.to(t.device).unsqueeze(-1).expand(-1, -1, t.shape[-1])
         return t.gather(1, idx)

@@ -108,6 +108,7 @@ class _Profiler:
         self.fidelity_cuts = fidelity_cuts
         self.ref: Optional[Reference] = None
         self.cal_states: list[BoundaryState] = []
+        self.exit_acceptance: list[Optional[float]] = []  # per stage but the last: an early exit's acceptance
 
     # 1 + 2: exact pass, memory, prefill timing
     def prefill(self) -> tuple[list[BoundaryState], list[int], list[list[float]]]:
@@ -172,6 +173,7 @@ class _Profiler:
             state = m.run_stage(i, state)
             self.cal_states.append(state)
         ref.finish(ref.run_from(m, state, m.num_stages - 1))
+        self.exit_acceptance = [ref.exit_agreement(m, s) for s in self.cal_states]
         self.ref = ref
 
     # 5: codecs and fidelity per cut
@@ -367,6 +369,7 @@ def profile_model(
                 decode_ms=statistics.median(dt) if dt else None,
                 decode_p90_ms=_p(dt, 0.9) if dt else None,
                 peak_activation_bytes=peaks[i],
+                exit_acceptance=p.exit_acceptance[i] if i < len(p.exit_acceptance) else None,
             )
         )
     cuts = []

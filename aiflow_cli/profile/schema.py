@@ -74,6 +74,14 @@ class StageProfile(Strict):
     decode_ms: Optional[float] = Field(default=None, ge=0, description="median of one decode step; LMs only")
     decode_p90_ms: Optional[float] = Field(default=None, ge=0)
     peak_activation_bytes: int = Field(ge=0, description="peak extra memory while running this stage")
+    exit_acceptance: Optional[float] = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="LMs: share of the exact greedy tokens on the calibration set that an early exit after this "
+        "stage (the model's head on its output) predicts, teacher-forced: the per-draft acceptance of "
+        "self-speculation with the device's last stage here (docs/runtime.md)",
+    )
 
 
 class CutTensor(Strict):

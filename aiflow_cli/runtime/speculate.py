@@ -90,9 +90,8 @@ def unsupported(model: "StagedModel") -> Optional[str]:
     if model.stages[-1].kind != "head":
         return f"{model.name} has no head stage to exit through"
     cfg = model.adapter.config
-    if getattr(cfg, "sliding_window", None) is not None or "sliding_attention" in (
-        getattr(cfg, "layer_types", None) or []
-    ):
+    types = getattr(cfg, "layer_types", None)  # as the decoder family reads them: without types, sliding_window
+    if ("sliding_attention" in types) if types else getattr(cfg, "sliding_window", None) is not None:
         return f"{model.name} uses sliding-window attention, whose KV cache cannot be rolled back by position"
     return None
 
@@ -222,6 +221,8 @@ class SpecStats:
     accepted: int = 0
     tokens: int = 0
     drafts_per_round: list[int] = field(default_factory=list)
+    policy: dict[str, Any] = field(default_factory=dict)
+    """The policy's state after the request (:meth:`SpecPolicy.to_json`): what ``auto`` has learnt."""
 
     @property
     def acceptance(self) -> Optional[float]:
@@ -237,6 +238,7 @@ class SpecStats:
             "tokens": self.tokens,
             "tokens_per_round": round(self.tokens / self.rounds, 3) if self.rounds else None,
             "drafts_per_round": self.drafts_per_round,
+            "policy": self.policy,
         }
 
 
@@ -269,6 +271,7 @@ def drive(
         g = policy.draft_len(remaining)
         round_t = Timings()
         mine = round_t.tier(node.tier)
+        session = node.sessions.get(key)  # (LimitExceeded if another request's cache evicted it)
         session.cache.crop(cache_len)  # the previous round's rejected drafts
         t_draft = time.perf_counter()
         inputs: list[BoundaryState] = []
@@ -316,7 +319,9 @@ def drive(
         base = inputs[n]  # positions x, d1..dn are committed everywhere
         cache_len += n + 1
         session.step_inputs = base
-    session.cache.crop(cache_len)
+        session.cache.crop(cache_len)
+        node.sessions.done_step(key, session)  # accounts the cache (the memory limit applies as in plain decoding)
+    stats.policy = policy.to_json()
     return StepResult(tokens=torch.tensor([out], dtype=torch.long), timings=timings, spec=stats)
 
 
