@@ -4,16 +4,18 @@ continues the trace of the request it handles in the message it sends on (and in
 
 from __future__ import annotations
 
+import socket
+import types
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_support import three_tier_plan
 
-from aiflow_cli.errors import InputError
+from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.runtime import protocol, tracing
 from aiflow_cli.runtime.cluster import LocalCluster
-from aiflow_cli.runtime.metrics import parse_listen
+from aiflow_cli.runtime.metrics import TierMetrics, parse_listen
 from aiflow_cli.runtime.node import TierNode
 from aiflow_cli.transport import Client, Identity, Message, PeerInfo, Server
 
@@ -41,6 +43,16 @@ def total(samples: dict, name: str, **labels: str) -> float:
 def test_a_bad_metrics_address_is_refused_in_one_line(bad):
     with pytest.raises(InputError, match="give HOST:PORT"):
         parse_listen(bad)
+
+
+def test_an_address_in_use_is_refused_in_one_line():
+    node = types.SimpleNamespace(tier="edge", link="edge-cloud", sessions=None, next=None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = "127.0.0.1:%d" % busy.getsockname()[1]
+        with pytest.raises(TransportError, match=f"metrics='{taken}': cannot listen there"):
+            TierMetrics(node).serve(taken)
 
 
 def test_metrics_addresses_parse():
