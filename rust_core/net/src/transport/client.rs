@@ -270,8 +270,12 @@ impl Client {
             return false;
         }
         if let Some(l) = slot.take() {
-            // quinn's close only queues the CONNECTION_CLOSE; the endpoint driver sends it. No waiting here.
-            l.conn.close(CODE_RESET, b"client reset");
+            // quinn's close only queues the CONNECTION_CLOSE; the endpoint driver sends it. No waiting here. A
+            // connection already lost is left as it is: closing it would replace its error (the peer went silent)
+            // with "closed locally" for the requests on it that have not read their error yet.
+            if l.conn.close_reason().is_none() {
+                l.conn.close(CODE_RESET, b"client reset");
+            }
         }
         true
     }
