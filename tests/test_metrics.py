@@ -153,7 +153,10 @@ def test_metrics_of_a_real_three_process_run(tmp_path):
     up = total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="up")
     assert up > 0 and up == total(k, "aiflow_link_bytes_total", link="edge-cloud", direction="up")
     assert total(e, "aiflow_link_bytes_total", link="device-edge", direction="up") > 0
-    assert total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="down") > 0  # tokens come back
+    down = total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="down")
+    assert down == 8 * 4  # the 4 tokens come back; the edge passes them on
+    assert down == total(k, "aiflow_link_bytes_total", link="edge-cloud", direction="down")
+    assert down == total(e, "aiflow_link_bytes_total", link="device-edge", direction="down")
     # int8 on the edge's cut: up to 4x smaller than float32 (integer tensors go raw)
     ratio = total(e, "aiflow_compression_ratio_sum") / total(e, "aiflow_compression_ratio_count")
     assert 1 < ratio <= 4, ratio

@@ -89,7 +89,7 @@ class TierMetrics:
         )
         self.link_bytes = counter(
             "aiflow_link_bytes",
-            "Payload bytes (frames) per link and direction (up: towards the cloud), as seen by this tier.",
+            "Payload bytes (frames, 8 per token) per link and direction (up: towards the cloud), as this tier sees them.",
             ["tier", "link", "direction"],
         )
         self.compression = histogram(
@@ -119,7 +119,8 @@ class TierMetrics:
             self.batch_size.labels(tier).observe(1)
         incoming = f"{request.sender}-{tier}"
         self.link_bytes.labels(tier, incoming, "up").inc(sum(len(f) for f in env.frames))
-        self.link_bytes.labels(tier, incoming, "down").inc(sum(len(f) for f in reply.frames))
+        tokens = 8 * result.tokens.numel() if result.tokens is not None else 0  # as Timings counts them
+        self.link_bytes.labels(tier, incoming, "down").inc(sum(len(f) for f in reply.frames) + tokens)
         out = result.timings.links.get(self.node.link) if self.node.link else None
         if out is not None:
             self.link_bytes.labels(tier, self.node.link, "up").inc(out.bytes_up)
