@@ -176,6 +176,11 @@ class Server:
         reason, requests ok/failed, protocol and limit errors, streams aborted by peers."""
         return dict(self._srv.stats())
 
+    def peer_paths(self) -> list[dict[str, Any]]:
+        """The open connections: per connection its peer's ``address`` and ``fingerprint`` plus the figures
+        :meth:`Client.path_info` gives (``rtt_us``, ``cwnd_bytes``, ``lost_packets``, ...; quinn's statistics)."""
+        return [dict(d) for d in self._srv.peer_paths()]
+
     def close(self) -> None:
         """Closes every connection and the socket. Idempotent."""
         self._srv.close()

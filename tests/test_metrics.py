@@ -1,19 +1,23 @@
 """Prometheus metrics (`aiflow serve --metrics HOST:PORT`) and W3C trace context: /metrics scraped during a real
-3-process run moves, with aiflow_ names in seconds and bytes; bad addresses are refused in one line."""
+3-process run moves, with aiflow_ names in seconds and bytes; bad addresses are refused in one line; a tier
+continues the trace of the request it handles in the message it sends on (and in OpenTelemetry when configured)."""
 
 from __future__ import annotations
 
+import socket
+import types
 import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from runtime_support import three_tier_plan
 
-from aiflow_cli.errors import InputError
+from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.runtime import protocol, tracing
 from aiflow_cli.runtime.cluster import LocalCluster
-from aiflow_cli.runtime.metrics import parse_listen
-from aiflow_cli.transport import Client, Message
+from aiflow_cli.runtime.metrics import TierMetrics, parse_listen
+from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.transport import Client, Identity, Message, PeerInfo, Server
 
 MODEL = "builtin:gpt2-tiny"
 
@@ -41,6 +45,16 @@ def test_a_bad_metrics_address_is_refused_in_one_line(bad):
         parse_listen(bad)
 
 
+def test_an_address_in_use_is_refused_in_one_line():
+    node = types.SimpleNamespace(tier="edge", link="edge-cloud", sessions=None, next=None)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = "127.0.0.1:%d" % busy.getsockname()[1]
+        with pytest.raises(TransportError, match=f"metrics='{taken}': cannot listen there"):
+            TierMetrics(node).serve(taken)
+
+
 def test_metrics_addresses_parse():
     assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_listen("[::1]:9100") == ("::1", 9100)
@@ -58,6 +72,52 @@ def test_traceparent_continues_the_trace_and_travels_in_infer():
     infer = protocol.Infer("h", "device", "prefill", 0, (), traceparent=root)
     assert protocol.decode(protocol.encode(infer)).traceparent == root
     assert protocol.decode(protocol.encode(protocol.Infer("h", "device", "prefill", 0, ()))).traceparent == ""
+
+
+def test_a_tier_continues_the_trace_in_what_it_sends_on(tmp_path):
+    """The edge relays a step to a recording 'cloud': the traceparent it sends is a new span of the device's trace."""
+    plan = three_tier_plan(MODEL, tmp_path / "plan.json", codec="raw")
+    edge_id, cloud_id = Identity.generate(tmp_path / "edge"), Identity.generate(tmp_path / "cloud")
+    seen: list[str] = []
+
+    def cloud(msg: Message, peer: PeerInfo) -> Message:
+        seen.append(protocol.decode(msg).traceparent)
+        return protocol.error_reply("cloud", InputError("recorded"))
+
+    with (
+        Server(identity=cloud_id, trust=[edge_id], handler=cloud) as srv,
+        Client(srv.address, identity=edge_id, trust=[cloud_id]) as to_cloud,
+    ):
+        edge = TierNode(plan, "edge", next_client=to_cloud)
+        sent = tracing.child_of("")
+        relay = protocol.Infer(edge.plan_hash, "device", "prefill", edge.stages.stop, (), traceparent=sent)
+        reply = edge.handle(protocol.encode(relay), PeerInfo("127.0.0.1:1", "fp", 1))
+    assert reply.kind == "error" and "recorded" in reply.meta["message"]
+    (got,) = seen
+    assert tracing.parse(got)[0] == tracing.parse(sent)[0]  # the same trace
+    assert tracing.parse(got)[1] != tracing.parse(sent)[1]  # the edge's own span
+
+
+def test_spans_are_recorded_in_opentelemetry_when_it_is_configured():
+    sdk = pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = sdk.TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)  # once per process; nothing else here configures OpenTelemetry
+    with tracing.span("aiflow request", tier="device") as root:
+        with tracing.span("aiflow edge prefill", root, tier="edge") as child:
+            pass
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    request, edge = spans["aiflow request"], spans["aiflow edge prefill"]
+    trace_id = tracing.parse(root)[0]
+    assert f"{request.context.trace_id:032x}" == trace_id == f"{edge.context.trace_id:032x}"
+    assert edge.parent.span_id == request.context.span_id
+    assert tracing.parse(child)[1] == f"{edge.context.span_id:016x}"
+    assert edge.attributes["tier"] == "edge"
 
 
 def test_metrics_of_a_real_three_process_run(tmp_path):
@@ -93,7 +153,10 @@ def test_metrics_of_a_real_three_process_run(tmp_path):
     up = total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="up")
     assert up > 0 and up == total(k, "aiflow_link_bytes_total", link="edge-cloud", direction="up")
     assert total(e, "aiflow_link_bytes_total", link="device-edge", direction="up") > 0
-    assert total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="down") > 0  # tokens come back
+    down = total(e, "aiflow_link_bytes_total", link="edge-cloud", direction="down")
+    assert down == 8 * 4  # the 4 tokens come back; the edge passes them on
+    assert down == total(k, "aiflow_link_bytes_total", link="edge-cloud", direction="down")
+    assert down == total(e, "aiflow_link_bytes_total", link="device-edge", direction="down")
     # int8 on the edge's cut: up to 4x smaller than float32 (integer tensors go raw)
     ratio = total(e, "aiflow_compression_ratio_sum") / total(e, "aiflow_compression_ratio_count")
     assert 1 < ratio <= 4, ratio
@@ -103,4 +166,9 @@ def test_metrics_of_a_real_three_process_run(tmp_path):
     assert total(e, "aiflow_quic_congestion_window_bytes") > 0
     assert total(e, "aiflow_quic_sent_packets_total") > 0
     assert ("aiflow_quic_lost_packets_total", (("link", "edge-cloud"), ("tier", "edge"))) in e
-    assert not any(n.startswith("aiflow_quic") for n, _ in k)
+    assert not any(n.startswith("aiflow_quic_") and not n.startswith("aiflow_quic_peer_") for n, _ in k)
+    # the connections a tier serves: the cloud's one from the edge is still open
+    assert total(k, "aiflow_quic_peer_connections") == 1
+    assert 0 < total(k, "aiflow_quic_peer_rtt_seconds", stat="max") < 1
+    assert total(k, "aiflow_quic_peer_sent_packets") > 0
+    assert ("aiflow_quic_peer_connections", (("tier", "edge"),)) in e

@@ -374,3 +374,14 @@ def test_congestion_controllers_and_path_info(ids):
             assert info["connection_id"] == cli.connection_id and info["cwnd_bytes"] > 0 and info["rtt_us"] > 0
     with pytest.raises(InputError, match="congestion"):
         serve(ids, limits=Limits(congestion="vegas"))
+
+
+def test_a_server_describes_the_paths_of_its_open_connections(ids):
+    with serve(ids) as srv, client_of(srv, ids) as cli:
+        assert srv.peer_paths() == []
+        cli.request(Message("a"))
+        (path,) = srv.peer_paths()
+        assert path["fingerprint"] == ids["client"].fingerprint and path["address"].startswith("127.0.0.1:")
+        assert path["rtt_us"] > 0 and path["sent_packets"] > 0 and path["cwnd_bytes"] > 0
+        cli.close()
+        wait_until(lambda: srv.peer_paths() == [], what="the closed connection to go")

@@ -16,7 +16,7 @@ from aiflow_cli.errors import InputError, TransportError
 if TYPE_CHECKING:
     from aiflow_cli.runtime.node import StepResult, TierNode
     from aiflow_cli.runtime.wire import PackedState
-    from aiflow_cli.transport import Message
+    from aiflow_cli.transport import Message, Server
 
 #: Histogram buckets of durations (s): 100 us (a codec call) to 60 s (a long prefill on a slow tier).
 SECONDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -49,11 +49,13 @@ def _prometheus() -> Any:
 
 
 class TierMetrics:
-    """The metrics of ``node``'s tier in a registry of their own (several tiers may share a process)."""
+    """The metrics of ``node``'s tier in a registry of their own (several tiers may share a process);
+    ``server``: the transport server in front of it, whose connections from the previous tier(s) are described."""
 
-    def __init__(self, node: "TierNode"):
+    def __init__(self, node: "TierNode", server: Optional["Server"] = None):
         pc = _prometheus()
         self.node = node
+        self.server = server
         self.tier = node.tier
         self.registry = pc.CollectorRegistry(auto_describe=True)
         reg = self.registry
@@ -87,7 +89,7 @@ class TierMetrics:
         )
         self.link_bytes = counter(
             "aiflow_link_bytes",
-            "Payload bytes (frames) per link and direction (up: towards the cloud), as seen by this tier.",
+            "Payload bytes (frames, 8 per token) per link and direction (up: towards the cloud), as this tier sees them.",
             ["tier", "link", "direction"],
         )
         self.compression = histogram(
@@ -117,7 +119,8 @@ class TierMetrics:
             self.batch_size.labels(tier).observe(1)
         incoming = f"{request.sender}-{tier}"
         self.link_bytes.labels(tier, incoming, "up").inc(sum(len(f) for f in env.frames))
-        self.link_bytes.labels(tier, incoming, "down").inc(sum(len(f) for f in reply.frames))
+        tokens = 8 * result.tokens.numel() if result.tokens is not None else 0  # as Timings counts them
+        self.link_bytes.labels(tier, incoming, "down").inc(sum(len(f) for f in reply.frames) + tokens)
         out = result.timings.links.get(self.node.link) if self.node.link else None
         if out is not None:
             self.link_bytes.labels(tier, self.node.link, "up").inc(out.bytes_up)
@@ -157,7 +160,8 @@ class TierMetrics:
 
 
 class _Gauges:
-    """Figures of the moment, read at each scrape: sessions, KV cache, the QUIC path to the next tier."""
+    """Figures of the moment, read at each scrape: sessions, KV cache, the QUIC paths from the previous tier(s)
+    and to the next one."""
 
     def __init__(self, m: TierMetrics):
         self.m = m
@@ -177,6 +181,8 @@ class _Gauges:
         kv.add_metric([tier], node.sessions.total_bytes)
         yield sessions
         yield kv
+        if self.m.server is not None:
+            yield from self._incoming(tier, self.m.server.peer_paths())
         info = node.next.path_info() if node.next is not None else None
         if info is None:
             return
@@ -206,3 +212,32 @@ class _Gauges:
         )
         yield counter("aiflow_quic_lost_packets", "Packets lost on it.", info["lost_packets"])
         yield counter("aiflow_quic_congestion_events", "Congestion events on it.", info["congestion_events"])
+
+    @staticmethod
+    def _incoming(tier: str, paths: list[dict[str, Any]]) -> Iterable[Any]:
+        """The connections of the devices (or edges) served: summed and summarised, not one series per peer,
+        so that hundreds of devices make a handful of series."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        def gauge(name: str, doc: str, labels: list[str], *samples: tuple[list[str], float]) -> Any:
+            g = GaugeMetricFamily(name, doc, labels=["tier", *labels])
+            for values, v in samples:
+                g.add_metric([tier, *values], v)
+            return g
+
+        yield gauge(
+            "aiflow_quic_peer_connections",
+            "Open QUIC connections from the peers this tier serves.",
+            [],
+            ([], len(paths)),
+        )
+        if not paths:
+            return
+        rtts = [p["rtt_us"] / 1e6 for p in paths]
+        stats = (["min"], min(rtts)), (["mean"], sum(rtts) / len(rtts)), (["max"], max(rtts))
+        yield gauge(
+            "aiflow_quic_peer_rtt_seconds", "Smoothed RTT of those connections: min, mean, max.", ["stat"], *stats
+        )
+        for key, what in (("sent_packets", "sent"), ("lost_packets", "lost")):
+            doc = f"Packets {what} on those connections, summed (drops when a connection closes)."
+            yield gauge(f"aiflow_quic_peer_{key}", doc, [], ([], sum(p[key] for p in paths)))

@@ -91,7 +91,7 @@ class TierServer:
         if metrics is not None:
             from aiflow_cli.runtime.metrics import TierMetrics
 
-            self.metrics = TierMetrics(self.node)
+            self.metrics = TierMetrics(self.node, self.server)
             try:
                 self.metrics_address = self.metrics.serve(metrics)
             except BaseException:

@@ -56,29 +56,40 @@ fn a_request_in_flight_to_a_peer_that_goes_silent_fails_within_the_idle_timeout_
     let via = relay.lock().unwrap().local_addr();
     let c = client(via, &me, &server_id, limits.clone());
     c.request_blocking(sleep_request(0), None).unwrap(); // connected, the path warm
-    // The handler computes for 20 s; the request's deadline is 30 s. The relay dies 300 ms in.
+    // Two requests in flight: the handler computes for 20 s, their deadline is 30 s. The relay dies 300 ms in.
+    // Each caller drops the failed connection at once (as a tier does), which must not change what the other
+    // one is told.
     let (tx, rx) = mpsc::channel();
-    let cc = c.clone();
-    let worker = std::thread::spawn(move || {
-        let r = cc.request_blocking(sleep_request(20_000), Some(Duration::from_secs(30)));
-        tx.send((r, Instant::now())).unwrap();
-    });
+    let workers: Vec<_> = (0..2)
+        .map(|_| {
+            let (cc, tx) = (c.clone(), tx.clone());
+            std::thread::spawn(move || {
+                let (r, connection) = cc.request_pending(sleep_request(20_000), Some(Duration::from_secs(30))).wait().unwrap();
+                cc.reset(connection);
+                tx.send((r, Instant::now())).unwrap();
+            })
+        })
+        .collect();
     std::thread::sleep(Duration::from_millis(300));
     relay.lock().unwrap().close();
     let died = Instant::now();
-    let (r, at) = rx.recv_timeout(Duration::from_secs(15)).expect("no answer within 15 s of the peer's death");
-    worker.join().unwrap();
-    let took = at - died;
-    eprintln!("a silent peer failed the request in flight {took:?} after it went silent");
-    // At most the idle timeout after the first keep-alive that goes unanswered; 1 s of margin for a loaded machine.
-    let bound = limits.idle_timeout() + limits.keep_alive_interval() + Duration::from_secs(1);
-    assert!(took < bound, "noticed after {took:?}");
-    match r {
-        Err(Error::Transport(m)) => {
-            assert!(m.contains(&via.to_string()), "the error names the peer: {m}");
-            assert!(m.contains("idle_timeout_ms"), "{m}");
+    for _ in 0..2 {
+        let (r, at) = rx.recv_timeout(Duration::from_secs(15)).expect("no answer within 15 s of the peer's death");
+        let took = at - died;
+        eprintln!("a silent peer failed a request in flight {took:?} after it went silent");
+        // At most the idle timeout after the first keep-alive that goes unanswered; 1 s of margin for a loaded machine.
+        let bound = limits.idle_timeout() + limits.keep_alive_interval() + Duration::from_secs(1);
+        assert!(took < bound, "noticed after {took:?}");
+        match r {
+            Err(Error::Transport(m)) => {
+                assert!(m.contains(&via.to_string()), "the error names the peer: {m}");
+                assert!(m.contains("idle_timeout_ms"), "{m}");
+            }
+            other => panic!("expected a transport error, got {other:?}"),
         }
-        other => panic!("expected a transport error, got {other:?}"),
+    }
+    for w in workers {
+        w.join().unwrap();
     }
 }
 

@@ -27,9 +27,9 @@ macro_rules! limits_fields {
             max_connections: u32 = 1024,
             // Liveness (issue 14): a dead tier must be noticed within 3 s, not at the request's deadline, so the
             // idle timeout is short and clients keep it from firing on a live peer with keep-alives (5 per
-            // timeout: 4 in a row may be lost). A death is noticed between the idle timeout and that plus one
-            // keep-alive interval after it (1.5-1.8 s). quinn never times out sooner than 3 probe timeouts
-            // (about 3 RTTs), so long paths get more.
+            // timeout: 4 in a row may be lost). A death is noticed at most one idle timeout plus one keep-alive
+            // interval after it (1.8 s). quinn never times out sooner than 3 probe timeouts (about 3 RTTs), so
+            // long paths get more.
             /// A peer silent for this long is taken for dead (ms): its connection is closed and the requests in
             /// flight on it fail at once. Clients send a keep-alive every fifth of it, so a live peer, idle or
             /// busy computing, is never that silent; the client reconnects on its next request.

@@ -287,12 +287,41 @@ impl PyServer {
         Ok(d)
     }
 
+    /// The open connections: each one's path figures (as `TransportClient.path_info`) plus the peer's
+    /// `address` and `fingerprint`.
+    fn peer_paths<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let Some(s) = self.server.as_ref() else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for (peer, path) in s.peer_paths() {
+            let d = path_dict(py, &path)?;
+            d.set_item("address", peer.address.to_string())?;
+            d.set_item("fingerprint", peer.fingerprint)?;
+            out.push(d);
+        }
+        Ok(out)
+    }
+
     /// Stops serving; in-flight handlers finish but their replies may not be delivered.
     fn close(&mut self, py: Python<'_>) {
         if let Some(s) = self.server.take() {
             py.detach(move || s.close());
         }
     }
+}
+
+/// A path's figures as the dict `Client.path_info()` documents.
+fn path_dict<'py>(py: Python<'py>, p: &aiflow_net::transport::PathInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("connection_id", p.connection_id)?;
+    d.set_item("rtt_us", p.rtt_us)?;
+    d.set_item("min_rtt_us", p.min_rtt_us)?;
+    d.set_item("cwnd_bytes", p.cwnd_bytes)?;
+    d.set_item("mtu_bytes", p.mtu_bytes)?;
+    d.set_item("sent_packets", p.sent_packets)?;
+    d.set_item("lost_packets", p.lost_packets)?;
+    d.set_item("congestion_events", p.congestion_events)?;
+    d.set_item("black_holes", p.black_holes)?;
+    Ok(d)
 }
 
 /// Waits for pending work with the GIL released, waking every 100 ms to let Ctrl-C through.
@@ -398,18 +427,7 @@ impl PyClient {
 
     /// Path figures of the open connection (rtt, cwnd, mtu, losses), or None.
     fn path_info<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
-        let Some(p) = self.client.path_info() else { return Ok(None) };
-        let d = PyDict::new(py);
-        d.set_item("connection_id", p.connection_id)?;
-        d.set_item("rtt_us", p.rtt_us)?;
-        d.set_item("min_rtt_us", p.min_rtt_us)?;
-        d.set_item("cwnd_bytes", p.cwnd_bytes)?;
-        d.set_item("mtu_bytes", p.mtu_bytes)?;
-        d.set_item("sent_packets", p.sent_packets)?;
-        d.set_item("lost_packets", p.lost_packets)?;
-        d.set_item("congestion_events", p.congestion_events)?;
-        d.set_item("black_holes", p.black_holes)?;
-        Ok(Some(d))
+        self.client.path_info().map(|p| path_dict(py, &p)).transpose()
     }
 
     /// Closes the connection; the client reconnects if used again.

@@ -71,6 +71,24 @@ pub struct PathInfo {
     pub black_holes: u64,
 }
 
+impl PathInfo {
+    /// quinn's statistics of `conn`'s path, as connection `connection_id`.
+    pub(crate) fn of(conn: &Connection, connection_id: u64) -> PathInfo {
+        let p = conn.stats().path;
+        PathInfo {
+            connection_id,
+            rtt_us: p.rtt.as_micros() as u64,
+            min_rtt_us: p.min_rtt.as_micros() as u64,
+            cwnd_bytes: p.cwnd,
+            mtu_bytes: p.current_mtu,
+            sent_packets: p.sent_packets,
+            lost_packets: p.lost_packets,
+            congestion_events: p.congestion_events,
+            black_holes: p.black_holes_detected,
+        }
+    }
+}
+
 /// A client of one server. Cheap to clone (shared state).
 #[derive(Clone)]
 pub struct Client {
@@ -238,18 +256,7 @@ impl Client {
     /// Round-trip time, congestion window, MTU and losses of the open connection, if any.
     pub fn path_info(&self) -> Option<PathInfo> {
         let l = self.live()?;
-        let p = l.conn.stats().path;
-        Some(PathInfo {
-            connection_id: l.generation,
-            rtt_us: p.rtt.as_micros() as u64,
-            min_rtt_us: p.min_rtt.as_micros() as u64,
-            cwnd_bytes: p.cwnd,
-            mtu_bytes: p.current_mtu,
-            sent_packets: p.sent_packets,
-            lost_packets: p.lost_packets,
-            congestion_events: p.congestion_events,
-            black_holes: p.black_holes_detected,
-        })
+        Some(PathInfo::of(&l.conn, l.generation))
     }
 
     /// Drops a connection at once, without waiting for the peer to acknowledge (requests on it fail; the next
@@ -263,8 +270,12 @@ impl Client {
             return false;
         }
         if let Some(l) = slot.take() {
-            // quinn's close only queues the CONNECTION_CLOSE; the endpoint driver sends it. No waiting here.
-            l.conn.close(CODE_RESET, b"client reset");
+            // quinn's close only queues the CONNECTION_CLOSE; the endpoint driver sends it. No waiting here. A
+            // connection already lost is left as it is: closing it would replace its error (the peer went silent)
+            // with "closed locally" for the requests on it that have not read their error yet.
+            if l.conn.close_reason().is_none() {
+                l.conn.close(CODE_RESET, b"client reset");
+            }
         }
         true
     }

@@ -7,6 +7,7 @@
 //! server's in-flight budgets ([`super::budget`]); a stream that would overrun one is refused with a limit error
 //! and the others carry on. A handler that cannot get a thread is answered with an error.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,7 @@ use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream};
 
 use super::budget::{Budget, PeerBudgets, Reservation};
+use super::client::PathInfo;
 use super::identity::{self, Identity, Trust};
 use super::io::{self, ReadFail, CODE_LIMIT, CODE_OK, CODE_PROTOCOL, CODE_TIMEOUT};
 use super::config::{self, PathKind};
@@ -86,6 +88,8 @@ struct Shared {
     peers: PeerBudgets,
     last_handshake_error: Mutex<String>,
     configs: PathConfigs,
+    /// The open connections by [`PeerInfo::connection_id`], for [`Server::peer_paths`].
+    open: Mutex<HashMap<u64, (PeerInfo, Connection)>>,
 }
 
 /// The server's QUIC configuration for each kind of path (see [`PathKind`]).
@@ -140,6 +144,7 @@ impl Server {
             peers: PeerBudgets::default(),
             last_handshake_error: Mutex::new(String::new()),
             configs: PathConfigs { network, loopback_v4, loopback_v6 },
+            open: Mutex::new(HashMap::new()),
         });
         runtime::handle().spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(Server { endpoint, local_addr, shared })
@@ -155,6 +160,12 @@ impl Server {
         s.inflight_bytes = self.shared.inflight.used();
         s.inflight_bytes_peak = self.shared.inflight.peak();
         s
+    }
+
+    /// Who is connected now, and quinn's figures of each connection's path (RTT, congestion window, losses).
+    pub fn peer_paths(&self) -> Vec<(PeerInfo, PathInfo)> {
+        let open = self.shared.open.lock().unwrap_or_else(|p| p.into_inner());
+        open.values().map(|(peer, conn)| (peer.clone(), PathInfo::of(conn, peer.connection_id))).collect()
     }
 
     /// The last handshake failure (empty if none), for a clear log line.
@@ -218,6 +229,7 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
     c.connections_accepted.fetch_add(1, Ordering::Relaxed);
     c.connections_active.fetch_add(1, Ordering::Relaxed);
     let peer = PeerInfo { address: conn.remote_address(), fingerprint: peer_fingerprint(&conn), connection_id: conn.stable_id() as u64 };
+    shared.open.lock().unwrap_or_else(|p| p.into_inner()).insert(peer.connection_id, (peer.clone(), conn.clone()));
     let limits = &shared.limits;
     let budgets = vec![
         Budget::new("this connection", "max_inflight_bytes_per_connection", limits.max_inflight_bytes_per_connection),
@@ -238,6 +250,7 @@ async fn serve_connection(incoming: Incoming, shared: Arc<Shared>) {
             }
         }
     }
+    shared.open.lock().unwrap_or_else(|p| p.into_inner()).remove(&peer.connection_id);
     c.connections_active.fetch_sub(1, Ordering::Relaxed);
 }
 
