@@ -330,3 +330,36 @@ def test_generating_one_token_has_no_decode_step() -> None:
     )
     ev = evaluate(p, Placement((0, 1, 3), {1: 0}))
     assert ev.per_token_ms == 0.0 and _close(ev.total_ms, ev.prefill_ms)
+
+
+def test_plan_of_an_older_schema_is_refused_in_one_line(tmp_path) -> None:
+    import json
+
+    from aiflow_cli.errors import SchemaError
+    from aiflow_cli.plan.schema import load_plan, save_plan
+
+    prof = synthetic_profile(4, n_codecs=1, seed=2, input_stage=True)
+    plan = solve({"*": prof}, {"device-cloud": load_link("lte")}, speeds={"device": 0.1, "cloud": 1.0})
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    assert load_plan(path) == plan
+    data = json.loads(path.read_text())
+    data["schema_version"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(SchemaError, match="no input stage.*aiflow plan") as e:
+        load_plan(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_device_that_computes_nothing_sends_the_raw_input_as_a_cut() -> None:
+    """Cloud-only: the raw input is boundary 0, listed as the plan's cut after_stage -1 and priced like any cut."""
+    prof = synthetic_profile(4, n_codecs=2, seed=2, input_stage=True, input_bytes=7_000)
+    links = {"device-cloud": load_link("lte")}
+    plan = solve({"*": prof}, links, speeds={"device": 1.0, "cloud": 1.0}, limits=Limits(skip=frozenset({"device"})))
+    (cut,) = plan.cuts
+    assert (cut.after_stage, cut.from_tier, cut.to_tier, cut.codec, cut.bytes) == (-1, "device", "cloud", "raw", 7_000)
+    assert plan.cut_codec(-1) == "raw" and plan.boundary_name(-1) == "raw input"
+    lte = links["device-cloud"]
+    up = 7_000 * 8e-3 / (lte.uplink_mbps * (1 - lte.loss_pct / 100))
+    down = prof.output.bytes * 8e-3 / (lte.downlink_mbps * (1 - lte.loss_pct / 100))
+    assert _close(plan.prediction.transfer_ms["device-cloud"], up + down)

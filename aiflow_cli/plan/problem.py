@@ -330,35 +330,36 @@ def build_problem(
     step_frac = np.zeros(S)
     allowed = set(limits.codecs) if limits.codecs is not None else None
     crosses_per_step = np.concatenate([[False], decode_stage[:-1]])
-    for b in range(S):
-        cuts = [per_tier[t].boundaries()[b] for t in tiers]
+    boundaries = [per_tier[t].boundaries() for t in tiers]
+    for k in range(S):
+        cuts = [bs[k] for bs in boundaries]
         raw = cuts[0].codecs["raw"]
         raw_step = raw.decode_step_bytes
         if raw_step is None:
             hidden = [x.decode_step_bytes for x in cuts[0].tensors if x.role == "hidden"]
             raw_step = sum(h for h in hidden if h is not None) if any(h is not None for h in hidden) else None
-        if crosses_per_step[b] and objective == "generate" and raw_step is None:
+        if crosses_per_step[k] and objective == "generate" and raw_step is None:
             raise PlanError(
-                f"cut after stage {b - 1} has no decode_step_bytes: re-run aiflow profile with decode tokens"
+                f"cut after stage {k - 1} has no decode_step_bytes: re-run aiflow profile with decode tokens"
             )
-        step_frac[b] = (raw_step or 0) / raw.bytes if raw.bytes > 0 else 0.0
+        step_frac[k] = (raw_step or 0) / raw.bytes if raw.bytes > 0 else 0.0
         for ci, name in enumerate(codec_names):
-            if allowed is not None and name not in allowed and not (b == 0 and name == "raw"):
+            if allowed is not None and name not in allowed and not (k == 0 and name == "raw"):
                 continue  # the raw input always goes raw, whatever codecs the cuts may use
             if not all(name in c.codecs for c in cuts):
                 continue
             r0 = cuts[0].codecs[name]
-            avail[b, ci] = True
-            cut_bytes[b, ci] = r0.bytes if b or input_bytes is None else input_bytes
+            avail[k, ci] = True
+            cut_bytes[k, ci] = r0.bytes if k or input_bytes is None else input_bytes
             if r0.decode_step_bytes is not None:
-                step_bytes[b, ci] = r0.decode_step_bytes
+                step_bytes[k, ci] = r0.decode_step_bytes
             else:  # scale the raw step by this codec's ratio on the whole boundary
-                step_bytes[b, ci] = (raw_step or 0) * (r0.bytes / raw.bytes if raw.bytes else 1.0)
+                step_bytes[k, ci] = (raw_step or 0) * (r0.bytes / raw.bytes if raw.bytes else 1.0)
             for ti, c in enumerate(cuts):
-                enc[ti, b, ci] = c.codecs[name].encode_ms / speed[ti]
-                dec[ti, b, ci] = c.codecs[name].decode_ms / speed[ti]
+                enc[ti, k, ci] = c.codecs[name].encode_ms / speed[ti]
+                dec[ti, k, ci] = c.codecs[name].decode_ms / speed[ti]
             # The most pessimistic measurement across tiers (and, within one, its worst calibration item).
-            loss[b, ci] = max(0.0, 1.0 - min(c.codecs[name].fidelity.min for c in cuts))
+            loss[k, ci] = max(0.0, 1.0 - min(c.codecs[name].fidelity.min for c in cuts))
 
     mem = [limits.memory_bytes.get(t) for t in tiers]
     profile_ids = {

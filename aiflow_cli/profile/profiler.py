@@ -191,8 +191,9 @@ class _Profiler:
     def input_boundary(self) -> CutProfile:
         """The boundary before stage 0: the raw input, ``raw`` only (token ids and file bytes are not coded)."""
         names = ", ".join(f"{k} {list(t.shape)} {_dtype_name(t)}" for k, t in self.raw.items())
-        assert self.ref is not None
-        cut = self._boundary(-1, self.raw, None, {"raw": self.ref.exact_fidelity})
+        exact = self.ref.exact_fidelity if self.ref is not None else None
+        assert exact is not None, "calibrate() runs first"
+        cut = self._boundary(-1, self.raw, None, {"raw": exact})
         return cut.model_copy(update={"description": f"raw input: {names}"})
 
     def _boundary(

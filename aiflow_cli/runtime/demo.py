@@ -50,8 +50,9 @@ DEFAULT_MODEL = "smollm2"
 #: (every cut and all items would take most of an hour for the LLM on 2 cores; a plan's codecs are still
 #: verified end to end before it is accepted, docs/planner.md).
 PROFILE_FIDELITY = {"calibration_items": 4, "calibration_tokens": 8, "fidelity_cuts": "every:4"}
-#: Bumped when what a cached profile measures changes (2: stage times in thread CPU time, bench/common.py).
-PROFILE_CACHE_VERSION = 2
+#: Bumped when what a cached profile measures changes (2: stage times in thread CPU time, bench/common.py; 3:
+#: profile schema 3, stage 0 input.prepare and the raw input's boundary).
+PROFILE_CACHE_VERSION = 3
 #: Untimed warm requests after the cold one (connections are up by then; oneDNN has seen the shapes).
 WARMUP_REQUESTS = 1
 CLOUD_SPEED_NOTE = (
