@@ -138,7 +138,7 @@ def test_plan_solved_for_a_floor_measures_at_least_the_floor(gpt2, gpt2_profile)
         cut.codecs["int4"].fidelity.min = cut.codecs["int4"].fidelity.mean = 1.0
     v = solve_verified(_two_tier_problem(lying, floor), model=gpt2)
     f = v.fidelity
-    used = {k: v.problem.codecs[c] for k, c in v.placement.codecs.items()}
+    used = {b - 1: v.problem.codecs[c] for b, c in v.placement.codecs.items()}  # boundary b: after stage b - 1
     assert f.status in ("verified", "exact") and f.tries == len(f.excluded) + 1
     if f.status == "verified":
         assert f.measured_min >= floor and f.items == 16 and f.tokens == TOKENS

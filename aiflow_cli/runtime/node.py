@@ -250,12 +250,10 @@ class TierNode:
                 result = self._output(state, mine)
                 result.timings = timings
             else:
-                packed = self._pack(state, self.stages.stop - 1, mine)
+                sent = self._pack(state, self.stages.stop - 1, mine)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
-                result = self._forward(
-                    key, phase, self.stages.stop, packed, max_new_tokens, down_last, deadline, timings
-                )
+                result = self._forward(key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings)
             if session is not None:
                 self.sessions.done_step(key, session)
             if self.is_driver and phase == PREFILL:
