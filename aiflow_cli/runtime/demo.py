@@ -29,7 +29,6 @@ import torch
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.models import load_model, load_stages
-from aiflow_cli.models.inputs import decode_image_file, image_file_tensor
 from aiflow_cli.plan.problem import Overheads
 from aiflow_cli.plan.schema import Plan, save_plan
 from aiflow_cli.plan.strategies import OPTIMAL, STRATEGIES, solve_strategies
@@ -270,10 +269,10 @@ def overheads_for(cfg: DemoConfig, log: Callable[[str], None]) -> Overheads:
 
 
 def _reference(full, inputs: dict[str, Any], n: int):
-    local = {k: decode_image_file(image_file_tensor(v)) if k == "image" else v for k, v in inputs.items()}
+    raw = full.raw_input(**inputs)  # the raw input, as every strategy's device holds it (stage 0 prepares it)
     if full.generates:
-        return full.generate(full.prepare(**local), n)
-    return full.output(full.run(full.prepare(**local)))
+        return full.generate(raw, n)
+    return full.output(full.run(raw))
 
 
 def strategy_entry(
