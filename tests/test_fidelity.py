@@ -58,11 +58,12 @@ def test_calibration_set_ships_small_and_varied():
     assert len(cal.hash) == 16
 
 
-def test_profile_schema_2_roundtrips_and_version_1_is_refused_in_one_line(gpt2_profile, tmp_path):
+def test_profile_schema_3_roundtrips_and_older_versions_are_refused_in_one_line(gpt2_profile, tmp_path):
     p = gpt2_profile
-    assert p.schema_version == 2 and p.calibration.metric == "token_agreement"
+    assert p.schema_version == 3 and p.calibration.metric == "token_agreement"
     assert p.calibration.items == 16 and p.calibration.tokens == TOKENS and p.calibration.reference_min == 1.0
-    for cut in p.cuts:
+    assert p.cuts[0].codecs["int4"].fidelity.min == 1.0  # after input.prepare: token ids, which go raw anyway
+    for cut in p.cuts[1:]:
         raw, int4 = cut.codecs["raw"].fidelity, cut.codecs["int4"].fidelity
         assert raw.min == raw.mean == 1.0 and raw.kl_mean == 0.0
         assert 0.0 <= int4.min <= int4.mean <= 1.0 and int4.kl_mean > 0.0
@@ -70,11 +71,12 @@ def test_profile_schema_2_roundtrips_and_version_1_is_refused_in_one_line(gpt2_p
     save_profile(p, path)
     assert load_profile(str(path)) == p
     old = json.loads(path.read_text())
-    old["schema_version"] = 1
-    path.write_text(json.dumps(old))
-    with pytest.raises(SchemaError, match=r"aiflow profile builtin:gpt2-tiny") as e:
-        load_profile(str(path))
-    assert "\n" not in str(e.value)
+    for version, why in ((1, "logit cosine"), (2, "no input stage")):
+        old["schema_version"] = version
+        path.write_text(json.dumps(old))
+        with pytest.raises(SchemaError, match=rf"{why}.*aiflow profile builtin:gpt2-tiny") as e:
+            load_profile(str(path))
+        assert "\n" not in str(e.value)
 
 
 def test_shipped_hardware_profiles_load_with_calibrated_fidelity():
@@ -98,7 +100,8 @@ def test_fidelity_cuts_leave_only_lossless_codecs_elsewhere():
     )
     assert p.calibration.measured_cuts == [1]
     for cut in p.cuts:
-        expected = {"raw", "raw+zstd3", "int8"} if cut.after_stage == 1 else {"raw", "raw+zstd3"}
+        # cut 0 holds only token ids, which every codec sends raw: int8 is lossless there, so listed
+        expected = {"raw", "raw+zstd3", "int8"} if cut.after_stage in (0, 1) else {"raw", "raw+zstd3"}
         assert set(cut.codecs) == expected
 
 
@@ -135,7 +138,7 @@ def test_plan_solved_for_a_floor_measures_at_least_the_floor(gpt2, gpt2_profile)
         cut.codecs["int4"].fidelity.min = cut.codecs["int4"].fidelity.mean = 1.0
     v = solve_verified(_two_tier_problem(lying, floor), model=gpt2)
     f = v.fidelity
-    used = {k: v.problem.codecs[c] for k, c in v.placement.codecs.items()}
+    used = {b - 1: v.problem.codecs[c] for b, c in v.placement.codecs.items()}  # boundary b: after stage b - 1
     assert f.status in ("verified", "exact") and f.tries == len(f.excluded) + 1
     if f.status == "verified":
         assert f.measured_min >= floor and f.items == 16 and f.tokens == TOKENS

@@ -65,3 +65,23 @@ def test_wrong_tensor_kinds_are_refused():
         decode_image_file(torch.zeros(2, 3))
     with pytest.raises(InputError, match="cannot read image"):
         image_file_tensor("/no/such/file.jpg")
+
+
+def test_stage_0_prepares_the_raw_input_as_the_device_would():
+    """input.prepare on the raw input (a file, or several) gives the pixels that prepare() gives the decoded
+    images, and the whole model from the raw input equals the model from prepared pixels."""
+    m = load_model("builtin:captioner-tiny")
+    pil = Image.open(SAMPLE_IMAGE).convert("RGB")
+    raw = m.raw_input(image=SAMPLE_IMAGE)
+    assert list(raw) == ["image_file"] and m.stages[0].name == "input.prepare"
+    prepared = m.prepare(image=pil)
+    assert torch.equal(m.run_stage(0, raw)["pixel_values"], prepared["pixel_values"])
+    assert torch.equal(m.generate(raw, 3), m.generate(prepared, 3))
+    two = m.raw_input(image=[SAMPLE_IMAGE, pil])  # a JPEG file and an in-memory image (sent as PNG)
+    assert int(two["image_file_sizes"].sum()) == two["image_file"].numel()
+    assert torch.equal(m.run_stage(0, two)["pixel_values"], m.prepare(image=[pil, pil])["pixel_values"])
+    bad = dict(two, image_file_sizes=two["image_file_sizes"] + 1)
+    with pytest.raises(InputError, match="image_file_sizes"):
+        m.run_stage(0, bad)
+    with pytest.raises(InputError, match="text or an image"):
+        m.raw_input(text="a caption?", image=SAMPLE_IMAGE)

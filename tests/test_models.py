@@ -105,28 +105,28 @@ def test_captioner_side_tensor_crosses_once(loaded):
 
 def test_partial_load_reads_only_its_stages():
     full = load_model("builtin:gpt2-tiny")
-    part = load_stages("builtin:gpt2-tiny", [2, 3])
-    assert part.loaded == {2, 3}
-    # exactly the tensors of blocks 1 and 2 (stages 2, 3) were read, none of the embeddings or other blocks
+    part = load_stages("builtin:gpt2-tiny", [3, 4])
+    assert part.loaded == {3, 4}
+    # exactly the tensors of blocks 1 and 2 (stages 3, 4; stage 0 prepares the input) were read, none of the embeddings or other blocks
     assert part.load_stats.keys and all(
         k.startswith(("transformer.h.1.", "transformer.h.2.")) for k in part.load_stats.keys
     )
-    expected = sum(full.stage_param_bytes(i) for i in (2, 3))
+    expected = sum(full.stage_param_bytes(i) for i in (3, 4))
     assert part.loaded_param_bytes() == expected == part.load_stats.bytes_read
     assert part.loaded_param_bytes() < full.loaded_param_bytes() / 2
     # and it computes the same thing as the full model on the same boundary state
     x = full.make_inputs(seq_len=9)
-    s1 = full.run_stage(1, full.run_stage(0, x))
+    s1 = full.run(x, range(3))
     assert torch.equal(
-        part.run_stage(3, part.run_stage(2, s1))["hidden_states"],
-        full.run_stage(3, full.run_stage(2, s1))["hidden_states"],
+        part.run_stage(4, part.run_stage(3, s1))["hidden_states"],
+        full.run_stage(4, full.run_stage(3, s1))["hidden_states"],
     )
     with pytest.raises(ModelError, match="not loaded"):
         part.run_stage(0, x)
 
 
 def test_head_alone_reads_the_tied_embedding_once():
-    head = load_stages("builtin:gpt2-tiny", [5])
+    head = load_stages("builtin:gpt2-tiny", [6])
     assert sorted(head.load_stats.keys) == [
         "transformer.ln_f.bias",
         "transformer.ln_f.weight",
@@ -136,7 +136,7 @@ def test_head_alone_reads_the_tied_embedding_once():
 
 def test_pipeline_of_separately_loaded_parts_equals_monolithic():
     full = load_model("builtin:llama-tiny")
-    parts = [load_stages("builtin:llama-tiny", r) for r in (range(0, 2), range(2, 4), range(4, 6))]
+    parts = [load_stages("builtin:llama-tiny", r) for r in (range(0, 3), range(3, 5), range(5, 7))]
     x = full.make_inputs(batch=2, seq_len=6)
     state = x
     caches = [p.new_cache() for p in parts]
@@ -168,7 +168,7 @@ def test_minilm_split_in_three_with_int8_matches_sentence_transformers():
     ]
     st = SentenceTransformer(str(get_model_path()), device="cpu")
     expected = torch.from_numpy(st.encode(texts))
-    parts = [load_stages("minilm", r) for r in (range(0, 3), range(3, 6), range(6, 8))]
+    parts = [load_stages("minilm", r) for r in (range(0, 3), range(3, 6), range(6, 9))]
     state = parts[0].prepare(text=texts)
     for k, p in enumerate(parts):
         for i in sorted(p.loaded):
@@ -209,13 +209,13 @@ def test_bad_inputs_raise_clear_errors(loaded, monkeypatch):
     with pytest.raises(InputError, match="image"):
         m.make_inputs(image_size=48)
     with pytest.raises(InputError, match="pixel_values"):
-        m.run_stage(0, {"pixel_values": torch.zeros(1, 3, 16, 16)})
+        m.run_stage(1, {"pixel_values": torch.zeros(1, 3, 16, 16)})
     g = loaded["builtin:gpt2-tiny"]
     with pytest.raises(InputError, match="exceeds"):
         g.make_inputs(seq_len=10_000)
     with pytest.raises(InputError, match="input_ids"):
         g.run_stage(
-            0,
+            1,
             {
                 "input_ids": torch.tensor([[5000]]),
                 "attention_mask": torch.ones(1, 1, dtype=torch.long),

@@ -120,7 +120,8 @@ def inputs(batch: int, seq: int, pad: int = 0, seed: int = 0) -> dict[str, torch
 def test_split_equals_monolithic_bitwise(checkpoints, family):
     d, ref = checkpoints[family]
     m = load_model(d)
-    assert m.family == family and m.task == "generate" and m.num_stages == COMMON["num_hidden_layers"] + 2
+    # stages: input.prepare, embed, the blocks, head
+    assert m.family == family and m.task == "generate" and m.num_stages == COMMON["num_hidden_layers"] + 3
     assert m.load_stats.tensors_read > 0  # read stage by stage (-1: loaded whole through from_pretrained)
     x = inputs(2, 12, pad=3)  # longer than the sliding window (4), one row right-padded
     state = x
@@ -152,7 +153,7 @@ def test_kv_cache_generation_equals_library_generate(checkpoints, family):
 @pytest.mark.parametrize("family", ["gemma3_text", "phi", "granite"])
 def test_separately_loaded_parts_chain_to_the_monolithic_logits(checkpoints, family):
     d, ref = checkpoints[family]
-    parts = [load_stages(d, r) for r in (range(2), range(2, 4), range(4, 5))]
+    parts = [load_stages(d, r) for r in (range(3), range(3, 5), range(5, 6))]
     assert parts[0].load_stats.tensors_read > 0
     assert len(set(parts[0].load_stats.keys) & set(parts[2].load_stats.keys)) <= 1  # at most a tied embedding
     x = inputs(1, 9, seed=2)
@@ -190,7 +191,7 @@ def test_legacy_head_name_is_read_per_stage(checkpoints):
     d, ref = checkpoints["gpt_neox"]
     with safe_open(f"{d}/model.safetensors", "pt") as f:
         assert "embed_out.weight" in f.keys() and "lm_head.weight" not in f.keys()
-    head = load_stages(d, [4])
+    head = load_stages(d, [5])
     assert head.load_stats.tensors_read == 3 and "embed_out.weight" in head.load_stats.keys
     m = load_model(d)
     assert m.load_stats.tensors_read > 0  # -1 would mean: loaded whole through from_pretrained

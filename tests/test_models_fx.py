@@ -54,8 +54,9 @@ def test_fx_split_equals_module_and_cuts_only_single_tensor_points():
     m = stage_module(mod, torch.randn(1, 8), name="resnetish")
     assert m.num_stages >= 4  # at least between the input layer, each residual block and the output layer
     x = m.make_inputs(batch=3, seed=0)
-    state = x
-    for i in range(m.num_stages - 1):
+    state = m.run_stage(0, x)  # input.prepare: the input passes through
+    assert state.keys() == x.keys()
+    for i in range(1, m.num_stages - 1):
         state = m.run_stage(i, state)
         assert list(state) == ["fx:hidden"] and m.roles(state) == {"fx:hidden": "hidden"}
     state = m.run_stage(m.num_stages - 1, state)

@@ -44,11 +44,18 @@ def random_problem(seed: int):
     objective = r.choice(["latency", "generate", "throughput"])
     base_seed = r.randrange(10**6)
     input_bytes = int(10 ** r.uniform(3, 6.5))
+    input_stage = r.random() < 0.5  # stage 0 is input.prepare: alone it does not meet `require`
     # upper tiers are usually (not always) faster, so that splits are often optimal and the test has teeth
     speeds = sorted((10 ** r.uniform(-1.5, 1.5) for _ in tiers), reverse=r.random() < 0.15)
     profiles = {
         t: synthetic_profile(
-            n_stages, n_codecs=n_codecs, seed=base_seed, speed=sp, side_from=side_from, input_bytes=input_bytes
+            n_stages,
+            n_codecs=n_codecs,
+            seed=base_seed,
+            speed=sp,
+            side_from=side_from,
+            input_bytes=input_bytes,
+            input_stage=input_stage,
         )
         for t, sp in zip(tiers, speeds)
     }
@@ -57,7 +64,7 @@ def random_problem(seed: int):
     total = sum(s.param_bytes for s in whole) + max(s.peak_activation_bytes for s in whole)
     memory = {t: int(total * r.uniform(0.2, 1.2)) for t in tiers if r.random() < 0.3}
     skip = frozenset(t for t in tiers[1:] if r.random() < 0.1)
-    require = frozenset(t for t in tiers if t not in skip and r.random() < 0.1)
+    require = frozenset(t for t in tiers if t not in skip and r.random() < 0.15)
     limits = Limits(
         memory_bytes=memory, min_fidelity=r.choice([None, 0.9999, 0.9995, 0.999]), skip=skip, require=require
     )
@@ -102,7 +109,7 @@ def test_dp_internal_cost_equals_reference_evaluation(seed: int) -> None:
         return
     tab = dp_tables(problem)
     lo = [_windows(problem, tab, t, None) for t in range(problem.n_tiers)]
-    found = _chain_dp(problem, tab, tab.cut_ms, tab.input_ms, tab.output_ms, lo)
+    found = _chain_dp(problem, tab, tab.cut_ms, tab.output_ms, lo)
     if found is None:
         return
     cost, placement = found
@@ -118,7 +125,7 @@ def test_pareto_dp_matches_brute_force(seed: int) -> None:
         return
     tab = dp_tables(problem)
     lo = [_windows(problem, tab, t, None) for t in range(problem.n_tiers)]
-    found = _pareto_dp(problem, tab, tab.cut_ms, tab.input_ms, tab.output_ms, lo)
+    found = _pareto_dp(problem, tab, tab.cut_ms, tab.output_ms, lo)
     ref = brute_force(problem)
     assert (found is None) == (ref is None)
     if found is not None:
@@ -144,7 +151,7 @@ def test_end_to_end_fidelity_budget_is_enforced_exactly() -> None:
         problem = build_problem(profiles, links, limits=Limits(min_fidelity=0.999))
         tab = dp_tables(problem)
         lo = [_windows(problem, tab, t, None) for t in range(3)]
-        fast = _chain_dp(problem, tab, tab.cut_ms, tab.input_ms, tab.output_ms, lo)
+        fast = _chain_dp(problem, tab, tab.cut_ms, tab.output_ms, lo)
         codecs = [problem.codecs[c] for c in fast[1].codecs.values()]
         if codecs.count("int4") < 2:
             continue
@@ -165,10 +172,10 @@ def test_side_tensor_crosses_once_and_not_per_decode_step() -> None:
     links = {"device-cloud": load_link("lte")}
     problem = build_problem({"device": prof, "cloud": prof}, links, objective="generate", tokens=20)
     side = next(t.bytes for t in prof.cuts[4].tensors if t.role == "side")
-    assert problem.cut_bytes[4, 0] >= side  # the boundary in the decoder includes the encoder output
-    in_encoder = evaluate(problem, Placement((0, 2, 6), {1: 0}))  # cut inside the encoder
-    between = evaluate(problem, Placement((0, 3, 6), {2: 0}))  # encoder | decoder
-    in_decoder = evaluate(problem, Placement((0, 5, 6), {4: 0}))
+    assert problem.cut_bytes[5, 0] >= side  # boundary 5 (after stage 4) in the decoder includes the encoder output
+    in_encoder = evaluate(problem, Placement((0, 2, 6), {2: 0}))  # cut inside the encoder
+    between = evaluate(problem, Placement((0, 3, 6), {3: 0}))  # encoder | decoder
+    in_decoder = evaluate(problem, Placement((0, 5, 6), {5: 0}))
     link = "device-cloud"
     one_way = links[link].one_way_ms
     # prefill-only cuts: the link is crossed once up (the state) and once down (the output), no per-step traffic
@@ -177,11 +184,11 @@ def test_side_tensor_crosses_once_and_not_per_decode_step() -> None:
     # a cut in the decoder: each of the 19 decode steps (the prefill gave the first of 20 tokens) goes up and the
     # token comes back
     assert _close(in_decoder.propagation_ms[link], 2 * one_way + 19 * 2 * one_way)
-    step_up = problem.cut_step_bytes[4, 0] * 8e-3 / (links[link].uplink_mbps * (1 - links[link].loss_pct / 100))
+    step_up = problem.cut_step_bytes[5, 0] * 8e-3 / (links[link].uplink_mbps * (1 - links[link].loss_pct / 100))
     assert (
-        in_decoder.transfer_ms[link] < problem.cut_bytes[4, 0] * 8e-3 / links[link].uplink_mbps + 19 * step_up * 2 + 1
+        in_decoder.transfer_ms[link] < problem.cut_bytes[5, 0] * 8e-3 / links[link].uplink_mbps + 19 * step_up * 2 + 1
     )
-    assert problem.cut_step_bytes[4, 0] < side  # per step only the hidden state, never the side tensor again
+    assert problem.cut_step_bytes[5, 0] < side  # per step only the hidden state, never the side tensor again
 
 
 def test_extreme_links_move_the_split() -> None:
@@ -296,8 +303,8 @@ def test_message_overhead_is_paid_once_per_round_trip_and_per_decode_step() -> N
         return evaluate(p, Placement(bounds, codecs))
 
     none, some = Overheads(), Overheads(message_ms=2.0, handshake_ms=7.0)
-    split = ((0, 1, 1, 4), {0: 0})  # device runs the embedding-like first stage, the cloud the rest (edge relays)
-    cloud_only = ((0, 0, 0, 4), {})
+    split = ((0, 1, 1, 4), {1: 0})  # device runs the embedding-like first stage, the cloud the rest (edge relays)
+    cloud_only = ((0, 0, 0, 4), {0: 0})  # the raw input (boundary 0) goes up raw
     device_only = ((0, 4, 4, 4), {})
     # split: 1 prefill + 9 decode steps, each one message on each of the two links
     assert _close(ev(some, *split).total_ms - ev(none, *split).total_ms, 2.0 * 2 * (1 + 9))
@@ -321,5 +328,38 @@ def test_generating_one_token_has_no_decode_step() -> None:
         tokens=1,
         speeds={"device": 1.0, "cloud": 1.0},
     )
-    ev = evaluate(p, Placement((0, 1, 3), {0: 0}))
+    ev = evaluate(p, Placement((0, 1, 3), {1: 0}))
     assert ev.per_token_ms == 0.0 and _close(ev.total_ms, ev.prefill_ms)
+
+
+def test_plan_of_an_older_schema_is_refused_in_one_line(tmp_path) -> None:
+    import json
+
+    from aiflow_cli.errors import SchemaError
+    from aiflow_cli.plan.schema import load_plan, save_plan
+
+    prof = synthetic_profile(4, n_codecs=1, seed=2, input_stage=True)
+    plan = solve({"*": prof}, {"device-cloud": load_link("lte")}, speeds={"device": 0.1, "cloud": 1.0})
+    path = tmp_path / "plan.json"
+    save_plan(plan, path)
+    assert load_plan(path) == plan
+    data = json.loads(path.read_text())
+    data["schema_version"] = 2
+    path.write_text(json.dumps(data))
+    with pytest.raises(SchemaError, match="no input stage.*aiflow plan") as e:
+        load_plan(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_device_that_computes_nothing_sends_the_raw_input_as_a_cut() -> None:
+    """Cloud-only: the raw input is boundary 0, listed as the plan's cut after_stage -1 and priced like any cut."""
+    prof = synthetic_profile(4, n_codecs=2, seed=2, input_stage=True, input_bytes=7_000)
+    links = {"device-cloud": load_link("lte")}
+    plan = solve({"*": prof}, links, speeds={"device": 1.0, "cloud": 1.0}, limits=Limits(skip=frozenset({"device"})))
+    (cut,) = plan.cuts
+    assert (cut.after_stage, cut.from_tier, cut.to_tier, cut.codec, cut.bytes) == (-1, "device", "cloud", "raw", 7_000)
+    assert plan.cut_codec(-1) == "raw" and plan.boundary_name(-1) == "raw input"
+    lte = links["device-cloud"]
+    up = 7_000 * 8e-3 / (lte.uplink_mbps * (1 - lte.loss_pct / 100))
+    down = prof.output.bytes * 8e-3 / (lte.downlink_mbps * (1 - lte.loss_pct / 100))
+    assert _close(plan.prediction.transfer_ms["device-cloud"], up + down)

@@ -11,6 +11,7 @@ from aiflow_cli import codec
 from aiflow_cli.cli import app
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import load_model
+from aiflow_cli.models.inputs import sample_image_file
 from aiflow_cli.profile import load_profile, profile_model, save_profile
 
 _ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8}
@@ -28,12 +29,18 @@ def test_profile_structure_and_plausible_numbers(gpt2_profile):
     m = load_model("builtin:gpt2-tiny")
     assert [s.name for s in p.stages] == m.stage_names and len(p.cuts) == m.num_stages - 1
     assert p.family == "gpt2" and p.task == "generate" and p.model_hash == m.model_hash
-    for s in p.stages:
+    prepare, *model_stages = p.stages
+    # stage 0 prepares the raw input (token ids pass through): no weights, runs once per request, not per token
+    assert (prepare.name, prepare.kind, prepare.param_bytes, prepare.decode_ms) == ("input.prepare", "input", 0, None)
+    for s in model_stages:
         assert s.prefill_ms > 0 and s.prefill_p90_ms >= s.prefill_ms
         assert s.decode_ms is not None and s.decode_ms > 0
         assert s.param_bytes == m.stage_param_bytes(s.index) > 0
         assert s.peak_activation_bytes > 0
-    for cut in p.cuts:
+    prepared, *cuts = p.cuts
+    # after stage 0: token ids, mask, positions; control tensors go raw under every codec
+    assert {t.role for t in prepared.tensors} == {"control"} and len({r.bytes for r in prepared.codecs.values()}) == 1
+    for cut in cuts:
         for t in cut.tensors:
             n = 1
             for d in t.shape:
@@ -51,7 +58,10 @@ def test_profile_structure_and_plausible_numbers(gpt2_profile):
         assert 0.99 < int8.fidelity.cosine < 1.0 and int4.fidelity.cosine <= int8.fidelity.cosine
         assert raw.encode_ms > 0 and raw.decode_ms > 0
         assert raw.decode_step_bytes is not None and raw.decode_step_bytes < raw.bytes
-    assert p.input.bytes == 3 * 16 * 8  # input_ids, attention_mask, position_ids: int64
+    # the raw input, before stage 0: int64 input_ids, attention_mask, position_ids, measured like a cut, raw only
+    assert p.input.after_stage == -1 and p.input.activation_bytes == 3 * 16 * 8 and set(p.input.codecs) == {"raw"}
+    assert p.input.codecs["raw"].bytes >= p.input.activation_bytes and p.input.codecs["raw"].fidelity.min == 1.0
+    assert p.input.description.startswith("raw input: input_ids [1, 16] int64")
     assert p.settings.seq_len == 16 and p.settings.decode_tokens == 8 and p.hardware.cores >= 1
     cal = p.calibration
     assert (cal.metric, cal.source, cal.items, cal.tokens) == ("token_agreement", "calibration set", 4, 8)
@@ -87,10 +97,14 @@ def test_captioner_profile_marks_side_and_prefill_only_encoder():
         calibration_tokens=4,
     )
     enc = [s for s in p.stages if s.kind.startswith("encoder")]
-    assert enc and all(s.decode_ms is None for s in enc)
-    assert all(s.decode_ms is not None for s in p.stages if not s.kind.startswith("encoder"))
+    assert enc and all(s.decode_ms is None for s in enc) and p.stages[0].decode_ms is None  # input.prepare: once
+    assert all(s.decode_ms is not None for s in p.stages[1:] if not s.kind.startswith("encoder"))
     side_cuts = [c for c in p.cuts if any(t.role == "side" for t in c.tensors)]
-    assert side_cuts and side_cuts[0].after_stage == len(enc) - 1
+    assert side_cuts and side_cuts[0].after_stage == len(enc)  # stage 0 prepares the input, then the encoder
+    # the raw input is the sample image's JPEG file; stage 0 decodes and preprocesses it (measured, not free)
+    assert [t.name for t in p.input.tensors] == ["image_file"]
+    assert p.input.activation_bytes == len(sample_image_file()) and p.stages[0].prefill_ms > 0
+    assert [t.name for t in p.cuts[0].tensors][0] == "pixel_values"
     for c in side_cuts:
         side = next(t for t in c.tensors if t.role == "side")
         assert side.decode_step_bytes is None

@@ -43,7 +43,7 @@ def test_converted_once_into_a_safetensors_checkpoint(smol):
     st = (d / "model.safetensors").stat()
     assert smol_mod.ensure_smollm2() == d and (d / "model.safetensors").stat().st_mtime_ns == st.st_mtime_ns
     assert "quantization_config" not in (d / "config.json").read_text()
-    assert smol.family == "llama" and smol.num_stages == 32  # embed + 30 blocks + head
+    assert smol.family == "llama" and smol.num_stages == 33  # input, embed, 30 blocks, head
     # a tier that runs a few blocks reads only their tensors (30 blocks of 9 tensors each)
     part = load_stages("smollm2", range(10, 13))
     assert part.load_stats.tensors_read == 3 * 9 and part.loaded_param_bytes() < smol.loaded_param_bytes() / 8

@@ -437,7 +437,7 @@ class E2EResult(JsonResult):
     fidelity_metric: str
     input: dict[str, Any]
     """The request (image path or text), what uploading it raw costs (``upload_bytes``: the file's size for an
-    image) and the profile's uncoded stage-0 input size."""
+    image) and the profile's raw input (the boundary before stage 0) as uploaded."""
     tiers: dict[str, dict[str, Any]]
     provenance: dict[str, list[str]]
     profiles: dict[str, dict[str, Any]]
@@ -644,8 +644,8 @@ def run(cfg: E2EConfig, progress: Progress = lambda s: None) -> E2EResult:
         fidelity_metric="token_agreement" if generates else "cosine",
         input={
             **{k: str(v) for k, v in inputs.items()},
-            "upload_bytes": input_bytes if input_bytes is not None else prof.input.bytes,
-            "profile_input_bytes": prof.input.bytes,
+            "upload_bytes": input_bytes if input_bytes is not None else prof.input_bytes,
+            "profile_input_bytes": prof.input_bytes,
         },
         tiers=tiers,
         provenance=PROVENANCE,

@@ -218,7 +218,7 @@ def _print(result) -> None:
     inp = result.input
     what = f"image {inp['image']}" if "image" in inp else f"text {inp['text']!r}"
     console.print(
-        f"input: {what}; uploaded raw: {inp['upload_bytes']:,} bytes (uncoded stage-0 input: "
+        f"input: {what}; uploaded raw: {inp['upload_bytes']:,} bytes (the profile's raw input, before stage 0: "
         f"{inp['profile_input_bytes']:,} bytes)",
         highlight=False,
     )

@@ -108,7 +108,7 @@ def print_profile(p) -> None:
         )
     console.print(c)
     console.print(
-        f"input {_kb(p.input.bytes)} KB ({p.input.description}); output {p.output.bytes} bytes "
+        f"input {_kb(p.input_bytes)} KB before stage 0 ({p.input.description}); output {p.output.bytes} bytes "
         f"({p.output.description}); profiled in {p.profile_wall_s:.1f} s"
     )
     console.print(

@@ -250,7 +250,7 @@ def _print_plan(p) -> None:
             )
         for cut in p.cuts:
             c.add_row(
-                f"{cut.after_stage} ({p.stage_names[cut.after_stage]})",
+                f"{cut.after_stage} ({p.boundary_name(cut.after_stage)})",
                 f"{cut.from_tier} -> {cut.to_tier}",
                 ", ".join(cut.links),
                 cut.codec,

@@ -54,6 +54,13 @@ class StageCache:
         self.tokens_seen = length
 
 
+#: Stage 0 of every model: turns the raw input as the user has it (token ids; an image as its encoded file) into
+#: the tensors the model's first stage reads (pixel values, the captioner's prompt). It has no weights; the plan
+#: places it like any other stage, so a device that runs nothing uploads the raw input and the first tier that
+#: computes prepares it. A state that is already prepared (``make_inputs``, ``prepare``) passes through unchanged.
+INPUT_STAGE = StageSpec("input.prepare", "input", ())
+
+
 class Adapter:
     """Base of the family adapters. Subclasses set ``family``, ``task`` and implement the methods below."""
 
@@ -77,7 +84,21 @@ class Adapter:
 
     # -- structure ------------------------------------------------------------------------------------------
     def stage_specs(self) -> list[StageSpec]:
+        """Every stage, in order: :data:`INPUT_STAGE`, then the model's own (:meth:`model_stages`)."""
+        return [INPUT_STAGE] + self.model_stages()
+
+    def model_stages(self) -> list[StageSpec]:
+        """The model's stages after the input stage (embeddings -> blocks -> head)."""
         raise NotImplementedError
+
+    def prepare_input(self, state: BoundaryState, *, device: torch.device, dtype: torch.dtype) -> BoundaryState:
+        """Stage 0 (:data:`INPUT_STAGE`): an image file (``image_file``) becomes what :meth:`prepare` makes of the
+        image; token ids and already prepared tensors pass through (the device tokenized them)."""
+        from aiflow_cli.models.inputs import IMAGE_FILE, images_of
+
+        if IMAGE_FILE in state:
+            return self.prepare(image=images_of(state), device=device, dtype=dtype)
+        return dict(state)
 
     def run_stage(self, spec: StageSpec, state: BoundaryState, cache: StageCache | None) -> BoundaryState:
         raise NotImplementedError

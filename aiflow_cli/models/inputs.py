@@ -126,6 +126,13 @@ def pixel_values(
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
+def sample_image_file() -> bytes:
+    """The bundled sample photo-like image as its JPEG file (``aiflow_cli/assets/sample.jpg``)."""
+    from importlib.resources import files
+
+    return files("aiflow_cli.assets").joinpath("sample.jpg").read_bytes()
+
+
 def sample_image():
     """The bundled sample photo-like image (``aiflow_cli/assets/sample.jpg``)."""
     from importlib.resources import files
@@ -140,8 +147,34 @@ def sample_image():
 
 #: Largest image (pixels) accepted from encoded bytes: a bound on what a small file may expand to.
 MAX_IMAGE_PIXELS = 40_000_000
-#: Boundary-state name of an image shipped as its encoded file (JPEG/PNG bytes, uint8 [n]).
+#: Boundary-state name of images shipped as their encoded files (JPEG/PNG bytes, uint8 [n]): the raw input of
+#: image models, which stage 0 (``input.prepare``) decodes on whichever tier runs it.
 IMAGE_FILE = "image_file"
+#: Byte length of each file in ``image_file`` (int64 [B]) when the request holds more than one image.
+IMAGE_FILE_SIZES = "image_file_sizes"
+
+
+def image_file_state(image: Any) -> BoundaryState:
+    """The raw input of an image model: one image (a path, bytes or a PIL image) as ``{image_file}``, a list of
+    them as their files one after the other plus ``image_file_sizes`` (see :func:`image_file_tensor`)."""
+    if not isinstance(image, (list, tuple)):
+        return {IMAGE_FILE: image_file_tensor(image)}
+    if not image:
+        raise InputError("image must be an image or a non-empty list of them")
+    files = [image_file_tensor(im) for im in image]
+    return {IMAGE_FILE: torch.cat(files), IMAGE_FILE_SIZES: torch.tensor([len(f) for f in files], dtype=torch.int64)}
+
+
+def images_of(state: BoundaryState) -> Any:
+    """The RGB PIL image(s) in a raw image input (:func:`image_file_state`): one image, or a list when the state
+    has ``image_file_sizes``."""
+    data = state[IMAGE_FILE]
+    sizes = state.get(IMAGE_FILE_SIZES)
+    if sizes is None:
+        return decode_image_file(data)
+    if sizes.dtype != torch.int64 or sizes.dim() != 1 or int(sizes.sum()) != data.numel() or bool((sizes < 1).any()):
+        raise InputError(f"{IMAGE_FILE_SIZES} must be positive int64 lengths summing to the {data.numel()} file bytes")
+    return [decode_image_file(part) for part in torch.split(data, sizes.tolist())]
 
 
 def image_file_tensor(image: Any) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """``StagedModel``: a model as a chain of stages, some or all of them loaded, run one stage at a time.
 
     m = load_model("builtin:gpt2-tiny")                      # every stage
-    state = m.make_inputs(batch=1, seq_len=32, seed=0)        # or m.prepare(text=...) / m.prepare(image=PIL)
+    state = m.make_inputs(batch=1, seq_len=32, seed=0)        # or m.raw_input(text=...) / m.raw_input(image=path)
     for i in range(m.num_stages):
         state = m.run_stage(i, state)                          # == the library's forward, bitwise on CPU fp32
     logits = m.output(state)
@@ -10,7 +10,9 @@
     cache = part.new_cache()                                   # one request at a time per cache
     state = part.run_stage(3, state, cache=cache)              # prefill, then one token per decode step
 
-Decode steps run stages ``m.decode_start .. num_stages-1`` (the captioner's encoder runs once, at prefill).
+Stage 0 is ``input.prepare`` (:data:`~aiflow_cli.models.adapter.INPUT_STAGE`): it turns the raw input (token ids,
+an image file) into the tensors of the model's first stage, and passes prepared tensors through. Decode steps
+run stages ``m.decode_start .. num_stages-1`` (the captioner's encoder runs once, at prefill).
 """
 
 from __future__ import annotations
@@ -120,6 +122,8 @@ class StagedModel:
             raise ModelError(
                 f"stage {index} ({spec.name}) is not loaded in this process (loaded: {sorted(self.loaded)})"
             )
+        if spec.kind == "input":
+            return self.adapter.prepare_input(state, device=self.device, dtype=self.dtype)
         return self.adapter.run_stage(spec, state, cache)
 
     def run(
@@ -152,8 +156,21 @@ class StagedModel:
         )
 
     def prepare(self, *, text: Any = None, image: Any = None) -> BoundaryState:
-        """Stage-0 input from real data: ``text`` (str or list) and/or ``image`` (PIL image or list)."""
+        """The prepared input (what stage 0 outputs) from real data: ``text`` (str or list) and/or ``image`` (PIL
+        image or list). It is also a valid stage-0 input (stage 0 passes it through)."""
         return self.adapter.prepare(text=text, image=image, device=self.device, dtype=self.dtype)
+
+    def raw_input(self, *, text: Any = None, image: Any = None) -> BoundaryState:
+        """The raw input as a device holds it, for stage 0: the token ids of ``text``, or ``image`` (a path,
+        encoded bytes, a PIL image, or a list of them) as its encoded file (a JPEG stays a JPEG, PIL images go as
+        lossless PNG)."""
+        from aiflow_cli.models.inputs import image_file_state
+
+        if image is None:
+            return self.prepare(text=text)
+        if text is not None:
+            raise InputError("give text or an image, not both")
+        return image_file_state(image)
 
     def output(self, state: BoundaryState) -> torch.Tensor:
         """The end output (logits [B, S, V] or embeddings [B, H]) from the last stage's boundary state."""
@@ -164,7 +181,7 @@ class StagedModel:
         """The transformers model's own forward on the same inputs (reference; needs every stage loaded)."""
         if len(self.loaded) != self.num_stages:
             raise ModelError("the monolithic forward needs every stage loaded")
-        return self.adapter.monolithic(inputs)
+        return self.adapter.monolithic(self.adapter.prepare_input(inputs, device=self.device, dtype=self.dtype))
 
     # -- generation -----------------------------------------------------------------------------------------
     def new_cache(self) -> StageCache:
@@ -207,10 +224,11 @@ class StagedModel:
         if not self.generates:
             raise ModelError(f"{self.name} ({self.task}) does not generate")
         cache = cache or self.new_cache()
-        state = self.run(inputs, cache=cache)
+        state = self.run(inputs, range(self.decode_start), cache)
+        step_in = self.decode_inputs_of(state)  # the prompt as the first decode stage reads it (stage 0 prepared it)
+        state = self.run(state, range(self.decode_start, self.num_stages), cache)
         tokens = self.output(state)[:, -1].argmax(-1)
         out = [tokens]
-        step_in = self.decode_inputs_of(inputs)
         for _ in range(max_new_tokens - 1):
             if bool(self.finished(torch.stack(out, dim=1)).all()):
                 break

@@ -31,7 +31,8 @@ ROLES: dict[str, Role] = {
     "attention_mask": "control",
     "position_ids": "control",
     "token_type_ids": "control",
-    "image_file": "control",  # an image as its encoded file (JPEG/PNG bytes), decoded by the first computing tier
+    "image_file": "control",  # images as their encoded files (JPEG/PNG bytes): the raw input, decoded by stage 0
+    "image_file_sizes": "control",  # bytes of each file in image_file when a request holds several images
 }
 
 

@@ -9,9 +9,10 @@ priced apart, per link, and never enters the objective); a one-way crossing of a
 serialisation ``bytes * 8 / goodput``, and every message round trip over a link pays a fixed
 ``Overheads.message_ms`` (framing, Python hand-offs, the emulator's timer: measured on the machine by
 :mod:`aiflow_cli.runtime.calibrate`); loss only lowers goodput, ``rate * (1 - loss_pct / 100)``; a tier that
-runs nothing but sits between two that do forwards frames store-and-forward without re-coding; the raw input is
-uploaded uncoded and the output returns uncoded. Generating N tokens is one prefill (which yields the first
-token) and N - 1 decode steps.
+runs nothing but sits between two that do forwards frames store-and-forward without re-coding; the output returns
+uncoded. The raw input is boundary 0 (see :mod:`aiflow_cli.plan.problem`): when the device computes nothing it
+sends it to the first tier that does, priced as every other boundary (its only codec is ``raw``). Generating N
+tokens is one prefill (which yields the first token) and N - 1 decode steps.
 """
 
 from __future__ import annotations
@@ -48,7 +49,8 @@ class Placement:
     """Which tier runs which stages and which codec each used cut takes.
 
     ``bounds``: T+1 stage indices, tier ``t`` runs ``[bounds[t], bounds[t+1])`` (empty: the tier computes
-    nothing). ``codecs``: cut index (after_stage) -> codec index, exactly for the used cuts."""
+    nothing). ``codecs``: boundary (the first stage the receiving tier runs; 0: the raw input) -> codec index,
+    exactly for the used cuts."""
 
     bounds: tuple[int, ...]
     codecs: dict[int, int]
@@ -57,10 +59,16 @@ class Placement:
         """Tiers that run at least one stage, in flow order."""
         return [t for t in range(len(self.bounds) - 1) if self.bounds[t + 1] > self.bounds[t]]
 
+    def holders(self) -> list[int]:
+        """Tiers that hold the request's state in turn: the device (it holds the raw input, computing or not),
+        then every other tier that computes."""
+        return [0] + [t for t in self.computing() if t > 0]
+
     def used_cuts(self) -> list[tuple[int, int, int]]:
-        """(after_stage, from_tier, to_tier) for each boundary between consecutive computing tiers."""
-        comp = self.computing()
-        return [(self.bounds[a + 1] - 1, a, b) for a, b in zip(comp, comp[1:])]
+        """(boundary, from_tier, to_tier) for each crossing between consecutive holders; boundary 0 (the raw
+        input) when the device computes nothing."""
+        h = self.holders()
+        return [(self.bounds[z], a, z) for a, z in zip(h, h[1:])]
 
     def signature(self) -> tuple:
         return (self.bounds, tuple(sorted(self.codecs.items())))
@@ -99,8 +107,10 @@ class Evaluation:
         return self.bottleneck_ms if objective == "throughput" else self.total_ms
 
 
-def cut_label(problem: Problem, after_stage: int, a: int, b: int) -> str:
-    return f"{problem.tiers[a]}->{problem.tiers[b]}@{after_stage}"
+def cut_label(problem: Problem, boundary: int, a: int, b: int) -> str:
+    """``from->to@after_stage``; ``@input`` for the raw input (boundary 0)."""
+    where = boundary - 1 if boundary else "input"
+    return f"{problem.tiers[a]}->{problem.tiers[b]}@{where}"
 
 
 def _add(d: dict[str, float], key: str, ms: float) -> None:
@@ -135,8 +145,8 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
                 ev.violations.append(
                     f"memory on {p.tiers[t]}: needs {mem / 2**20:,.0f} MiB, limit {limit / 2**20:,.0f} MiB"
                 )
-        elif p.require[t]:
-            ev.violations.append(f"tier {p.tiers[t]} is required but runs no stage")
+        if p.require[t] and not p.runs_model_stage(lo, hi):
+            ev.violations.append(f"tier {p.tiers[t]} is required but runs no stage of the model")
         prefill = float(sum(p.prefill_ms[t, s] for s in range(lo, hi)))
         decode = float(sum(p.decode_ms[t, s] for s in range(lo, hi) if p.decode_stage[s]))
         ev.compute_ms[p.tiers[t]] = prefill + N * decode
@@ -144,14 +154,7 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
         ev.per_token_ms += decode
         ev.busy_ms[f"compute:{p.tiers[t]}"] = prefill
 
-    first, last = comp[0], comp[-1]
-    for l in range(first):  # the raw input climbs to the first tier that computes
-        x = serialise_ms(links[l], p.input_bytes, up=True)
-        _add(ev.transfer_ms, names[l], x)
-        _add(ev.propagation_ms, names[l], links[l].one_way_ms)
-        _add(ev.message_ms, names[l], msg)
-        ev.prefill_ms += x + links[l].one_way_ms + msg
-        ev.busy_ms[f"up:{names[l]}"] = x
+    last = comp[-1]
     for l in range(last):  # the output returns to the device
         x = serialise_ms(links[l], p.output_bytes, up=False)
         _add(ev.transfer_ms, names[l], x)
@@ -162,26 +165,29 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
     used = pl.used_cuts()
     if sorted(pl.codecs) != sorted(k for k, _, _ in used):
         raise ValueError(f"placement codecs {sorted(pl.codecs)} do not match the used cuts {[k for k, _, _ in used]}")
+    per_step_cut = p.cut_decodes
+    lossy = 0
     for k, a, z in used:
         c = pl.codecs[k]
         label = cut_label(p, k, a, z)
         if not p.available[k, c]:
-            ev.violations.append(f"codec {p.codecs[c]} is not available at cut {k}")
+            ev.violations.append(f"codec {p.codecs[c]} is not available at {label}")
             ev.total_ms = ev.bottleneck_ms = float("inf")
             return ev
         loss = float(p.cut_loss[k, c])
         if loss > p.fidelity_budget + FIDELITY_EPS:
             ev.violations.append(
-                f"fidelity at cut {k}: codec {p.codecs[c]} has {p.fidelity_metric} {1 - loss:.6f} < {p.limits.min_fidelity}"
+                f"fidelity at {label}: codec {p.codecs[c]} has {p.fidelity_metric} {1 - loss:.6f} < {p.limits.min_fidelity}"
             )
         ev.fidelity_loss += loss
+        lossy += loss > 0
         enc, dec = float(p.enc_ms[a, k, c]), float(p.dec_ms[z, k, c])
         _add(ev.codec_ms, label, enc + dec)
         ev.prefill_ms += enc + dec
         ev.busy_ms[f"encode:{label}"] = enc
         ev.busy_ms[f"decode:{label}"] = dec
         per_step = 0.0
-        if N and p.decode_stage[k]:
+        if N and per_step_cut[k]:
             step_codec = float(p.step_fraction[k]) * (enc + dec)
             _add(ev.codec_ms, label, N * step_codec)
             per_step += step_codec
@@ -192,7 +198,7 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
             _add(ev.message_ms, names[l], msg)
             ev.prefill_ms += x + links[l].one_way_ms + msg
             ev.busy_ms[f"up:{names[l]}"] = x
-            if N and p.decode_stage[k]:
+            if N and per_step_cut[k]:
                 # one step's hidden state goes up, the sampled token comes back down to be fed in
                 up = serialise_ms(links[l], float(p.cut_step_bytes[k, c]), up=True)
                 down = serialise_ms(links[l], p.token_bytes, up=False)
@@ -201,7 +207,7 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
                 _add(ev.message_ms, names[l], N * msg)
                 per_step += up + down + 2 * links[l].one_way_ms + msg
         ev.per_token_ms += per_step
-    if ev.fidelity_loss > p.fidelity_budget + FIDELITY_EPS and len(used) > 1:
+    if ev.fidelity_loss > p.fidelity_budget + FIDELITY_EPS and lossy > 1:
         ev.violations.append(
             f"end-to-end fidelity: the cuts' (1 - {p.fidelity_metric}) sum to {ev.fidelity_loss:.3g} > {p.fidelity_budget:.3g}"
         )
@@ -220,18 +226,16 @@ class Tables:
     """The cost terms as arrays for the DP (ms; inf where not allowed).
 
     ``stage_ms[t, s]``: stage s on tier t (prefill, plus N decode steps for 'generate').
-    ``cut_ms[a, z, k, c]``: cut k coded with c, sent from tier a to tier z (a < z), all steps included.
-    ``input_ms[z]``: raw input climbing to tier z. ``output_ms[a]``: output returning from tier a.
-    ``cut_busy_ms[a, z, k, c]``: the busiest pipeline resource of that crossing (throughput).
-    ``input_busy_ms[z]``, ``output_busy_ms[a]``: the same for input and output."""
+    ``cut_ms[a, z, b, c]``: boundary b coded with c, sent from tier a to tier z (a < z), all steps included
+    (b = 0: the raw input, which only the device sends). ``output_ms[a]``: output returning from tier a.
+    ``cut_busy_ms[a, z, b, c]``: the busiest pipeline resource of that crossing (throughput).
+    ``output_busy_ms[a]``: the same for the output."""
 
     stage_ms: np.ndarray
     prefix_ms: np.ndarray  # (T, S+1) cumulative stage_ms
     prefill_prefix_ms: np.ndarray  # (T, S+1) cumulative prefill only (throughput: tier busy time)
     cut_ms: np.ndarray
     cut_busy_ms: np.ndarray
-    input_ms: np.ndarray
-    input_busy_ms: np.ndarray
     output_ms: np.ndarray
     output_busy_ms: np.ndarray
 
@@ -240,7 +244,6 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
     """Vectorised cost terms; a codec whose own cut breaks the fidelity floor is masked out (inf)."""
     p = problem
     T, S, C, N = p.n_tiers, p.n_stages, p.n_codecs, decode_steps(p)
-    K = S - 1
     stage = p.prefill_ms + N * np.where(p.decode_stage[None, :], p.decode_ms, 0.0)
     prefix = np.concatenate([np.zeros((T, 1)), np.cumsum(stage, axis=1)], axis=1)
     pprefix = np.concatenate([np.zeros((T, 1)), np.cumsum(p.prefill_ms, axis=1)], axis=1)
@@ -248,32 +251,25 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
     ok = p.available.copy()
     if fidelity_mask:
         ok &= p.cut_loss <= p.fidelity_budget + FIDELITY_EPS
-    cut = np.full((T, T, K, C), np.inf)
-    busy = np.full((T, T, K, C), np.inf)
+    cut = np.full((T, T, S, C), np.inf)
+    busy = np.full((T, T, S, C), np.inf)
     bytes_ = np.where(ok, p.cut_bytes, 0.0)
-    per_step = np.where(p.decode_stage[:K], 1.0, 0.0)[:, None] * (N if N else 0)  # (K, 1) steps crossing the cut
+    per_step = np.where(p.cut_decodes, 1.0, 0.0)[:, None] * (N if N else 0)  # (S, 1) steps crossing the boundary
     with np.errstate(invalid="ignore"):  # inf * 0 where a codec is unavailable; masked just below
         _fill_cuts(p, ok, bytes_, per_step, cut, busy)
 
-    inp = np.zeros(T)
-    inp_busy = np.zeros(T)
     out = np.zeros(T)
     out_busy = np.zeros(T)
     for t in range(1, T):
         link = p.links[t - 1]
-        xi = serialise_ms(link, p.input_bytes, up=True)
         xo = serialise_ms(link, p.output_bytes, up=False)
-        inp[t] = inp[t - 1] + xi + link.one_way_ms + p.overheads.message_ms
         out[t] = out[t - 1] + xo + link.one_way_ms
-        inp_busy[t] = max(inp_busy[t - 1], xi)
         out_busy[t] = max(out_busy[t - 1], xo)
-    # the first computing tier may not be above a required tier, nor the last below one
+    # the last computing tier may not be below a required tier (the first may not be above one: _fill_cuts)
     for t in range(T):
-        if p.require[:t].any():
-            inp[t] = np.inf
         if p.require[t + 1 :].any():
             out[t] = np.inf
-    return Tables(stage, prefix, pprefix, cut, busy, inp, inp_busy, out, out_busy)
+    return Tables(stage, prefix, pprefix, cut, busy, out, out_busy)
 
 
 def _fill_cuts(

@@ -65,7 +65,8 @@ def placement_summary(problem: Problem, pl: Placement) -> str:
 
 def single_tier(problem: Problem, tier: int) -> Placement:
     S = problem.n_stages
-    return Placement(tuple(0 if i <= tier else S for i in range(problem.n_tiers + 1)), {})
+    raw_input = {0: problem.codecs.index("raw")} if tier else {}  # a device that computes nothing sends it raw
+    return Placement(tuple(0 if i <= tier else S for i in range(problem.n_tiers + 1)), raw_input)
 
 
 def strategies(problem: Problem) -> list[Strategy]:
@@ -85,7 +86,7 @@ def strategies(problem: Problem) -> list[Strategy]:
 
 
 def ships_input(strategy: Strategy) -> bool:
-    """Whether the device computes nothing in this (feasible) strategy, so the request's input crosses the first
-    link as profiled, uncoded (``Problem.input_bytes``)."""
+    """Whether the device computes nothing in this (feasible) strategy, so the raw input (boundary 0) crosses the
+    first link as profiled, ``raw`` (``Problem.input_bytes``)."""
     pl, ev = strategy.placement, strategy.evaluation
     return pl is not None and ev is not None and ev.feasible and pl.bounds[1] == 0

@@ -4,8 +4,12 @@ Every solver (the DP, the brute force, explain, sweep) reads a :class:`Problem`;
 profile objects again. Building one is where bad inputs are refused: a missing tier or link, profiles of
 different models, an unknown codec in ``--codecs``, generation asked of a profile without decode timings.
 
-Indexing: tiers ``0 .. T-1`` in flow order (device first); stages ``0 .. S-1``; cut ``k`` is the boundary after
-stage ``k`` (``0 .. S-2``); codecs ``0 .. C-1`` (``raw`` first); link ``l`` joins tier ``l`` and tier ``l + 1``.
+Indexing: tiers ``0 .. T-1`` in flow order (device first); stages ``0 .. S-1`` (stage 0 is ``input.prepare``);
+boundary ``b`` (``0 .. S-1``) is what stage ``b`` reads: ``b = 0`` is the raw input, held by the device (the
+profile's ``input``, codec ``raw``), ``b >= 1`` the state after stage ``b - 1`` (the profile's ``cuts[b - 1]``,
+a plan's ``after_stage = b - 1``). Every boundary is priced alike: a device that computes nothing sends boundary 0
+to the first tier that does, as any tier sends its last boundary on. Codecs ``0 .. C-1`` (``raw`` first); link
+``l`` joins tier ``l`` and tier ``l + 1``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ class Limits:
     """What a plan must respect. ``memory_bytes``: tier -> limit on params + peak activation (bytes).
     ``min_fidelity``: floor on the profile's fidelity metric (token agreement, embedding cosine, ...; see the
     profile's ``calibration``), per cut and end to end (docs/planner.md, "Fidelity", gives the composition).
-    ``skip``: tiers that must run no stage (they may still relay). ``require``: tiers that must run a stage."""
+    ``skip``: tiers that must run no stage (they may still relay). ``require``: tiers that must run a stage of
+    the model itself: ``input.prepare`` alone does not count (for text it passes token ids through)."""
 
     memory_bytes: dict[str, int] = field(default_factory=dict)
     min_fidelity: Optional[float] = None
@@ -83,22 +88,22 @@ class Problem:
     decode_stage: np.ndarray  # (S,) bool: the stage runs at every decode step
     param_bytes: np.ndarray  # (S,)
     peak_bytes: np.ndarray  # (T, S) peak extra activation memory per stage on each tier
-    cut_bytes: np.ndarray  # (S-1, C) encoded bytes of the whole boundary state (inf: codec not available)
-    cut_step_bytes: np.ndarray  # (S-1, C) encoded bytes of one decode step's boundary (0 where none)
-    step_fraction: np.ndarray  # (S-1,) raw step bytes / raw prefill bytes: scales codec time per step
-    enc_ms: np.ndarray  # (T, S-1, C) encode time when the tier sends across the cut
-    dec_ms: np.ndarray  # (T, S-1, C) decode time when the tier receives
+    cut_bytes: np.ndarray  # (S, C) encoded bytes of boundary b's whole state (inf: codec not available)
+    cut_step_bytes: np.ndarray  # (S, C) encoded bytes of one decode step's boundary (0 where none)
+    step_fraction: np.ndarray  # (S,) raw step bytes / raw prefill bytes: scales codec time per step
+    enc_ms: np.ndarray  # (T, S, C) encode time when the tier sends boundary b
+    dec_ms: np.ndarray  # (T, S, C) decode time when the tier receives it
     cut_loss: (
         np.ndarray
-    )  # (S-1, C) 1 - fidelity (the profile's metric, lowest calibration item) with only this cut coded (>= 0)
-    available: np.ndarray  # (S-1, C) bool: codec measured at this cut (and allowed)
-    input_bytes: float
+    )  # (S, C) 1 - fidelity (the profile's metric, lowest calibration item) with only this boundary coded (>= 0)
+    available: np.ndarray  # (S, C) bool: codec measured at this boundary (and allowed)
     output_bytes: float
     token_bytes: float
     limits: Limits
     memory_bytes: list[Optional[int]]  # per tier
     skip: np.ndarray  # (T,) bool
     require: np.ndarray  # (T,) bool
+    input_stage: bool = False  # stage 0 is input.prepare: running it alone does not meet `require`
     profile_ids: dict[str, dict] = field(default_factory=dict)  # tier -> identity of the profile it used
     input_description: str = ""  # what the stage-0 input is (the profile's words), for explanations
     overheads: Overheads = field(default_factory=Overheads)  # fixed per-message / per-connection costs (ms)
@@ -119,6 +124,21 @@ class Problem:
         return len(self.codecs)
 
     @property
+    def cut_decodes(self) -> np.ndarray:
+        """(S,) bool: every decode step crosses boundary b (the stage before it runs per step; never the raw
+        input, which is sent once)."""
+        return np.concatenate([[False], self.decode_stage[:-1]])
+
+    def runs_model_stage(self, start: int, end: int) -> bool:
+        """Whether stages ``[start, end)`` include one of the model itself (not only ``input.prepare``)."""
+        return end > max(start, 1 if self.input_stage else 0)
+
+    @property
+    def input_bytes(self) -> float:
+        """What uploading the raw input (boundary 0) costs in bytes: it always goes ``raw``."""
+        return float(self.cut_bytes[0, 0])
+
+    @property
     def link_names(self) -> list[str]:
         return [f"{a}-{b}" for a, b in zip(self.tiers, self.tiers[1:])]
 
@@ -133,16 +153,20 @@ class Problem:
         links[index] = link
         return _replace(self, links=links)
 
-    def without(self, cut: int, codec: int) -> "Problem":
-        """A copy where codec index ``codec`` may not be chosen at cut ``cut`` (it measured below the floor)."""
+    def without(self, boundary: int, codec: int) -> "Problem":
+        """A copy where codec index ``codec`` may not be chosen at ``boundary`` (it measured below the floor);
+        recorded as ``codec@after_stage``."""
         available = self.available.copy()
-        available[cut, codec] = False
-        return _replace(self, available=available, excluded=self.excluded + (f"{self.codecs[codec]}@{cut}",))
+        available[boundary, codec] = False
+        excluded = self.excluded + (f"{self.codecs[codec]}@{boundary - 1}",)
+        return _replace(self, available=available, excluded=excluded)
 
     def with_codecs(self, names: list[str]) -> "Problem":
         """A copy where only ``names`` may be chosen (``raw`` is always measured)."""
         keep = np.array([c in names for c in self.codecs])
-        return _replace(self, available=self.available & keep[None, :])
+        available = self.available & keep[None, :]
+        available[0] = self.available[0]  # the raw input goes raw whatever the cuts may use
+        return _replace(self, available=available)
 
 
 def _replace(p: Problem, **kw) -> Problem:
@@ -204,9 +228,8 @@ def build_problem(
 
     ``overheads``: fixed costs per message round trip and per connection (see :class:`Overheads`; default none).
 
-    ``input_bytes``: what one request's input costs to upload when the device computes nothing, if known (e.g.
-    the size of a JPEG file that the first computing tier decodes itself); default: the profile's uncoded
-    stage-0 input.
+    ``input_bytes``: the size of this request's raw input (boundary 0, e.g. the JPEG file a user sends) when it
+    is known and differs from the profiled one; default: the profile's measured ``input`` boundary.
 
     ``profiles``: tier -> profile. A single entry under the key ``"*"`` is one profile used for every tier named
     in ``speeds``. ``speeds``: tier -> relative speed (stage and codec times are divided by it).
@@ -298,33 +321,36 @@ def build_problem(
     params = np.array([s.param_bytes for s in ref.stages], dtype=np.int64)
     peak = np.array([[s.peak_activation_bytes for s in per_tier[t].stages] for t in tiers], dtype=np.int64)
 
-    K = S - 1
-    cut_bytes = np.full((K, C), np.inf)
-    step_bytes = np.zeros((K, C))
-    enc = np.full((T, K, C), np.inf)
-    dec = np.full((T, K, C), np.inf)
-    loss = np.ones((K, C))
-    avail = np.zeros((K, C), dtype=bool)
-    step_frac = np.zeros(K)
+    cut_bytes = np.full((S, C), np.inf)
+    step_bytes = np.zeros((S, C))
+    enc = np.full((T, S, C), np.inf)
+    dec = np.full((T, S, C), np.inf)
+    loss = np.ones((S, C))
+    avail = np.zeros((S, C), dtype=bool)
+    step_frac = np.zeros(S)
     allowed = set(limits.codecs) if limits.codecs is not None else None
-    for k in range(K):
-        cuts = [per_tier[t].cuts[k] for t in tiers]
+    crosses_per_step = np.concatenate([[False], decode_stage[:-1]])
+    boundaries = [per_tier[t].boundaries() for t in tiers]
+    for k in range(S):
+        cuts = [bs[k] for bs in boundaries]
         raw = cuts[0].codecs["raw"]
         raw_step = raw.decode_step_bytes
         if raw_step is None:
             hidden = [x.decode_step_bytes for x in cuts[0].tensors if x.role == "hidden"]
             raw_step = sum(h for h in hidden if h is not None) if any(h is not None for h in hidden) else None
-        if decode_stage[k] and objective == "generate" and raw_step is None:
-            raise PlanError(f"cut after stage {k} has no decode_step_bytes: re-run aiflow profile with decode tokens")
+        if crosses_per_step[k] and objective == "generate" and raw_step is None:
+            raise PlanError(
+                f"cut after stage {k - 1} has no decode_step_bytes: re-run aiflow profile with decode tokens"
+            )
         step_frac[k] = (raw_step or 0) / raw.bytes if raw.bytes > 0 else 0.0
         for ci, name in enumerate(codec_names):
-            if allowed is not None and name not in allowed:
-                continue
+            if allowed is not None and name not in allowed and not (k == 0 and name == "raw"):
+                continue  # the raw input always goes raw, whatever codecs the cuts may use
             if not all(name in c.codecs for c in cuts):
                 continue
             r0 = cuts[0].codecs[name]
             avail[k, ci] = True
-            cut_bytes[k, ci] = r0.bytes
+            cut_bytes[k, ci] = r0.bytes if k or input_bytes is None else input_bytes
             if r0.decode_step_bytes is not None:
                 step_bytes[k, ci] = r0.decode_step_bytes
             else:  # scale the raw step by this codec's ratio on the whole boundary
@@ -367,7 +393,6 @@ def build_problem(
         dec_ms=dec,
         cut_loss=loss,
         available=avail,
-        input_bytes=float(ref.input.bytes if input_bytes is None else input_bytes),
         output_bytes=float(ref.output.bytes),
         token_bytes=float(
             ref.output.decode_step_bytes if ref.output.decode_step_bytes is not None else DEFAULT_TOKEN_BYTES
@@ -376,6 +401,7 @@ def build_problem(
         memory_bytes=mem,
         skip=np.array([t in limits.skip for t in tiers]),
         require=np.array([t in limits.require for t in tiers]),
+        input_stage=ref.stages[0].kind == "input",
         profile_ids=profile_ids,
         input_description=ref.input.description if input_bytes is None else "as given: the encoded input file",
         overheads=overheads or Overheads(),

@@ -1,11 +1,12 @@
-"""The plan: what `aiflow plan` writes and the runtime reads. Schema version 2 (adds ``fidelity``: the task's
-metric, bounded from the profile and measured end to end on the calibration set).
+"""The plan: what `aiflow plan` writes and the runtime reads. Schema version 3 (version 2 added ``fidelity``: the
+task's metric, bounded from the profile and measured end to end on the calibration set; version 3 places stage 0,
+``input.prepare``, like any stage, and lists the raw input's upload as a cut with ``after_stage`` -1).
 
 A plan places every stage of one model (``model_hash``) on one tier and names the codec of every cut between
 tiers. ``tiers`` lists every tier of the problem in flow order (device first) with its stage range
 ``[start, end)``; an empty range means the tier runs nothing (it may still forward frames). ``cuts`` lists the
 used cuts: after stage ``after_stage`` the boundary state goes from ``from_tier`` to ``to_tier`` over ``links``
-coded with ``codec``. The runtime needs only :meth:`Plan.stages_for`, :meth:`Plan.cut_codec` and
+coded with ``codec``; ``after_stage`` -1 is the raw input, sent ``raw`` by a device that runs no stage. The runtime needs only :meth:`Plan.stages_for`, :meth:`Plan.cut_codec` and
 :func:`load_plan`; the rest records the prediction and the inputs the plan was solved for.
 Times are milliseconds, sizes bytes, rates Mbit/s.
 """
@@ -19,10 +20,10 @@ from pydantic import Field, model_validator
 
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
-from aiflow_cli.schema import Strict, load_model, save_model
+from aiflow_cli.schema import Strict, save_model
 from aiflow_cli.task import Task
 
-PLAN_SCHEMA_VERSION: Literal[2] = 2
+PLAN_SCHEMA_VERSION: Literal[3] = 3
 
 
 class ProfileRef(Strict):
@@ -46,7 +47,7 @@ class TierPlan(Strict):
 
 
 class CutPlan(Strict):
-    after_stage: int = Field(ge=0)
+    after_stage: int = Field(ge=-1, description="-1: the raw input (before stage 0, input.prepare)")
     from_tier: str
     to_tier: str
     links: list[str] = Field(description="links crossed, in order (more than one when a tier in between relays)")
@@ -96,7 +97,9 @@ class SolvedFor(Strict):
     require: list[str]
     codecs: Optional[list[str]] = Field(description="codecs the solver could choose; None: every profiled one")
     profiles: dict[str, ProfileRef]
-    input_bytes: Optional[int] = Field(default=None, description="request input upload size used (None: the profile's)")
+    input_bytes: Optional[int] = Field(
+        default=None, description="raw input size used (bytes; the profile's unless given)"
+    )
 
 
 class PlanFidelity(Strict):
@@ -130,7 +133,7 @@ class SolverInfo(Strict):
 
 
 class Plan(Strict):
-    schema_version: Literal[2] = PLAN_SCHEMA_VERSION
+    schema_version: Literal[3] = PLAN_SCHEMA_VERSION
     model: str
     model_hash: str
     family: str
@@ -164,7 +167,8 @@ class Plan(Strict):
         if pos != self.n_stages:
             raise ValueError(f"tier ranges end at stage {pos}, the model has {self.n_stages}")
         comp = [t for t in self.tiers if t.end > t.start]
-        expected = [(a.end - 1, a.name, b.name) for a, b in zip(comp, comp[1:])]
+        holders = self.tiers[:1] + [t for t in comp if t.name != "device"]  # the device holds the raw input
+        expected = [(a.end - 1, a.name, b.name) for a, b in zip(holders, holders[1:])]
         got = [(c.after_stage, c.from_tier, c.to_tier) for c in self.cuts]
         if got != expected:
             raise ValueError(f"cuts {got} do not match the tier boundaries {expected}")
@@ -191,11 +195,16 @@ class Plan(Strict):
         raise PlanError(f"stage {stage} is out of range: the model has {self.n_stages} stages")
 
     def cut_codec(self, after_stage: int) -> Optional[str]:
-        """Codec of the boundary after ``after_stage``; None when that boundary does not leave a tier."""
+        """Codec of the boundary after ``after_stage`` (-1: the raw input); None when that boundary does not
+        leave a tier."""
         for c in self.cuts:
             if c.after_stage == after_stage:
                 return c.codec
         return None
+
+    def boundary_name(self, after_stage: int) -> str:
+        """What crosses after ``after_stage``: the stage's name, or ``raw input`` for -1."""
+        return "raw input" if after_stage < 0 else self.stage_names[after_stage]
 
     def outgoing_cut(self, tier: str) -> Optional[CutPlan]:
         """The cut this tier sends on (None for the last computing tier or a tier that runs nothing)."""
@@ -228,8 +237,19 @@ class Plan(Strict):
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Reads and validates a plan JSON; errors name the file, the field and the fix."""
-    return load_model(Plan, path, kind="plan")
+    """Reads and validates a plan JSON; errors name the file, the field and the fix. Older schema versions are
+    refused in one line that says how to regenerate the file."""
+    from aiflow_cli.errors import SchemaError
+    from aiflow_cli.schema import read_data_file, validate
+
+    data = read_data_file(path)
+    got = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(got, int) and got < PLAN_SCHEMA_VERSION:
+        raise SchemaError(
+            f"{path}: plan schema_version {got} has no input stage (input.prepare); re-run `aiflow plan ... -o "
+            f"{path}` on profiles of schema version 3 (`aiflow profile`) to write schema version {PLAN_SCHEMA_VERSION}"
+        )
+    return validate(Plan, data, source=str(path), kind="plan")
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:
@@ -268,10 +288,10 @@ def plan_from_solution(
     cuts = []
     for k, a, z in placement.used_cuts():
         c = placement.codecs[k]
-        step = int(p.cut_step_bytes[k, c]) if p.tokens and p.decode_stage[k] else None
+        step = int(p.cut_step_bytes[k, c]) if p.tokens and p.cut_decodes[k] else None
         cuts.append(
             CutPlan(
-                after_stage=k,
+                after_stage=k - 1,
                 from_tier=p.tiers[a],
                 to_tier=p.tiers[z],
                 links=p.link_names[a:z],

@@ -1,8 +1,10 @@
 """The exact solver: dynamic programming over (stage boundary, tier, codec) with tiers in flow order.
 
-State ``f[t, e]``: the cheapest way to run stages ``[0, e)`` with tier ``t`` the last tier that computes so far
-(its range ends at ``e``). Tier ``t'`` taking stages ``[b, e)`` after tier ``t`` pays
-``f[t, b] + cut_ms[t, t', b-1, c] + P[t', e] - P[t', b]`` where ``P`` is the prefix sum of stage costs, so
+State ``f[t, e]``: the cheapest way to run stages ``[0, e)`` with tier ``t`` the last tier that holds the state so
+far (its range ends at ``e``). The device holds the raw input before any stage runs: ``f[device, 0] = 0``. Tier
+``t'`` taking stages ``[b, e)`` after tier ``t`` pays ``f[t, b] + cut_ms[t, t', b, c] + P[t', e] - P[t', b]``
+where ``cut_ms[.., b, ..]`` prices sending boundary ``b`` (``b = 0``: the raw input, from a device that computes
+nothing; no special case) and ``P`` is the prefix sum of stage costs, so
 ``f[t', e] = P[t', e] + min_{b in window(e)} g[t', b]`` with ``g[t', b] = min_{t, c} f[t, b] + cut_ms - P[t', b]``.
 ``window(e)`` is the set of starts whose segment fits the tier's memory (and, for throughput, its time bound);
 it is an interval ``[lo(e), e-1]`` with ``lo`` monotone, answered by a sparse table. Work:
@@ -105,13 +107,23 @@ def _placement(problem: Problem, segments: dict[int, tuple[int, int]], codecs: d
     return Placement(tuple(bounds), codecs)
 
 
+def _source(problem: Problem) -> np.ndarray:
+    """``f[:, 0]``: the device holds the raw input (boundary 0) at no cost, and may send it on without computing
+    unless it is required to compute."""
+    f0 = np.full(problem.n_tiers, np.inf)
+    if not problem.require[0]:
+        f0[0] = 0.0
+    return f0
+
+
 def _chain_dp(
-    problem: Problem, tab: Tables, cut_ms: np.ndarray, inp: np.ndarray, out: np.ndarray, lo: list[np.ndarray]
+    problem: Problem, tab: Tables, cut_ms: np.ndarray, out: np.ndarray, lo: list[np.ndarray]
 ) -> Optional[tuple[float, Placement]]:
     """The O(T^2 S C) DP (see the module docstring); None when nothing is feasible."""
     T, S = problem.n_tiers, problem.n_stages
     P = tab.prefix_ms
     f = np.full((T, S + 1), np.inf)
+    f[:, 0] = _source(problem)
     seg_start = np.zeros((T, S + 1), dtype=np.int64)
     par_t = np.full((T, S), -1, dtype=np.int64)
     par_c = np.full((T, S), -1, dtype=np.int64)
@@ -120,20 +132,21 @@ def _chain_dp(
         if problem.skip[tp]:
             continue
         g = np.full(S, np.inf)
-        g[0] = inp[tp]
+        if tp == 0:
+            g[0] = 0.0  # the device runs from stage 0 on the input it holds
         for t in range(tp):
-            if problem.skip[t] or S == 1:
-                continue
-            cc = cut_ms[t, tp]  # (S-1, C): cut b-1 for starts b = 1 .. S-1
+            cc = cut_ms[t, tp]  # (S, C): boundary b for starts b = 0 .. S-1
             cbest = cc.argmin(axis=1)
-            cand = f[t, 1:S] + cc[np.arange(S - 1), cbest]
-            better = cand < g[1:]
-            g[1:][better] = cand[better]
-            par_t[tp, 1:][better] = t
-            par_c[tp, 1:][better] = cbest[better]
+            cand = f[t, :S] + cc[np.arange(S), cbest]
+            better = cand < g
+            g[better] = cand[better]
+            par_t[tp][better] = t
+            par_c[tp][better] = cbest[better]
         vals, idx = _window_argmin(g - P[tp, :S], lo[tp][1:], e_idx - 1)
         f[tp, 1:] = vals + P[tp, 1:]
         seg_start[tp, 1:] = idx
+        if problem.require[tp] and problem.input_stage:
+            f[tp, 1] = np.inf  # input.prepare alone is not a stage of the model
     total = f[:, S] + out
     t = int(np.argmin(total))
     if not np.isfinite(total[t]):
@@ -142,9 +155,11 @@ def _chain_dp(
     while True:
         b = int(seg_start[t, e])
         segments[t] = (b, e)
-        if b == 0:
+        if par_t[t, b] < 0:  # the device, from its own input
             break
-        codecs[b - 1] = int(par_c[t, b])
+        codecs[b] = int(par_c[t, b])
+        if b == 0:  # the raw input came from the device, which computes nothing
+            break
         t, e = int(par_t[t, b]), b
     return float(total.min()), _placement(problem, segments, codecs)
 
@@ -161,7 +176,7 @@ def _prune(front: list[tuple]) -> list[tuple]:
 
 
 def _pareto_dp(
-    problem: Problem, tab: Tables, cut_ms: np.ndarray, inp: np.ndarray, out: np.ndarray, lo: list[np.ndarray]
+    problem: Problem, tab: Tables, cut_ms: np.ndarray, out: np.ndarray, lo: list[np.ndarray]
 ) -> Optional[tuple[float, Placement]]:
     """Exact under the end-to-end fidelity budget: each state keeps its Pareto front of (cost, loss)."""
     T, S, C = problem.n_tiers, problem.n_stages, problem.n_codecs
@@ -169,21 +184,25 @@ def _pareto_dp(
     # fronts[t][e]: entries (cost, loss, b, g_index); G[t][b]: entries (cost - P[t, b], loss, prev_t, prev_i, c)
     fronts: list[list[list[tuple]]] = [[[] for _ in range(S + 1)] for _ in range(T)]
     G: list[list[list[tuple]]] = [[[] for _ in range(S)] for _ in range(T)]
+    for t, f0 in enumerate(_source(problem)):
+        if np.isfinite(f0):
+            fronts[t][0] = [(float(f0), 0.0, 0, -1)]
     for tp in range(T):
         if problem.skip[tp]:
             continue
         for b in range(S):
-            cands = [(float(inp[tp]) - P[tp, 0], 0.0, -1, -1, -1)] if b == 0 and np.isfinite(inp[tp]) else []
-            if b > 0:
-                for t in range(tp):
-                    for i, (cost, l0, _, _) in enumerate(fronts[t][b]):
-                        for c in range(C):
-                            cc = cut_ms[t, tp, b - 1, c]
-                            lc = l0 + loss[b - 1, c]
-                            if np.isfinite(cc) and lc <= budget:
-                                cands.append((cost + cc - P[tp, b], lc, t, i, c))
+            cands = [(-P[tp, 0], 0.0, -1, -1, -1)] if b == 0 and tp == 0 else []
+            for t in range(tp):
+                for i, (cost, l0, _, _) in enumerate(fronts[t][b]):
+                    for c in range(C):
+                        cc = cut_ms[t, tp, b, c]
+                        lc = l0 + loss[b, c]
+                        if np.isfinite(cc) and lc <= budget:
+                            cands.append((cost + cc - P[tp, b], lc, t, i, c))
             G[tp][b] = _prune(cands)
         for e in range(1, S + 1):
+            if e == 1 and problem.require[tp] and problem.input_stage:
+                continue  # input.prepare alone is not a stage of the model
             merged = [(x[0], x[1], b, j) for b in range(int(lo[tp][e]), e) for j, x in enumerate(G[tp][b])]
             fronts[tp][e] = [(c + P[tp, e], l, b, j) for c, l, b, j in _prune(merged)]
     best, arg = np.inf, None
@@ -198,10 +217,12 @@ def _pareto_dp(
     while True:
         _, _, b, j = fronts[t][e][i]
         segments[t] = (b, e)
-        if b == 0:
-            break
         _, _, pt, pi, c = G[t][b][j]
-        codecs[b - 1] = c
+        if pt < 0:  # the device, from its own input
+            break
+        codecs[b] = c
+        if b == 0:  # the raw input came from the device, which computes nothing
+            break
         t, i, e = pt, pi, b
     return float(best), _placement(problem, segments, codecs)
 
@@ -215,21 +236,20 @@ def _loss(problem: Problem, pl: Placement) -> float:
 
 def _min_latency(problem: Problem, tab: Tables, bound_ms: Optional[float] = None) -> Optional[tuple[float, Placement]]:
     """The lowest-cost placement (ms per request) whose every pipeline resource is at most ``bound_ms``."""
-    cut_ms, inp, out = tab.cut_ms, tab.input_ms, tab.output_ms
+    cut_ms, out = tab.cut_ms, tab.output_ms
     if bound_ms is not None:
         cut_ms = np.where(tab.cut_busy_ms <= bound_ms, cut_ms, np.inf)
-        inp = np.where(tab.input_busy_ms <= bound_ms, inp, np.inf)
         out = np.where(tab.output_busy_ms <= bound_ms, out, np.inf)
     lo = [_windows(problem, tab, t, bound_ms) for t in range(problem.n_tiers)]
-    found = _chain_dp(problem, tab, cut_ms, inp, out, lo)
+    found = _chain_dp(problem, tab, cut_ms, out, lo)
     if found is not None and _loss(problem, found[1]) > problem.fidelity_budget + FIDELITY_EPS:
-        found = _pareto_dp(problem, tab, cut_ms, inp, out, lo)
+        found = _pareto_dp(problem, tab, cut_ms, out, lo)
     return found
 
 
 def _throughput_candidates(problem: Problem, tab: Tables) -> np.ndarray:
     """Every value a pipeline resource can take: the optimal bottleneck is one of them."""
-    parts = [tab.cut_busy_ms[np.isfinite(tab.cut_busy_ms)], tab.input_busy_ms, tab.output_busy_ms]
+    parts = [tab.cut_busy_ms[np.isfinite(tab.cut_busy_ms)], tab.output_busy_ms]
     for t in range(problem.n_tiers):
         if problem.skip[t]:
             continue

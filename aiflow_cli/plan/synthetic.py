@@ -35,10 +35,12 @@ def synthetic_profile(
     decode: bool = True,
     input_bytes: Optional[int] = None,
     rng: Optional[random.Random] = None,
+    input_stage: bool = False,
 ) -> ModelProfile:
     """A random valid profile. ``speed`` divides every time (another tier's hardware). ``side_from``: cuts at or
     after this stage also carry a 'side' tensor (like the captioner's encoder output) and stages before it have
-    no decode timings (they run once per request, like an encoder)."""
+    no decode timings (they run once per request, like an encoder). ``input_stage``: stage 0 is ``input.prepare``
+    (kind ``input``, no weights, once per request), as in every real model's profile."""
     r = rng or random.Random(seed)
     codecs = CODEC_SHAPES[: max(1, min(n_codecs, len(CODEC_SHAPES)))]
     width = r.choice([256, 768, 1024])
@@ -47,13 +49,14 @@ def synthetic_profile(
     stages = []
     for i in range(n_stages):
         ms = r.uniform(0.5, 20.0) / speed
-        runs_per_step = decode and (side_from is None or i >= side_from)
+        prepare = input_stage and i == 0
+        runs_per_step = decode and (side_from is None or i >= side_from) and not prepare
         stages.append(
             {
                 "index": i,
-                "name": f"s{i}",
-                "kind": "block",
-                "param_bytes": r.randint(1, 50) * 2**20,
+                "name": "input.prepare" if prepare else f"s{i}",
+                "kind": "input" if prepare else "block",
+                "param_bytes": 0 if prepare else r.randint(1, 50) * 2**20,
                 "prefill_ms": ms,
                 "prefill_p90_ms": ms * 1.1,
                 "decode_ms": ms / seq if runs_per_step else None,
@@ -98,7 +101,7 @@ def synthetic_profile(
             }
         cuts.append({"after_stage": k, "tensors": tensors, "activation_bytes": raw_bytes, "codecs": results})
     data = {
-        "schema_version": 2,
+        "schema_version": 3,
         "model": "synthetic",
         "model_hash": model_hash,
         "family": "fx",
@@ -112,10 +115,7 @@ def synthetic_profile(
             "label": f"synthetic-x{speed:g}",
         },
         "settings": {"dtype": "float32", "batch": 1, "seq_len": seq, "decode_tokens": 8, "repeats": 1, "warmup": 0},
-        "input": {
-            "bytes": input_bytes if input_bytes is not None else r.choice([8 * seq, 150_528, 602_112]),
-            "description": "synthetic",
-        },
+        "input": _input_boundary(input_bytes if input_bytes is not None else r.choice([8 * seq, 150_528, 602_112])),
         "output": {"bytes": r.choice([8, 4 * 50257, 64]), "decode_step_bytes": 8},
         "stages": stages,
         "cuts": cuts,
@@ -130,3 +130,17 @@ def synthetic_profile(
         },
     }
     return ModelProfile.model_validate(data)
+
+
+def _input_boundary(n_bytes: int) -> dict[str, Any]:
+    """The raw input (boundary before stage 0) of ``n_bytes`` bytes, uploaded ``raw`` at no codec cost."""
+    exact = {"mean": 1.0, "min": 1.0}
+    raw = {"bytes": n_bytes, "encode_ms": 0.0, "decode_ms": 0.0, "fidelity": exact}
+    tensor = {"name": "image_file", "role": "control", "dtype": "uint8", "shape": [n_bytes], "bytes": n_bytes}
+    return {
+        "after_stage": -1,
+        "description": "synthetic",
+        "tensors": [tensor],
+        "activation_bytes": n_bytes,
+        "codecs": {"raw": raw},
+    }

@@ -203,7 +203,8 @@ class Verified:
 
 
 def _used(problem: Problem, placement: Placement) -> dict[int, str]:
-    return {k: problem.codecs[placement.codecs[k]] for k, _, _ in placement.used_cuts()}
+    """``{after_stage: codec}`` of the used cuts; the raw input (boundary 0) is left out: it always goes raw."""
+    return {b - 1: problem.codecs[placement.codecs[b]] for b, _, _ in placement.used_cuts() if b > 0}
 
 
 def _bound(problem: Problem, placement: Placement) -> float:
@@ -262,7 +263,7 @@ def model_for(problem: Problem) -> tuple[Optional[StagedModel], str]:
 
 
 def _worst(problem: Problem, placement: Placement) -> tuple[int, int]:
-    """The used lossy (cut, codec) with the lowest profiled fidelity (ties: the one with fewer bytes)."""
+    """The used lossy (boundary, codec) with the lowest profiled fidelity (ties: the one with fewer bytes)."""
     lossy = [
         (k, placement.codecs[k])
         for k, _, _ in placement.used_cuts()
@@ -329,7 +330,9 @@ def solve_verified(
                 record.note = "measured without a floor"
             return Verified(placement, ev, problem, record)
         k, c = _worst(problem, placement)
-        log(f"{problem.codecs[c]}@{k}: measured {got.metric} {got.min:.4f} < floor {floor}; excluded, solving again")
+        log(
+            f"{problem.codecs[c]}@{k - 1}: measured {got.metric} {got.min:.4f} < floor {floor}; excluded, solving again"
+        )
         problem = problem.without(k, c)
     raise PlanError(
         f"no codec choice measured min_fidelity={floor} end to end within {max_tries} tries (excluded: "

@@ -2,7 +2,10 @@
 
 What it does, in order (each step reuses what the previous one computed):
 
-1. one exact pass through the stages, keeping every boundary state and each stage's peak activation memory;
+1. one exact pass through the stages, keeping every boundary state and each stage's peak activation memory.
+   Stage 0 (``input.prepare``) runs on the raw input as a device holds it: the bundled sample image's JPEG file
+   for image models, the token ids (or the example tensor) otherwise; the later stages run on random inputs of
+   the profiled shape. The raw input is the boundary before stage 0 (``input``: codec ``raw`` only);
 2. ``warmup`` + ``repeats`` timed passes (prefill latency per stage: median and p90);
 3. for generating models, a prefill with ``decode_tokens`` tokens into a KV cache, then ``repeats`` timed decode
    steps of one token each (the cache is cropped back after each, so every step sees ``decode_tokens`` positions);
@@ -104,6 +107,7 @@ class _Profiler:
         self.seq_len = seq_len if seq_len is not None else m.adapter.default_seq_len()
         self.image_size = image_size if image_size is not None else m.adapter.default_image_size()
         self.inputs = m.make_inputs(batch=batch, seq_len=seq_len, image_size=image_size, seed=0)
+        self.raw = _raw_input(m, self.inputs, batch)
         self.device = m.device
         self.fidelity_cuts = fidelity_cuts
         self.ref: Optional[Reference] = None
@@ -114,25 +118,31 @@ class _Profiler:
     def prefill(self) -> tuple[list[BoundaryState], list[int], list[list[float]]]:
         m, n = self.m, self.m.num_stages
         states, peaks = [], []
-        state = self.inputs
+        state = self.raw
         for i in range(n):
             peaks.append(peak_activation_bytes(lambda: m.run_stage(i, state), self.device))
-            state = m.run_stage(i, state)
+            state = self._after(i, m.run_stage(i, state))
             states.append(state)
         times: list[list[float]] = [[] for _ in range(n)]
         total = self.warmup + self.repeats
         clock = work_clock(self.device.type)
         for r in range(total):
-            state = self.inputs
+            state = self.raw
             for i in range(n):
                 _sync(self.device)
                 t0 = clock()
-                state = m.run_stage(i, state)
+                out = m.run_stage(i, state)
                 _sync(self.device)
                 if r >= self.warmup:
                     times[i].append((clock() - t0) * 1e3)
+                state = self._after(i, out)
             self.progress("prefill timing", r + 1, total)
         return states, peaks, times
+
+    def _after(self, i: int, state: BoundaryState) -> BoundaryState:
+        """The state after stage ``i``: after stage 0, the random inputs of the profiled shape (stage 0 prepared
+        the sample, whose values the later stages' cost does not depend on)."""
+        return self.inputs if i == 0 else state
 
     # 3: decode steps with a KV cache of decode_tokens positions
     def decode(self) -> tuple[list[list[float]], dict[int, BoundaryState]]:
@@ -178,6 +188,20 @@ class _Profiler:
 
     # 5: codecs and fidelity per cut
     def cut(self, k: int, state: BoundaryState, step_state: Optional[BoundaryState]) -> CutProfile:
+        return self._boundary(k, state, step_state, self._fidelity(k))
+
+    def input_boundary(self) -> CutProfile:
+        """The boundary before stage 0: the raw input, ``raw`` only (token ids and file bytes are not coded)."""
+        names = ", ".join(f"{k} {list(t.shape)} {_dtype_name(t)}" for k, t in self.raw.items())
+        exact = self.ref.exact_fidelity if self.ref is not None else None
+        assert exact is not None, "calibrate() runs first"
+        cut = self._boundary(-1, self.raw, None, {"raw": exact})
+        return cut.model_copy(update={"description": f"raw input: {names}"})
+
+    def _boundary(
+        self, k: int, state: BoundaryState, step_state: Optional[BoundaryState], fidelity: dict[str, Fidelity]
+    ) -> CutProfile:
+        """Boundary ``k`` (after stage ``k``; -1: the raw input) under every codec with a ``fidelity`` score."""
         tensors = []
         for name, t in state.items():
             role = role_of(name)
@@ -197,8 +221,6 @@ class _Profiler:
             )
         # the part of a decode step's state that crosses: everything but side tensors (kept by the receiver)
         step_cross = None if step_state is None else {n: t for n, t in step_state.items() if role_of(n) != "side"}
-
-        fidelity = self._fidelity(k)
         results = {}
         for spec in self.codecs:
             if spec not in fidelity:
@@ -245,19 +267,26 @@ class _Profiler:
         return fidelity
 
 
-def _endpoints(m: StagedModel, inputs: BoundaryState, final: BoundaryState, batch: int) -> tuple[Endpoint, Endpoint]:
-    names = ", ".join(f"{k} {list(t.shape)} {_dtype_name(t)}" for k, t in inputs.items())
-    inp = Endpoint(bytes=state_bytes(inputs), description=f"stage-0 input: {names}")
+def _raw_input(m: StagedModel, inputs: BoundaryState, batch: int) -> BoundaryState:
+    """What stage 0 reads when profiling: the sample image's JPEG file (``batch`` copies) for image models, the
+    random inputs themselves otherwise (token ids, an fx model's example tensor)."""
+    from aiflow_cli.models.inputs import image_file_state, sample_image_file
+
+    if m.adapter.default_image_size() is None:
+        return inputs
+    data = sample_image_file()
+    return image_file_state(data if batch == 1 else [data] * batch)
+
+
+def _output(m: StagedModel, final: BoundaryState, batch: int) -> Endpoint:
     if m.generates:
         token_bytes = batch * torch.empty((), dtype=torch.int64).element_size()
-        out = Endpoint(bytes=token_bytes, decode_step_bytes=token_bytes, description=m.adapter.output_description())
-    else:
-        t = m.output(final)
-        out = Endpoint(
-            bytes=t.numel() * t.element_size(),
-            description=f"{m.adapter.output_description()} {list(t.shape)} {_dtype_name(t)}",
-        )
-    return inp, out
+        return Endpoint(bytes=token_bytes, decode_step_bytes=token_bytes, description=m.adapter.output_description())
+    t = m.output(final)
+    return Endpoint(
+        bytes=t.numel() * t.element_size(),
+        description=f"{m.adapter.output_description()} {list(t.shape)} {_dtype_name(t)}",
+    )
 
 
 def _measured_cuts(spec: Optional[list[int] | str], n_cuts: int) -> set[int]:
@@ -389,7 +418,6 @@ def profile_model(
         wall_s=time.perf_counter() - t_fid,
     )
 
-    inp, out = _endpoints(m, p.inputs, states[-1], batch)
     settings = Settings(
         dtype=str(m.dtype).removeprefix("torch."),
         batch=batch,
@@ -406,8 +434,8 @@ def profile_model(
         task=m.task,
         hardware=detect(m.device, label),
         settings=settings,
-        input=inp,
-        output=out,
+        input=p.input_boundary(),
+        output=_output(m, states[-1], batch),
         stages=stages,
         cuts=cuts,
         calibration=calibration,

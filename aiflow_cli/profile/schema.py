@@ -1,7 +1,9 @@
-"""The model profile: what `aiflow profile` measures and `aiflow plan` reads. Schema version 2.
+"""The model profile: what `aiflow profile` measures and `aiflow plan` reads. Schema version 3.
 
-Indexing: a model is a chain of ``len(stages)`` stages; ``cuts[k]`` is the boundary after stage ``k``
-(k = 0 .. len(stages) - 2). What crosses a cut is a *boundary state*: several tensors, each with a role:
+Indexing: a model is a chain of ``len(stages)`` stages; stage 0 is ``input.prepare``, which turns the raw input
+(token ids, an image file) into the tensors of the model's first stage. ``input`` is the boundary before stage 0,
+the raw input as the device holds it (``after_stage`` -1, codec ``raw`` only); ``cuts[k]`` is the boundary after
+stage ``k`` (k = 0 .. len(stages) - 2). What crosses a cut is a *boundary state*: several tensors, each with a role:
 
 - ``hidden``: the main activation stream; in generation it is sent again at every decode step (one token's worth);
 - ``side``: produced once per request and needed by later stages (e.g. the captioner's encoder output, which
@@ -13,8 +15,9 @@ Codecs apply to the floating tensors (``hidden`` and ``side``). Times are millis
 Fidelity (version 2) is the task's own metric on the shipped calibration set (:class:`Calibration` says which):
 ``token_agreement`` for generation and captioning, ``embedding_cosine`` for sentence embeddings,
 ``label_agreement`` for classifiers; ``output_cosine`` on random inputs only for models that take no text or
-image. Version 1 measured the cosine of end logits on random tokens, which real inputs do not resemble: such
-profiles are refused with a message naming ``aiflow profile``.
+image. Version 1 measured the cosine of end logits on random tokens, which real inputs do not resemble; version 2
+had no input stage (the raw input's upload was a special case of planner and runtime): such profiles are refused
+with a message naming ``aiflow profile``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic import Field, model_validator
 from aiflow_cli.schema import Strict
 from aiflow_cli.task import Task
 
-PROFILE_SCHEMA_VERSION: Literal[2] = 2
+PROFILE_SCHEMA_VERSION: Literal[3] = 3
 
 #: What a profile's fidelity figures measure (see docs/planner.md, "Fidelity").
 FidelityMetric = Literal["token_agreement", "embedding_cosine", "label_agreement", "output_cosine"]
@@ -57,7 +60,7 @@ class Settings(Strict):
 
 
 class Endpoint(Strict):
-    """The request's input (what cloud-only uploads) or output (what returns to the device)."""
+    """The request's output (what returns to the device)."""
 
     bytes: int = Field(ge=0)
     description: str = ""
@@ -143,7 +146,8 @@ class CodecResult(Strict):
 
 
 class CutProfile(Strict):
-    after_stage: int = Field(ge=0)
+    after_stage: int = Field(ge=-1, description="-1: the raw input, before stage 0 (input.prepare)")
+    description: str = Field(default="", description="what the boundary is (the raw input's words)")
     tensors: list[CutTensor]
     activation_bytes: int = Field(ge=0, description="sum of tensor bytes, raw")
     codecs: dict[str, CodecResult] = Field(description="codec spec -> result; always includes 'raw'")
@@ -156,14 +160,14 @@ class CutProfile(Strict):
 
 
 class ModelProfile(Strict):
-    schema_version: Literal[2] = PROFILE_SCHEMA_VERSION
+    schema_version: Literal[3] = PROFILE_SCHEMA_VERSION
     model: str = Field(description="as given to aiflow profile: builtin:gpt2, an HF id, a path, minilm")
     model_hash: str = Field(description="sha256 of the model's config and weights; plans and peers check it")
     family: str = Field(description="gpt2 | llama | bert | vit | captioner | fx")
     task: Task = Field(description="generate | encode | classify | caption (aiflow_cli.task)")
     hardware: Hardware
     settings: Settings
-    input: Endpoint
+    input: CutProfile = Field(description="the boundary before stage 0: the raw input as uploaded (codec raw)")
     output: Endpoint
     stages: list[StageProfile] = Field(min_length=1)
     cuts: list[CutProfile]
@@ -180,7 +184,25 @@ class ModelProfile(Strict):
         for k, c in enumerate(self.cuts):
             if c.after_stage != k:
                 raise ValueError(f"cuts[{k}].after_stage is {c.after_stage}, expected {k}")
+        if self.input.after_stage != -1:
+            raise ValueError(f"input.after_stage is {self.input.after_stage}, expected -1 (before stage 0)")
         return self
+
+    @property
+    def input_bytes(self) -> int:
+        """Bytes of the raw input as uploaded (boundary before stage 0, codec ``raw``, frame headers included)."""
+        return self.input.codecs["raw"].bytes
+
+    def boundaries(self) -> list[CutProfile]:
+        """Every boundary in flow order: ``[input, cuts[0], ...]``; entry ``b`` is what stage ``b`` reads."""
+        return [self.input, *self.cuts]
+
+
+#: Why each older profile version is refused (one clause each).
+_OLD_VERSIONS = {
+    1: "measured fidelity as logit cosine on random inputs",
+    2: "has no input stage (input.prepare) and so no measured raw-input boundary",
+}
 
 
 def load_profile(path: str) -> ModelProfile:
@@ -194,7 +216,7 @@ def load_profile(path: str) -> ModelProfile:
     if isinstance(got, int) and got < PROFILE_SCHEMA_VERSION:
         model = data.get("model", "MODEL")
         raise SchemaError(
-            f"{path}: model profile schema_version {got} measured fidelity as logit cosine on random inputs; "
+            f"{path}: model profile schema_version {got} {_OLD_VERSIONS.get(got, 'is out of date')}; "
             f"regenerate it with `aiflow profile {model} -o {path}` (schema version {PROFILE_SCHEMA_VERSION})"
         )
     return validate(ModelProfile, data, source=str(path), kind="model profile")

@@ -29,7 +29,6 @@ import torch
 from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.models import load_model, load_stages
-from aiflow_cli.models.inputs import decode_image_file, image_file_tensor
 from aiflow_cli.plan.problem import Overheads
 from aiflow_cli.plan.schema import Plan, save_plan
 from aiflow_cli.plan.strategies import OPTIMAL, STRATEGIES, solve_strategies
@@ -50,8 +49,9 @@ DEFAULT_MODEL = "smollm2"
 #: (every cut and all items would take most of an hour for the LLM on 2 cores; a plan's codecs are still
 #: verified end to end before it is accepted, docs/planner.md).
 PROFILE_FIDELITY = {"calibration_items": 4, "calibration_tokens": 8, "fidelity_cuts": "every:4"}
-#: Bumped when what a cached profile measures changes (2: stage times in thread CPU time, bench/common.py).
-PROFILE_CACHE_VERSION = 2
+#: Bumped when what a cached profile measures changes (2: stage times in thread CPU time, bench/common.py; 3:
+#: profile schema 3, stage 0 input.prepare and the raw input's boundary).
+PROFILE_CACHE_VERSION = 3
 #: Untimed warm requests after the cold one (connections are up by then; oneDNN has seen the shapes).
 WARMUP_REQUESTS = 1
 CLOUD_SPEED_NOTE = (
@@ -269,10 +269,10 @@ def overheads_for(cfg: DemoConfig, log: Callable[[str], None]) -> Overheads:
 
 
 def _reference(full, inputs: dict[str, Any], n: int):
-    local = {k: decode_image_file(image_file_tensor(v)) if k == "image" else v for k, v in inputs.items()}
+    raw = full.raw_input(**inputs)  # the raw input, as every strategy's device holds it (stage 0 prepares it)
     if full.generates:
-        return full.generate(full.prepare(**local), n)
-    return full.output(full.run(full.prepare(**local)))
+        return full.generate(raw, n)
+    return full.output(full.run(raw))
 
 
 def strategy_entry(

@@ -4,7 +4,8 @@
 as a boundary state that feeds stage ``stage``; the node runs the stages the plan gives it, encodes the result
 with the codec of its outgoing cut and forwards it to the next tier, or, on the last computing tier, turns it
 into the output (token ids for generating models, the output tensor otherwise). A tier that runs nothing relays
-the frames untouched.
+the frames untouched; a device that runs nothing sends its raw input (stage 0's input) on the same way, coded as
+the plan's cut ``after_stage=-1`` says (``raw``): stage 0, ``input.prepare``, runs on the first tier that computes.
 
 Generation is driven by the tier that holds the first decode stage (the device for LMs it starts; the tier
 holding ``dec.embed`` for the captioner): after the prefill it feeds each chosen token back into its own stages
@@ -25,7 +26,6 @@ import torch
 
 from aiflow_cli.errors import InputError, PlanError, Timeout, TransportError
 from aiflow_cli.models import StagedModel, load_stages
-from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol, tracing
@@ -242,7 +242,10 @@ class TierNode:
         speculative round (phase VERIFY); ``speculate``: the driver's policy for a speculative generation."""
         computes = len(self.stages) > 0 and stage < self.stages.stop
         if not computes:
-            return self._forward(key, phase, stage, payload, max_new_tokens, last, deadline, Timings(), verify)
+            timings = Timings()
+            if payload.packed is None:  # the device's raw input: sent on like any tier's last boundary
+                payload = self._pack(payload.state, stage - 1, timings.tier(self.tier))
+            return self._forward(key, phase, stage, payload, max_new_tokens, last, deadline, timings, verify)
         if stage < self.stages.start or stage > self.stages.stop or stage < 0:
             raise PlanError(
                 f"{self.tier}: got a state for stage {stage}, but runs stages "
@@ -256,11 +259,6 @@ class TierNode:
             t0, c0 = self._clocks()
             state, _, mine.decode_ms = unpack_state(payload.packed.tensors, payload.packed.frames)
             mine.decode_ms += self._stretch(t0, c0)
-        if IMAGE_FILE in state:  # the device sent the image file itself: preprocess it here (counts as compute)
-            t0, c0 = self._clocks()
-            state = self.model.prepare(image=decode_image_file(state[IMAGE_FILE]))
-            self._stretch(t0, c0)
-            mine.compute_ms += (time.perf_counter() - t0) * 1e3
         session = None
         if self.keeps_cache:
             session = self.sessions.open(key) if phase == PREFILL else self.sessions.get(key)
@@ -274,24 +272,11 @@ class TierNode:
                 result = self._output(state, mine, every_position=verify is not None)
                 result.timings = timings
             else:
-                cut = self.plan.cut_codec(self.stages.stop - 1) or "raw"
-                t0, c0 = self._clocks()
-                packed = pack_state(state, self.model.roles(state), cut)
-                if self.observer is not None:
-                    self.observer.packed(sum(t.numel() * t.element_size() for t in state.values()), packed)
-                mine.encode_ms += packed.encode_ms + self._stretch(t0, c0)
+                sent = self._pack(state, self.stages.stop - 1, mine)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
                 result = self._forward(
-                    key,
-                    phase,
-                    self.stages.stop,
-                    Payload(packed=packed),
-                    max_new_tokens,
-                    down_last,
-                    deadline,
-                    timings,
-                    verify,
+                    key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings, verify
                 )
             if session is not None:
                 self.sessions.done_step(key, session)
@@ -328,6 +313,15 @@ class TierNode:
         self._stretch(t0, c0)  # one sleep per step: per-stage sleeps would add the timer's overshoot per stage
         mine.compute_ms += (time.perf_counter() - t0) * 1e3
         return state, prompt
+
+    def _pack(self, state: BoundaryState, after_stage: int, mine) -> Payload:
+        """The boundary after ``after_stage`` (-1: the raw input) encoded with the codec of its cut."""
+        t0, c0 = self._clocks()
+        packed = pack_state(state, self.model.roles(state), self.plan.cut_codec(after_stage) or "raw")
+        if self.observer is not None:
+            self.observer.packed(sum(t.numel() * t.element_size() for t in state.values()), packed)
+        mine.encode_ms += packed.encode_ms + self._stretch(t0, c0)
+        return Payload(packed=packed)
 
     @staticmethod
     def _clocks() -> tuple[float, float]:
@@ -403,8 +397,7 @@ class TierNode:
                 f"{self.tier}: the state for stage {stage} has nowhere to go (no tier behind {self.tier} runs stages)"
             )
         packed = payload.packed
-        if packed is None:  # a device that runs nothing uploads its raw input uncoded
-            packed = pack_state(payload.state, self.model.roles(payload.state), "raw")
+        assert packed is not None, "a step leaves a tier as frames (see _pack)"
         budget_s = self._budget_s(deadline)
         request: Infer | Verify
         if verify is not None:  # a speculative round: the same fields, this hop's tensors and deadline

@@ -25,7 +25,6 @@ import torch
 from aiflow_cli import codec
 from aiflow_cli.errors import InputError, PeerRejected, TransportError
 from aiflow_cli.models import StagedModel, load_stages
-from aiflow_cli.models.inputs import IMAGE_FILE, decode_image_file, image_file_tensor
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan, load_plan
 from aiflow_cli.runtime import tracing
@@ -168,16 +167,10 @@ class Pipeline:
         return [self.node.describe()] + self.node.hello_chain(time.monotonic() + self.timeout_s)
 
     def prepare(self, *, text: Any = None, image: Any = None) -> BoundaryState:
-        """The request's stage-0 input. ``image`` may be a PIL image, a path or encoded bytes. A device that runs
-        no stage sends the image as its encoded file (a JPEG stays a JPEG; PIL images go as lossless PNG) and the
-        first computing tier preprocesses it: that, not a float32 pixel tensor, is what a raw upload costs."""
-        if image is not None and not len(self.node.stages):
-            if text is not None:
-                raise InputError("give text or an image, not both")
-            return {IMAGE_FILE: image_file_tensor(image)}
-        if image is not None and not hasattr(image, "convert"):
-            image = decode_image_file(image_file_tensor(image))
-        return self.model.prepare(text=text, image=image)
+        """The request's raw input, what stage 0 (``input.prepare``) reads: the token ids of ``text``, or ``image``
+        (a PIL image, a path or encoded bytes) as its encoded file (a JPEG stays a JPEG; PIL images go as lossless
+        PNG). Whichever tier the plan gives stage 0 decodes it (see :meth:`StagedModel.raw_input`)."""
+        return self.model.raw_input(text=text, image=image)
 
     def run(
         self,
@@ -230,8 +223,6 @@ class Pipeline:
             self._local = load_stages(self.plan.model, None)
         m = self._local
         t1 = time.perf_counter()
-        if IMAGE_FILE in inputs:
-            inputs = m.prepare(image=decode_image_file(inputs[IMAGE_FILE]))
         tokens = output = None
         if m.generates:
             tokens = m.generate(inputs, n)

@@ -41,7 +41,7 @@ class BertAdapter(Adapter):
     def prune(model):
         model.pooler = None  # the CLS pooler is not part of sentence embeddings
 
-    def stage_specs(self):
+    def model_stages(self):
         n = self.config.num_hidden_layers
         return (
             [StageSpec("embed", "embed", ("embeddings",))]

@@ -45,7 +45,7 @@ class CaptionerAdapter(Adapter):
             and getattr(self.dec_config, "cross_attention_hidden_size", None) is None
         )
 
-    def stage_specs(self):
+    def model_stages(self):
         n = self.enc_config.num_hidden_layers
         last_extra = ("encoder.layernorm",) + (("enc_to_dec_proj",) if self._needs_proj() else ())
         specs = [StageSpec("enc.embed", "encoder_embed", ("encoder.embeddings",))]

@@ -115,7 +115,7 @@ class DecoderAdapter(Adapter):
         check_decoder_config(config)
         return AutoModelForCausalLM._model_mapping[type(config)]
 
-    def stage_specs(self):
+    def model_stages(self):
         p, n = self.prefix, self.config.num_hidden_layers
         rotary = tuple(f"{p}.{r}" for r in ("rotary_emb", "rotary_emb_local") if hasattr(self.base, r))
         embed = (f"{p}.{self.embed_name}",) + ((f"{p}.{self.dropout_name}",) if self.dropout_name else ())

@@ -53,7 +53,7 @@ class FxAdapter(Adapter):
         self.n_stages = n_stages
         self.example = example
 
-    def stage_specs(self):
+    def model_stages(self):
         return [StageSpec(f"part{i}", "block", (f"submod_{i}",)) for i in range(self.n_stages)]
 
     def run_stage(self, spec, state, cache):
@@ -126,7 +126,9 @@ def stage_module(
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     info = ModelInfo(name, "fx", adapter.task, h.hexdigest(), f"{type(module).__name__} cut by torch.fx")
-    return StagedModel(info, adapter, range(n_stages), device=torch.device(device), dtype=dtype, stats=LoadStats())
+    return StagedModel(
+        info, adapter, range(len(adapter.stage_specs())), device=torch.device(device), dtype=dtype, stats=LoadStats()
+    )
 
 
 def load_fx(name: str, *, dtype: torch.dtype, device: str | torch.device) -> StagedModel:

@@ -100,7 +100,7 @@ class GPT2Adapter(Adapter):
     task = "generate"
     model_class = GPT2LMHeadModel
 
-    def stage_specs(self) -> list[StageSpec]:
+    def model_stages(self) -> list[StageSpec]:
         return gpt2_specs("transformer", "lm_head", self.config.n_layer)
 
     def run_stage(self, spec, state, cache):

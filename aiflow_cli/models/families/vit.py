@@ -58,7 +58,7 @@ class ViTAdapter(Adapter):
     task = "classify"
     model_class = ViTForImageClassification
 
-    def stage_specs(self):
+    def model_stages(self):
         n = self.config.num_hidden_layers
         return (
             [StageSpec("embed", "embed", ("vit.embeddings",))]
