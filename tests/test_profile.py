@@ -67,7 +67,8 @@ def test_profile_structure_and_plausible_numbers(gpt2_profile):
     assert (cal.metric, cal.source, cal.items, cal.tokens) == ("token_agreement", "calibration set", 4, 8)
     # an early exit after each stage (the head on its output); after the last block it is the model itself
     exits = [s.exit_acceptance for s in p.stages]
-    assert exits[-1] is None and all(e is not None and 0 <= e <= 1 for e in exits[:-1])
+    assert exits[0] is None  # input.prepare: token ids, no hidden state to exit from
+    assert exits[-1] is None and all(e is not None and 0 <= e <= 1 for e in exits[1:-1])
     assert exits[-2] == 1.0
     assert cal.measured_cuts == list(range(len(p.cuts))) and cal.hash
 
