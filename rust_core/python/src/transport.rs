@@ -24,7 +24,7 @@ use super::counters_dict;
 use super::errors::IntoPyResult;
 use super::limits::PyLimits;
 use aiflow_net::transport::identity::{self, Identity, Trust};
-use aiflow_net::transport::runtime::{self, Pending};
+use aiflow_net::transport::runtime::Pending;
 use aiflow_net::transport::{Client, ClientConfig, Handler, Limits, Message, Meta, PeerInfo, Server, ServerConfig};
 use aiflow_proto::{Error, Result};
 
@@ -375,7 +375,7 @@ impl PyClient {
     /// Opens the connection now (handshake), so that the first request does not pay for it.
     fn connect(&self, py: Python<'_>) -> PyResult<()> {
         let c = self.client.clone();
-        wait_pending(py, Pending::spawn_on(runtime::client_handle(), async move { c.connect().await }))?.py()
+        wait_pending(py, Pending::spawn(async move { c.connect().await }))?.py()
     }
 
     #[getter]

@@ -88,7 +88,7 @@ impl Client {
         let path = PathKind::to(cfg.server);
         qc.transport_config(config::transport_config(&cfg.limits, true, path)?);
         let bind: SocketAddr = if cfg.server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
-        let _guard = runtime::client_handle().enter();
+        let _guard = runtime::handle().enter();
         let endpoint = config::endpoint(bind, None, path != PathKind::Network)?;
         Ok(Client {
             inner: Arc::new(Inner {
@@ -202,7 +202,7 @@ impl Client {
     pub fn request_pending(&self, msg: Message, timeout: Option<Duration>) -> Pending<(Result<Message>, Option<u64>)> {
         let this = self.clone();
         let timeout = timeout.unwrap_or(self.inner.limits.request_timeout());
-        Pending::spawn_on(runtime::client_handle(), async move { this.request_tracked(msg, timeout).await })
+        Pending::spawn(async move { this.request_tracked(msg, timeout).await })
     }
 
     /// Blocking [`Client::request`].

@@ -1,9 +1,4 @@
-//! The tokio runtimes of the process: one for servers and the link emulator ([`handle`]), one for clients
-//! ([`client_handle`]), each with few I/O workers ([`io_threads`]).
-//!
-//! Two, so that the two ends of a link in one process (a tier's server and its client of the next tier, or a
-//! benchmark's client and server) each have their own worker: the work of a request and of its reply run in
-//! parallel on two cores, and neither runtime wakes idle workers to steal the other's work.
+//! The one tokio runtime of the process, shared by servers, clients and the link emulator.
 //!
 //! Blocking callers (Python threads, server handlers) never `block_on` it: they spawn the work on it and wait on
 //! a std channel. That is what lets a server's handler, running on a blocking thread, use a `Client` to forward
@@ -20,43 +15,33 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-static CLIENT_RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
-/// Environment variable that sets the number of I/O worker threads (1..=64), overriding [`io_threads`]' default.
+/// Environment variable that sets the number of I/O workers (1..=64) instead of [`io_threads`]' default.
 pub const IO_THREADS_ENV: &str = "AIFLOW_IO_THREADS";
 
-/// I/O workers of each runtime: `AIFLOW_IO_THREADS` if set to 1..=64, else one per 4 cores, 1 to 4.
+/// I/O workers of the shared runtime: `AIFLOW_IO_THREADS` if set to 1..=64, else one per core, 2 to 8.
 ///
-/// Few on purpose. Every request crosses from the caller's thread to a worker and back, and the server's
-/// handler runs on a blocking thread; with more workers than the traffic needs, tokio also wakes idle workers
-/// to steal the busy one's work. `aiflow bench transport` prints the context switches and CPU time per round
-/// trip (docs/transport.md, Measured: one runtime of 2 workers, the earlier layout, against these two of 1).
-/// Machines with many cores and many busy connections get more workers for the connections' crypto.
+/// A trade-off measured both ways (docs/transport.md, Threads): with one worker a round trip between client and
+/// server in one process wakes fewer threads (tokio wakes idle workers to steal the busy one's work), so
+/// `aiflow bench transport`'s 4 KiB echo takes fewer context switches, less CPU time and less time; between tier
+/// processes on a loaded machine, one worker per process made decode steps slower, so the default keeps more.
 pub fn io_threads() -> usize {
     let set = std::env::var(IO_THREADS_ENV).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|n| (1..=64).contains(n));
-    set.unwrap_or_else(|| {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        (cores / 4).clamp(1, 4)
-    })
+    set.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8))
 }
 
-fn build(name: &str) -> Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(io_threads())
-        .thread_name(name)
-        .enable_all()
-        .build()
-        .expect("cannot start the aiflow I/O runtime")
-}
-
-/// The runtime of servers and the link emulator, started on first use.
+/// The shared runtime, started on first use, with [`io_threads`] I/O workers.
 pub fn handle() -> &'static Handle {
-    RUNTIME.get_or_init(|| build("aiflow-io")).handle()
-}
-
-/// The runtime of clients, started on first use.
-pub fn client_handle() -> &'static Handle {
-    CLIENT_RUNTIME.get_or_init(|| build("aiflow-io-client")).handle()
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(io_threads())
+                .thread_name("aiflow-io")
+                .enable_all()
+                .build()
+                .expect("cannot start the aiflow I/O runtime")
+        })
+        .handle()
 }
 
 /// Work running on the shared runtime whose result a blocking thread can wait for.
@@ -66,15 +51,10 @@ pub struct Pending<T> {
 }
 
 impl<T: Send + 'static> Pending<T> {
-    /// Spawns `fut` on the servers' runtime.
+    /// Spawns `fut` on the shared runtime.
     pub fn spawn<F: Future<Output = T> + Send + 'static>(fut: F) -> Pending<T> {
-        Pending::spawn_on(handle(), fut)
-    }
-
-    /// Spawns `fut` on runtime `h`.
-    pub fn spawn_on<F: Future<Output = T> + Send + 'static>(h: &Handle, fut: F) -> Pending<T> {
         let (tx, rx) = mpsc::sync_channel(1);
-        let task = h.spawn(async move {
+        let task = handle().spawn(async move {
             let _ = tx.send(fut.await);
         });
         Pending { rx, task }
