@@ -172,7 +172,7 @@ def test_hub_id_is_downloaded_then_used_offline(repo_files, tmp_path):
         r = aiflow(PROFILE, hf_home=tmp_path, endpoint=hub.url)
         assert r.returncode == 0, r.stderr
         prof = json.loads(r.stdout)
-        assert prof["model"] == REPO and prof["family"] == "llama" and len(prof["stages"]) == 4
+        assert prof["model"] == REPO and prof["family"] == "llama" and len(prof["stages"]) == 5
         fetched = {p.rsplit("/", 1)[1] for m, p in hub.requests if m == "GET" and "/resolve/" in p}
         assert fetched == {"config.json", "generation_config.json", "model.safetensors"}  # not the README / .bin
     snap = tmp_path / "hub" / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT

@@ -3,7 +3,9 @@
 All on loopback, client and server in this process (server threads), Python on both ends of every baseline:
 - throughput (GB/s) of one request carrying a payload of 1 KiB, 64 KiB, 4 MiB, 64 MiB of fp32 bytes, answered by
   a small acknowledgement; one request at a time;
-- round trip p50/p99 (microseconds) of a 4 KiB echo;
+- round trip p50/p99 (microseconds) of a 4 KiB echo, and per round trip the CPU time of the whole process (client
+  and server: microseconds) and the voluntary context switches of all its threads (Linux): both hold their value
+  on a loaded machine, where the times do not;
 - the ratios of aiflow to each baseline, and the issue's targets;
 - QUIC through the link emulator (20 Mbit/s, 40 ms RTT, 0.1 % loss): goodput as a share of the shaped rate, and
   the time of one 4 MiB activation against the ideal (size / rate + RTT).
@@ -21,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -218,6 +220,9 @@ class RttRow:
     samples: int
     p50_us: float
     p99_us: float
+    cpu_us: float = 0.0
+    #: voluntary context switches of the process's threads per round trip; None where /proc is not there
+    switches: Optional[float] = None
 
 
 @dataclass
@@ -266,16 +271,35 @@ def measure_throughput(t: Transport, payload: bytes, budget_s: float, min_reques
     return n, len(payload) * n / dt / 1e9
 
 
-def measure_rtt(t: Transport, payload: bytes, samples: int) -> tuple[float, float]:
-    """(p50, p99) round trip of an echo, microseconds."""
+def context_switches() -> Optional[int]:
+    """Voluntary context switches of every thread of this process so far (None without /proc)."""
+    try:
+        total = 0
+        for task in Path("/proc/self/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        return total
+    except OSError:  # not Linux, or a thread ended while being read
+        return None
+
+
+def measure_rtt(t: Transport, payload: bytes, samples: int) -> RttRow:
+    """Round trips of an echo: p50 and p99 (microseconds), and per round trip the process's CPU time and
+    context switches."""
     for _ in range(20):
         t.roundtrip(payload, echo=True)
     times = np.empty(samples)
+    cpu0, sw0 = time.process_time(), context_switches()
     for i in range(samples):
         t0 = time.perf_counter_ns()
         assert t.roundtrip(payload, echo=True) == len(payload)
         times[i] = (time.perf_counter_ns() - t0) / 1e3
-    return float(np.percentile(times, 50)), float(np.percentile(times, 99))
+    cpu_us = (time.process_time() - cpu0) / samples * 1e6
+    sw1 = context_switches()
+    switches = (sw1 - sw0) / samples if sw0 is not None and sw1 is not None else None
+    p50, p99 = float(np.percentile(times, 50)), float(np.percentile(times, 99))
+    return RttRow(t.name, len(payload), samples, p50, p99, cpu_us, switches)
 
 
 def measure_netem(quic: Quic, ids: dict[str, Identity], quick: bool) -> NetemResult:
@@ -340,8 +364,7 @@ def run(quick: bool = False, progress: Callable[[str], None] = lambda s: None) -
                     n, gbps = measure_throughput(t, payload, budget)
                     res.throughput.append(ThroughputRow(tname, sname, len(payload), n, gbps))
                 progress(f"{tname} round trip")
-                p50, p99 = measure_rtt(t, rtt_payload, 300 if quick else 2000)
-                res.rtt.append(RttRow(tname, RTT_BYTES, 300 if quick else 2000, p50, p99))
+                res.rtt.append(measure_rtt(t, rtt_payload, 300 if quick else 2000))
                 if isinstance(t, Quic):
                     res.quic_path = t.client.path_info() or {}
                     progress("aiflow-quic through the link emulator")

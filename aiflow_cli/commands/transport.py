@@ -79,9 +79,19 @@ def bench_transport(
     console.print(t)
     console.print(
         table(
-            "round trip of a 4 KiB echo, microseconds",
-            ["transport", "p50", "p99"],
-            [(row.transport, f"{row.p50_us:.0f}", f"{row.p99_us:.0f}") for row in result.rtt],
+            "round trip of a 4 KiB echo: microseconds; per round trip, CPU microseconds and context switches "
+            "of the process (client and server)",
+            ["transport", "p50", "p99", "cpu", "switches"],
+            [
+                (
+                    row.transport,
+                    f"{row.p50_us:.0f}",
+                    f"{row.p99_us:.0f}",
+                    f"{row.cpu_us:.0f}",
+                    "-" if row.switches is None else f"{row.switches:.1f}",
+                )
+                for row in result.rtt
+            ],
         )
     )
     keys = list(next(iter(result.ratios.values())).keys())

@@ -16,13 +16,26 @@ use crate::error::{Error, Result};
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
 
-/// The shared runtime, started on first use: one I/O worker per core, at least 2 and at most 8.
+/// Environment variable that sets the number of I/O workers (1..=64) instead of [`io_threads`]' default.
+pub const IO_THREADS_ENV: &str = "AIFLOW_IO_THREADS";
+
+/// I/O workers of the shared runtime: `AIFLOW_IO_THREADS` if set to 1..=64, else one per core, 2 to 8.
+///
+/// A trade-off measured both ways (docs/transport.md, Threads): with one worker a round trip between client and
+/// server in one process wakes fewer threads (tokio wakes idle workers to steal the busy one's work), so
+/// `aiflow bench transport`'s 4 KiB echo takes fewer context switches, less CPU time and less time; between tier
+/// processes on a loaded machine, one worker per process made decode steps slower, so the default keeps more.
+pub fn io_threads() -> usize {
+    let set = std::env::var(IO_THREADS_ENV).ok().and_then(|v| v.trim().parse::<usize>().ok()).filter(|n| (1..=64).contains(n));
+    set.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8))
+}
+
+/// The shared runtime, started on first use, with [`io_threads`] I/O workers.
 pub fn handle() -> &'static Handle {
     RUNTIME
         .get_or_init(|| {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(cores.clamp(2, 8))
+                .worker_threads(io_threads())
                 .thread_name("aiflow-io")
                 .enable_all()
                 .build()
