@@ -40,6 +40,7 @@ COMMAND_MODULES = [
     "aiflow_cli.commands.runtime",
     "aiflow_cli.commands.e2e",
     "aiflow_cli.commands.decode",
+    "aiflow_cli.commands.load",
 ]
 
 for _name in COMMAND_MODULES:

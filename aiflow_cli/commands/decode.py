@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 
@@ -42,8 +42,6 @@ def bench_decode(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
 ) -> None:
     """Decoding over a split LM: cloud-only, split, and self-speculation (fixed K and auto) over an RTT sweep."""
-    import sys
-
     from aiflow_cli.bench import decode
 
     bounds = None
@@ -66,18 +64,37 @@ def bench_decode(
         if quick
         else decode.DecodeConfig(**{key: v for key, v in given.items() if v is not None})
     )
+    run_bench("bench decode", decode.run, cfg, json_out, _print)
+
+
+def run_bench(label: str, run: Callable[..., Any], cfg: Any, json_out: bool, show: Callable[[Any], None]) -> None:
+    """Runs a benchmark ``run(cfg, progress, command=...)`` under a status line (on stderr with ``--json``), then
+    prints its report as JSON or with ``show``."""
+    import sys
+
     out = err_console if json_out else console
-    with out.status("bench decode") as status:
+    with out.status(label) as status:
 
         def progress(msg: str) -> None:
             out.log(msg, highlight=False)
             status.update(msg)
 
-        report = decode.run(cfg, progress, command="aiflow " + " ".join(sys.argv[1:]))
+        report = run(cfg, progress, command="aiflow " + " ".join(sys.argv[1:]))
     if json_out:
         print_json(report.to_dict())
         return
-    _print(report)
+    show(report)
+
+
+def print_machine(report: Any) -> None:
+    """The run's wall time and the machine's load average (flags a busy machine)."""
+    mc = report.machine
+    console.print(
+        f"{report.wall_s:.0f} s; 1-min load average {mc['load_avg_1min_start']:.1f} -> {mc['load_avg_1min_end']:.1f} "
+        f"on {mc['cores']} cores"
+        + (" (busy machine: absolute times inflated)" if mc["load_avg_1min_end"] > (mc["cores"] or 1) else ""),
+        highlight=False,
+    )
 
 
 def _print(report) -> None:
@@ -119,13 +136,7 @@ def _print(report) -> None:
         console.print(f"{name}: {summary}", highlight=False)
     console.print(f"measured: {report.measured}", highlight=False)
     console.print(f"emulated: {report.emulated}", highlight=False)
-    mc = report.machine
-    console.print(
-        f"{report.wall_s:.0f} s; 1-min load average {mc['load_avg_1min_start']:.1f} -> {mc['load_avg_1min_end']:.1f} "
-        f"on {mc['cores']} cores"
-        + (" (busy machine: absolute times inflated)" if mc["load_avg_1min_end"] > (mc["cores"] or 1) else ""),
-        highlight=False,
-    )
+    print_machine(report)
     _print_goals(report.goals)
 
 

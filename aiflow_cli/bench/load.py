@@ -1,0 +1,269 @@
+"""``aiflow bench load``: N concurrent devices against one edge + cloud pair, unbatched serving.
+
+One placement of a small generating model (default ``builtin:gpt2-tiny``; the device runs every block but the
+last, the edge the last block, the cloud the head, as ``bench decode``'s default split) is started once
+(:class:`LocalCluster`: edge and cloud are ``aiflow serve`` processes on loopback, no link emulator). For each N
+in the sweep, N threads of this process are N devices, each with its own :class:`Pipeline` (its own QUIC
+connection and sessions; all present the cluster's device identity, which the edge trusts) and its own prompt.
+Each device opens its connection with a one-token request (untimed), then all start together (a barrier) and run
+``requests`` greedy generations of ``tokens`` tokens each.
+
+Per N: tokens/s and requests/s (all devices' tokens and requests / wall time of the phase), p50/p99 request
+latency, VmRSS of the edge and cloud processes after the phase, and the check that no response is lost (an error,
+a timeout or no tokens) or mixed (tokens other than those of the same prompt run alone: the monolithic model's
+greedy output, computed once per distinct prompt in this process). Every tier runs on this CPU; the tiers serve
+one session step at a time (no batching across sessions: ``batching=false`` in every row).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from aiflow_cli.bench.common import JsonResult
+from aiflow_cli.bench.decode import fixed_plan
+from aiflow_cli.bench.e2e import Goal
+from aiflow_cli.errors import InputError
+from aiflow_cli.models import load_stages
+from aiflow_cli.plan.schema import save_plan
+from aiflow_cli.runtime.cluster import LocalCluster
+
+DEFAULT_MODEL = "builtin:gpt2-tiny"
+FULL_DEVICES = (1, 8, 32, 128, 256)
+QUICK_DEVICES = (1, 8, 32)
+#: "bounded memory": each server's RSS may grow by less than this from the smallest to the largest N.
+RSS_GROWTH_BOUND_BYTES = 256 << 20
+#: The batching goal of issue 14 (not built yet: reported as missed).
+BATCH_GOAL_DEVICES, BATCH_GOAL_SPEEDUP = 128, 4.0
+
+Progress = Callable[[str], None]
+
+
+def prompt_of(i: int) -> str:
+    """Device ``i``'s prompt (distinct per device). It ends in one of 94 printable characters: the random built-ins
+    echo the last token, so devices whose numbers differ mod 94 expect different tokens (``distinct_references``
+    counts them), and a response delivered to another device is caught as mixed."""
+    return f"Device {i} asks: {chr(0x21 + i % 94)}"
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of process ``pid`` (bytes), from /proc."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"pid {pid}: no VmRSS in /proc/{pid}/status")
+
+
+@dataclass
+class LoadConfig:
+    model: str = DEFAULT_MODEL
+    devices: tuple[int, ...] = FULL_DEVICES
+    tokens: int = 8
+    requests: int = 2
+    """Timed requests per device per N."""
+    threads: int = 1
+    timeout_s: float = 120.0
+    """Per-request timeout of every device."""
+    workdir: Optional[Path] = None
+
+    @classmethod
+    def quick_config(cls, **overrides: Any) -> "LoadConfig":
+        base: dict[str, Any] = {"devices": QUICK_DEVICES, "tokens": 4, "requests": 1}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    def check(self) -> None:
+        if not self.devices or any(n < 1 for n in self.devices):
+            raise InputError(
+                f"devices={','.join(map(str, self.devices))}: give one or more counts >= 1", param="devices"
+            )
+        for name, v in (("tokens", self.tokens), ("requests", self.requests)):
+            if v < 1:
+                raise InputError(f"{name}={v}: must be >= 1", param=name)
+
+
+@dataclass
+class LoadReport(JsonResult):
+    model: str
+    plan: str
+    config: dict[str, Any]
+    runs: list[dict[str, Any]]
+    goals: list[Goal]
+    errors: list[str]
+    """The first distinct errors of lost requests (empty when none was lost)."""
+    measured: str
+    machine: dict[str, Any]
+    wall_s: float = 0.0
+    command: str = ""
+
+
+@dataclass
+class _Outcome:
+    latencies_ms: list[float]
+    tokens: int
+    lost: int
+    mixed: int
+    errors: list[str]
+
+
+def _device(cluster: LocalCluster, cfg: LoadConfig, i: int, ref: torch.Tensor, barrier: threading.Barrier):
+    lat: list[float] = []
+    out = _Outcome(lat, 0, 0, 0, [])
+    prompt = prompt_of(i)
+    with cluster.pipeline(timeout_s=cfg.timeout_s) as p:
+        try:
+            p.run(text=prompt, max_new_tokens=1)  # opens the connection, untimed
+        except Exception as e:  # noqa: BLE001 - every failure is a lost request, reported
+            out.lost += 1
+            out.errors.append(f"{type(e).__name__}: {e}")
+        barrier.wait()
+        for _ in range(cfg.requests):
+            t0 = time.perf_counter()
+            try:
+                r = p.run(text=prompt, max_new_tokens=cfg.tokens)
+            except Exception as e:  # noqa: BLE001
+                out.lost += 1
+                out.errors.append(f"{type(e).__name__}: {e}")
+                continue
+            lat.append((time.perf_counter() - t0) * 1e3)
+            if r.tokens is None:
+                out.lost += 1
+                continue
+            out.tokens += int(r.tokens.shape[1])
+            if not torch.equal(r.tokens, ref):
+                out.mixed += 1
+    return out
+
+
+def _phase(cluster: LocalCluster, cfg: LoadConfig, n: int, refs: list[torch.Tensor]) -> tuple[dict[str, Any], list]:
+    barrier = threading.Barrier(n + 1)
+    with ThreadPoolExecutor(n) as pool:
+        futures = [pool.submit(_device, cluster, cfg, i, refs[i], barrier) for i in range(n)]
+        barrier.wait()  # every device has its connection; the timed phase starts now
+        t0 = time.perf_counter()
+        outs = [f.result() for f in futures]
+        wall = time.perf_counter() - t0
+    lat = [x for o in outs for x in o.latencies_ms]
+    tokens = sum(o.tokens for o in outs)
+    row = {
+        "devices": n,
+        "batching": False,
+        "requests": n * cfg.requests,
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tokens_per_s": round(tokens / wall, 2),
+        "requests_per_s": round(len(lat) / wall, 2),
+        "p50_ms": round(float(np.percentile(lat, 50)), 1) if lat else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat else None,
+        "edge_rss_bytes": rss_bytes(cluster.servers["edge"].ready.pid),
+        "cloud_rss_bytes": rss_bytes(cluster.servers["cloud"].ready.pid),
+        "lost": sum(o.lost for o in outs),
+        "mixed": sum(o.mixed for o in outs),
+    }
+    return row, [e for o in outs for e in o.errors]
+
+
+def check_goals(runs: list[dict[str, Any]], bound: int = RSS_GROWTH_BOUND_BYTES) -> list[Goal]:
+    """The issue's goals from measured rows (pure)."""
+    lost, mixed = sum(r["lost"] for r in runs), sum(r["mixed"] for r in runs)
+    goals = [
+        Goal(
+            "0 lost or mixed responses",
+            lost == 0 and mixed == 0,
+            f"{lost} lost, {mixed} mixed of {sum(r['requests'] for r in runs)} timed requests",
+        )
+    ]
+    lo, hi = min(runs, key=lambda r: r["devices"]), max(runs, key=lambda r: r["devices"])
+    growth = {t: hi[f"{t}_rss_bytes"] - lo[f"{t}_rss_bytes"] for t in ("edge", "cloud")}
+    goals.append(
+        Goal(
+            f"bounded memory (server RSS growth from {lo['devices']} to {hi['devices']} devices "
+            f"< {bound / 2**20:.0f} MiB per server)",
+            all(g < bound for g in growth.values()),
+            ", ".join(f"{t} {g / 2**20:+.1f} MiB" for t, g in growth.items()),
+            {f"{t}_growth_bytes": g for t, g in growth.items()},
+        )
+    )
+    goals.append(
+        Goal(
+            f">= {BATCH_GOAL_SPEEDUP:g}x tokens/s of unbatched serving at {BATCH_GOAL_DEVICES} devices with batching",
+            False,
+            "batched decode not implemented",
+        )
+    )
+    return goals
+
+
+def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "") -> LoadReport:
+    """Starts edge and cloud once, sweeps the device counts; see the module docstring."""
+    cfg.check()
+    t_start = time.perf_counter()
+    torch.set_num_threads(cfg.threads)
+    load_start = os.getloadavg()[0]
+    n_max = max(cfg.devices)
+    progress(f"greedy references of {n_max} prompts (monolithic {cfg.model}, this process)")
+    full = load_stages(cfg.model)
+    if not full.generates:
+        raise InputError(f"model {cfg.model!r} ({full.task}) does not generate: pick a language model", param="model")
+    refs = [full.generate(full.raw_input(text=prompt_of(i)), cfg.tokens) for i in range(n_max)]
+    distinct = len({tuple(r.flatten().tolist()) for r in refs})
+    plan = fixed_plan(full, (full.num_stages - 2, full.num_stages - 1))
+    del full
+    runs: list[dict[str, Any]] = []
+    errors: list[str] = []
+    with ExitStack() as stack:
+        workdir = Path(cfg.workdir) if cfg.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        path = workdir / "plan.json"
+        save_plan(plan, path)
+        cluster = LocalCluster(path, workdir / "cluster", threads=cfg.threads)
+        stack.callback(cluster.close)
+        progress(f"starting edge and cloud: {plan.summary()}")
+        cluster.start()
+        for n in sorted(cfg.devices):
+            progress(f"{n} device(s): {cfg.requests} x {cfg.tokens} tokens each")
+            row, errs = _phase(cluster, cfg, n, refs)
+            runs.append(row)
+            errors += [e for e in dict.fromkeys(errs) if e not in errors][:5]  # the first distinct ones
+            progress(
+                f"{n} device(s): {row['tokens_per_s']:.1f} tok/s, {row['requests_per_s']:.1f} req/s, p50 "
+                f"{row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}, mixed {row['mixed']}"
+            )
+    load_end = os.getloadavg()[0]
+    return LoadReport(
+        model=cfg.model,
+        plan=plan.summary(),
+        config={
+            "devices": list(cfg.devices),
+            "tokens": cfg.tokens,
+            "requests": cfg.requests,
+            "threads": cfg.threads,
+            "distinct_references": distinct,
+            "rss_growth_bound_bytes": RSS_GROWTH_BOUND_BYTES,
+        },
+        runs=runs,
+        goals=check_goals(runs),
+        errors=errors[:10],
+        measured=(
+            "real edge and cloud processes on loopback (QUIC, mutual TLS), no link emulation; devices are threads "
+            "of this process (one Pipeline and connection each); tokens/s, requests/s, request latency, server "
+            "VmRSS, and every response checked against the monolithic model's greedy output for its prompt"
+        ),
+        machine={
+            "cores": os.cpu_count(),
+            "load_avg_1min_start": load_start,
+            "load_avg_1min_end": load_end,
+        },
+        wall_s=round(time.perf_counter() - t_start, 1),
+        command=command,
+    )
