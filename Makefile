@@ -85,6 +85,7 @@ bench: build
 	$(VENV)/bin/aiflow bench runtime $(QUICK)
 	$(VENV)/bin/aiflow bench e2e $(QUICK)
 	$(VENV)/bin/aiflow bench decode $(QUICK)
+	$(VENV)/bin/aiflow bench load $(QUICK)
 
 clean:
 	rm -rf target $(VENV) aiflow_cli/_core*.so

@@ -50,9 +50,10 @@ Progress = Callable[[str], None]
 
 
 def prompt_of(i: int) -> str:
-    """Device ``i``'s prompt (distinct per device). It ends in one of 94 printable characters: the random built-ins
-    echo the last token, so devices whose numbers differ mod 94 expect different tokens (``distinct_references``
-    counts them), and a response delivered to another device is caught as mixed."""
+    """Device ``i``'s prompt (distinct per device). It ends in one of 94 printable characters, because the random
+    built-ins' greedy output follows the prompt's last tokens: most devices expect tokens of their own
+    (``distinct_references`` counts the distinct expected outputs), so a response delivered to another device is
+    caught as mixed."""
     return f"Device {i} asks: {chr(0x21 + i % 94)}"
 
 

@@ -63,7 +63,7 @@ def _print(report) -> None:
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    for col in ["devices", "tok/s", "req/s", "p50 ms", "p99 ms", "edge RSS MiB", "cloud RSS MiB", "lost", "mixed"]:
+    for col in ["dev", "tok/s", "req/s", "p50 ms", "p99 ms", "edge MiB", "cloud MiB", "lost", "mixed"]:
         t.add_column(col, justify="right", no_wrap=True)
     for r in report.runs:
         bad = r["lost"] or r["mixed"]
