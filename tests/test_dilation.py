@@ -74,7 +74,7 @@ def _stretched_run(stretch: float, cpu_s: float) -> tuple[float, float, float]:
     node = SimpleNamespace(stretch=stretch)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as every tier runs (LocalCluster, the demo): then torch works in this thread
-    t0, c0 = TierNode._clocks()
+    t0, c0 = TierNode._clocks(node)
     _busy(cpu_s)
     work, cpu = time.perf_counter() - t0, time.thread_time() - c0
     TierNode._stretch(node, t0, c0)
