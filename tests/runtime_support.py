@@ -50,3 +50,18 @@ class Direct:
 
     def reset_after(self, error) -> None:
         pass
+
+
+def in_process_tiers(name: str, bounds: tuple[int, int]):
+    """The model and device, edge and cloud :class:`TierNode` s of the plan that cuts ``name`` after the stages
+    of ``bounds``, in this process (messages still go through their encoding); the device holds the exit head."""
+    from aiflow_cli.bench.decode import fixed_plan
+    from aiflow_cli.models import load_model, load_stages
+    from aiflow_cli.runtime.node import TierNode
+
+    m = load_model(name)
+    plan = fixed_plan(m, bounds)
+    cloud = TierNode(plan, "cloud", model=load_stages(name, plan.stages_for("cloud")))
+    edge = TierNode(plan, "edge", next_client=Direct(cloud), model=load_stages(name, plan.stages_for("edge")))
+    device = TierNode(plan, "device", next_client=Direct(edge), exit_head=True)
+    return m, (device, edge, cloud)

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from aiflow_cli.errors import LimitExceeded, PeerRejected, RemoteError, TransportError
+from aiflow_cli.models.sampling import DraftDist
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.protocol import Error, Hello, HelloReply, Infer, Result, TensorSpec, TierInfo, Verify
 from aiflow_cli.runtime.timings import Timings
@@ -45,6 +46,27 @@ MESSAGES = [
         [b"f1", b"f2"],
     ),
     (Verify("a" * 64, "device", 5, (TensorSpec("hidden_states", "hidden", "raw"),), 17, (4, 9, 2), 6, 800.0), [b"h"]),
+    (Infer("a" * 64, "device", "decode", 3, (), 8, False, 900.0, "", 0.7, 40, 0.9, 2**63 - 1, 5), []),
+    (
+        Verify(
+            "a" * 64,
+            "device",
+            5,
+            (TensorSpec("hidden_states", "hidden", "raw"),),
+            17,
+            (4, 9),
+            6,
+            800.0,
+            "00-" + "1" * 32 + "-" + "2" * 16 + "-01",
+            1.0,
+            0,
+            1.0,
+            3,
+            11,
+            (DraftDist((4, 7), (0.75, 0.25)), DraftDist((9,), (1.0,))),
+        ),
+        [b"h"],
+    ),  # fmt: skip
     (Result(_timings(), tokens=[[1, 2, 3]]), []),
     (Result(_timings(), tensors=(TensorSpec("output", "hidden", "raw"),)), [b"out"]),
     (Error("LimitExceeded", "edge: too big", "edge"), []),
@@ -92,6 +114,29 @@ def test_other_versions_are_refused_naming_both() -> None:
 )
 def test_a_malformed_verify_is_refused_naming_the_field(change, names) -> None:
     msg, frames = next(m for m in MESSAGES if isinstance(m[0], Verify))
+    env = _through_json(protocol.encode(msg, frames))
+    env.meta.update(change)
+    with pytest.raises(TransportError, match=names):
+        protocol.decode(env)
+
+
+@pytest.mark.parametrize(
+    "change,names",
+    [
+        ({"dists": [[[4, 7], [0.75, 0.25]]]}, "one distribution per draft"),
+        ({"dists": [[[4, 4], [0.5, 0.5]], [[9], [1.0]]]}, "distinct"),
+        ({"dists": [[[4, 7], [0.75, 0.75]], [[9], [1.0]]]}, "sum to 1"),
+        ({"dists": [[[4, -7], [0.75, 0.25]], [[9], [1.0]]]}, "distinct token ids"),
+        ({"dists": [[[4], [1.0], 3], [[9], [1.0]]]}, "'dists'"),
+        ({"dists": [[[4, 7], ["x", 0.25]], [[9], [1.0]]]}, "'dists'"),
+        ({"temperature": -1.0}, "temperature"),
+        ({"top_p": 2.0}, "top_p"),
+        ({"seed": -3}, "seed"),
+        ({"index": -1}, "'index'"),
+    ],
+)
+def test_a_malformed_sampled_verify_is_refused_naming_the_field(change, names) -> None:
+    msg, frames = [m for m in MESSAGES if isinstance(m[0], Verify)][1]
     env = _through_json(protocol.encode(msg, frames))
     env.meta.update(change)
     with pytest.raises(TransportError, match=names):

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
-from runtime_support import Direct
+from runtime_support import in_process_tiers
 
 from aiflow_cli.bench.decode import fixed_plan
 from aiflow_cli.errors import InputError
-from aiflow_cli.models import load_model, load_stages
+from aiflow_cli.models import load_model
 from aiflow_cli.plan.schema import save_plan
 from aiflow_cli.runtime import speculate as spec
 from aiflow_cli.runtime.cluster import LocalCluster, identities
@@ -88,12 +88,7 @@ def test_only_caches_that_can_be_rolled_back_are_speculated():
 
 # -- three tiers in one process -------------------------------------------------------------------------------
 def _tiers(name: str, bounds: tuple[int, int]):
-    m = load_model(name)
-    plan = fixed_plan(m, bounds)
-    cloud = TierNode(plan, "cloud", model=load_stages(name, plan.stages_for("cloud")))
-    edge = TierNode(plan, "edge", next_client=Direct(cloud), model=load_stages(name, plan.stages_for("edge")))
-    device = TierNode(plan, "device", next_client=Direct(edge), exit_head=True)
-    return m, (device, edge, cloud)
+    return in_process_tiers(name, bounds)
 
 
 def _generate(device: TierNode, x, n: int, k, session: int):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Optional
 
@@ -127,15 +128,26 @@ def run(
         None,
         "--speculate",
         help="K|auto: draft K tokens per round with the device's own layers (early exit), verified upstream in one "
-        "round trip; auto adapts K to acceptance and RTT. Greedy output unchanged.",
+        "round trip; auto adapts K to acceptance and RTT. Greedy output unchanged; sampled output keeps the full "
+        "model's distribution (rejection rule).",
+    ),
+    temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sample."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the K most likely tokens (0: all)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample among the most likely tokens up to this mass (1: all)."),
+    seed: Optional[int] = typer.Option(
+        None, "--seed", help="Seed of the draws (default: a random one, printed); the same seed, the same answer."
     ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
+    from aiflow_cli.models.sampling import Sampling
     from aiflow_cli.runtime.pipeline import Pipeline
     from aiflow_cli.runtime.report import flow_table
 
     _threads()
+    if seed is None:
+        seed = secrets.randbits(63) if temperature else 0
+    sampling = Sampling(temperature, top_k, top_p, seed)
     with Pipeline(
         plan,
         edge=edge,
@@ -147,13 +159,16 @@ def run(
         speculate=speculate,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
-        result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens)
+        result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens, sampling=sampling)
+    sampled = None if sampling.greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if json_out:
-        print_json({**result.to_json(p.plan), "plan": p.plan.summary(), "tiers": chain})
+        print_json({**result.to_json(p.plan), "sampling": sampled, "plan": p.plan.summary(), "tiers": chain})
         return
     if result.text is not None and result.tokens is not None:
         console.print("\n".join(result.text), highlight=False, markup=False)
         console.print(f"({result.tokens.shape[1]} tokens: {result.tokens.tolist()})", highlight=False)
+        if sampled:
+            console.print(f"sampled: {sampled} (the same seed gives the same answer)", highlight=False)
     elif result.output is not None:
         console.print(
             f"output: shape {list(result.output.shape)}, first values "

@@ -24,6 +24,7 @@ import torch
 
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec
+from aiflow_cli.models.sampling import GREEDY, Sampling, sample
 from aiflow_cli.models.state import BoundaryState, Role, roles
 from aiflow_cli.models.weights import LoadStats, loaded_param_bytes, module_param_bytes
 from aiflow_cli.task import Task
@@ -218,23 +219,31 @@ class StagedModel:
         return decode_tokens(self.adapter.options, tokens, self.eos_token_ids)
 
     @torch.inference_mode()
-    def generate(self, inputs: BoundaryState, max_new_tokens: int, cache: StageCache | None = None) -> torch.Tensor:
-        """Greedy generation through the stages with a KV cache: [B, N] token ids, N = ``max_new_tokens``, or
-        fewer when every row has ended with an end-of-sequence token (see :attr:`eos_token_ids`)."""
+    def generate(
+        self,
+        inputs: BoundaryState,
+        max_new_tokens: int,
+        cache: StageCache | None = None,
+        sampling: Sampling = GREEDY,
+    ) -> torch.Tensor:
+        """Generation through the stages with a KV cache: [B, N] token ids, N = ``max_new_tokens``, or fewer when
+        every row has ended with an end-of-sequence token (see :attr:`eos_token_ids`). Greedy by default; a
+        :class:`~aiflow_cli.models.sampling.Sampling` draws the same tokens as every split of the model does
+        with it (the draws are keyed by seed and answer place, see :mod:`aiflow_cli.models.sampling`)."""
         if not self.generates:
             raise ModelError(f"{self.name} ({self.task}) does not generate")
         cache = cache or self.new_cache()
         state = self.run(inputs, range(self.decode_start), cache)
         step_in = self.decode_inputs_of(state)  # the prompt as the first decode stage reads it (stage 0 prepared it)
         state = self.run(state, range(self.decode_start, self.num_stages), cache)
-        tokens = self.output(state)[:, -1].argmax(-1)
+        tokens = sample(self.output(state)[:, -1], sampling, 0)
         out = [tokens]
-        for _ in range(max_new_tokens - 1):
+        for n in range(1, max_new_tokens):
             if bool(self.finished(torch.stack(out, dim=1)).all()):
                 break
             step_in = self.next_inputs(step_in, tokens)
             state = self.run(step_in, range(self.decode_start, self.num_stages), cache)
-            tokens = self.output(state)[:, -1].argmax(-1)
+            tokens = sample(self.output(state)[:, -1], sampling, n)
             out.append(tokens)
         return torch.stack(out, dim=1)
 

@@ -26,6 +26,7 @@ import torch
 
 from aiflow_cli.errors import InputError, PlanError, Timeout, TransportError
 from aiflow_cli.models import StagedModel, load_stages
+from aiflow_cli.models.sampling import GREEDY, Sampling, sample, verify_round
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol, tracing
@@ -207,6 +208,8 @@ class TierNode:
                     last=False if verify else msg.last,
                     deadline=deadline,
                     verify=verify,
+                    sampling=msg.sampling if msg.temperature else GREEDY,
+                    index=msg.index,
                 )
             result.timings.tier(self.tier).handle_ms += (time.perf_counter() - t0) * 1e3
             reply = self._reply(result)
@@ -237,15 +240,21 @@ class TierNode:
         deadline: float,
         verify: Optional[Verify] = None,
         speculate: Optional[spec.SpecPolicy] = None,
+        sampling: Sampling = GREEDY,
+        index: int = 0,
     ) -> StepResult:
         """Runs this tier's part of one step and everything behind it; see the module docstring. ``verify``: a
-        speculative round (phase VERIFY); ``speculate``: the driver's policy for a speculative generation."""
+        speculative round (phase VERIFY); ``speculate``: the driver's policy for a speculative generation;
+        ``sampling``: how the output tier picks tokens, ``index``: the answer place of the token this step
+        produces (:mod:`aiflow_cli.models.sampling`)."""
         computes = len(self.stages) > 0 and stage < self.stages.stop
         if not computes:
             timings = Timings()
             if payload.packed is None:  # the device's raw input: sent on like any tier's last boundary
                 payload = self._pack(payload.state, stage - 1, timings.tier(self.tier))
-            return self._forward(key, phase, stage, payload, max_new_tokens, last, deadline, timings, verify)
+            return self._forward(
+                key, phase, stage, payload, max_new_tokens, last, deadline, timings, verify, sampling, index
+            )
         if stage < self.stages.start or stage > self.stages.stop or stage < 0:
             raise PlanError(
                 f"{self.tier}: got a state for stage {stage}, but runs stages "
@@ -269,24 +278,25 @@ class TierNode:
             if session is not None and prompt is not None:
                 session.step_inputs = prompt
             if self.is_output:
-                result = self._output(state, mine, every_position=verify is not None)
+                result = self._output(state, mine, verify, sampling, index)
                 result.timings = timings
             else:
                 sent = self._pack(state, self.stages.stop - 1, mine)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
                 result = self._forward(
-                    key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings, verify
-                )
+                    key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings, verify,
+                    sampling, index,
+                )  # fmt: skip
             if session is not None:
                 self.sessions.done_step(key, session)
             if self.is_driver and phase == PREFILL:
                 self.first_token_at = time.perf_counter()  # time to first token (the latest request's)
             if self.is_driver and phase == PREFILL and max_new_tokens > 1:
                 if speculate is not None and self.can_speculate(result):
-                    result = spec.drive(self, key, session, result, max_new_tokens, deadline, speculate)
+                    result = spec.drive(self, key, session, result, max_new_tokens, deadline, speculate, sampling)
                 else:
-                    result = self._drive(key, session, result, max_new_tokens, deadline)
+                    result = self._drive(key, session, result, max_new_tokens, deadline, sampling)
         except BaseException:
             if session is not None:
                 self.sessions.close(key)
@@ -343,10 +353,17 @@ class TierNode:
         time.sleep(left)
         return left * 1e3
 
-    def _output(self, state: BoundaryState, mine, every_position: bool = False) -> StepResult:
+    def _output(
+        self, state: BoundaryState, mine, verify: Optional[Verify] = None, sampling: Sampling = GREEDY, index: int = 0
+    ) -> StepResult:
         out = self.model.output(state)
         if self.generates:
-            return StepResult(tokens=out.argmax(-1) if every_position else out[:, -1].argmax(-1).reshape(-1, 1))
+            if verify is None:
+                return StepResult(tokens=sample(out[:, -1], sampling, index).reshape(-1, 1))
+            if sampling.greedy:  # the full model's token after each position
+                return StepResult(tokens=out.argmax(-1))
+            tokens = verify_round(out[0], verify.draft, verify.dists, sampling, verify.index)
+            return StepResult(tokens=torch.tensor([tokens], dtype=torch.long))
         packed = pack_state({"output": out.contiguous()}, {"output": "hidden"}, "raw")
         mine.encode_ms += packed.encode_ms
         return StepResult(output=out, output_packed=packed)
@@ -363,7 +380,9 @@ class TierNode:
             and spec.unsupported(self.model) is None
         )
 
-    def _drive(self, key: SessionKey, session, first: StepResult, max_new_tokens: int, deadline: float) -> StepResult:
+    def _drive(
+        self, key: SessionKey, session, first: StepResult, max_new_tokens: int, deadline: float, sampling: Sampling
+    ) -> StepResult:
         """The decode loop of the driving tier: one token per step through every tier behind it."""
         tokens, timings = [first.tokens], first.timings
         step_in = session.step_inputs
@@ -373,7 +392,14 @@ class TierNode:
             step_in = self.model.next_inputs(step_in, tokens[-1].reshape(-1))
             session.step_inputs = step_in
             r = self.step(
-                key, DECODE, self.decode_start, Payload(state=step_in), deadline=deadline, last=n == max_new_tokens - 1
+                key,
+                DECODE,
+                self.decode_start,
+                Payload(state=step_in),
+                deadline=deadline,
+                last=n == max_new_tokens - 1,
+                sampling=sampling,
+                index=n,
             )
             timings.merge(r.timings)
             tokens.append(r.tokens)
@@ -391,6 +417,8 @@ class TierNode:
         deadline: float,
         timings: Timings,
         verify: Optional[Verify] = None,
+        sampling: Sampling = GREEDY,
+        index: int = 0,
     ) -> StepResult:
         if self.next is None:
             raise PlanError(
@@ -401,21 +429,16 @@ class TierNode:
         budget_s = self._budget_s(deadline)
         request: Infer | Verify
         if verify is not None:  # a speculative round: the same fields, this hop's tensors and deadline
-            request = Verify(
-                self.plan_hash,
-                self.tier,
-                stage,
-                packed.tensors,
-                verify.cache_len,
-                verify.draft,
-                verify.remaining,
-                budget_s * 1e3,
-            )
+            request = verify.hop(stage, packed.tensors, budget_s * 1e3, tracing.current())
+            request.plan_hash, request.sender = self.plan_hash, self.tier
         else:
             request = Infer(
                 self.plan_hash, self.tier, phase, stage, packed.tensors, max_new_tokens, last, budget_s * 1e3
             )
             request.traceparent = tracing.current()  # the span this step belongs to (aiflow_cli/runtime/tracing.py)
+            if not sampling.greedy:
+                request.temperature, request.top_k, request.top_p = sampling.temperature, sampling.top_k, sampling.top_p
+                request.seed, request.index = sampling.seed, index
         t0 = time.perf_counter()
         env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
         rtt_ms = (time.perf_counter() - t0) * 1e3

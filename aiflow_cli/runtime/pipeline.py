@@ -25,6 +25,7 @@ import torch
 from aiflow_cli import codec
 from aiflow_cli.errors import InputError, PeerRejected, TransportError
 from aiflow_cli.models import StagedModel, load_stages
+from aiflow_cli.models.sampling import GREEDY, Sampling
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan, load_plan
 from aiflow_cli.runtime import tracing
@@ -179,9 +180,11 @@ class Pipeline:
         image: Any = None,
         inputs: Optional[BoundaryState] = None,
         max_new_tokens: Optional[int] = None,
+        sampling: Sampling = GREEDY,
     ) -> RunResult:
         """Runs one request (one of ``text``, ``image``, ``inputs``); generating models return ``max_new_tokens``
-        tokens (default: the plan's, else 16)."""
+        tokens (default: the plan's, else 16), greedy unless ``sampling`` says otherwise (the same seed gives the
+        same tokens with every plan, and with the local fallback)."""
         if inputs is None:
             inputs = self.prepare(text=text, image=image)
         n = 0
@@ -202,11 +205,12 @@ class Pipeline:
                     last=n <= 1,
                     deadline=time.monotonic() + self.timeout_s,
                     speculate=self.speculate,
+                    sampling=sampling,
                 )
         except TransportError as e:
             if self.fallback != "local" or isinstance(e, PeerRejected):
                 raise
-            return self._run_locally(inputs, n, t0, reason=str(e))
+            return self._run_locally(inputs, n, t0, reason=str(e), sampling=sampling)
         total = (time.perf_counter() - t0) * 1e3
         r.timings.tier("device").handle_ms = total
         output = r.output
@@ -218,14 +222,16 @@ class Pipeline:
             tokens=r.tokens, output=output, text=text_out, total_ms=total, timings=r.timings, speculation=spec
         )
 
-    def _run_locally(self, inputs: BoundaryState, n: int, t0: float, reason: str) -> RunResult:
+    def _run_locally(
+        self, inputs: BoundaryState, n: int, t0: float, reason: str, sampling: Sampling = GREEDY
+    ) -> RunResult:
         if self._local is None:
             self._local = load_stages(self.plan.model, None)
         m = self._local
         t1 = time.perf_counter()
         tokens = output = None
         if m.generates:
-            tokens = m.generate(inputs, n)
+            tokens = m.generate(inputs, n, sampling=sampling)
         else:
             output = m.output(m.run(inputs))
         timings = Timings()

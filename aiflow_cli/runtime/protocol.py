@@ -40,6 +40,7 @@ from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 from aiflow_cli import errors
 from aiflow_cli.errors import AiflowError, PeerRejected, RemoteError, TransportError
+from aiflow_cli.models.sampling import DraftDist, Sampling, check_dists
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime.headers import HeaderCodec
 from aiflow_cli.runtime.timings import Timings
@@ -47,7 +48,7 @@ from aiflow_cli.transport import FrameLike, Message
 
 #: Version of the messages below. 1 was the untyped protocol (dicts without a version field), 2 JSON only, 3
 #: binary headers for infer and result, and the verify message (speculative decoding).
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 HELLO, HELLO_REPLY, INFER, RESULT, ERROR = "hello", "hello_reply", "infer", "result", "error"
 VERIFY = "verify"
@@ -84,6 +85,32 @@ def _num(meta: dict, kind: str, key: str, default: Optional[float] = None) -> fl
     if type(v) not in (int, float) or v != v:
         raise _bad(kind, key, "a number", v)
     return float(v)  # type: ignore[arg-type]  # an int or a float: checked above, exactly (no bool)
+
+
+_SAMPLING_FIELDS = ("temperature", "top_k", "top_p", "seed", "index")
+
+
+def _sampling_wire(msg: Any) -> dict:
+    return {k: getattr(msg, k) for k in _SAMPLING_FIELDS}
+
+
+def _sampling_from(meta: dict, kind: str, msg: Any) -> None:
+    """Reads the sampling fields of ``meta`` into ``msg`` (types checked; values by :func:`_sampling_of`)."""
+    msg.temperature = _num(meta, kind, "temperature", 0.0)
+    msg.top_k = _get(meta, kind, "top_k", int, 0)
+    msg.top_p = _num(meta, kind, "top_p", 1.0)
+    msg.seed = _get(meta, kind, "seed", int, 0)
+    msg.index = _get(meta, kind, "index", int, 0)
+    _sampling_of(msg, kind)
+
+
+def _sampling_of(msg: Any, kind: str) -> Sampling:
+    if msg.index < 0:
+        raise _bad(kind, "index", "an answer place >= 0", msg.index)
+    try:
+        return Sampling(msg.temperature, msg.top_k, msg.top_p, msg.seed)
+    except errors.InputError as e:
+        raise TransportError(f"malformed {kind} message: {e}") from None
 
 
 # -- the messages -----------------------------------------------------------------------------------------------
@@ -212,7 +239,10 @@ class Infer:
 
     ``max_new_tokens``: tokens the whole request generates; ``last``: the request's last step on this session
     (the receiver frees its KV cache after it); ``deadline_ms``: what is left of the request's deadline;
-    ``traceparent``: the sender's W3C trace context (aiflow_cli/runtime/tracing.py; "" for none)."""
+    ``traceparent``: the sender's W3C trace context (aiflow_cli/runtime/tracing.py; "" for none);
+    ``temperature``, ``top_k``, ``top_p``, ``seed``: how the output tier picks the token
+    (:class:`~aiflow_cli.models.sampling.Sampling`; temperature 0: greedy) and ``index``: the answer place of
+    the token this step produces (the draws are keyed by it)."""
 
     KIND: ClassVar[str] = INFER
     plan_hash: str
@@ -224,6 +254,11 @@ class Infer:
     last: bool = True
     deadline_ms: float = DEFAULT_DEADLINE_MS
     traceparent: str = ""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    index: int = 0
 
     def to_wire(self) -> dict:
         return {
@@ -236,7 +271,13 @@ class Infer:
             "last": self.last,
             "deadline_ms": self.deadline_ms,
             **({"traceparent": self.traceparent} if self.traceparent else {}),
+            **(_sampling_wire(self) if self.temperature else {}),
         }
+
+    @property
+    def sampling(self) -> Sampling:
+        """The sampling settings (one-line :class:`TransportError` naming the bad one)."""
+        return _sampling_of(self, INFER)
 
     @classmethod
     def from_wire(cls, meta: dict) -> "Infer":
@@ -260,7 +301,10 @@ class Infer:
             and type(tp) is str
         ):
             specs = tuple([TensorSpec.from_wire(t, INFER) for t in tensors])
-            return cls(ph, sender, phase, stage, specs, new, last, float(dl), tp)
+            msg = cls(ph, sender, phase, stage, specs, new, last, float(dl), tp)
+            if "temperature" in meta:
+                _sampling_from(meta, INFER, msg)
+            return msg
         phase = _get(meta, INFER, "phase", str)
         if phase not in PHASES:
             raise TransportError(f"malformed infer message: unknown phase {phase[:20]!r} (expected prefill or decode)")
@@ -278,7 +322,12 @@ class Infer:
             _get(meta, INFER, "last", bool, True),
             _num(meta, INFER, "deadline_ms", DEFAULT_DEADLINE_MS),
             _get(meta, INFER, "traceparent", str, ""),
-        )
+        )._sampled_from(meta)
+
+    def _sampled_from(self, meta: dict) -> "Infer":
+        if "temperature" in meta:
+            _sampling_from(meta, INFER, self)
+        return self
 
     def check(self) -> "Infer":
         """The checks beyond field types (a binary header guarantees the types): raises :class:`TransportError`."""
@@ -292,6 +341,8 @@ class Infer:
             )
         if self.deadline_ms != self.deadline_ms:
             raise _bad(INFER, "deadline_ms", "a number", self.deadline_ms)
+        if self.temperature or self.index:
+            _sampling_of(self, INFER)
         return self
 
 
@@ -302,7 +353,10 @@ class Verify:
     ``cache_len`` positions (what the previous round did not accept: idempotent), then runs every position at
     once; the output tier answers with a :class:`Result` holding the greedy token after each position.
     ``draft``: the draft token ids (batch 1); ``remaining``: tokens the request may still emit (>= 1), so that
-    every tier sees which round ends the request and frees its session then."""
+    every tier sees which round ends the request and frees its session then.
+    Sampled rounds (``temperature`` > 0, the fields of :class:`Infer`; ``index``: the answer place of the first
+    draft) carry ``dists``, each draft's distribution as the driver drew it, and the output tier answers by the
+    rejection rule (:func:`aiflow_cli.models.sampling.verify_round`). ``traceparent`` as in :class:`Infer`."""
 
     KIND: ClassVar[str] = VERIFY
     plan_hash: str
@@ -313,6 +367,13 @@ class Verify:
     draft: tuple[int, ...]
     remaining: int
     deadline_ms: float = DEFAULT_DEADLINE_MS
+    traceparent: str = ""
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    index: int = 0
+    dists: tuple[DraftDist, ...] = ()
 
     def to_wire(self) -> dict:
         return {
@@ -324,7 +385,24 @@ class Verify:
             "draft": list(self.draft),
             "remaining": self.remaining,
             "deadline_ms": self.deadline_ms,
+            **({"traceparent": self.traceparent} if self.traceparent else {}),
+            **(
+                {**_sampling_wire(self), "dists": [[list(q.ids), list(q.probs)] for q in self.dists]}
+                if self.temperature
+                else {}
+            ),
         }
+
+    @property
+    def sampling(self) -> Sampling:
+        return _sampling_of(self, VERIFY)
+
+    def hop(self, stage: int, tensors: tuple[TensorSpec, ...], deadline_ms: float, traceparent: str) -> "Verify":
+        """The same round for the next tier: its stage, this hop's tensors, deadline and trace context."""
+        return Verify(
+            self.plan_hash, self.sender, stage, tensors, self.cache_len, self.draft, self.remaining, deadline_ms,
+            traceparent, self.temperature, self.top_k, self.top_p, self.seed, self.index, self.dists,
+        )  # fmt: skip
 
     @classmethod
     def from_wire(cls, meta: dict) -> "Verify":
@@ -342,7 +420,7 @@ class Verify:
                 f"malformed verify message: stage {stage} and cache_len {cache_len} must be >= 0, remaining "
                 f"{remaining} >= 1"
             )
-        return cls(
+        msg = cls(
             _get(meta, k, "plan_hash", str),
             _get(meta, k, "from", str),
             stage,
@@ -351,7 +429,25 @@ class Verify:
             tuple(draft),
             remaining,
             _num(meta, k, "deadline_ms", DEFAULT_DEADLINE_MS),
+            _get(meta, k, "traceparent", str, ""),
         )
+        if "temperature" in meta:
+            _sampling_from(meta, k, msg)
+            raw = _get(meta, k, "dists", list, [])
+            if not all(
+                type(d) is list and len(d) == 2 and type(d[0]) is list and type(d[1]) is list
+                and all(type(i) is int for i in d[0]) and all(type(p) in (int, float) for p in d[1])
+                for d in raw
+            ):  # fmt: skip
+                raise _bad(k, "dists", "a list of [token ids, probabilities] pairs", raw)
+            msg.dists = tuple(DraftDist(tuple(d[0]), tuple(float(p) for p in d[1])) for d in raw)
+            if msg.temperature and len(msg.dists) != len(msg.draft):
+                raise _bad(k, "dists", f"one distribution per draft ({len(msg.draft)})", raw)
+            try:
+                check_dists(msg.dists)
+            except ValueError as e:
+                raise TransportError(f"malformed {k} message: {e}") from None
+        return msg
 
 
 @dataclass(slots=True)

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 
 from aiflow_cli.errors import InputError, TransportError
+from aiflow_cli.models.sampling import GREEDY, DraftDist, Sampling, draft_dist, draft_token
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.runtime.protocol import VERIFY, Verify
 from aiflow_cli.runtime.timings import Timings
@@ -251,9 +252,11 @@ def drive(
     max_new_tokens: int,
     deadline: float,
     policy: SpecPolicy,
+    sampling: Sampling = GREEDY,
 ) -> "StepResult":
     """The decode loop of a driving tier with self-speculation (see the module docstring); ``first`` is the
-    prefill's result (its token is the first one emitted)."""
+    prefill's result (its token is the first one emitted). With ``sampling`` (temperature > 0) each draft is drawn
+    from the exit's distribution and the output tier applies the rejection rule (:mod:`aiflow_cli.models.sampling`)."""
     from aiflow_cli.runtime.node import Payload, StepResult
 
     model = node.model
@@ -277,6 +280,7 @@ def drive(
         inputs: list[BoundaryState] = []
         states: list[BoundaryState] = []
         draft: list[int] = []
+        dists: list[DraftDist] = []
         tok = torch.tensor([out[-1]], dtype=torch.long)
         for i in range(g + 1):
             step_in = model.next_inputs(inputs[-1] if inputs else base, tok)
@@ -287,7 +291,11 @@ def drive(
             if i < g:  # the early exit: this tier's last block -> the final norm -> the (tied) LM head
                 t0, c0 = node._clocks()
                 logits = model.output(model.run_stage(head, {"hidden_states": state["hidden_states"]}))
-                tok = logits[:, -1].argmax(-1).reshape(1)
+                if sampling.greedy:
+                    tok = logits[:, -1].argmax(-1).reshape(1)
+                else:  # drawn from the exit's distribution, which travels with the draft
+                    dists.append(draft_dist(logits[0, -1], sampling))
+                    tok = torch.tensor([draft_token(dists[-1], sampling, len(out) + i)], dtype=torch.long)
                 node._stretch(t0, c0)
                 mine.compute_ms += (time.perf_counter() - t0) * 1e3
                 draft.append(int(tok))
@@ -297,6 +305,9 @@ def drive(
         packed = pack_state(joined, model.roles(joined), codec)
         mine.encode_ms += packed.encode_ms + node._stretch(t0, c0)
         verify = Verify("", node.tier, node.stages.stop, (), cache_len, tuple(draft), remaining)
+        if not sampling.greedy:
+            verify.temperature, verify.top_k, verify.top_p = sampling.temperature, sampling.top_k, sampling.top_p
+            verify.seed, verify.index, verify.dists = sampling.seed, len(out), tuple(dists)
         t_verify = time.perf_counter()
         r = node._forward(
             key, VERIFY, node.stages.stop, Payload(packed=packed), 0, False, deadline, round_t, verify=verify

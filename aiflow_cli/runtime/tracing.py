@@ -63,10 +63,10 @@ def _otel_tracer() -> Any:
     global _otel_trace
     if _otel_trace is False:
         try:
-            from opentelemetry import trace
+            from opentelemetry import trace as api
         except ImportError:
-            trace = None
-        _otel_trace = trace
+            api = None  # type: ignore[assignment]
+        _otel_trace = api
     trace = _otel_trace
     if trace is None:
         return None
