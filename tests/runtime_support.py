@@ -65,3 +65,26 @@ def in_process_tiers(name: str, bounds: tuple[int, int]):
     edge = TierNode(plan, "edge", next_client=Direct(cloud), model=load_stages(name, plan.stages_for("edge")))
     device = TierNode(plan, "device", next_client=Direct(edge), exit_head=True)
     return m, (device, edge, cloud)
+
+
+def generate_on(device, x, n: int, k, session: int, sampling=None):
+    """One generation of ``n`` tokens driven by ``device`` (a :class:`TierNode`) in this process, speculating
+    with ``k`` drafts per round (None: plain decoding), greedy unless ``sampling`` is given."""
+    import time
+
+    from aiflow_cli.models.sampling import GREEDY
+    from aiflow_cli.runtime import speculate as spec
+    from aiflow_cli.runtime.node import Payload
+    from aiflow_cli.runtime.protocol import PREFILL
+
+    return device.step(
+        ("local", session),
+        PREFILL,
+        0,
+        Payload(state=x),
+        max_new_tokens=n,
+        last=n <= 1,
+        deadline=time.monotonic() + 120,
+        speculate=spec.SpecPolicy(k) if k is not None else None,
+        sampling=sampling or GREEDY,
+    )

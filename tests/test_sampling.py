@@ -139,24 +139,9 @@ def test_bad_settings_and_bad_draft_distributions_are_refused():
 
 # -- through the tiers (in one process; every message encoded and decoded) -----------------------------------------
 def _generate(device, x, n: int, k, session: int, s: Sampling):
-    import time
+    from runtime_support import generate_on
 
-    from aiflow_cli.runtime import speculate as spec
-    from aiflow_cli.runtime.node import Payload
-    from aiflow_cli.runtime.protocol import PREFILL
-
-    policy = spec.SpecPolicy(k) if k is not None else None
-    return device.step(
-        ("local", session),
-        PREFILL,
-        0,
-        Payload(state=x),
-        max_new_tokens=n,
-        last=n <= 1,
-        deadline=time.monotonic() + 120,
-        speculate=policy,
-        sampling=s,
-    )
+    return generate_on(device, x, n, k, session, s)
 
 
 @pytest.mark.parametrize("name", ["builtin:gpt2-tiny", "builtin:llama-tiny"])

@@ -4,11 +4,9 @@ tier frees its session on the round that ends the request; one verify message pe
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
-from runtime_support import in_process_tiers
+from runtime_support import generate_on, in_process_tiers
 
 from aiflow_cli.bench.decode import fixed_plan
 from aiflow_cli.errors import InputError
@@ -16,8 +14,8 @@ from aiflow_cli.models import load_model
 from aiflow_cli.plan.schema import save_plan
 from aiflow_cli.runtime import speculate as spec
 from aiflow_cli.runtime.cluster import LocalCluster, identities
-from aiflow_cli.runtime.node import Payload, TierNode
-from aiflow_cli.runtime.protocol import PREFILL, Verify
+from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.runtime.protocol import Verify
 
 BUILTINS = ("builtin:gpt2-tiny", "builtin:llama-tiny")
 
@@ -92,17 +90,7 @@ def _tiers(name: str, bounds: tuple[int, int]):
 
 
 def _generate(device: TierNode, x, n: int, k, session: int):
-    policy = spec.SpecPolicy(k) if k is not None else None
-    return device.step(
-        ("local", session),
-        PREFILL,
-        0,
-        Payload(state=x),
-        max_new_tokens=n,
-        last=n <= 1,
-        deadline=time.monotonic() + 120,
-        speculate=policy,
-    )
+    return generate_on(device, x, n, k, session)
 
 
 @pytest.mark.parametrize("name", BUILTINS)
