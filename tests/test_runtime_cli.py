@@ -89,3 +89,23 @@ def test_demo_json_on_the_tiny_captioner(tmp_path):
     from aiflow_cli.runtime.demo import profile_cache_dir
 
     assert list(profile_cache_dir().glob("builtin_captioner-tiny-*.json"))
+
+
+def test_demo_of_a_language_model_measures_the_split_that_keeps_the_prompt_on_the_device(tmp_path):
+    """A slow device (0.01x) makes the unconstrained plan upload the prompt; ``private`` is the planner's best
+    placement whose device runs a model stage, measured plainly and with the device drafting."""
+    out = aiflow(
+        "demo", "--model", "builtin:llama-tiny", "--workdir", str(tmp_path), "--max-new-tokens", "8",
+        "--device-speed", "0.01", "--cloud-speed", "1", "--repeats", "1", "--min-fidelity", "1", "--json",
+        timeout=900,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads(out.stdout)
+    pv = data["private"]
+    plain, fast = pv["private"], pv["private+spec"]
+    assert plain["plan"].startswith("device[0:") and not plain["plan"].startswith("device[0:1]")
+    assert plain["links"]["device-edge"]["messages"] == len(plain["tokens"][0])  # one round trip per token
+    assert fast["plan"] == plain["plan"] and fast["speculation"]["rounds"] >= 1
+    assert fast["links"]["device-edge"]["messages"] == 1 + fast["speculation"]["rounds"]
+    assert plain["agreement"] == fast["agreement"] == 1.0  # lossless cuts: both are the model's greedy answer
+    assert "private" not in data["strategies"]  # beside the strategies, not in the verdict

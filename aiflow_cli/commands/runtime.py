@@ -221,6 +221,12 @@ def demo(
         None, "--image", help="Image to caption/classify (default: the bundled sample)."
     ),
     text: Optional[str] = typer.Option(None, "--text", help="Prompt or sentence for text models."),
+    private: bool = typer.Option(
+        True,
+        "--private/--no-private",
+        help="Language models: also measure the split that keeps the prompt on the device, with and without the "
+        "device drafting (speculation).",
+    ),
     workdir: Optional[Path] = typer.Option(
         None, "--workdir", help="Keys, cached profile, plans, logs (default ~/.cache/aiflow/demo)."
     ),
@@ -253,6 +259,7 @@ def demo(
         min_fidelity=min_fidelity,
         input_path=input_,
         text=text,
+        private=private,
     )
     if workdir is not None:
         cfg.workdir = workdir

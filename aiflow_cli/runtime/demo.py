@@ -81,6 +81,9 @@ class DemoConfig(TierSpeeds):
     text: Optional[str] = None
     threads: int = 1
     """torch threads of every tier (and of the profile): three tiers share this machine's cores."""
+    private: bool = True
+    """For language models, also measure the split that keeps the prompt on the device, with and without the
+    device drafting (:func:`private_runs`)."""
 
 
 def _safe(name: str) -> str:
@@ -224,9 +227,10 @@ def run_placement(
     inputs: dict[str, Any],
     links: dict[str, LinkProfile],
     log: Callable[[str], None],
+    speculate: Optional[str] = None,
 ) -> PlacementRun:
     """Starts the tiers ``plan`` needs (none when the device runs every stage), times one cold request, one
-    warm-up and ``cfg.repeats`` warm requests."""
+    warm-up and ``cfg.repeats`` warm requests (``speculate``: the device drafts, :mod:`aiflow_cli.runtime.speculate`)."""
     d = cfg.dilation
     plan_path = cfg.workdir / "plans" / f"{_safe(name)}.json"
     plan_path.parent.mkdir(parents=True, exist_ok=True)
@@ -258,7 +262,7 @@ def run_placement(
     with LocalCluster(
         plan_path, cfg.workdir, links=d.links(links), speeds=cfg.speeds, threads=cfg.threads, dilation=d.factor
     ) as c:
-        with c.pipeline(timeout_s=timeout_s) as p:
+        with c.pipeline(timeout_s=timeout_s, speculate=speculate) as p:
             log(f"{name}: cold request, warm-up, {cfg.repeats} warm requests")
             return measure(p, p.hello)
 
@@ -383,7 +387,67 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         note = None if first[key] == name else f"same placement as {first[key]}"
         out["strategies"][name] = strategy_entry(plan, runs[key], reference, cfg.min_fidelity, note, full.decode_start)
     out["verdict"] = verdict(out["strategies"])
+    if cfg.private and full.generates:
+        out["private"] = private_runs(cfg, full, prof, links, inputs, overheads, runs, first, reference, log)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+PRIVATE = "private"
+PRIVATE_SPEC = "private+spec"
+
+
+def private_runs(
+    cfg: DemoConfig,
+    full,
+    prof: ModelProfile,
+    links: dict[str, LinkProfile],
+    inputs: dict[str, Any],
+    overheads: Overheads,
+    runs: dict[tuple, PlacementRun],
+    first: dict[tuple, str],
+    reference: Optional[torch.Tensor],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The split that keeps the prompt on the device (the planner's best placement with ``require=device``: the
+    device runs a model stage itself, so only activations leave it), measured as it is and with the device
+    drafting (``speculate="auto"``); beside the strategies, not in the verdict (a constrained placement, and
+    the plan's prediction does not model speculation)."""
+    from aiflow_cli.plan.problem import Limits
+    from aiflow_cli.plan.solver import solve_variants
+    from aiflow_cli.runtime.speculate import unsupported
+
+    solved = solve_variants(
+        prof,
+        links,
+        cfg.speeds,
+        {PRIVATE: Limits(require=frozenset({"device"}), min_fidelity=cfg.min_fidelity)},
+        tokens=cfg.max_new_tokens,
+        overheads=overheads,
+        model=full,
+    )
+    plan = solved[PRIVATE]
+    out: dict[str, Any] = {"definition": "the best placement whose device runs a model stage: the prompt stays"}
+    key = placement_key(plan)
+    if key in runs:
+        log(f"{PRIVATE}: same placement as {first[key]} (measured once)")
+        run = runs[key]
+        note: Optional[str] = f"same placement as {first[key]}"
+    else:
+        run = run_placement(PRIVATE, plan, cfg, inputs, links, log)
+        note = None
+    out[PRIVATE] = strategy_entry(plan, run, reference, cfg.min_fidelity, note, full.decode_start)
+    why = unsupported(full) or (
+        "the device runs every stage: nothing to verify upstream" if runs_locally(plan) else None
+    )
+    if why:
+        out[PRIVATE_SPEC] = {"skipped": why}
+        return out
+    spec_run = run_placement(PRIVATE_SPEC, plan, cfg, inputs, links, log, speculate="auto")
+    e = strategy_entry(plan, spec_run, reference, cfg.min_fidelity, None, full.decode_start)
+    e["speculation"] = spec_run.median.result.speculation
+    e["predicted_note"] = "the plan's prediction, without speculation"
+    out[PRIVATE_SPEC] = e
     return out
 
 

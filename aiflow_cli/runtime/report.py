@@ -159,3 +159,44 @@ def print_demo(out: dict[str, Any], console: Console) -> None:
     v = out["verdict"]
     mark = "[green]aiflow fastest or tied[/]" if v["fastest"] else "[red]aiflow slower[/]"
     console.print(f"{mark}: {v['detail']}", highlight=False)
+    if out.get("private"):
+        print_private(out["private"], console)
+
+
+def print_private(pv: dict[str, Any], console: Console) -> None:
+    """The split that keeps the prompt on the device, plain and with the device drafting."""
+    t = Table(
+        title="keeping the prompt on the device (" + pv["definition"].split(": ")[0] + ")",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
+    for i, c in enumerate(["run", "warm", "pred", "ttft", "tok/s", "msgs d-e", "accepted", "agree"]):
+        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=True)
+    skipped = []
+    for name in ("private", "private+spec"):
+        e = pv.get(name) or {}
+        if "skipped" in e:
+            skipped.append(f"  {name}: not run: {e['skipped']}")
+            continue
+        spec = e.get("speculation") or {}
+        acc = spec.get("acceptance")
+        de = e["links"].get("device-edge")
+        t.add_row(
+            name,
+            f"{e['warm_ms']:.0f}",
+            f"{e['predicted_ms']:.0f}",
+            f"{e['ttft_ms']:.0f}",
+            f"{e['tokens_per_s']:.1f}",
+            "-" if de is None else str(de["messages"]),
+            "-" if acc is None else f"{acc:.0%}",
+            "-" if e.get("agreement") is None else f"{e['agreement']:.3f}",
+        )
+    console.print(t)
+    p = pv.get("private") or {}
+    if "plan" in p:
+        same = f" ({p['measured_as']}: measured once)" if p.get("measured_as") else ""
+        console.print(f"  private: {p['plan']}{same}; pred: the plan's, speculation not modelled", highlight=False)
+    for line in skipped:
+        console.print(line, highlight=False)
