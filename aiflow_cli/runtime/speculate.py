@@ -254,11 +254,11 @@ def drive(
 ) -> "StepResult":
     """The decode loop of a driving tier with self-speculation (see the module docstring); ``first`` is the
     prefill's result (its token is the first one emitted)."""
+    from aiflow_cli.runtime.drafters import ExitDrafter
     from aiflow_cli.runtime.node import Payload, StepResult
 
     model = node.model
     eos = model.eos_token_ids
-    head = model.num_stages - 1
     timings = first.timings
     assert first.tokens is not None  # a generating model's prefill
     out: list[int] = [int(first.tokens[0, 0])]
@@ -266,6 +266,7 @@ def drive(
     base = session.step_inputs  # the input of the last committed position: its mask covers the cache
     cache_len = int(base["attention_mask"].shape[1])
     codec = node.plan.cut_codec(node.stages.stop - 1) or "raw"
+    drafter = (getattr(node, "drafter", None) or ExitDrafter()).start(node, base)  # where drafts come from
     while len(out) < max_new_tokens and out[-1] not in eos:
         remaining = max_new_tokens - len(out)
         g = policy.draft_len(remaining)
@@ -274,25 +275,8 @@ def drive(
         session = node.sessions.get(key)  # (LimitExceeded if another request's cache evicted it)
         session.cache.crop(cache_len)  # the previous round's rejected drafts
         t_draft = time.perf_counter()
-        inputs: list[BoundaryState] = []
-        states: list[BoundaryState] = []
-        draft: list[int] = []
-        tok = torch.tensor([out[-1]], dtype=torch.long)
-        for i in range(g + 1):
-            step_in = model.next_inputs(inputs[-1] if inputs else base, tok)
-            state, _ = node._run_stages(node.decode_start, step_in, session.cache, mine)
-            mine.steps += 1
-            inputs.append(step_in)
-            states.append(state)
-            if i < g:  # the early exit: this tier's last block -> the final norm -> the (tied) LM head
-                t0, c0 = node._clocks()
-                logits = model.output(model.run_stage(head, {"hidden_states": state["hidden_states"]}))
-                tok = logits[:, -1].argmax(-1).reshape(1)
-                node._stretch(t0, c0)
-                mine.compute_ms += (time.perf_counter() - t0) * 1e3
-                draft.append(int(tok))
+        inputs, joined, draft = drafter.propose(node, session.cache, base, out[-1], g, mine)
         draft_ms = (time.perf_counter() - t_draft) * 1e3
-        joined = join_positions(states)
         t0, c0 = node._clocks()
         packed = pack_state(joined, model.roles(joined), codec)
         mine.encode_ms += packed.encode_ms + node._stretch(t0, c0)
@@ -314,6 +298,7 @@ def drive(
         stats.accepted += n
         stats.tokens += len(new)
         stats.drafts_per_round.append(g)
+        drafter.commit(out[-1], new)
         out += new
         timings.merge(r.timings)
         base = inputs[n]  # positions x, d1..dn are committed everywhere
@@ -321,7 +306,7 @@ def drive(
         session.step_inputs = base
         session.cache.crop(cache_len)
         node.sessions.done_step(key, session)  # accounts the cache (the memory limit applies as in plain decoding)
-    stats.policy = policy.to_json()
+    stats.policy = dict(policy.to_json(), **drafter.describe())
     return StepResult(tokens=torch.tensor([out], dtype=torch.long), timings=timings, spec=stats)
 
 
