@@ -41,6 +41,7 @@ COMMAND_MODULES = [
     "aiflow_cli.commands.e2e",
     "aiflow_cli.commands.decode",
     "aiflow_cli.commands.load",
+    "aiflow_cli.commands.draft",
 ]
 
 for _name in COMMAND_MODULES:

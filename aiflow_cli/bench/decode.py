@@ -9,7 +9,10 @@ behind the userspace link emulator, the device is this process):
 - ``spec-kK``: the same placement, the device drafts K tokens per round with its own layers + the head (the
   untrained early exit), the edge and cloud verify them in one message per link
   (:mod:`aiflow_cli.runtime.speculate`);
-- ``spec-auto``: the same, K chosen each round from the acceptance and round-trip time observed so far.
+- ``spec-auto``: the same, K chosen each round from the acceptance and round-trip time observed so far;
+- ``spec-trained-kK`` / ``spec-trained-auto``: the same with the trained exit of the device's last block
+  (:mod:`aiflow_cli.models.exit_adapter`; trained first when none is cached, the training time reported apart);
+- ``spec-draft-auto`` (with ``draft``): a separate draft model on the device (:mod:`aiflow_cli.runtime.drafters`).
 
 Per (RTT, mode): tokens/s (tokens generated / request time), time to first token, acceptance of the drafts,
 tokens per device-edge round trip, whether the output equals the non-speculative split's token for token, and per
@@ -120,6 +123,11 @@ class DecodeConfig:
     workdir: Optional[Path] = None
     warmup_tokens: Optional[int] = None
     """Tokens of the untimed request per mode and RTT that opens the connections (default: ``tokens``)."""
+    trained: bool = True
+    """Run the trained-exit modes (training the exit of the device's last block first if none is cached)."""
+    train_steps: int = 300
+    draft: Optional[str] = None
+    """A draft model for the ``spec-draft-auto`` mode (same vocabulary as ``model``)."""
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> "DecodeConfig":
@@ -142,6 +150,9 @@ class DecodeReport(JsonResult):
     plans: dict[str, str]
     exit_acceptance: dict[str, float]
     """Exit stage -> share of the full model's greedy tokens the early exit there predicts (teacher-forced)."""
+    exit_training: Optional[dict[str, Any]]
+    """The trained exit the ``spec-trained-*`` modes use: layer, path, whether this run trained it and how long it
+    took (s), loss and held-out acceptance before/after; or why there is none."""
     config: dict[str, Any]
     runs: list[dict[str, Any]]
     goals: list[Goal]
@@ -241,6 +252,38 @@ def check_goals(runs: list[dict[str, Any]]) -> list[Goal]:
     return goals
 
 
+def _trained_exit(cfg: DecodeConfig, model: StagedModel, device_end: int, progress: Progress) -> dict[str, Any]:
+    """The trained exit of the device's last block: the cached one, else trained now (timed apart)."""
+    from aiflow_cli.models.exit_adapter import exit_layers, exit_path, find_exit, train_exit
+    from aiflow_cli.runtime.drafters import device_exit_layer
+
+    layer = device_exit_layer(model, device_end)
+    if layer is None or layer not in exit_layers(model):
+        return {"exit_layer": layer, "path": None, "why": "the device's last stage is not a block with an exit"}
+    found = find_exit(model.model_hash, layer)
+    if found is not None:
+        m = found.meta
+        return {
+            "exit_layer": layer,
+            "path": str(exit_path(model.model_hash, layer)),
+            "trained_now": False,
+            **{
+                k: m.get(k)
+                for k in ("steps", "seed", "loss_before", "loss_after", "acceptance_before", "acceptance_after")
+            },
+        }
+    progress(f"training the exit after block {layer} (aiflow draft train {cfg.model} --exit-layer {layer})")
+    r = train_exit(cfg.model, layer, steps=cfg.train_steps, progress=progress)
+    torch.set_num_threads(cfg.threads)
+    out = {
+        k: v
+        for k, v in r.to_json().items()
+        if k
+        in ("path", "steps", "seed", "loss_before", "loss_after", "acceptance_before", "acceptance_after", "train_s")
+    }
+    return {"exit_layer": layer, "trained_now": True, **out}
+
+
 def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "") -> DecodeReport:
     """Starts the two placements once, sweeps the RTTs, measures every mode; see the module docstring."""
     cfg.check()
@@ -256,6 +299,7 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
     exits = sorted({*range(4, n - 1, 4), split[0] - 1, n - 3})
     acceptance = exit_acceptance(full, full.prepare(text=cfg.prompt), exits, cfg.tokens)
     del full
+    exit_training = _trained_exit(cfg, model, split[0], progress) if cfg.trained else None
     runs: list[dict[str, Any]] = []
     with ExitStack() as stack:
         workdir = Path(cfg.workdir) if cfg.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -278,17 +322,15 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
                 clusters["cloud-only"],
             ),
             _Mode("split", stack.enter_context(clusters["split"].pipeline(timeout_s=timeout_s)), clusters["split"]),
-            _Mode(
-                f"spec-k{cfg.k}",
-                stack.enter_context(clusters["split"].pipeline(timeout_s=timeout_s, speculate=cfg.k)),
-                clusters["split"],
-            ),
-            _Mode(
-                "spec-auto",
-                stack.enter_context(clusters["split"].pipeline(timeout_s=timeout_s, speculate="auto")),
-                clusters["split"],
-            ),
         ]
+        spec_modes = [(f"spec-k{cfg.k}", cfg.k, "untrained"), ("spec-auto", "auto", "untrained")]
+        if exit_training is not None and exit_training.get("path"):
+            spec_modes += [(f"spec-trained-k{cfg.k}", cfg.k, "exit"), ("spec-trained-auto", "auto", "exit")]
+        if cfg.draft:
+            spec_modes.append(("spec-draft-auto", "auto", cfg.draft))
+        for name, k, draft in spec_modes:
+            p = clusters["split"].pipeline(timeout_s=timeout_s, speculate=k, draft=draft)
+            modes.append(_Mode(name, stack.enter_context(p), clusters["split"]))
         reference: Optional[torch.Tensor] = None
         for i, rtt in enumerate(cfg.rtts_ms):
             if i:
@@ -324,6 +366,7 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
         model=cfg.model,
         plans={k: p.summary() for k, p in plans.items()},
         exit_acceptance={str(k): round(v, 4) for k, v in acceptance.items()},
+        exit_training=exit_training,
         config={
             "rtts_ms": list(cfg.rtts_ms),
             "tokens": cfg.tokens,
@@ -334,6 +377,7 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
             "threads": cfg.threads,
             "device_edge_mbps": [UPLINK_MBPS, DOWNLINK_MBPS],
             "edge_cloud": "lan",
+            "draft": cfg.draft,
         },
         runs=runs,
         goals=check_goals(runs),

@@ -37,11 +37,21 @@ def bench_decode(
         help="A,B: the device runs stages [0:A), the edge [A:B), the cloud the rest (default: the device every "
         "block but the last, the edge the last block, the cloud the head).",
     ),
+    draft: Optional[str] = typer.Option(
+        None, "--draft", help="A draft MODEL (same vocabulary) for a spec-draft-auto mode run on the device."
+    ),
+    trained: bool = typer.Option(
+        True,
+        "--trained/--no-trained",
+        help="Run the spec-trained-* modes with the trained exit of the device's last block (trained first when "
+        "none is cached: `aiflow draft train`).",
+    ),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, plans, server logs (default: a temp dir)."),
     quick: bool = typer.Option(False, "--quick", help="Two RTTs, 12 tokens, one timed request each (< 3 min)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
 ) -> None:
-    """Decoding over a split LM: cloud-only, split, and self-speculation (fixed K and auto) over an RTT sweep."""
+    """Decoding over a split LM: cloud-only, split, self-speculation (fixed K and auto; untrained and trained
+    exit; a draft model with --draft) over an RTT sweep."""
     from aiflow_cli.bench import decode
 
     bounds = None
@@ -58,6 +68,8 @@ def bench_decode(
         "k": k,
         "split": bounds,
         "workdir": workdir,
+        "draft": draft,
+        "trained": trained,
     }
     cfg = (
         decode.DecodeConfig.quick_config(**given)
@@ -132,6 +144,17 @@ def _print(report) -> None:
         f"{report.config['split'][0] - 1}): " + ", ".join(f"{k}: {v:.2f}" for k, v in report.exit_acceptance.items()),
         highlight=False,
     )
+    ex = report.exit_training
+    if ex and ex.get("path"):
+        console.print(
+            f"trained exit after block {ex['exit_layer']}: held-out acceptance {ex['acceptance_before']:.2f} "
+            f"untrained -> {ex['acceptance_after']:.2f} trained; "
+            + (f"trained in this run in {ex['train_s']:.0f} s" if ex.get("trained_now") else "cached")
+            + f" ({ex['path']})",
+            highlight=False,
+        )
+    elif ex:
+        console.print(f"no trained-exit modes: {ex['why']}", highlight=False)
     for name, summary in report.plans.items():
         console.print(f"{name}: {summary}", highlight=False)
     console.print(f"measured: {report.measured}", highlight=False)

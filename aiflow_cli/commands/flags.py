@@ -53,6 +53,9 @@ FLAGS: dict[str, str] = {
     "dilation": "--dilation",
     "metrics": "--metrics",
     "speculate": "--speculate",
+    "draft": "--draft",
+    "exit_layer": "--exit-layer",
+    "steps": "--steps",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",

@@ -137,6 +137,13 @@ def run(
     seed: Optional[int] = typer.Option(
         None, "--seed", help="Seed of the draws (default: a random one, printed); the same seed, the same answer."
     ),
+    draft: Optional[str] = typer.Option(
+        None,
+        "--draft",
+        help="With --speculate: auto (default: the trained exit of the device's last block if `aiflow draft "
+        "train` made one, else the untrained exit) | exit | untrained | MODEL (a draft model with the same "
+        "vocabulary, run on the device).",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
@@ -157,6 +164,7 @@ def run(
         fallback=fallback,  # type: ignore[arg-type]  # Pipeline checks it
         speed=speed,
         speculate=speculate,
+        draft=draft,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens, sampling=sampling)
@@ -182,7 +190,7 @@ def run(
         acc = "-" if s["acceptance"] is None else f"{s['acceptance']:.0%}"
         console.print(
             f"speculation: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} drafts accepted ({acc}), "
-            f"{s['tokens_per_round'] or 0:.2f} tokens per round",
+            f"{s['tokens_per_round'] or 0:.2f} tokens per round; draft: {s['policy'].get('draft_model') or s['policy'].get('draft')}",
             highlight=False,
         )
     console.print(flow_table(p.plan, result))

@@ -87,6 +87,23 @@ def _same_state(a: BoundaryState, b: BoundaryState) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+def trained_exit_acceptance(m: StagedModel, ref: Reference, cal_states: list[BoundaryState]) -> dict[int, float]:
+    """Stage -> exit acceptance through the trained exit adapter of that stage's block (``aiflow draft train``),
+    for the blocks that have one."""
+    from aiflow_cli.models.exit_adapter import find_exit
+
+    out: dict[int, float] = {}
+    for i, state in enumerate(cal_states):
+        layer = m.stages[i].layer if m.stages[i].kind == "block" else None
+        adapter = find_exit(m.model_hash, layer) if m.task == "generate" and "hidden_states" in state else None
+        if adapter is not None:
+            with torch.inference_mode():
+                got = ref.exit_agreement(m, dict(state, hidden_states=adapter(state["hidden_states"])))
+            if got is not None:
+                out[i] = got
+    return out
+
+
 class _Profiler:
     def __init__(
         self,
@@ -113,6 +130,7 @@ class _Profiler:
         self.ref: Optional[Reference] = None
         self.cal_states: list[BoundaryState] = []
         self.exit_acceptance: list[Optional[float]] = []  # per stage but the last: an early exit's acceptance
+        self.trained_exit_acceptance: dict[int, float] = {}  # stage -> the same with its trained exit (if any)
 
     # 1 + 2: exact pass, memory, prefill timing
     def prefill(self) -> tuple[list[BoundaryState], list[int], list[list[float]]]:
@@ -184,6 +202,7 @@ class _Profiler:
             self.cal_states.append(state)
         ref.finish(ref.run_from(m, state, m.num_stages - 1))
         self.exit_acceptance = [ref.exit_agreement(m, s) for s in self.cal_states]
+        self.trained_exit_acceptance = trained_exit_acceptance(m, ref, self.cal_states)
         self.ref = ref
 
     # 5: codecs and fidelity per cut
@@ -399,6 +418,7 @@ def profile_model(
                 decode_p90_ms=_p(dt, 0.9) if dt else None,
                 peak_activation_bytes=peaks[i],
                 exit_acceptance=p.exit_acceptance[i] if i < len(p.exit_acceptance) else None,
+                trained_exit_acceptance=p.trained_exit_acceptance.get(i),
             )
         )
     cuts = []

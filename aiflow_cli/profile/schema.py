@@ -85,6 +85,13 @@ class StageProfile(Strict):
         "stage (the model's head on its output) predicts, teacher-forced: the per-draft acceptance of "
         "self-speculation with the device's last stage here (docs/runtime.md)",
     )
+    trained_exit_acceptance: Optional[float] = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="LMs, blocks with a trained exit (`aiflow draft train MODEL --exit-layer K`, K this block's "
+        "layer): exit_acceptance through that exit adapter; None where none was trained when profiling",
+    )
 
 
 class CutTensor(Strict):

@@ -151,6 +151,7 @@ class TierNode:
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
         self.first_token_at: Optional[float] = None  # perf_counter() when this driver had its first token
         self.observer: Optional[Any] = None  # a runtime.metrics.TierMetrics, told of each request (serve --metrics)
+        self.drafter: Optional[Any] = None  # a driver's draft source (runtime.drafters; None: the untrained exit)
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
@@ -376,7 +377,7 @@ class TierNode:
             self.next is not None
             and first.tokens is not None
             and first.tokens.shape[0] == 1
-            and head in self.model.loaded
+            and (head in self.model.loaded or not getattr(self.drafter, "needs_head", True))
             and spec.unsupported(self.model) is None
         )
 

@@ -7,6 +7,8 @@
 
 ``speculate=K`` (or ``"auto"``) makes the device draft K tokens per round with its own layers and the upper tiers
 verify them in one round trip (:mod:`aiflow_cli.runtime.speculate`): greedy output unchanged, fewer round trips.
+``draft`` says what drafts (:mod:`aiflow_cli.runtime.drafters`): ``auto`` (default: the trained exit of the device's
+last block when ``aiflow draft train`` made one, else the untrained exit), ``exit``, ``untrained`` or a draft MODEL.
 
 ``fallback="local"`` finishes a request on the device (its own stages plus a local copy of the rest, loaded on
 first need) when the upper tiers cannot be reached or time out; the result says so.
@@ -29,6 +31,7 @@ from aiflow_cli.models.sampling import GREEDY, Sampling
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan, load_plan
 from aiflow_cli.runtime import tracing
+from aiflow_cli.runtime.drafters import make_drafter
 from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL
 from aiflow_cli.runtime.speculate import SpecPolicy, Speculate, parse_speculate, unsupported
@@ -118,6 +121,7 @@ class Pipeline:
         limits: Optional[Limits] = None,
         dilation: float = 1.0,
         speculate: Speculate = None,
+        draft: Optional[str] = None,
     ):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if fallback not in ("none", "local"):
@@ -136,6 +140,12 @@ class Pipeline:
         self.timeout_s = timeout_s
         self.fallback = fallback
         k = parse_speculate(speculate)
+        if draft is not None and k is None:
+            raise InputError(f"draft={draft}: drafts are for speculation; give speculate too", param="draft")
+        drafter = None
+        if k is not None and self.plan.stages_for("device").stop > 0:
+            skeleton = load_stages(self.plan.model, [])
+            drafter = make_drafter(draft, skeleton, self.plan.stages_for("device").stop)
         self.node = TierNode(
             self.plan,
             "device",
@@ -143,8 +153,9 @@ class Pipeline:
             speed=speed,
             cache_limit_bytes=DEFAULT_CACHE_BYTES,
             dilation=dilation,
-            exit_head=k is not None,
+            exit_head=k is not None and (drafter is None or drafter.needs_head),
         )
+        self.node.drafter = drafter
         self.speculate: Optional[SpecPolicy] = None
         """The speculation policy of this device's generations (None: one round trip per token)."""
         if k is not None:

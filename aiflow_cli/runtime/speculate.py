@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 
 from aiflow_cli.errors import InputError, TransportError
-from aiflow_cli.models.sampling import GREEDY, DraftDist, Sampling, draft_dist, draft_token
+from aiflow_cli.models.sampling import GREEDY, Sampling
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.runtime.protocol import VERIFY, Verify
 from aiflow_cli.runtime.timings import Timings
@@ -256,12 +256,12 @@ def drive(
 ) -> "StepResult":
     """The decode loop of a driving tier with self-speculation (see the module docstring); ``first`` is the
     prefill's result (its token is the first one emitted). With ``sampling`` (temperature > 0) each draft is drawn
-    from the exit's distribution and the output tier applies the rejection rule (:mod:`aiflow_cli.models.sampling`)."""
+    from the drafter's distribution and the output tier applies the rejection rule (:mod:`aiflow_cli.models.sampling`)."""
+    from aiflow_cli.runtime.drafters import ExitDrafter
     from aiflow_cli.runtime.node import Payload, StepResult
 
     model = node.model
     eos = model.eos_token_ids
-    head = model.num_stages - 1
     timings = first.timings
     assert first.tokens is not None  # a generating model's prefill
     out: list[int] = [int(first.tokens[0, 0])]
@@ -269,6 +269,7 @@ def drive(
     base = session.step_inputs  # the input of the last committed position: its mask covers the cache
     cache_len = int(base["attention_mask"].shape[1])
     codec = node.plan.cut_codec(node.stages.stop - 1) or "raw"
+    drafter = (getattr(node, "drafter", None) or ExitDrafter()).start(node, base)  # where drafts come from
     while len(out) < max_new_tokens and out[-1] not in eos:
         remaining = max_new_tokens - len(out)
         g = policy.draft_len(remaining)
@@ -277,30 +278,8 @@ def drive(
         session = node.sessions.get(key)  # (LimitExceeded if another request's cache evicted it)
         session.cache.crop(cache_len)  # the previous round's rejected drafts
         t_draft = time.perf_counter()
-        inputs: list[BoundaryState] = []
-        states: list[BoundaryState] = []
-        draft: list[int] = []
-        dists: list[DraftDist] = []
-        tok = torch.tensor([out[-1]], dtype=torch.long)
-        for i in range(g + 1):
-            step_in = model.next_inputs(inputs[-1] if inputs else base, tok)
-            state, _ = node._run_stages(node.decode_start, step_in, session.cache, mine)
-            mine.steps += 1
-            inputs.append(step_in)
-            states.append(state)
-            if i < g:  # the early exit: this tier's last block -> the final norm -> the (tied) LM head
-                t0, c0 = node._clocks()
-                logits = model.output(model.run_stage(head, {"hidden_states": state["hidden_states"]}))
-                if sampling.greedy:
-                    tok = logits[:, -1].argmax(-1).reshape(1)
-                else:  # drawn from the exit's distribution, which travels with the draft
-                    dists.append(draft_dist(logits[0, -1], sampling))
-                    tok = torch.tensor([draft_token(dists[-1], sampling, len(out) + i)], dtype=torch.long)
-                node._stretch(t0, c0)
-                mine.compute_ms += (time.perf_counter() - t0) * 1e3
-                draft.append(int(tok))
+        inputs, joined, draft, dists = drafter.propose(node, session.cache, base, out[-1], g, mine, sampling, len(out))
         draft_ms = (time.perf_counter() - t_draft) * 1e3
-        joined = join_positions(states)
         t0, c0 = node._clocks()
         packed = pack_state(joined, model.roles(joined), codec)
         mine.encode_ms += packed.encode_ms + node._stretch(t0, c0)
@@ -325,6 +304,7 @@ def drive(
         stats.accepted += n
         stats.tokens += len(new)
         stats.drafts_per_round.append(g)
+        drafter.commit(out[-1], new)
         out += new
         timings.merge(r.timings)
         base = inputs[n]  # positions x, d1..dn are committed everywhere
@@ -332,7 +312,7 @@ def drive(
         session.step_inputs = base
         session.cache.crop(cache_len)
         node.sessions.done_step(key, session)  # accounts the cache (the memory limit applies as in plain decoding)
-    stats.policy = policy.to_json()
+    stats.policy = dict(policy.to_json(), **drafter.describe())
     return StepResult(tokens=torch.tensor([out], dtype=torch.long), timings=timings, spec=stats)
 
 

@@ -1,0 +1,52 @@
+"""CLI verb of trained exits: ``aiflow draft train MODEL --exit-layer K`` (the library: aiflow_cli/models/exit_adapter.py)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from aiflow_cli.console import console, err_console, print_json
+
+draft = typer.Typer(help="Draft sources for speculative decoding: trained early exits.", no_args_is_help=True)
+
+
+@draft.command("train")
+def train(
+    model: str = typer.Argument(..., help="Language model (smollm2, builtin:llama-tiny, a directory, a hub id)."),
+    exit_layer: int = typer.Option(
+        ..., "--exit-layer", help="Block whose output the exit reads (0-based; the device's last block)."
+    ),
+    steps: int = typer.Option(300, "--steps", help="Optimiser steps (256 positions each)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initialisation and the batches (same seed: same file)."),
+    rank: Optional[int] = typer.Option(None, "--rank", help="Adapter rank (default 128, at most the hidden size)."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
+) -> None:
+    """Fit a small exit adapter after block K by self-distillation on the model's own greedy outputs for the
+    shipped calibration prompts; saved beside the model cache, used by `aiflow run --speculate` and the profile."""
+    from aiflow_cli.models.exit_adapter import DEFAULT_RANK, train_exit
+
+    out = err_console if json_out else console
+    with out.status("aiflow draft train") as status:
+
+        def progress(msg: str) -> None:
+            status.update(msg)
+
+        r = train_exit(model, exit_layer, steps=steps, seed=seed, rank=rank or DEFAULT_RANK, progress=progress)
+    if json_out:
+        print_json(r.to_json())
+        return
+    console.print(
+        f"exit after block {r.exit_layer} (stage {r.exit_stage}) of {r.model}: rank {r.rank}, {r.steps} steps, "
+        f"{r.train_positions} positions, {r.train_s:.1f} s\n"
+        f"KL to the full model (training positions): {r.loss_before:.4f} -> {r.loss_after:.4f}\n"
+        f"acceptance on {r.held_out_prompts} held-out prompts (teacher-forced greedy agreement): "
+        f"{r.acceptance_before:.1%} untrained -> {r.acceptance_after:.1%} trained\n"
+        f"saved {r.path} ({r.param_bytes / 1024:.0f} KiB of weights, sha256 {r.sha256[:16]})",
+        highlight=False,
+    )
+
+
+def register(app: typer.Typer, bench: typer.Typer) -> None:
+    """Adds this module's commands to the CLI."""
+    app.add_typer(draft, name="draft")
