@@ -220,3 +220,19 @@ def test_three_processes_sample_the_same_tokens_as_the_model_alone(tmp_path):
             a = fast.run(inputs=x, max_new_tokens=14, sampling=s)
             assert a.speculation["rounds"] < 13 and a.tokens.shape == ref.shape
             assert torch.equal(fast.run(inputs=x, max_new_tokens=14, sampling=s).tokens, a.tokens)
+
+
+def test_a_draft_model_that_is_the_target_is_always_accepted_when_sampling_within_its_support():
+    """With top_k <= the draft support, the draft model's distribution is the target's exactly, so the rejection
+    rule must accept every draft (an off-by-one in the answer places or the distributions would not)."""
+    from runtime_support import in_process_tiers
+
+    from aiflow_cli.runtime.drafters import make_drafter
+
+    m, tiers = in_process_tiers("builtin:llama-tiny", (2, 4))
+    device = tiers[0]
+    device.drafter = make_drafter("builtin:llama-tiny", device.model, 2)
+    x = m.make_inputs(seq_len=5, seed=3)
+    r = _generate(device, x, 12, 3, 1, Sampling(temperature=1.5, top_k=8, seed=4))
+    assert r.spec.drafted > 0 and r.spec.accepted == r.spec.drafted, r.spec
+    assert all(len(t.sessions) == 0 for t in tiers)
