@@ -52,6 +52,17 @@ def serve(
     metrics: Optional[str] = typer.Option(
         None, "--metrics", help="Serve Prometheus metrics on HOST:PORT (/metrics; docs/metrics.md). Off by default."
     ),
+    replicas: int = typer.Option(
+        1, "--replicas", min=1, help="Run the tier as a pool of N replicas on Ray (docs/scale.md); 1: one process."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", help="Ray to run the pool on: local (a private one; the default), auto, or HOST:PORT."
+    ),
+    max_replicas: Optional[int] = typer.Option(
+        None, "--max-replicas", min=1, help="Autoscale the pool between --replicas and this on active sessions."
+    ),
+    target_sessions: int = typer.Option(8, "--target-sessions", min=1, help="Active sessions per replica to aim at."),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.01, help="CPUs Ray reserves per replica."),
 ) -> None:
     """Serve one tier of a plan: load only its stages, run them for every device, forward to the next tier."""
     import json
@@ -60,6 +71,14 @@ def serve(
     from aiflow_cli.runtime.serve import TierServer
 
     _threads()
+    if replicas > 1 or ray_address is not None or max_replicas is not None:  # a pool on Ray (commands/pool.py)
+        from aiflow_cli.commands.pool import serve_pool_cli
+
+        return serve_pool_cli(
+            role, plan, listen, next_addr, identity, trust, speed, dilation, cache_mib, duration_s, insecure_dev,
+            json_out, metrics, replicas=replicas, ray_address=ray_address, max_replicas=max_replicas,
+            target_sessions=target_sessions, cpus=replica_cpus,
+        )  # fmt: skip
     srv = TierServer(
         role,
         plan,
