@@ -119,7 +119,7 @@ def test_autoscaler_scales_up_at_once_and_down_after_a_streak_on_idle_replicas_o
 # -- failover with real servers ---------------------------------------------------------------------------------
 def _generate_and_kill(pipe: Pipeline, pool: PoolClient, kill, text: str, n: int, after_steps: int):
     """Runs a generation in a thread, calls ``kill(replica)`` on its replica once ``after_steps`` steps went
-    through the pool, and returns (tokens, the killed replica)."""
+    through the pool, and returns (tokens, the killed replica, the session id, when it was killed)."""
     out: dict[str, object] = {}
 
     def run() -> None:
@@ -135,10 +135,11 @@ def _generate_and_kill(pipe: Pipeline, pool: PoolClient, kill, text: str, n: int
         timeout_s=60,
         what="the generation's steps through the pool",
     )
+    killed_at = time.monotonic()
     kill(replica)
     t.join(120)
     assert "e" not in out, f"the device saw an error, not a delay: {out.get('e')}"
-    return out["r"].tokens, replica, sid
+    return out["r"].tokens, replica, sid, killed_at
 
 
 def test_a_session_moves_to_another_replica_when_its_replica_dies(tmp_path):
@@ -166,12 +167,17 @@ def test_a_session_moves_to_another_replica_when_its_replica_dies(tmp_path):
             # sticky: every step of a generation goes to the replica the ring picks for its session
             assert torch.equal(pipe.run(text=text, max_new_tokens=4).tokens, ref[:, :4])
             assert pool.failovers == []
-            tokens, dead, sid = _generate_and_kill(pipe, pool, lambda r: by_addr[r].close(), text, n, after_steps=8)
+            tokens, dead, sid, killed_at = _generate_and_kill(
+                pipe, pool, lambda r: by_addr[r].close(), text, n, after_steps=8
+            )
             assert dead == pool.ring.pick(sid)
             assert torch.equal(tokens, ref)
             (f,) = pool.failovers
             assert f["from"] == dead and f["to"] != dead and f["replayed"] >= 8
-            print(f"\nfailover (in-process replicas): {f['replayed']} steps replayed, delay {f['s'] * 1e3:.0f} ms")
+            print(
+                f"\nfailover, in-process replica closed: {f['replayed']} steps replayed in {f['s'] * 1e3:.0f} ms, "
+                f"the step done {(f['at'] - killed_at) * 1e3:.0f} ms after the close"
+            )
             # the next sessions avoid the dead replica
             assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
             assert len(pool.failovers) == 1
@@ -217,15 +223,16 @@ def test_a_cloud_pool_on_ray_survives_a_killed_replica(tmp_path):
             by_addr = {r.address: r.name for r in reps}
             with Pipeline(plan, edge=edge.address, identity=keys["device"], trust=trust, timeout_s=60) as pipe:
                 # the load signal: the session is active on its replica only while it generates
-                tokens, dead, sid = _generate_and_kill(
+                tokens, dead, sid, killed_at = _generate_and_kill(
                     pipe, client, lambda r: pool.kill(by_addr[r]), text, n, after_steps=10
                 )
                 assert torch.equal(tokens, ref)
                 (f,) = client.failovers
                 assert f["from"] == dead and f["replayed"] >= 10
                 print(
-                    f"\nray pool: 2 replicas up in {started_s:.1f} s; replica killed mid-generation: "
-                    f"{f['replayed']} steps replayed on {f['to']}, delay {f['s'] * 1e3:.0f} ms (QUIC idle timeout included)"
+                    f"\nray pool: 2 replicas up in {started_s:.1f} s; replica process killed (ray.kill) mid-generation: "
+                    f"{f['replayed']} steps replayed in {f['s'] * 1e3:.0f} ms, the step done "
+                    f"{(f['at'] - killed_at) * 1e3:.0f} ms after the kill"
                 )
                 # Ray knows the replica is gone; healing brings the pool back to 2, the client's next refresh sees it
                 wait_until(lambda: len(pool.loads()) == 1, timeout_s=10, what="Ray dropping the killed replica")
@@ -234,6 +241,68 @@ def test_a_cloud_pool_on_ray_survives_a_killed_replica(tmp_path):
                 assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
                 loads = pool.loads()
                 assert sum(v["active_sessions"] for v in loads.values()) == 0  # ended sessions free their caches
+    finally:
+        if edge is not None:
+            edge.close()
+        if ray.is_initialized():
+            ray.shutdown()
+    wait_until(lambda: not _raylets(), timeout_s=20, what="Ray's processes to exit")
+
+
+@pytest.mark.slow
+def test_a_ray_pool_scales_on_active_sessions(tmp_path):
+    """The pool grows while sessions are active beyond the target per replica and shrinks back, stopping only the
+    idle replica, once they ended (one replica at first, a target of 1 session per replica)."""
+    ray = pytest.importorskip("ray")
+    from aiflow_cli.runtime.ray_pool import RayPool
+
+    assert not _raylets(), "a Ray instance was already running"
+    lm = load_model(MODEL)
+    plan = tmp_path / "plan.json"
+    three_tier_plan(MODEL, plan, codec="raw")
+    keys = identities(tmp_path)
+    trust = tuple(k.fingerprint for k in keys.values())
+    text, n = "scale", 60
+    ref = lm.generate(lm.prepare(text=text), n)
+    spec = TierSpec("cloud", str(plan), str(keys["cloud"].cert_path.parent), trust, speed=0.2, threads=1)
+    policy = ScalePolicy(min_replicas=1, max_replicas=2, target_sessions=1, down_after=2)
+    edge = None
+    try:
+        with RayPool(spec, 1, replica_cpus=0.5, num_cpus=2, policy=policy) as pool:
+            client = pool.client(identity=keys["edge"], trust=trust, timeout_s=60)
+            edge = TierServer(
+                "edge", plan, listen="127.0.0.1:0", identity=keys["edge"], trust=trust, next_client=client
+            )
+            with Pipeline(plan, edge=edge.address, identity=keys["device"], trust=trust, timeout_s=60) as pipe:
+                out: dict[str, object] = {}
+                t = threading.Thread(target=lambda: out.update(r=pipe.run(text=text, max_new_tokens=n)))
+                t.start()
+                wait_until(
+                    lambda: sum(v["active_sessions"] for v in pool.loads().values()) == 1,
+                    timeout_s=60,
+                    what="a session active on the pool",
+                )
+                d = pool.autoscale()  # 1 session at a target of 1 per replica: 1 replica is enough
+                assert d.target == 1 and len(pool.replicas) == 1
+                # a second session: 2 active on 1 replica at a target of 1 -> 2 replicas
+                t2 = threading.Thread(target=lambda: out.update(r2=pipe.run(text=text, max_new_tokens=n)))
+                t2.start()
+                wait_until(
+                    lambda: sum(v["active_sessions"] for v in pool.loads().values()) == 2,
+                    timeout_s=60,
+                    what="two sessions active on the pool",
+                )
+                d = pool.autoscale()
+                assert d.target == 2 and len(pool.replicas) == 2, d
+                t.join(120)
+                t2.join(120)
+                assert torch.equal(out["r"].tokens, ref) and torch.equal(out["r2"].tokens, ref)
+                assert client.failovers == []  # pinned sessions stayed where they were while the pool grew
+                # all ended: after down_after polls the idle replica (the new one or the old) is stopped
+                assert pool.autoscale().target == 2
+                d = pool.autoscale()
+                assert d.target == 1 and len(d.remove) == 1 and len(pool.replicas) == 1, d
+                assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
     finally:
         if edge is not None:
             edge.close()

@@ -36,6 +36,8 @@ BAN_S = 30.0
 DEFAULT_LOG_BYTES = 256 << 20
 #: Seconds a session's stored requests outlive its last step (a generation that ended on EOS sends no last step).
 LOG_IDLE_S = 300.0
+#: Seconds between reloads of the replica list at new sessions (replicas the pool added since are then used).
+REFRESH_S = 5.0
 
 
 def _point(text: str) -> int:
@@ -207,6 +209,7 @@ class PoolClient:
         self._clients: dict[str, Client] = {}
         self._banned: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._refreshed_at = 0.0
         self.refresh()
         if not self.ring.nodes:
             raise InputError("the pool has no replica address (give HOST:PORT,HOST:PORT,...)", param="next")
@@ -220,6 +223,7 @@ class PoolClient:
     def refresh(self) -> tuple[str, ...]:
         """Reloads the replica list from the provider (e.g. from Ray, which knows which replicas live)."""
         nodes = [a.strip() for a in self._provider() if a and a.strip()]
+        self._refreshed_at = time.monotonic()
         with self._lock:
             self.ring.set_nodes(nodes)
             for gone in set(self._clients) - set(nodes):
@@ -255,6 +259,8 @@ class PoolClient:
         if not isinstance(msg, (Infer, Verify)):  # hello: any live replica answers for all (same plan, model)
             return self._any(sid, env, deadline, msg)
         new = isinstance(msg, Infer) and msg.phase == PREFILL
+        if new and time.monotonic() - self._refreshed_at > REFRESH_S:
+            self.refresh()
         replica = None if new else self.log.replica_of(sid)
         banned = self._banned_now()
         if replica is None or replica in banned or replica not in self.ring.nodes:
