@@ -1,14 +1,18 @@
 """A tier as a pool of replicas (docs/scale.md): the consistent-hash ring, the replay log and the autoscaling policy
 alone; a session moved off a dead replica mid-generation with its cache rebuilt (output identical to the
-monolithic model's), first with two in-process cloud servers, then with two Ray actors (skipped without ray).
+monolithic model's), first with two in-process cloud servers, then with two Ray actors (skipped without ray);
+a pool on Ray scaling on active sessions (marked slow).
 
 The failover delays are printed: ``python -m pytest -q -s tests/test_ray_pool.py``."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import sys
 import threading
 import time
+from typing import Optional
 
 import pytest
 import torch
@@ -23,6 +27,7 @@ from aiflow_cli.runtime.pipeline import Pipeline
 from aiflow_cli.runtime.protocol import DECODE, PREFILL, Infer
 from aiflow_cli.runtime.routing import HashRing, PoolClient, ReplayLog, Sent, parse_replicas
 from aiflow_cli.runtime.serve import TierServer, TierSpec
+from aiflow_cli.transport import Identity
 
 MODEL = "builtin:gpt2-tiny"
 
@@ -60,6 +65,22 @@ def test_parse_replicas():
     assert parse_replicas(" 127.0.0.1:1, 127.0.0.1:2 ,") == ["127.0.0.1:1", "127.0.0.1:2"]
     with pytest.raises(InputError, match="HOST:PORT"):
         parse_replicas(" , ")
+
+
+def test_pool_cli_refuses_bad_options_in_one_line(tmp_path):
+    """`aiflow serve --replicas` checks its options before it starts Ray (exit 3, one line, no traceback)."""
+    ident = Identity.generate(tmp_path / "keys")
+    base = ["serve", "--role", "cloud", "--plan", str(tmp_path / "plan.json"), "--identity", str(tmp_path / "keys")]
+    cases = [
+        (["--replicas", "2", "--max-replicas", "1", "--trust", ident.fingerprint], "--max-replicas 1: must be >= "),
+        (["--replicas", "2", "--insecure-dev"], "a pool's replicas need --trust"),
+    ]
+    for extra, message in cases:
+        r = subprocess.run(
+            [sys.executable, "-m", "aiflow_cli", *base, *extra], capture_output=True, text=True, timeout=120
+        )
+        assert r.returncode == 3, r.stderr
+        assert message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # -- the replay log ---------------------------------------------------------------------------------------------
@@ -193,10 +214,12 @@ def _raylets() -> list[str]:
     return [line for line in ps.splitlines() if "raylet" in line or "gcs_server" in line]
 
 
-def test_a_cloud_pool_on_ray_survives_a_killed_replica(tmp_path):
-    """A local Ray (num_cpus=2, half a CPU per replica), two cloud replicas as actors with their own QUIC
-    listeners; an edge routes to them through the pool's client (refreshed from Ray). One replica's process
-    is killed (ray.kill) mid-generation: the device sees a delay, the output equals the monolithic model's."""
+@contextlib.contextmanager
+def _on_ray(tmp_path, text: str, n: int, replicas: int, policy: Optional[ScalePolicy] = None):
+    """A local Ray (num_cpus=2, half a CPU per replica) running ``replicas`` cloud replicas (emulated at 0.2x, so
+    a generation lasts), an in-process edge routing to them with the pool's client (refreshed from Ray) and a
+    device; yields (pool, the edge's client, the device's pipeline, the monolithic model's tokens for ``text``).
+    Afterwards no Ray process is left."""
     ray = pytest.importorskip("ray")
     from aiflow_cli.runtime.ray_pool import RayPool
 
@@ -206,106 +229,84 @@ def test_a_cloud_pool_on_ray_survives_a_killed_replica(tmp_path):
     three_tier_plan(MODEL, plan, codec="raw")
     keys = identities(tmp_path)
     trust = tuple(k.fingerprint for k in keys.values())
-    text, n = "a pool on ray", 60
     ref = lm.generate(lm.prepare(text=text), n)
     spec = TierSpec("cloud", str(plan), str(keys["cloud"].cert_path.parent), trust, speed=0.2, threads=1)
     edge = None
-    t0 = time.monotonic()
     try:
-        with RayPool(spec, 2, replica_cpus=0.5, num_cpus=2) as pool:
-            started_s = time.monotonic() - t0
+        with RayPool(spec, replicas, replica_cpus=0.5, num_cpus=2, policy=policy) as pool:
             reps = list(pool.replicas.values())
-            assert len({r.address for r in reps}) == 2 and {r.fingerprint for r in reps} == {keys["cloud"].fingerprint}
+            assert {r.fingerprint for r in reps} == {keys["cloud"].fingerprint}  # the tier's own certificate
             client = pool.client(identity=keys["edge"], trust=trust, timeout_s=60)
             edge = TierServer(
                 "edge", plan, listen="127.0.0.1:0", identity=keys["edge"], trust=trust, next_client=client
             )
-            by_addr = {r.address: r.name for r in reps}
             with Pipeline(plan, edge=edge.address, identity=keys["device"], trust=trust, timeout_s=60) as pipe:
-                # the load signal: the session is active on its replica only while it generates
-                tokens, dead, sid, killed_at = _generate_and_kill(
-                    pipe, client, lambda r: pool.kill(by_addr[r]), text, n, after_steps=10
-                )
-                assert torch.equal(tokens, ref)
-                (f,) = client.failovers
-                assert f["from"] == dead and f["replayed"] >= 10
-                print(
-                    f"\nray pool: 2 replicas up in {started_s:.1f} s; replica process killed (ray.kill) mid-generation: "
-                    f"{f['replayed']} steps replayed in {f['s'] * 1e3:.0f} ms, the step done "
-                    f"{(f['at'] - killed_at) * 1e3:.0f} ms after the kill"
-                )
-                # Ray knows the replica is gone; healing brings the pool back to 2, the client's next refresh sees it
-                wait_until(lambda: len(pool.loads()) == 1, timeout_s=10, what="Ray dropping the killed replica")
-                assert pool.heal() == 1 and len(pool.addresses()) == 2
-                assert dead not in client.refresh()
-                assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
-                loads = pool.loads()
-                assert sum(v["active_sessions"] for v in loads.values()) == 0  # ended sessions free their caches
+                yield pool, client, pipe, ref
     finally:
         if edge is not None:
             edge.close()
         if ray.is_initialized():
             ray.shutdown()
     wait_until(lambda: not _raylets(), timeout_s=20, what="Ray's processes to exit")
+
+
+def test_a_cloud_pool_on_ray_survives_a_killed_replica(tmp_path):
+    """Two cloud replicas as Ray actors with their own QUIC listeners; one replica's process is killed (ray.kill)
+    mid-generation: the device sees a delay, the output equals the monolithic model's."""
+    text, n = "a pool on ray", 60
+    t0 = time.monotonic()
+    with _on_ray(tmp_path, text, n, 2) as (pool, client, pipe, ref):
+        started_s = time.monotonic() - t0
+        by_addr = {r.address: r.name for r in pool.replicas.values()}
+        assert len(by_addr) == 2
+        tokens, dead, sid, killed_at = _generate_and_kill(
+            pipe, client, lambda r: pool.kill(by_addr[r]), text, n, after_steps=10
+        )
+        assert torch.equal(tokens, ref)
+        (f,) = client.failovers
+        assert f["from"] == dead and f["replayed"] >= 10
+        print(
+            f"\nray pool: 2 replicas up in {started_s:.1f} s; replica process killed (ray.kill) mid-generation: "
+            f"{f['replayed']} steps replayed in {f['s'] * 1e3:.0f} ms, the step done "
+            f"{(f['at'] - killed_at) * 1e3:.0f} ms after the kill"
+        )
+        # Ray knows the replica is gone; healing brings the pool back to 2, the client's next refresh sees it
+        wait_until(lambda: len(pool.loads()) == 1, timeout_s=10, what="Ray dropping the killed replica")
+        assert pool.heal() == 1 and len(pool.addresses()) == 2
+        assert dead not in client.refresh()
+        assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
+        assert sum(v["active_sessions"] for v in pool.loads().values()) == 0  # ended sessions free their caches
 
 
 @pytest.mark.slow
 def test_a_ray_pool_scales_on_active_sessions(tmp_path):
     """The pool grows while sessions are active beyond the target per replica and shrinks back, stopping only the
     idle replica, once they ended (one replica at first, a target of 1 session per replica)."""
-    ray = pytest.importorskip("ray")
-    from aiflow_cli.runtime.ray_pool import RayPool
-
-    assert not _raylets(), "a Ray instance was already running"
-    lm = load_model(MODEL)
-    plan = tmp_path / "plan.json"
-    three_tier_plan(MODEL, plan, codec="raw")
-    keys = identities(tmp_path)
-    trust = tuple(k.fingerprint for k in keys.values())
     text, n = "scale", 60
-    ref = lm.generate(lm.prepare(text=text), n)
-    spec = TierSpec("cloud", str(plan), str(keys["cloud"].cert_path.parent), trust, speed=0.2, threads=1)
     policy = ScalePolicy(min_replicas=1, max_replicas=2, target_sessions=1, down_after=2)
-    edge = None
-    try:
-        with RayPool(spec, 1, replica_cpus=0.5, num_cpus=2, policy=policy) as pool:
-            client = pool.client(identity=keys["edge"], trust=trust, timeout_s=60)
-            edge = TierServer(
-                "edge", plan, listen="127.0.0.1:0", identity=keys["edge"], trust=trust, next_client=client
-            )
-            with Pipeline(plan, edge=edge.address, identity=keys["device"], trust=trust, timeout_s=60) as pipe:
-                out: dict[str, object] = {}
-                t = threading.Thread(target=lambda: out.update(r=pipe.run(text=text, max_new_tokens=n)))
-                t.start()
-                wait_until(
-                    lambda: sum(v["active_sessions"] for v in pool.loads().values()) == 1,
-                    timeout_s=60,
-                    what="a session active on the pool",
-                )
-                d = pool.autoscale()  # 1 session at a target of 1 per replica: 1 replica is enough
-                assert d.target == 1 and len(pool.replicas) == 1
-                # a second session: 2 active on 1 replica at a target of 1 -> 2 replicas
-                t2 = threading.Thread(target=lambda: out.update(r2=pipe.run(text=text, max_new_tokens=n)))
-                t2.start()
-                wait_until(
-                    lambda: sum(v["active_sessions"] for v in pool.loads().values()) == 2,
-                    timeout_s=60,
-                    what="two sessions active on the pool",
-                )
-                d = pool.autoscale()
-                assert d.target == 2 and len(pool.replicas) == 2, d
-                t.join(120)
-                t2.join(120)
-                assert torch.equal(out["r"].tokens, ref) and torch.equal(out["r2"].tokens, ref)
-                assert client.failovers == []  # pinned sessions stayed where they were while the pool grew
-                # all ended: after down_after polls the idle replica (the new one or the old) is stopped
-                assert pool.autoscale().target == 2
-                d = pool.autoscale()
-                assert d.target == 1 and len(d.remove) == 1 and len(pool.replicas) == 1, d
-                assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
-    finally:
-        if edge is not None:
-            edge.close()
-        if ray.is_initialized():
-            ray.shutdown()
-    wait_until(lambda: not _raylets(), timeout_s=20, what="Ray's processes to exit")
+    with _on_ray(tmp_path, text, n, 1, policy) as (pool, client, pipe, ref):
+        out: dict[str, object] = {}
+
+        def active() -> int:
+            return sum(v["active_sessions"] for v in pool.loads().values())
+
+        t = threading.Thread(target=lambda: out.update(r=pipe.run(text=text, max_new_tokens=n)))
+        t.start()
+        wait_until(lambda: active() == 1, timeout_s=60, what="a session active on the pool")
+        d = pool.autoscale()  # 1 session at a target of 1 per replica: 1 replica is enough
+        assert d.target == 1 and len(pool.replicas) == 1
+        # a second session: 2 active on 1 replica at a target of 1 -> 2 replicas
+        t2 = threading.Thread(target=lambda: out.update(r2=pipe.run(text=text, max_new_tokens=n)))
+        t2.start()
+        wait_until(lambda: active() == 2, timeout_s=60, what="two sessions active on the pool")
+        d = pool.autoscale()
+        assert d.target == 2 and len(pool.replicas) == 2, d
+        t.join(120)
+        t2.join(120)
+        assert torch.equal(out["r"].tokens, ref) and torch.equal(out["r2"].tokens, ref)
+        assert client.failovers == []  # pinned sessions stayed where they were while the pool grew
+        # all ended: after down_after polls the idle replica (the new one or the old) is stopped
+        assert pool.autoscale().target == 2
+        d = pool.autoscale()
+        assert d.target == 1 and len(d.remove) == 1 and len(pool.replicas) == 1, d
+        assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])

@@ -35,10 +35,8 @@ def serve_pool_cli(
     cpus: float,
 ) -> None:
     from aiflow_cli.runtime.autoscale import ScalePolicy
-    from aiflow_cli.runtime.ray_pool import serve_pool
-    from aiflow_cli.runtime.serve import ROLES, TierSpec
 
-    if role not in ROLES:
+    if role not in ("edge", "cloud"):  # checked before the heavy imports (torch, Ray) below
         raise InputError(f"--role {role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
     if insecure_dev:
         raise InputError(
@@ -54,6 +52,9 @@ def serve_pool_cli(
         if max_replicas < replicas:
             raise InputError(f"--max-replicas {max_replicas}: must be >= --replicas ({replicas})", param="max_replicas")
         policy = ScalePolicy(min_replicas=replicas, max_replicas=max_replicas, target_sessions=target_sessions)
+    from aiflow_cli.runtime.ray_pool import serve_pool
+    from aiflow_cli.runtime.serve import TierSpec
+
     spec = TierSpec(
         role=role,
         plan_path=str(Path(plan).resolve()),
