@@ -19,7 +19,7 @@ import torch
 from conftest import wait_until
 from runtime_support import three_tier_plan
 
-from aiflow_cli.errors import InputError
+from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.models import load_model
 from aiflow_cli.runtime.autoscale import Autoscaler, ScalePolicy
 from aiflow_cli.runtime.cluster import identities
@@ -202,6 +202,11 @@ def test_a_session_moves_to_another_replica_when_its_replica_dies(tmp_path):
             # the next sessions avoid the dead replica
             assert torch.equal(pipe.run(text=text, max_new_tokens=3).tokens, ref[:, :3])
             assert len(pool.failovers) == 1
+            # the last replica gone too: the device gets the transport's error (and could fall back), in one line
+            for c in clouds:
+                c.close()
+            with pytest.raises(TransportError, match="cloud"):
+                pipe.run(text=text, max_new_tokens=3)
     finally:
         edge.close()
         for c in clouds:

@@ -113,6 +113,8 @@ class ReplayLog:
         self.limit_bytes = limit_bytes
         self.idle_s = idle_s
         self._logs: OrderedDict[int, SessionLog] = OrderedDict()
+        self._total = 0
+        self._scanned_at = time.monotonic()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -121,7 +123,7 @@ class ReplayLog:
     @property
     def total_bytes(self) -> int:
         with self._lock:
-            return sum(s.nbytes for s in self._logs.values())
+            return self._total
 
     def sessions(self) -> dict[int, str]:
         """Each logged session's replica."""
@@ -144,6 +146,8 @@ class ReplayLog:
         with self._lock:
             log = self._logs.get(sid)
             if new or log is None:
+                if log is not None:
+                    self._total -= log.nbytes
                 self._logs[sid] = SessionLog(replica)
             else:
                 log.replica = replica
@@ -153,26 +157,32 @@ class ReplayLog:
         """Appends a request the replica answered; ``ended``: the session's last step (its log goes)."""
         with self._lock:
             now = time.monotonic()
-            for k in [k for k, s in self._logs.items() if k != sid and now - s.last_used > self.idle_s]:
-                del self._logs[k]
+            if now - self._scanned_at > min(1.0, self.idle_s):  # at most once a second: O(sessions)
+                self._scanned_at = now
+                for k in [k for k, s in self._logs.items() if k != sid and now - s.last_used > self.idle_s]:
+                    self._pop(k)
             log = self._logs.get(sid)
             if log is None:
                 return
             if ended:
-                del self._logs[sid]
+                self._pop(sid)
                 return
             log.sent.append(sent)
             log.nbytes += sent.nbytes
+            self._total += sent.nbytes
             log.last_used = now
             self._logs.move_to_end(sid)
-            total = sum(s.nbytes for s in self._logs.values())
-            while total > self.limit_bytes and self._logs:
-                _, dropped = self._logs.popitem(last=False)
-                total -= dropped.nbytes
+            while self._total > self.limit_bytes and self._logs:
+                self._pop(next(iter(self._logs)))  # the least recently used
 
     def forget(self, sid: int) -> None:
         with self._lock:
-            self._logs.pop(sid, None)
+            self._pop(sid)
+
+    def _pop(self, sid: int) -> None:
+        log = self._logs.pop(sid, None)
+        if log is not None:
+            self._total -= log.nbytes
 
 
 def _fails_over(e: BaseException) -> bool:
@@ -339,11 +349,13 @@ class PoolClient:
         while True:
             avoid = self._banned_now() | tried | {dead}
             target = self.ring.pick(sid, avoid=avoid)
-            if target is None:
+            if target is None:  # every replica failed or was tried: the last failure (or none left) is the answer
                 if error is not None:
                     raise error
-                self._no_replica(sid, avoid)
-            assert target is not None
+                raise TransportError(
+                    f"session {sid}: its replica {dead} is gone and no other live replica is left "
+                    f"(replicas: {', '.join(self.ring.nodes) or 'none'})"
+                )
             tried.add(target)
             try:
                 self._replay(sid, target, [] if new else history, deadline)
