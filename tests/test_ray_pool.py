@@ -63,7 +63,7 @@ def test_ring_spreads_sessions_and_moves_few_when_a_replica_joins_or_leaves():
 
 def test_parse_replicas():
     assert parse_replicas(" 127.0.0.1:1, 127.0.0.1:2 ,") == ["127.0.0.1:1", "127.0.0.1:2"]
-    with pytest.raises(InputError, match="HOST:PORT"):
+    with pytest.raises(InputError, match="names no replica"):
         parse_replicas(" , ")
 
 
@@ -211,6 +211,37 @@ def test_a_session_moves_to_another_replica_when_its_replica_dies(tmp_path):
         edge.close()
         for c in clouds:
             c.close()
+
+
+def test_the_device_moves_a_session_to_another_edge_when_its_edge_dies(tmp_path):
+    """A pool of two edges in front of one cloud (``Pipeline(edge="A,B")``, ``aiflow run --edge A,B``): the
+    device pins the session to one edge and, when it is closed mid-generation, replays its steps on the other,
+    which reopens the session on the cloud under the same key (both edges share one identity)."""
+    lm = load_model(MODEL)
+    plan = tmp_path / "plan.json"
+    three_tier_plan(MODEL, plan, codec="raw")
+    keys = identities(tmp_path)
+    trust = [k.fingerprint for k in keys.values()]
+    text, n = "edge pool", 40
+    ref = lm.generate(lm.prepare(text=text), n)
+    cloud = TierServer("cloud", plan, listen="127.0.0.1:0", identity=keys["cloud"], trust=trust, speed=0.2)
+    edges = [
+        TierServer("edge", plan, listen="127.0.0.1:0", identity=keys["edge"], trust=trust, next_addr=cloud.address)
+        for _ in range(2)
+    ]
+    by_addr = {e.address: e for e in edges}
+    try:
+        with Pipeline(plan, edge=",".join(by_addr), identity=keys["device"], trust=trust, timeout_s=60) as pipe:
+            pool = pipe.node.next
+            assert isinstance(pool, PoolClient)
+            tokens, dead, _, _ = _generate_and_kill(pipe, pool, lambda r: by_addr[r].close(), text, n, after_steps=8)
+            assert torch.equal(tokens, ref)
+            (f,) = pool.failovers
+            assert f["from"] == dead and f["replayed"] >= 8
+    finally:
+        for e in edges:
+            e.close()
+        cloud.close()
 
 
 # -- on Ray -----------------------------------------------------------------------------------------------------

@@ -53,6 +53,11 @@ FLAGS: dict[str, str] = {
     "dilation": "--dilation",
     "metrics": "--metrics",
     "speculate": "--speculate",
+    "replicas": "--replicas",  # a tier pool (docs/scale.md)
+    "min_replicas": "--replicas",
+    "max_replicas": "--max-replicas",
+    "target_sessions": "--target-sessions",
+    "replica_cpus": "--replica-cpus",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",

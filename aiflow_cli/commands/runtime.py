@@ -26,7 +26,9 @@ def serve(
     role: str = typer.Option(..., "--role", help="edge or cloud."),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON from `aiflow plan --out` (the same file on every tier)."),
     listen: str = typer.Option("127.0.0.1:4433", "--listen", help="UDP address to listen on (port 0: any free)."),
-    next_addr: Optional[str] = typer.Option(None, "--next", help="Next tier's address (edge -> cloud)."),
+    next_addr: Optional[str] = typer.Option(
+        None, "--next", help="Next tier's address (edge -> cloud); A,B,...: a pool of replicas (docs/scale.md)."
+    ),
     identity: Path = typer.Option(..., "--identity", help="Directory with node.key/node.crt (aiflow keygen)."),
     trust: list[str] = typer.Option(
         [], "--trust", help="Fingerprint of a peer to accept (repeat): devices, edges, the next tier."
@@ -130,7 +132,9 @@ def run(
     ),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON (the same file the edge and cloud serve)."),
     edge: Optional[str] = typer.Option(
-        None, "--edge", help="Edge address HOST:PORT (needed unless the device runs everything)."
+        None,
+        "--edge",
+        help="Edge address HOST:PORT, or HOST:PORT,HOST:PORT,... for a pool (needed unless the device runs everything).",
     ),
     identity: Path = typer.Option(..., "--identity", help="Directory with this device's node.key/node.crt."),
     trust: list[str] = typer.Option([], "--trust", help="Fingerprint of the edge to accept (repeat)."),

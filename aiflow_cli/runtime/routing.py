@@ -21,12 +21,13 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import AbstractSet, Callable, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import AbstractSet, Callable, Iterator, Optional, Sequence, cast
 
 from aiflow_cli.errors import InputError, LimitExceeded, PeerRejected, Timeout, TransportError
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.protocol import PREFILL, Infer, Result, Verify
-from aiflow_cli.transport import Client, Identity, Limits, Message
+from aiflow_cli.transport import Client, Identity, Limits, Message, as_identity
 
 #: Points per replica on the ring: enough that sessions spread within a few percent of evenly.
 VNODES = 64
@@ -199,7 +200,7 @@ class PoolClient:
         self,
         replicas: Sequence[str] | Callable[[], Sequence[str]],
         *,
-        identity: Identity,
+        identity: Identity | str | Path,
         trust: Sequence[str | Identity],
         limits: Optional[Limits] = None,
         timeout_s: float = 30.0,
@@ -209,7 +210,9 @@ class PoolClient:
         on_failover: Optional[Callable[[int, str, str, int, float], None]] = None,
     ):
         self._provider = replicas if callable(replicas) else (lambda r=tuple(replicas): r)
-        self._client_args = dict(identity=identity, trust=list(trust), limits=limits, insecure_dev=insecure_dev)
+        self._client_args = dict(
+            identity=as_identity(identity), trust=list(trust), limits=limits, insecure_dev=insecure_dev
+        )
         self.timeout_s = timeout_s
         self.ring = HashRing()
         self.log = ReplayLog(log_limit_bytes)
@@ -222,7 +225,7 @@ class PoolClient:
         self._refreshed_at = 0.0
         self.refresh()
         if not self.ring.nodes:
-            raise InputError("the pool has no replica address (give HOST:PORT,HOST:PORT,...)", param="next")
+            raise InputError("the pool has no replica address (give HOST:PORT,HOST:PORT,...)")
         self._last = self.ring.nodes[0]
 
     @property
@@ -413,5 +416,22 @@ def parse_replicas(next_addr: str) -> list[str]:
     """``HOST:PORT,HOST:PORT,...`` -> the list (an ``--next`` with a comma names a pool)."""
     out = [a.strip() for a in next_addr.split(",") if a.strip()]
     if not out:
-        raise InputError(f"--next {next_addr!r}: give HOST:PORT or HOST:PORT,HOST:PORT,... (a pool)", param="next")
+        raise InputError(f"{next_addr!r} names no replica: give HOST:PORT or HOST:PORT,HOST:PORT,... (a pool)")
     return out
+
+
+def connect(
+    addr: str,
+    *,
+    identity: Identity | str | Path,
+    trust: Sequence[str | Identity],
+    limits: Optional[Limits] = None,
+    timeout_s: float = 30.0,
+    insecure_dev: bool = False,
+) -> Client:
+    """The client of a tier's next hop: a :class:`Client` of ``addr``, or a :class:`PoolClient` when ``addr``
+    lists replicas (``HOST:PORT,HOST:PORT,...``); typed as :class:`Client`, whose methods a TierNode uses."""
+    kw = dict(identity=identity, trust=trust, limits=limits, timeout_s=timeout_s, insecure_dev=insecure_dev)
+    if "," in addr:
+        return cast(Client, PoolClient(parse_replicas(addr), **kw))  # type: ignore[arg-type]
+    return Client(addr, **kw)  # type: ignore[arg-type]

@@ -25,7 +25,7 @@ from aiflow_cli import errors, signals
 from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.node import TierNode
-from aiflow_cli.runtime.routing import PoolClient, parse_replicas
+from aiflow_cli.runtime.routing import PoolClient, connect
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
 
 ROLES = ("edge", "cloud")
@@ -69,18 +69,9 @@ class TierServer:
             parse_listen(metrics)  # a bad address is refused before the stages load
         plan = load_plan(plan_path)
         ident = as_identity(identity)
-        nxt: Optional[Client | PoolClient] = next_client
-        if nxt is None and next_addr and "," in next_addr:  # a pool of replicas (docs/scale.md)
-            nxt = PoolClient(
-                parse_replicas(next_addr),
-                identity=ident,
-                trust=list(trust),
-                limits=limits,
-                timeout_s=timeout_s,
-                insecure_dev=insecure_dev,
-            )
-        elif nxt is None and next_addr:
-            nxt = Client(
+        nxt = cast(Optional[Client], next_client)  # a PoolClient has the Client methods a TierNode uses
+        if nxt is None and next_addr:  # with commas: a pool of replicas of the next tier (docs/scale.md)
+            nxt = connect(
                 next_addr,
                 identity=ident,
                 trust=list(trust),
@@ -88,13 +79,8 @@ class TierServer:
                 timeout_s=timeout_s,
                 insecure_dev=insecure_dev,
             )
-        self.node = TierNode(  # a PoolClient has the Client methods a TierNode uses (request, reset_after, close)
-            plan,
-            role,
-            next_client=cast(Optional[Client], nxt),
-            speed=speed,
-            cache_limit_bytes=cache_limit_bytes,
-            dilation=dilation,
+        self.node = TierNode(
+            plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes, dilation=dilation
         )
         self.server = Server(
             listen,
