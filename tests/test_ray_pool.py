@@ -138,6 +138,16 @@ def test_autoscaler_scales_up_at_once_and_down_after_a_streak_on_idle_replicas_o
 
 
 # -- failover with real servers ---------------------------------------------------------------------------------
+def _setup(tmp_path, text: str, n: int):
+    """A three-tier plan of the model, the tiers' identities, the fingerprints to trust and the monolithic
+    model's ``n`` tokens for ``text``."""
+    lm = load_model(MODEL)
+    plan = tmp_path / "plan.json"
+    three_tier_plan(MODEL, plan, codec="raw")
+    keys = identities(tmp_path)
+    return plan, keys, tuple(k.fingerprint for k in keys.values()), lm.generate(lm.prepare(text=text), n)
+
+
 def _generate_and_kill(pipe: Pipeline, pool: PoolClient, kill, text: str, n: int, after_steps: int):
     """Runs a generation in a thread, calls ``kill(replica)`` on its replica once ``after_steps`` steps went
     through the pool, and returns (tokens, the killed replica, the session id, when it was killed)."""
@@ -166,13 +176,8 @@ def _generate_and_kill(pipe: Pipeline, pool: PoolClient, kill, text: str, n: int
 def test_a_session_moves_to_another_replica_when_its_replica_dies(tmp_path):
     """Two in-process cloud servers behind one edge (``--next A,B``): the replica of a generation is closed
     mid-generation; the edge replays the session's stored steps on the other and the output is unchanged."""
-    lm = load_model(MODEL)
-    plan = tmp_path / "plan.json"
-    three_tier_plan(MODEL, plan, codec="raw")
-    keys = identities(tmp_path)
-    trust = [k.fingerprint for k in keys.values()]
     text, n = "failover", 40
-    ref = lm.generate(lm.prepare(text=text), n)
+    plan, keys, trust, ref = _setup(tmp_path, text, n)
     clouds = [
         TierServer("cloud", plan, listen="127.0.0.1:0", identity=keys["cloud"], trust=trust, speed=0.2)
         for _ in range(2)
@@ -217,13 +222,8 @@ def test_the_device_moves_a_session_to_another_edge_when_its_edge_dies(tmp_path)
     """A pool of two edges in front of one cloud (``Pipeline(edge="A,B")``, ``aiflow run --edge A,B``): the
     device pins the session to one edge and, when it is closed mid-generation, replays its steps on the other,
     which reopens the session on the cloud under the same key (both edges share one identity)."""
-    lm = load_model(MODEL)
-    plan = tmp_path / "plan.json"
-    three_tier_plan(MODEL, plan, codec="raw")
-    keys = identities(tmp_path)
-    trust = [k.fingerprint for k in keys.values()]
     text, n = "edge pool", 40
-    ref = lm.generate(lm.prepare(text=text), n)
+    plan, keys, trust, ref = _setup(tmp_path, text, n)
     cloud = TierServer("cloud", plan, listen="127.0.0.1:0", identity=keys["cloud"], trust=trust, speed=0.2)
     edges = [
         TierServer("edge", plan, listen="127.0.0.1:0", identity=keys["edge"], trust=trust, next_addr=cloud.address)
@@ -260,12 +260,7 @@ def _on_ray(tmp_path, text: str, n: int, replicas: int, policy: Optional[ScalePo
     from aiflow_cli.runtime.ray_pool import RayPool
 
     assert not _raylets(), "a Ray instance was already running"
-    lm = load_model(MODEL)
-    plan = tmp_path / "plan.json"
-    three_tier_plan(MODEL, plan, codec="raw")
-    keys = identities(tmp_path)
-    trust = tuple(k.fingerprint for k in keys.values())
-    ref = lm.generate(lm.prepare(text=text), n)
+    plan, keys, trust, ref = _setup(tmp_path, text, n)
     spec = TierSpec("cloud", str(plan), str(keys["cloud"].cert_path.parent), trust, speed=0.2, threads=1)
     edge = None
     try:
