@@ -54,29 +54,31 @@ class HashRing:
         if vnodes < 1:
             raise InputError(f"vnodes={vnodes}: must be >= 1", param="vnodes")
         self.vnodes = vnodes
-        self.nodes: tuple[str, ...] = ()
-        self._points: list[int] = []
-        self._owners: list[str] = []
+        self._ring: tuple[tuple[str, ...], list[int], list[str]] = ((), [], [])
         self.set_nodes(nodes)
 
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return self._ring[0]
+
     def set_nodes(self, nodes: Sequence[str]) -> None:
-        pts = sorted((_point(f"{n}#{i}"), n) for n in dict.fromkeys(nodes) for i in range(self.vnodes))
-        self.nodes = tuple(dict.fromkeys(nodes))
-        self._points = [p for p, _ in pts]
-        self._owners = [n for _, n in pts]
+        names = tuple(dict.fromkeys(nodes))
+        pts = sorted((_point(f"{n}#{i}"), n) for n in names for i in range(self.vnodes))
+        self._ring = (names, [p for p, _ in pts], [n for _, n in pts])  # one assignment: readers see old or new
 
     def walk(self, key: int) -> Iterator[str]:
         """Every replica once, in ring order from ``key``'s point: the first is its owner, then its fallbacks."""
-        if not self._points:
+        names, points, owners = self._ring
+        if not points:
             return
-        start = bisect.bisect_left(self._points, _point(f"session:{key}"))
+        start = bisect.bisect_left(points, _point(f"session:{key}"))
         seen: set[str] = set()
-        for i in range(len(self._points)):
-            owner = self._owners[(start + i) % len(self._points)]
+        for i in range(len(points)):
+            owner = owners[(start + i) % len(points)]
             if owner not in seen:
                 seen.add(owner)
                 yield owner
-                if len(seen) == len(self.nodes):
+                if len(seen) == len(names):
                     return
 
     def pick(self, key: int, avoid: AbstractSet[str] | Sequence[str] = ()) -> Optional[str]:
