@@ -56,6 +56,11 @@ FLAGS: dict[str, str] = {
     "draft": "--draft",
     "exit_layer": "--exit-layer",
     "steps": "--steps",
+    "replicas": "--replicas",  # a tier pool (docs/scale.md)
+    "min_replicas": "--replicas",
+    "max_replicas": "--max-replicas",
+    "target_sessions": "--target-sessions",
+    "replica_cpus": "--replica-cpus",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",

@@ -27,7 +27,9 @@ def serve(
     role: str = typer.Option(..., "--role", help="edge or cloud."),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON from `aiflow plan --out` (the same file on every tier)."),
     listen: str = typer.Option("127.0.0.1:4433", "--listen", help="UDP address to listen on (port 0: any free)."),
-    next_addr: Optional[str] = typer.Option(None, "--next", help="Next tier's address (edge -> cloud)."),
+    next_addr: Optional[str] = typer.Option(
+        None, "--next", help="Next tier's address (edge -> cloud); A,B,...: a pool of replicas (docs/scale.md)."
+    ),
     identity: Path = typer.Option(..., "--identity", help="Directory with node.key/node.crt (aiflow keygen)."),
     trust: list[str] = typer.Option(
         [], "--trust", help="Fingerprint of a peer to accept (repeat): devices, edges, the next tier."
@@ -53,6 +55,17 @@ def serve(
     metrics: Optional[str] = typer.Option(
         None, "--metrics", help="Serve Prometheus metrics on HOST:PORT (/metrics; docs/metrics.md). Off by default."
     ),
+    replicas: int = typer.Option(
+        1, "--replicas", min=1, help="Run the tier as a pool of N replicas on Ray (docs/scale.md); 1: one process."
+    ),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray", help="Ray to run the pool on: local (a private one; the default), auto, or HOST:PORT."
+    ),
+    max_replicas: Optional[int] = typer.Option(
+        None, "--max-replicas", min=1, help="Autoscale the pool between --replicas and this on active sessions."
+    ),
+    target_sessions: int = typer.Option(8, "--target-sessions", min=1, help="Active sessions per replica to aim at."),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.01, help="CPUs Ray reserves per replica."),
 ) -> None:
     """Serve one tier of a plan: load only its stages, run them for every device, forward to the next tier."""
     import json
@@ -61,6 +74,14 @@ def serve(
     from aiflow_cli.runtime.serve import TierServer
 
     _threads()
+    if replicas > 1 or ray_address is not None or max_replicas is not None:  # a pool on Ray (commands/pool.py)
+        from aiflow_cli.commands.pool import serve_pool_cli
+
+        return serve_pool_cli(
+            role, plan, listen, next_addr, identity, trust, speed, dilation, cache_mib, duration_s, insecure_dev,
+            json_out, metrics, replicas=replicas, ray_address=ray_address, max_replicas=max_replicas,
+            target_sessions=target_sessions, cpus=replica_cpus,
+        )  # fmt: skip
     srv = TierServer(
         role,
         plan,
@@ -112,7 +133,9 @@ def run(
     ),
     plan: Path = typer.Option(..., "--plan", help="Plan JSON (the same file the edge and cloud serve)."),
     edge: Optional[str] = typer.Option(
-        None, "--edge", help="Edge address HOST:PORT (needed unless the device runs everything)."
+        None,
+        "--edge",
+        help="Edge address HOST:PORT, or HOST:PORT,HOST:PORT,... for a pool (needed unless the device runs everything).",
     ),
     identity: Path = typer.Option(..., "--identity", help="Directory with this device's node.key/node.crt."),
     trust: list[str] = typer.Option([], "--trust", help="Fingerprint of the edge to accept (repeat)."),

@@ -34,9 +34,10 @@ from aiflow_cli.runtime import tracing
 from aiflow_cli.runtime.drafters import make_drafter
 from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL
+from aiflow_cli.runtime.routing import connect
 from aiflow_cli.runtime.speculate import SpecPolicy, Speculate, parse_speculate, unsupported
 from aiflow_cli.runtime.timings import Timings
-from aiflow_cli.transport import Client, Identity, Limits
+from aiflow_cli.transport import Identity, Limits
 
 Fallback = Literal["none", "local"]
 
@@ -136,7 +137,8 @@ class Pipeline:
                     f"the plan runs stages on {', '.join(upper)}: give the edge's address (edge=HOST:PORT)",
                     param="edge",
                 )
-            client = Client(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
+            # edge="A,B,...": a pool of edge replicas (docs/scale.md)
+            client = connect(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.fallback = fallback
         k = parse_speculate(speculate)

@@ -19,12 +19,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, cast
 
 from aiflow_cli import errors, signals
 from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.runtime.routing import PoolClient, connect
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
 
 ROLES = ("edge", "cloud")
@@ -49,8 +50,11 @@ class TierServer:
         limits: Optional[Limits] = None,
         dilation: float = 1.0,
         metrics: Optional[str] = None,
+        next_client: Optional[PoolClient] = None,
     ):
-        """``metrics``: HOST:PORT to serve Prometheus metrics on (aiflow_cli/runtime/metrics.py); None: none."""
+        """``metrics``: HOST:PORT to serve Prometheus metrics on (aiflow_cli/runtime/metrics.py); None: none.
+        ``next_addr`` with commas names a pool of replicas of the next tier; ``next_client`` gives one built
+        elsewhere (e.g. :meth:`RayPool.client`, refreshed from Ray)."""
         if role not in ROLES:
             raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
         if not trust and not insecure_dev:
@@ -65,9 +69,9 @@ class TierServer:
             parse_listen(metrics)  # a bad address is refused before the stages load
         plan = load_plan(plan_path)
         ident = as_identity(identity)
-        nxt = None
-        if next_addr:
-            nxt = Client(
+        nxt = cast(Optional[Client], next_client)  # a PoolClient has the Client methods a TierNode uses
+        if nxt is None and next_addr:  # with commas: a pool of replicas of the next tier (docs/scale.md)
+            nxt = connect(
                 next_addr,
                 identity=ident,
                 trust=list(trust),
@@ -173,6 +177,29 @@ class TierSpec:
     metrics: Optional[str] = None
     """HOST:PORT of the tier's Prometheus metrics (None: none)."""
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "TierSpec":
+        return cls(**{**d, "trust": tuple(d["trust"])})
+
+    def build(self) -> TierServer:
+        """The :class:`TierServer` this spec describes, in this process (torch's threads set first)."""
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
+        return TierServer(
+            self.role,
+            self.plan_path,
+            listen=self.listen,
+            identity=self.identity_dir,
+            trust=self.trust,
+            next_addr=self.next_addr,
+            speed=self.speed,
+            dilation=self.dilation,
+            cache_limit_bytes=self.cache_limit_bytes,
+            metrics=self.metrics,
+        )
+
 
 @dataclass(frozen=True)
 class TierReady:
@@ -216,25 +243,9 @@ def _receive(line: bytes) -> TierReady | TierFailed:
 def tier_main(ready_fd: int) -> None:
     """The body of a tier child: reads a :class:`TierSpec` (JSON) on stdin, reports on ``ready_fd``, serves
     until SIGTERM/SIGINT, then exits at once (128 + the signal) without the interpreter's slow teardown."""
-    d = json.loads(sys.stdin.read())
-    spec = TierSpec(**{**d, "trust": tuple(d["trust"])})
+    spec = TierSpec.from_json(json.loads(sys.stdin.read()))
     try:
-        if spec.threads:
-            import torch
-
-            torch.set_num_threads(spec.threads)
-        srv = TierServer(
-            spec.role,
-            spec.plan_path,
-            listen=spec.listen,
-            identity=spec.identity_dir,
-            trust=spec.trust,
-            next_addr=spec.next_addr,
-            speed=spec.speed,
-            dilation=spec.dilation,
-            cache_limit_bytes=spec.cache_limit_bytes,
-            metrics=spec.metrics,
-        )
+        srv = spec.build()
     except AiflowError as e:
         _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
         os._exit(e.exit_code)
