@@ -52,11 +52,18 @@ def serve(
     metrics: Optional[str] = typer.Option(
         None, "--metrics", help="Serve Prometheus metrics on HOST:PORT (/metrics; docs/metrics.md). Off by default."
     ),
+    batch_max: int = typer.Option(
+        128, "--batch-max", help="Most sessions whose decode steps run as one forward pass (1: no batching)."
+    ),
+    batch_window_ms: float = typer.Option(
+        0.0, "--batch-window-ms", help="How long a batch waits for more sessions' steps (0: those already waiting)."
+    ),
 ) -> None:
     """Serve one tier of a plan: load only its stages, run them for every device, forward to the next tier."""
     import json
     import sys
 
+    from aiflow_cli.runtime.batching import BatchSettings
     from aiflow_cli.runtime.serve import TierServer
 
     _threads()
@@ -72,6 +79,7 @@ def serve(
         insecure_dev=insecure_dev,
         dilation=dilation,
         metrics=metrics,
+        batching=BatchSettings(batch_max, batch_window_ms),
     )
 
     def ready(info: dict[str, Any]) -> None:

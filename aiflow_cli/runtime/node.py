@@ -30,6 +30,7 @@ from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol, tracing
 from aiflow_cli.runtime import speculate as spec
+from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher
 from aiflow_cli.runtime.protocol import DECODE, PREFILL, VERIFY, Hello, HelloReply, Infer, Result, TierInfo, Verify
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
@@ -114,6 +115,7 @@ class TierNode:
         model: Optional[StagedModel] = None,
         dilation: float = 1.0,
         exit_head: bool = False,
+        batching: Optional[BatchSettings] = None,
     ):
         self.stretch = check_speed(speed, dilation)
         self.dilation = dilation
@@ -150,6 +152,13 @@ class TierNode:
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
         self.first_token_at: Optional[float] = None  # perf_counter() when this driver had its first token
         self.observer: Optional[Any] = None  # a runtime.metrics.TierMetrics, told of each request (serve --metrics)
+        # decode steps of concurrent sessions as one forward pass (runtime/batching.py); emulated speeds step alone
+        batching = batching or BatchSettings()
+        self.batcher = (
+            DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n))
+            if batching.enabled and self.keeps_cache and self.stretch <= 1
+            else None
+        )
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
@@ -265,7 +274,9 @@ class TierNode:
             if verify is not None:
                 session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
         try:
-            state, prompt = self._run_stages(stage, state, session.cache if session else None, mine)
+            state, prompt = self._run_stages(
+                stage, state, session.cache if session else None, mine, batch=phase == DECODE and verify is None
+            )
             if session is not None and prompt is not None:
                 session.step_inputs = prompt
             if self.is_output:
@@ -302,14 +313,21 @@ class TierNode:
         return result
 
     def _run_stages(
-        self, stage: int, state: BoundaryState, cache, mine
+        self, stage: int, state: BoundaryState, cache, mine, batch: bool = False
     ) -> tuple[BoundaryState, Optional[BoundaryState]]:
         prompt = None
         t0, c0 = self._clocks()
-        for i in range(stage, self.stages.stop):
-            if i == self.decode_start and self.is_driver:
+        if batch and self.batcher is not None and cache is not None and stage >= self.decode_start:
+            if stage == self.decode_start and self.is_driver:
                 prompt = self.model.decode_inputs_of(state)
-            state = self.model.run_stage(i, state, cache)
+            state = self.batcher.run(range(stage, self.stages.stop), state, cache)  # with other sessions' steps
+        else:
+            for i in range(stage, self.stages.stop):
+                if i == self.decode_start and self.is_driver:
+                    prompt = self.model.decode_inputs_of(state)
+                state = self.model.run_stage(i, state, cache)
+            if self.observer is not None:
+                self.observer.batched(1)
         self._stretch(t0, c0)  # one sleep per step: per-stage sleeps would add the timer's overshoot per stage
         mine.compute_ms += (time.perf_counter() - t0) * 1e3
         return state, prompt

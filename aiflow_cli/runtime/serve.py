@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence
 from aiflow_cli import errors, signals
 from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
+from aiflow_cli.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, BatchSettings
 from aiflow_cli.runtime.node import TierNode
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
 
@@ -49,8 +50,10 @@ class TierServer:
         limits: Optional[Limits] = None,
         dilation: float = 1.0,
         metrics: Optional[str] = None,
+        batching: Optional[BatchSettings] = None,
     ):
-        """``metrics``: HOST:PORT to serve Prometheus metrics on (aiflow_cli/runtime/metrics.py); None: none."""
+        """``metrics``: HOST:PORT to serve Prometheus metrics on (aiflow_cli/runtime/metrics.py); None: none.
+        ``batching``: decode batching across sessions (aiflow_cli/runtime/batching.py; None: its defaults)."""
         if role not in ROLES:
             raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
         if not trust and not insecure_dev:
@@ -76,7 +79,13 @@ class TierServer:
                 insecure_dev=insecure_dev,
             )
         self.node = TierNode(
-            plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes, dilation=dilation
+            plan,
+            role,
+            next_client=nxt,
+            speed=speed,
+            cache_limit_bytes=cache_limit_bytes,
+            dilation=dilation,
+            batching=batching,
         )
         self.server = Server(
             listen,
@@ -172,6 +181,9 @@ class TierSpec:
     """time dilation factor of the run (aiflow_cli/runtime/dilation.py); every tier of a run uses the same."""
     metrics: Optional[str] = None
     """HOST:PORT of the tier's Prometheus metrics (None: none)."""
+    batch_max: int = DEFAULT_MAX_BATCH
+    """most sessions per batched decode pass (1: no batching; aiflow_cli/runtime/batching.py)."""
+    batch_window_ms: float = DEFAULT_WINDOW_MS
 
 
 @dataclass(frozen=True)
@@ -234,6 +246,7 @@ def tier_main(ready_fd: int) -> None:
             dilation=spec.dilation,
             cache_limit_bytes=spec.cache_limit_bytes,
             metrics=spec.metrics,
+            batching=BatchSettings(spec.batch_max, spec.batch_window_ms),
         )
     except AiflowError as e:
         _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
