@@ -32,19 +32,21 @@ def _prompts(model, n: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_batched_step_matches_solo_steps(name):
-    """One pass for 4 sessions with different pasts == 4 solo steps: logits within float tolerance, same tokens,
-    and each session's cache grows by exactly its own new position."""
+def test_batched_passes_match_solo_passes(name):
+    """One prefill pass for 4 prompts of different lengths, then decode passes for the 4 sessions with different
+    pasts == each session alone: logits within float tolerance, same tokens, each cache exactly its own positions."""
     m = load_stages(name)
     ds, stages = m.decode_start, range(m.decode_start, m.num_stages)
-    prompts = _prompts(m, 4)
+    prompts = [m.run(p, range(ds)) for p in _prompts(m, 4)]
     solo_caches, batch_caches, steps = [m.new_cache() for _ in prompts], [m.new_cache() for _ in prompts], []
-    for p, a, b in zip(prompts, solo_caches, batch_caches):
-        for c in (a, b):
-            st = m.run(p, range(ds), c)
-            first = m.output(m.run(st, stages, c))[:, -1].argmax(-1)
-        steps.append(m.next_inputs(m.decode_inputs_of(st), first))
+    assert {batched.step_kind(p, c) for p, c in zip(prompts, batch_caches)} == {"prefill"}
+    outs = batched.batched_pass("prefill", m, stages, prompts, batch_caches)
+    for p, c, o in zip(prompts, solo_caches, outs):
+        ref = m.output(m.run(p, stages, c))
+        torch.testing.assert_close(m.output(o), ref, rtol=1e-4, atol=1e-5)
+        steps.append(m.next_inputs(m.decode_inputs_of(p), ref[:, -1].argmax(-1)))
     assert batched.unbatchable(m, batch_caches[0]) is None
+    assert {batched.step_kind(s, c) for s, c in zip(steps, batch_caches)} == {"decode"}
     for _ in range(3):  # three steps in a row: the second reads caches that are rows of the first's batch
         outs = batched.batched_step(m, stages, steps, batch_caches)
         nxt = []
@@ -132,7 +134,7 @@ def test_concurrent_sessions_equal_solo_runs_and_join_and_leave(name):
         assert isinstance(tokens, torch.Tensor), tokens
         assert torch.equal(tokens, full.generate(p, n))
     assert edge.batcher.largest > 1 and cloud.batcher.largest > 1
-    assert edge.batcher.steps == sum(n - 1 for _, n in jobs)  # every decode step went through the batcher
+    assert edge.batcher.steps == sum(n for _, n in jobs)  # every prefill and decode step went through the batcher
     count = metrics.registry.get_sample_value("aiflow_batch_size_count", {"tier": "cloud"})
     sessions = metrics.registry.get_sample_value("aiflow_batch_size_sum", {"tier": "cloud"})
     assert sessions == len(jobs) + sum(n - 1 for _, n in jobs)  # prefills (1 each) + every decode step
@@ -144,7 +146,7 @@ def test_a_failed_batch_answers_each_request_and_the_tier_keeps_serving(monkeypa
     """The cloud's first multi-session pass raises half-way (after its first stage): every request in it gets an
     error (a reply, through the cloud's handler), the others are served, and the next generations are exact."""
     full, edge, cloud = _tiers("builtin:gpt2-tiny", BatchSettings(16, window_ms=5))
-    real = batching.batched_step
+    real = batching.batched_pass
     failed: list[int] = []
 
     class FailsAtSecondStage:  # the model, but its second stage of the pass raises
@@ -160,13 +162,13 @@ def test_a_failed_batch_answers_each_request_and_the_tier_keeps_serving(monkeypa
                 raise RuntimeError("injected fault in a batched pass")
             return self.model.run_stage(i, state, cache)
 
-    def flaky(model, stages, states, caches):
-        if not failed and len(states) > 1 and stages.start == cloud.stages.start:
+    def flaky(kind, model, stages, states, caches):
+        if not failed and kind == "decode" and len(states) > 1 and stages.start == cloud.stages.start:
             failed.append(len(states))
-            return real(FailsAtSecondStage(model), stages, states, caches)
-        return real(model, stages, states, caches)
+            return real(kind, FailsAtSecondStage(model), stages, states, caches)
+        return real(kind, model, stages, states, caches)
 
-    monkeypatch.setattr(batching, "batched_step", flaky)
+    monkeypatch.setattr(batching, "batched_pass", flaky)
     prompts = _prompts(full, 6)
     jobs = [(p, 5) for p in prompts]
     got = _generate(edge, full, jobs)

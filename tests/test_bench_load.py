@@ -39,7 +39,8 @@ def test_bench_load_tiny_json(tmp_path):
 
 def _row(devices, batching, tps, **kw):
     base = {"devices": devices, "batching": batching, "requests": devices, "lost": 0, "mixed": 0, "tokens_per_s": tps}
-    return {**base, "edge_rss_bytes": 100, "cloud_rss_bytes": 100, **kw}
+    rss = {f"{t}_rss{s}_bytes": 100 for t in ("edge", "cloud") for s in ("", "_start")}
+    return {**base, **rss, **kw}
 
 
 def test_goals_count_lost_and_memory():

@@ -82,19 +82,7 @@ def _print(report) -> None:
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    for col in [
-        "dev",
-        "batch",
-        "tok/s",
-        "vs off",
-        "req/s",
-        "p50 ms",
-        "p99 ms",
-        "edge MiB",
-        "cloud MiB",
-        "lost",
-        "mixed",
-    ]:
+    for col in ["dev", "batch", "tok/s", "x off", "req/s", "p50 ms", "p99 ms", "RSS e/c MiB", "lost", "mixed"]:
         t.add_column(col, justify="right", no_wrap=True)
     for r in report.runs:
         bad = r["lost"] or r["mixed"]
@@ -106,8 +94,7 @@ def _print(report) -> None:
             f"{r['requests_per_s']:.1f}",
             "-" if r["p50_ms"] is None else f"{r['p50_ms']:.0f}",
             "-" if r["p99_ms"] is None else f"{r['p99_ms']:.0f}",
-            f"{r['edge_rss_bytes'] / 2**20:.0f}",
-            f"{r['cloud_rss_bytes'] / 2**20:.0f}",
+            f"{r['edge_rss_bytes'] / 2**20:.0f}/{r['cloud_rss_bytes'] / 2**20:.0f}",
             f"[red]{r['lost']}[/]" if bad else str(r["lost"]),
             f"[red]{r['mixed']}[/]" if bad else str(r["mixed"]),
         )

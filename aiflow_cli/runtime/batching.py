@@ -26,7 +26,7 @@ from typing import Any, Callable, Optional
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.models.adapter import StageCache
-from aiflow_cli.models.families.batched import batchable_state, batched_step, unbatchable
+from aiflow_cli.models.families.batched import batched_pass, step_kind, unbatchable
 from aiflow_cli.models.state import BoundaryState
 
 #: Defaults of ``aiflow serve --batch-max`` and ``--batch-window-ms``.
@@ -56,6 +56,7 @@ class BatchSettings:
 
 @dataclass(eq=False)
 class _Step:
+    kind: str
     stages: range
     state: BoundaryState
     cache: StageCache
@@ -84,10 +85,11 @@ class DecodeBatcher:
     def run(self, stages: range, state: BoundaryState, cache: StageCache) -> BoundaryState:
         """Runs ``stages`` on one session's decode-step ``state`` with its ``cache``, batched with the steps of
         other sessions that are waiting at the same time; returns this session's output state."""
-        if not batchable_state(state) or unbatchable(self.model, cache) is not None:
+        kind = step_kind(state, cache) if unbatchable(self.model, cache) is None else None
+        if kind is None:
             self._count(1)
             return self._solo(stages, state, cache)
-        step = _Step(stages, state, cache)
+        step = _Step(kind, stages, state, cache)
         with self._lock:
             self._queue.append(step)
             if not self._leading:
@@ -118,8 +120,9 @@ class DecodeBatcher:
             if window_s > 0 and len(self._queue) < self.settings.max_batch:
                 time.sleep(window_s)
             with self._lock:
-                head = self._queue[0].stages
-                batch = [s for s in self._queue if s.stages == head][: self.settings.max_batch]
+                head = self._queue[0]
+                same = [s for s in self._queue if s.stages == head.stages and s.kind == head.kind]
+                batch = same[: self.settings.max_batch]
                 taken = set(map(id, batch))
                 self._queue = [s for s in self._queue if id(s) not in taken]
             self._run(batch)
@@ -145,7 +148,8 @@ class DecodeBatcher:
                 s = batch[0]
                 outs = [self._solo(s.stages, s.state, s.cache)]
             else:
-                outs = batched_step(self.model, batch[0].stages, [s.state for s in batch], [s.cache for s in batch])
+                states, caches = [s.state for s in batch], [s.cache for s in batch]
+                outs = batched_pass(batch[0].kind, self.model, batch[0].stages, states, caches)
             for s, out in zip(batch, outs):
                 s.result = out
         except BaseException as e:  # noqa: BLE001 - answered to each step of the batch, raised in its thread

@@ -275,7 +275,7 @@ class TierNode:
                 session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
         try:
             state, prompt = self._run_stages(
-                stage, state, session.cache if session else None, mine, batch=phase == DECODE and verify is None
+                stage, state, session.cache if session else None, mine, batch=verify is None
             )
             if session is not None and prompt is not None:
                 session.step_inputs = prompt
@@ -317,10 +317,13 @@ class TierNode:
     ) -> tuple[BoundaryState, Optional[BoundaryState]]:
         prompt = None
         t0, c0 = self._clocks()
-        if batch and self.batcher is not None and cache is not None and stage >= self.decode_start:
-            if stage == self.decode_start and self.is_driver:
+        if batch and self.batcher is not None and cache is not None:
+            start = max(stage, self.decode_start)
+            for i in range(stage, start):  # stages before the decoder (input.prepare) run alone
+                state = self.model.run_stage(i, state, cache)
+            if start == self.decode_start and self.is_driver:
                 prompt = self.model.decode_inputs_of(state)
-            state = self.batcher.run(range(stage, self.stages.stop), state, cache)  # with other sessions' steps
+            state = self.batcher.run(range(start, self.stages.stop), state, cache)  # with other sessions' steps
         else:
             for i in range(stage, self.stages.stop):
                 if i == self.decode_start and self.is_driver:

@@ -47,14 +47,44 @@ def unbatchable(model, cache: Optional[StageCache]) -> Optional[str]:
     return None
 
 
-def _row_state(state: BoundaryState) -> bool:
-    """Whether a state is one sequence of one token (what a decode step of one session carries)."""
+def step_kind(state: BoundaryState, cache: StageCache) -> Optional[str]:
+    """``decode`` (one sequence, one new token, a cache holding its past), ``prefill`` (one sequence, its whole
+    prompt, an empty cache) or None (runs alone): which batches a step of one session may join."""
     t = state.get("input_ids", state.get("hidden_states"))
-    return t is not None and t.shape[0] == 1 and t.shape[1] == 1 and state["attention_mask"].shape[0] == 1
+    mask, pos = state.get("attention_mask"), state.get("position_ids")
+    if t is None or mask is None or pos is None or t.dim() < 2 or t.shape[0] != 1 or mask.shape[0] != 1:
+        return None
+    if not any(layer.is_initialized for layer in cache.kv.layers):
+        return "prefill" if mask.shape[1] == t.shape[1] == pos.shape[1] else None
+    return "decode" if t.shape[1] == 1 else None
 
 
-def batchable_state(state: BoundaryState) -> bool:
-    return "attention_mask" in state and "position_ids" in state and _row_state(state)
+@torch.inference_mode()
+def batched_prefill(model, stages: range, states: list[BoundaryState], caches: list[StageCache]) -> list[BoundaryState]:
+    """The prefills of several sessions as one pass: prompts right-padded to the longest (padding masked out; a
+    prompt's own positions attend only to its own earlier positions, so padding after it changes nothing there);
+    each session's cache gets its own positions of every layer (copied), its output its own positions."""
+    lens = [s["attention_mask"].shape[1] for s in states]
+    longest = max(lens)
+    batch = {
+        k: torch.cat(
+            [F.pad(s[k], (0, 0, 0, longest - n) if s[k].dim() == 3 else (0, longest - n)) for s, n in zip(states, lens)]
+        )
+        for k in states[0]
+    }
+    layers = sorted({model.stages[i].layer for i in stages if model.stages[i].layer is not None})
+    tmp = model.new_cache()
+    for i in stages:
+        batch = model.run_stage(i, batch, tmp)
+    for layer in layers:
+        new = tmp.kv.layers[layer]
+        for c, k, v, n in zip(caches, new.keys.split(1), new.values.split(1), lens):
+            c.kv.update(k[:, :, :n], v[:, :, :n], layer)
+    rows = {k: v.split(1) for k, v in batch.items() if k not in ("attention_mask", "position_ids")}
+    outs = [{k: r[row][:, : lens[row]] for k, r in rows.items()} for row in range(len(states))]
+    for out, s in zip(outs, states):  # the head drops them; blocks carry each session's own on
+        out.update({k: s[k] for k in ("attention_mask", "position_ids") if k in batch})
+    return outs
 
 
 @torch.inference_mode()
@@ -97,3 +127,8 @@ def batched_step(model, stages: range, states: list[BoundaryState], caches: list
         for out, s in zip(outs, states):
             out["attention_mask"] = s["attention_mask"]
     return outs
+
+
+def batched_pass(kind: str, model, stages: range, states: list[BoundaryState], caches: list[StageCache]):
+    """:func:`batched_prefill` or :func:`batched_step` by ``kind`` (see :func:`step_kind`)."""
+    return (batched_prefill if kind == "prefill" else batched_step)(model, stages, states, caches)
