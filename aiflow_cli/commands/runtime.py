@@ -53,7 +53,7 @@ def serve(
         None, "--metrics", help="Serve Prometheus metrics on HOST:PORT (/metrics; docs/metrics.md). Off by default."
     ),
     batch_max: int = typer.Option(
-        128, "--batch-max", help="Most sessions whose decode steps run as one forward pass (1: no batching)."
+        128, "--batch-max", help="Most sessions whose steps (decode, prefill) run as one forward pass (1: no batching)."
     ),
     batch_window_ms: float = typer.Option(
         0.0, "--batch-window-ms", help="How long a batch waits for more sessions' steps (0: those already waiting)."

@@ -1,17 +1,18 @@
-"""Continuous batching of decode steps across sessions on one tier (``aiflow serve --batch-max/--batch-window-ms``).
+"""Continuous batching of prefills and decode steps across sessions on one tier (``aiflow serve --batch-max``,
+``--batch-window-ms``).
 
 The transport calls a tier's handler on a thread per request, so the decode steps of concurrent sessions (different
 devices) reach :meth:`TierNode.step` at the same time, each on its own thread. There they meet in a
 :class:`DecodeBatcher`: a step that finds no batch running leads (it runs the batch on its own thread: the batcher
 starts no thread of its own); steps that arrive while a batch runs queue up and are answered by the next batch,
 whose leader is the oldest queued step (handed over by the previous leader). A batch takes up to ``max_batch``
-queued steps of the same stage range, optionally after waiting ``window_ms`` for more to arrive, and runs them as
-one forward pass of the tier's stages (:func:`aiflow_cli.models.families.batched.batched_step`: each session keeps
-its own KV cache; ragged pasts are left-padded and masked). Sessions join and leave between steps: a session is in
-a batch only while one of its steps waits.
+queued steps of the same kind (decode steps, or prefills) and stage range, optionally after waiting ``window_ms``
+for more to arrive, and runs them as one forward pass of the tier's stages (aiflow_cli/models/families/batched.py:
+each session keeps its own KV cache; ragged pasts are left-padded, ragged prompts right-padded, and masked).
+Sessions join and leave between steps: a session is in a batch only while one of its steps waits.
 
-What stays one session per pass: prefills, speculative ``verify`` rounds, steps of families or caches that do not
-batch (:func:`~aiflow_cli.models.families.batched.unbatchable`: sliding-window layers, cross-attention, encoders)
+What stays one session per pass: speculative ``verify`` rounds, requests of several sequences, steps of families
+or caches that do not batch (:func:`~aiflow_cli.models.families.batched.unbatchable`: sliding-window layers, cross-attention, encoders)
 and tiers with an emulated speed (their stretch follows each thread's CPU time). A batch that raises answers each of
 its steps with that error (each request gets an error reply; no session's cache is touched unless the pass
 succeeded); the next steps form a new batch.

@@ -1,4 +1,5 @@
-"""One decode step of several sessions as one forward pass (continuous batching, see runtime/batching.py).
+"""One decode step (or the prefill) of several sessions as one forward pass (continuous batching, see
+runtime/batching.py). Prefills: :func:`batched_prefill` (prompts right-padded); decode steps, below.
 
 Each session brings its own state of one token (``input_ids`` [1, 1] before the embed stage, ``hidden_states``
 [1, 1, H] after it, ``attention_mask`` [1, past + 1], ``position_ids`` [1, 1]) and its own KV cache, whose
