@@ -31,7 +31,7 @@ def _prompts(model, n: int) -> list[dict]:
     return [model.make_inputs(seq_len=3 + 4 * i, seed=i) for i in range(n)]  # ragged: 3, 7, 11, ... tokens
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODELS + ("smollm2",))  # smollm2: the real SmolLM2-135M (llama layout, 30 layers)
 def test_batched_passes_match_solo_passes(name):
     """One prefill pass for 4 prompts of different lengths, then decode passes for the 4 sessions with different
     pasts == each session alone: logits within float tolerance, same tokens, each cache exactly its own positions."""
@@ -43,7 +43,7 @@ def test_batched_passes_match_solo_passes(name):
     outs = batched.batched_pass("prefill", m, stages, prompts, batch_caches)
     for p, c, o in zip(prompts, solo_caches, outs):
         ref = m.output(m.run(p, stages, c))
-        torch.testing.assert_close(m.output(o), ref, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(m.output(o), ref, rtol=1e-4, atol=2e-4)
         steps.append(m.next_inputs(m.decode_inputs_of(p), ref[:, -1].argmax(-1)))
     assert batched.unbatchable(m, batch_caches[0]) is None
     assert {batched.step_kind(s, c) for s, c in zip(steps, batch_caches)} == {"decode"}
@@ -52,13 +52,13 @@ def test_batched_passes_match_solo_passes(name):
         nxt = []
         for s, c, o in zip(steps, solo_caches, outs):
             ref = m.output(m.run(s, stages, c))
-            torch.testing.assert_close(m.output(o), ref, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(m.output(o), ref, rtol=1e-4, atol=2e-4)
             assert torch.equal(m.output(o)[:, -1].argmax(-1), ref[:, -1].argmax(-1))
             nxt.append(m.next_inputs(s, ref[:, -1].argmax(-1)))
         steps = nxt
     for a, b in zip(solo_caches, batch_caches):
         for la, lb in zip(a.kv.layers, b.kv.layers):
-            torch.testing.assert_close(lb.keys, la.keys, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(lb.keys, la.keys, rtol=1e-4, atol=2e-4)
             assert lb.values.shape == la.values.shape
 
 
