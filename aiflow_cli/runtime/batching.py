@@ -11,11 +11,11 @@ for more to arrive, and runs them as one forward pass of the tier's stages (aifl
 each session keeps its own KV cache; ragged pasts are left-padded, ragged prompts right-padded, and masked).
 Sessions join and leave between steps: a session is in a batch only while one of its steps waits.
 
-What stays one session per pass: speculative ``verify`` rounds, requests of several sequences, steps of families
-or caches that do not batch (:func:`~aiflow_cli.models.families.batched.unbatchable`: sliding-window layers, cross-attention, encoders)
-and tiers with an emulated speed (their stretch follows each thread's CPU time). A batch that raises answers each of
-its steps with that error (each request gets an error reply; no session's cache is touched unless the pass
-succeeded); the next steps form a new batch.
+What stays one session per pass: speculative ``verify`` rounds, requests of several sequences, steps of families or
+caches that do not batch (:func:`~aiflow_cli.models.families.batched.unbatchable`: sliding-window layers,
+cross-attention, encoders) and tiers with an emulated speed (their stretch follows each thread's CPU time). A batch
+that raises answers each of its steps with that error (each request gets an error reply; caches are updated only
+after every stage ran; the failed sessions are closed by the node); the next steps form a new batch.
 """
 
 from __future__ import annotations

@@ -152,7 +152,7 @@ class TierNode:
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
         self.first_token_at: Optional[float] = None  # perf_counter() when this driver had its first token
         self.observer: Optional[Any] = None  # a runtime.metrics.TierMetrics, told of each request (serve --metrics)
-        # decode steps of concurrent sessions as one forward pass (runtime/batching.py); emulated speeds step alone
+        # prefills and decode steps of concurrent sessions as one pass (runtime/batching.py); emulated speeds: alone
         batching = batching or BatchSettings()
         self.batcher = (
             DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n))
