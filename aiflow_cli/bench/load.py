@@ -1,18 +1,21 @@
-"""``aiflow bench load``: N concurrent devices against one edge + cloud pair, unbatched serving.
+"""``aiflow bench load``: N concurrent devices against one edge + cloud pair, with and without batched decode.
 
-One placement of a small generating model (default ``builtin:gpt2-tiny``; the device runs every block but the
-last, the edge the last block, the cloud the head, as ``bench decode``'s default split) is started once
-(:class:`LocalCluster`: edge and cloud are ``aiflow serve`` processes on loopback, no link emulator). For each N
-in the sweep, N threads of this process are N devices, each with its own :class:`Pipeline` (its own QUIC
-connection and sessions; all present the cluster's device identity, which the edge trusts) and its own prompt.
-Each device opens its connection with a one-token request (untimed), then all start together (a barrier) and run
-``requests`` greedy generations of ``tokens`` tokens each.
+One placement of a small generating model (default ``builtin:gpt2-tiny``) is served by edge and cloud ``aiflow
+serve`` processes on loopback (:class:`LocalCluster`, no link emulator), twice: once with decode batching across
+sessions off (``--batch-max 1``), once on (runtime/batching.py). The default split is a thin device: the device
+runs only the input stage, the edge the embedding and every block but the last, the cloud the last block and the
+head (``--split A,B``: device ``[0:A)``, edge ``[A:B)``, cloud ``[B:n)``). The edge then drives each generation
+(it holds the embedding), so every decode step of every device meets the other devices' steps on the edge and on
+the cloud, which is where a server batches. For each N in the sweep, N threads of this process are N devices, each
+with its own :class:`Pipeline` (its own QUIC connection and sessions; all present the cluster's device identity,
+which the edge trusts) and its own prompt. Each device opens its connection with a one-token request (untimed),
+then all start together (a barrier) and run ``requests`` greedy generations of ``tokens`` tokens each.
 
-Per N: tokens/s and requests/s (all devices' tokens and requests / wall time of the phase), p50/p99 request
-latency, VmRSS of the edge and cloud processes after the phase, and the check that no response is lost (an error,
-a timeout or no tokens) or mixed (tokens other than those of the same prompt run alone: the monolithic model's
-greedy output, computed once per distinct prompt in this process). Every tier runs on this CPU; the tiers serve
-one session step at a time (no batching across sessions: ``batching=false`` in every row).
+Per N and mode: tokens/s and requests/s (all devices' tokens and requests / wall time of the phase), p50/p99
+request latency, VmRSS of the edge and cloud processes after the phase, and the check that no response is lost (an
+error, a timeout or no tokens) or mixed (tokens other than those of the same prompt run alone: the monolithic
+model's greedy output, computed once per distinct prompt in this process); batched rows add the ratio of their
+tokens/s to the unbatched row's. Every tier and device runs on this CPU.
 """
 
 from __future__ import annotations
@@ -36,14 +39,15 @@ from aiflow_cli.bench.e2e import Goal
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import load_stages
 from aiflow_cli.plan.schema import save_plan
+from aiflow_cli.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, BatchSettings
 from aiflow_cli.runtime.cluster import LocalCluster
 
 DEFAULT_MODEL = "builtin:gpt2-tiny"
 FULL_DEVICES = (1, 8, 32, 128, 256)
 QUICK_DEVICES = (1, 8, 32)
-#: "bounded memory": each server's RSS may grow by less than this from the smallest to the largest N.
+#: "bounded memory": each server's RSS may grow by less than this from its start to after the largest N.
 RSS_GROWTH_BOUND_BYTES = 256 << 20
-#: The batching goal of issue 14 (not built yet: reported as missed).
+#: The batching goal of issue 14: at this many devices, batched serving's tokens/s >= this x unbatched serving's.
 BATCH_GOAL_DEVICES, BATCH_GOAL_SPEEDUP = 128, 4.0
 
 Progress = Callable[[str], None]
@@ -74,6 +78,12 @@ class LoadConfig:
     requests: int = 2
     """Timed requests per device per N."""
     threads: int = 1
+    split: Optional[tuple[int, int]] = None
+    """Stage bounds (A, B): device [0:A), edge [A:B), cloud [B:n); None: (1, n - 2), a thin device."""
+    batch_max: int = DEFAULT_MAX_BATCH
+    batch_window_ms: float = DEFAULT_WINDOW_MS
+    modes: tuple[bool, ...] = (False, True)
+    """Batching off, on (each mode serves the whole sweep on servers of its own)."""
     timeout_s: float = 120.0
     """Per-request timeout of every device."""
     workdir: Optional[Path] = None
@@ -92,6 +102,9 @@ class LoadConfig:
         for name, v in (("tokens", self.tokens), ("requests", self.requests)):
             if v < 1:
                 raise InputError(f"{name}={v}: must be >= 1", param=name)
+        if not self.modes:
+            raise InputError("modes: give batching off, on or both", param="modes")
+        BatchSettings(self.batch_max, self.batch_window_ms)  # refuses bad values in one line
 
 
 @dataclass
@@ -147,7 +160,9 @@ def _device(cluster: LocalCluster, cfg: LoadConfig, i: int, ref: torch.Tensor, b
     return out
 
 
-def _phase(cluster: LocalCluster, cfg: LoadConfig, n: int, refs: list[torch.Tensor]) -> tuple[dict[str, Any], list]:
+def _phase(
+    cluster: LocalCluster, cfg: LoadConfig, n: int, refs: list[torch.Tensor], batching: bool, start_rss: dict[str, int]
+) -> tuple[dict[str, Any], list]:
     barrier = threading.Barrier(n + 1)
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(_device, cluster, cfg, i, refs[i], barrier) for i in range(n)]
@@ -159,7 +174,7 @@ def _phase(cluster: LocalCluster, cfg: LoadConfig, n: int, refs: list[torch.Tens
     tokens = sum(o.tokens for o in outs)
     row = {
         "devices": n,
-        "batching": False,
+        "batching": batching,
         "requests": n * cfg.requests,
         "tokens": tokens,
         "wall_s": round(wall, 3),
@@ -169,14 +184,24 @@ def _phase(cluster: LocalCluster, cfg: LoadConfig, n: int, refs: list[torch.Tens
         "p99_ms": round(float(np.percentile(lat, 99)), 1) if lat else None,
         "edge_rss_bytes": rss_bytes(cluster.servers["edge"].ready.pid),
         "cloud_rss_bytes": rss_bytes(cluster.servers["cloud"].ready.pid),
+        **{f"{t}_rss_start_bytes": v for t, v in start_rss.items()},
         "lost": sum(o.lost for o in outs),
         "mixed": sum(o.mixed for o in outs),
     }
     return row, [e for o in outs for e in o.errors]
 
 
+def add_ratios(runs: list[dict[str, Any]]) -> None:
+    """Gives each batched row ``speedup``: its tokens/s / the unbatched row's at the same N (None without one)."""
+    plain = {r["devices"]: r["tokens_per_s"] for r in runs if not r["batching"]}
+    for r in runs:
+        if r["batching"]:
+            base = plain.get(r["devices"])
+            r["speedup"] = round(r["tokens_per_s"] / base, 2) if base else None
+
+
 def check_goals(runs: list[dict[str, Any]], bound: int = RSS_GROWTH_BOUND_BYTES) -> list[Goal]:
-    """The issue's goals from measured rows (pure)."""
+    """The issue's goals from measured rows (pure; batched rows carry ``speedup``, see :func:`add_ratios`)."""
     lost, mixed = sum(r["lost"] for r in runs), sum(r["mixed"] for r in runs)
     goals = [
         Goal(
@@ -185,29 +210,53 @@ def check_goals(runs: list[dict[str, Any]], bound: int = RSS_GROWTH_BOUND_BYTES)
             f"{lost} lost, {mixed} mixed of {sum(r['requests'] for r in runs)} timed requests",
         )
     ]
-    lo, hi = min(runs, key=lambda r: r["devices"]), max(runs, key=lambda r: r["devices"])
-    growth = {t: hi[f"{t}_rss_bytes"] - lo[f"{t}_rss_bytes"] for t in ("edge", "cloud")}
+    growth: dict[str, int] = {}
+    for mode in sorted({r["batching"] for r in runs}):
+        hi = max((r for r in runs if r["batching"] == mode), key=lambda r: r["devices"])
+        for t in ("edge", "cloud"):
+            growth[f"{'batched' if mode else 'unbatched'} {t}"] = hi[f"{t}_rss_bytes"] - hi[f"{t}_rss_start_bytes"]
     goals.append(
         Goal(
-            f"bounded memory (server RSS growth from {lo['devices']} to {hi['devices']} devices "
+            f"bounded memory (server RSS growth from start to after {max(r['devices'] for r in runs)} devices "
             f"< {bound / 2**20:.0f} MiB per server)",
             all(g < bound for g in growth.values()),
             ", ".join(f"{t} {g / 2**20:+.1f} MiB" for t, g in growth.items()),
-            {f"{t}_growth_bytes": g for t, g in growth.items()},
+            {f"{t.replace(' ', '_')}_growth_bytes": g for t, g in growth.items()},
         )
     )
-    goals.append(
-        Goal(
-            f">= {BATCH_GOAL_SPEEDUP:g}x tokens/s of unbatched serving at {BATCH_GOAL_DEVICES} devices with batching",
-            False,
-            "batched decode not implemented",
-        )
+    at = [r for r in runs if r["batching"] and r["devices"] == BATCH_GOAL_DEVICES]
+    name = (
+        f">= {BATCH_GOAL_SPEEDUP:g}x tokens/s of unbatched serving at {BATCH_GOAL_DEVICES} devices with batching, "
+        "0 lost or mixed"
     )
+    if not at or at[0].get("speedup") is None:
+        measured = [f"{r['devices']}: {r['speedup']:.2f}x" for r in runs if r["batching"] and r.get("speedup")]
+        goals.append(
+            Goal(
+                name,
+                False,
+                f"not measured: the sweep has no {BATCH_GOAL_DEVICES}-device run in both modes"
+                + (f" (batched / unbatched tokens/s at {', '.join(measured)})" if measured else ""),
+            )
+        )
+    else:
+        r = at[0]
+        plain = next(p for p in runs if not p["batching"] and p["devices"] == BATCH_GOAL_DEVICES)
+        clean = r["lost"] == r["mixed"] == plain["lost"] == plain["mixed"] == 0
+        goals.append(
+            Goal(
+                name,
+                r["speedup"] >= BATCH_GOAL_SPEEDUP and clean,
+                f"{r['tokens_per_s']:.1f} vs {plain['tokens_per_s']:.1f} tokens/s: {r['speedup']:.2f}x; "
+                f"lost/mixed {r['lost']}/{r['mixed']} batched, {plain['lost']}/{plain['mixed']} unbatched",
+                {"speedup": r["speedup"]},
+            )
+        )
     return goals
 
 
 def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "") -> LoadReport:
-    """Starts edge and cloud once, sweeps the device counts; see the module docstring."""
+    """Starts edge and cloud once per mode, sweeps the device counts; see the module docstring."""
     cfg.check()
     t_start = time.perf_counter()
     torch.set_num_threads(cfg.threads)
@@ -219,7 +268,8 @@ def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "")
         raise InputError(f"model {cfg.model!r} ({full.task}) does not generate: pick a language model", param="model")
     refs = [full.generate(full.raw_input(text=prompt_of(i)), cfg.tokens) for i in range(n_max)]
     distinct = len({tuple(r.flatten().tolist()) for r in refs})
-    plan = fixed_plan(full, (full.num_stages - 2, full.num_stages - 1))
+    split = cfg.split or (1, full.num_stages - 2)
+    plan = fixed_plan(full, split)
     del full
     runs: list[dict[str, Any]] = []
     errors: list[str] = []
@@ -227,19 +277,22 @@ def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "")
         workdir = Path(cfg.workdir) if cfg.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         path = workdir / "plan.json"
         save_plan(plan, path)
-        cluster = LocalCluster(path, workdir / "cluster", threads=cfg.threads)
-        stack.callback(cluster.close)
-        progress(f"starting edge and cloud: {plan.summary()}")
-        cluster.start()
-        for n in sorted(cfg.devices):
-            progress(f"{n} device(s): {cfg.requests} x {cfg.tokens} tokens each")
-            row, errs = _phase(cluster, cfg, n, refs)
-            runs.append(row)
-            errors += [e for e in dict.fromkeys(errs) if e not in errors][:5]  # the first distinct ones
-            progress(
-                f"{n} device(s): {row['tokens_per_s']:.1f} tok/s, {row['requests_per_s']:.1f} req/s, p50 "
-                f"{row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}, mixed {row['mixed']}"
-            )
+        for batching in cfg.modes:
+            settings = BatchSettings(cfg.batch_max if batching else 1, cfg.batch_window_ms)
+            what = f"batching on (at most {settings.max_batch} sessions a pass)" if batching else "batching off"
+            with LocalCluster(path, workdir / "cluster", threads=cfg.threads, batching=settings) as cluster:
+                progress(f"edge and cloud started, {what}: {plan.summary()}")
+                start_rss = {t: rss_bytes(cluster.servers[t].ready.pid) for t in ("edge", "cloud")}
+                for n in sorted(cfg.devices):
+                    progress(f"{n} device(s), {what}: {cfg.requests} x {cfg.tokens} tokens each")
+                    row, errs = _phase(cluster, cfg, n, refs, batching, start_rss)
+                    runs.append(row)
+                    errors += [e for e in dict.fromkeys(errs) if e not in errors][:5]  # the first distinct ones
+                    progress(
+                        f"{n} device(s), {what}: {row['tokens_per_s']:.1f} tok/s, {row['requests_per_s']:.1f} req/s, "
+                        f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}, mixed {row['mixed']}"
+                    )
+    add_ratios(runs)
     load_end = os.getloadavg()[0]
     return LoadReport(
         model=cfg.model,
@@ -249,6 +302,9 @@ def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "")
             "tokens": cfg.tokens,
             "requests": cfg.requests,
             "threads": cfg.threads,
+            "split": list(split),
+            "batch_max": cfg.batch_max,
+            "batch_window_ms": cfg.batch_window_ms,
             "distinct_references": distinct,
             "rss_growth_bound_bytes": RSS_GROWTH_BOUND_BYTES,
         },
@@ -256,9 +312,10 @@ def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "")
         goals=check_goals(runs),
         errors=errors[:10],
         measured=(
-            "real edge and cloud processes on loopback (QUIC, mutual TLS), no link emulation; devices are threads "
-            "of this process (one Pipeline and connection each); tokens/s, requests/s, request latency, server "
-            "VmRSS, and every response checked against the monolithic model's greedy output for its prompt"
+            "real edge and cloud processes on loopback (QUIC, mutual TLS), no link emulation, started once per mode "
+            "(batching off: at most 1 session a pass; on); devices are threads of this process (one Pipeline and connection "
+            "each); tokens/s, requests/s, request latency, server VmRSS, and every response checked against the "
+            "monolithic model's greedy output for its prompt"
         ),
         machine={
             "cores": os.cpu_count(),

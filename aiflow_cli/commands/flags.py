@@ -52,6 +52,8 @@ FLAGS: dict[str, str] = {
     "cache_limit_bytes": "--cache-mib",
     "dilation": "--dilation",
     "metrics": "--metrics",
+    "batch_max": "--batch-max",
+    "batch_window_ms": "--batch-window-ms",
     "speculate": "--speculate",
     "draft": "--draft",
     "exit_layer": "--exit-layer",

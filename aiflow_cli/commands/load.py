@@ -1,4 +1,4 @@
-"""CLI verb of the load benchmark: ``aiflow bench load`` (N concurrent devices, unbatched serving)."""
+"""CLI verb of the load benchmark: ``aiflow bench load`` (N concurrent devices, with and without batched decode)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,13 @@ def _counts(text: str) -> tuple[int, ...]:
         raise InputError(f"--devices {text!r}: give comma-separated counts, e.g. 1,8,32", param="devices") from None
 
 
+def _split(text: str) -> tuple[int, int]:
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"--split {text!r}: give two stage indices A,B (e.g. 1,5)", param="split")
+    return int(parts[0]), int(parts[1])
+
+
 def bench_load(
     model: Optional[str] = typer.Option(None, "--model", help="Language model (default builtin:gpt2-tiny)."),
     devices: Optional[str] = typer.Option(
@@ -29,12 +36,21 @@ def bench_load(
     requests: Optional[int] = typer.Option(
         None, "--requests", help="Timed requests per device and count (default 2; --quick 1)."
     ),
+    split: Optional[str] = typer.Option(
+        None, "--split", help="Stage bounds A,B: device [0:A), edge [A:B), cloud [B:n) (default 1,n-2: a thin device)."
+    ),
+    batch_max: Optional[int] = typer.Option(
+        None, "--batch-max", help="Most sessions per batched pass on each server in the batched runs (default 128)."
+    ),
+    batch_window_ms: Optional[float] = typer.Option(
+        None, "--batch-window-ms", help="How long a batch waits for more steps in the batched runs (default 0)."
+    ),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, plan, server logs (default: a temp dir)."),
-    quick: bool = typer.Option(False, "--quick", help="1, 8 and 32 devices, 4 tokens, one request each."),
+    quick: bool = typer.Option(False, "--quick", help="1, 8 and 32 devices, 4 tokens, one request each (both modes)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
 ) -> None:
-    """N concurrent devices against one edge + cloud pair on loopback (unbatched serving): throughput, latency,
-    server memory, and every response checked against its prompt's monolithic output."""
+    """N concurrent devices against one edge + cloud pair on loopback, with and without batched decode: throughput,
+    latency, server memory, and every response checked against its prompt's monolithic output."""
     from aiflow_cli.bench import load
 
     given: dict[str, Any] = {
@@ -43,6 +59,9 @@ def bench_load(
         "tokens": tokens,
         "requests": requests,
         "workdir": workdir,
+        "split": _split(split) if split is not None else None,
+        "batch_max": batch_max,
+        "batch_window_ms": batch_window_ms,
     }
     cfg = (
         load.LoadConfig.quick_config(**given)
@@ -58,23 +77,24 @@ def _print(report) -> None:
 
     c = report.config
     t = Table(
-        title=f"{report.model}: {report.plan}; {c['requests']} request(s) x {c['tokens']} tokens per device, "
-        "unbatched serving",
+        title=f"{report.model}: {report.plan}; {c['requests']} request(s) x {c['tokens']} tokens per device; "
+        f"batched: at most {c['batch_max']} sessions a pass, window {c['batch_window_ms']:g} ms",
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    for col in ["dev", "tok/s", "req/s", "p50 ms", "p99 ms", "edge MiB", "cloud MiB", "lost", "mixed"]:
+    for col in ["dev", "batch", "tok/s", "x off", "req/s", "p50 ms", "p99 ms", "RSS e/c MiB", "lost", "mixed"]:
         t.add_column(col, justify="right", no_wrap=True)
     for r in report.runs:
         bad = r["lost"] or r["mixed"]
         t.add_row(
             str(r["devices"]),
+            "on" if r["batching"] else "off",
             f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}x" if r.get("speedup") else "-",
             f"{r['requests_per_s']:.1f}",
             "-" if r["p50_ms"] is None else f"{r['p50_ms']:.0f}",
             "-" if r["p99_ms"] is None else f"{r['p99_ms']:.0f}",
-            f"{r['edge_rss_bytes'] / 2**20:.0f}",
-            f"{r['cloud_rss_bytes'] / 2**20:.0f}",
+            f"{r['edge_rss_bytes'] / 2**20:.0f}/{r['cloud_rss_bytes'] / 2**20:.0f}",
             f"[red]{r['lost']}[/]" if bad else str(r["lost"]),
             f"[red]{r['mixed']}[/]" if bad else str(r["mixed"]),
         )

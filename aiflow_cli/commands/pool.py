@@ -33,6 +33,8 @@ def serve_pool_cli(
     max_replicas: Optional[int],
     target_sessions: int,
     cpus: float,
+    batch_max: int = 128,
+    batch_window_ms: float = 0.0,
 ) -> None:
     from aiflow_cli.runtime.autoscale import ScalePolicy
 
@@ -67,6 +69,8 @@ def serve_pool_cli(
         threads=1,
         dilation=dilation,
         metrics=f"{metrics.rsplit(':', 1)[0]}:0" if metrics else None,
+        batch_max=batch_max,
+        batch_window_ms=batch_window_ms,
     )
 
     def on_event(e: dict[str, Any]) -> None:

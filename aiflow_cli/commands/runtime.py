@@ -66,11 +66,18 @@ def serve(
     ),
     target_sessions: int = typer.Option(8, "--target-sessions", min=1, help="Active sessions per replica to aim at."),
     replica_cpus: float = typer.Option(1.0, "--replica-cpus", min=0.01, help="CPUs Ray reserves per replica."),
+    batch_max: int = typer.Option(
+        128, "--batch-max", help="Most sessions whose steps (decode, prefill) run as one forward pass (1: no batching)."
+    ),
+    batch_window_ms: float = typer.Option(
+        0.0, "--batch-window-ms", help="How long a batch waits for more sessions' steps (0: those already waiting)."
+    ),
 ) -> None:
     """Serve one tier of a plan: load only its stages, run them for every device, forward to the next tier."""
     import json
     import sys
 
+    from aiflow_cli.runtime.batching import BatchSettings
     from aiflow_cli.runtime.serve import TierServer
 
     _threads()
@@ -80,7 +87,7 @@ def serve(
         return serve_pool_cli(
             role, plan, listen, next_addr, identity, trust, speed, dilation, cache_mib, duration_s, insecure_dev,
             json_out, metrics, replicas=replicas, ray_address=ray_address, max_replicas=max_replicas,
-            target_sessions=target_sessions, cpus=replica_cpus,
+            target_sessions=target_sessions, cpus=replica_cpus, batch_max=batch_max, batch_window_ms=batch_window_ms,
         )  # fmt: skip
     srv = TierServer(
         role,
@@ -94,6 +101,7 @@ def serve(
         insecure_dev=insecure_dev,
         dilation=dilation,
         metrics=metrics,
+        batching=BatchSettings(batch_max, batch_window_ms),
     )
 
     def ready(info: dict[str, Any]) -> None:

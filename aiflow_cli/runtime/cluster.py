@@ -20,6 +20,7 @@ from typing import Any, Optional
 from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.netem import LinkEmulator
+from aiflow_cli.runtime.batching import BatchSettings
 from aiflow_cli.runtime.pipeline import Pipeline
 from aiflow_cli.runtime.serve import TierProcess, TierSpec
 from aiflow_cli.transport import Identity
@@ -59,6 +60,7 @@ class LocalCluster:
         threads: Optional[int] = 1,
         dilation: float = 1.0,
         metrics: Optional[dict[str, str]] = None,
+        batching: Optional[BatchSettings] = None,
     ):
         self.plan_path = Path(plan_path)
         self.workdir = Path(workdir)
@@ -70,6 +72,7 @@ class LocalCluster:
         self.threads = threads
         self.dilation = dilation  # time dilation (aiflow_cli/runtime/dilation.py): passed to every tier
         self.metrics = metrics or {}  # tier -> HOST:PORT of its Prometheus metrics (TierReady.metrics: bound)
+        self.batching = batching or BatchSettings()  # decode batching of both servers (runtime/batching.py)
         self.keys = identities(self.workdir)
         self.servers: dict[str, TierProcess] = {}
         self.emulators: dict[str, LinkEmulator] = {}
@@ -92,6 +95,8 @@ class LocalCluster:
             threads=self.threads,
             dilation=self.dilation,
             metrics=self.metrics.get(tier),
+            batch_max=self.batching.max_batch,
+            batch_window_ms=self.batching.window_ms,
         )
         proc = TierProcess(spec, self.workdir / f"{tier}.log")
         self.servers[tier] = proc

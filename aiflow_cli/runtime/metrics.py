@@ -99,7 +99,7 @@ class TierMetrics:
             RATIOS,
         )
         self.batch_size = histogram(
-            "aiflow_batch_size", "Sessions computed in one forward pass (1: no batching yet).", ["tier"], BATCHES
+            "aiflow_batch_size", "Sessions computed in one forward pass of this tier's stages.", ["tier"], BATCHES
         )
         reg.register(_Gauges(self))
         self._http: Optional[tuple[Any, Any]] = None
@@ -116,7 +116,6 @@ class TierMetrics:
             self.compute_seconds.labels(tier).observe(mine.compute_ms / 1e3)
             self.codec_seconds.labels(tier, "encode").observe(mine.encode_ms / 1e3)
             self.codec_seconds.labels(tier, "decode").observe(mine.decode_ms / 1e3)
-            self.batch_size.labels(tier).observe(1)
         incoming = f"{request.sender}-{tier}"
         self.link_bytes.labels(tier, incoming, "up").inc(sum(len(f) for f in env.frames))
         tokens = 8 * result.tokens.numel() if result.tokens is not None else 0  # as Timings counts them
@@ -125,6 +124,10 @@ class TierMetrics:
         if out is not None:
             self.link_bytes.labels(tier, self.node.link, "up").inc(out.bytes_up)
             self.link_bytes.labels(tier, self.node.link, "down").inc(out.bytes_down)
+
+    def batched(self, sessions: int) -> None:
+        """One forward pass of this tier's stages ran for ``sessions`` sessions (runtime/batching.py)."""
+        self.batch_size.labels(self.tier).observe(sessions)
 
     def failed(self, env: "Message", error: BaseException) -> None:
         """A request answered with ``error``."""

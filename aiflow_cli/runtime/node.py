@@ -31,6 +31,7 @@ from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import protocol, tracing
 from aiflow_cli.runtime import speculate as spec
+from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher
 from aiflow_cli.runtime.protocol import DECODE, PREFILL, VERIFY, Hello, HelloReply, Infer, Result, TierInfo, Verify
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
@@ -115,6 +116,7 @@ class TierNode:
         model: Optional[StagedModel] = None,
         dilation: float = 1.0,
         exit_head: bool = False,
+        batching: Optional[BatchSettings] = None,
     ):
         self.stretch = check_speed(speed, dilation)
         self.dilation = dilation
@@ -152,6 +154,13 @@ class TierNode:
         self.first_token_at: Optional[float] = None  # perf_counter() when this driver had its first token
         self.observer: Optional[Any] = None  # a runtime.metrics.TierMetrics, told of each request (serve --metrics)
         self.drafter: Optional[Any] = None  # a driver's draft source (runtime.drafters; None: the untrained exit)
+        # prefills and decode steps of concurrent sessions as one pass (runtime/batching.py); emulated speeds: alone
+        batching = batching or BatchSettings()
+        self.batcher = (
+            DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n))
+            if batching.enabled and self.keeps_cache and self.stretch <= 1
+            else None
+        )
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
@@ -275,7 +284,9 @@ class TierNode:
             if verify is not None:
                 session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
         try:
-            state, prompt = self._run_stages(stage, state, session.cache if session else None, mine)
+            state, prompt = self._run_stages(
+                stage, state, session.cache if session else None, mine, batch=verify is None
+            )
             if session is not None and prompt is not None:
                 session.step_inputs = prompt
             if self.is_output:
@@ -313,14 +324,24 @@ class TierNode:
         return result
 
     def _run_stages(
-        self, stage: int, state: BoundaryState, cache, mine
+        self, stage: int, state: BoundaryState, cache, mine, batch: bool = False
     ) -> tuple[BoundaryState, Optional[BoundaryState]]:
         prompt = None
         t0, c0 = self._clocks()
-        for i in range(stage, self.stages.stop):
-            if i == self.decode_start and self.is_driver:
+        if batch and self.batcher is not None and cache is not None:
+            start = max(stage, self.decode_start)
+            for i in range(stage, start):  # stages before the decoder (input.prepare) run alone
+                state = self.model.run_stage(i, state, cache)
+            if start == self.decode_start and self.is_driver:
                 prompt = self.model.decode_inputs_of(state)
-            state = self.model.run_stage(i, state, cache)
+            state = self.batcher.run(range(start, self.stages.stop), state, cache)  # with other sessions' steps
+        else:
+            for i in range(stage, self.stages.stop):
+                if i == self.decode_start and self.is_driver:
+                    prompt = self.model.decode_inputs_of(state)
+                state = self.model.run_stage(i, state, cache)
+            if self.observer is not None:
+                self.observer.batched(1)
         self._stretch(t0, c0)  # one sleep per step: per-stage sleeps would add the timer's overshoot per stage
         mine.compute_ms += (time.perf_counter() - t0) * 1e3
         return state, prompt

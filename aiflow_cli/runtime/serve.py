@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Sequence, cast
 from aiflow_cli import errors, signals
 from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
+from aiflow_cli.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, BatchSettings
 from aiflow_cli.runtime.node import TierNode
 from aiflow_cli.runtime.routing import PoolClient, connect
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
@@ -51,10 +52,12 @@ class TierServer:
         dilation: float = 1.0,
         metrics: Optional[str] = None,
         next_client: Optional[PoolClient] = None,
+        batching: Optional[BatchSettings] = None,
     ):
         """``metrics``: HOST:PORT to serve Prometheus metrics on (aiflow_cli/runtime/metrics.py); None: none.
         ``next_addr`` with commas names a pool of replicas of the next tier; ``next_client`` gives one built
-        elsewhere (e.g. :meth:`RayPool.client`, refreshed from Ray)."""
+        elsewhere (e.g. :meth:`RayPool.client`, refreshed from Ray). ``batching``: decode batching across
+        sessions (aiflow_cli/runtime/batching.py; None: its defaults)."""
         if role not in ROLES:
             raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
         if not trust and not insecure_dev:
@@ -80,7 +83,13 @@ class TierServer:
                 insecure_dev=insecure_dev,
             )
         self.node = TierNode(
-            plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes, dilation=dilation
+            plan,
+            role,
+            next_client=nxt,
+            speed=speed,
+            cache_limit_bytes=cache_limit_bytes,
+            dilation=dilation,
+            batching=batching,
         )
         self.server = Server(
             listen,
@@ -176,6 +185,9 @@ class TierSpec:
     """time dilation factor of the run (aiflow_cli/runtime/dilation.py); every tier of a run uses the same."""
     metrics: Optional[str] = None
     """HOST:PORT of the tier's Prometheus metrics (None: none)."""
+    batch_max: int = DEFAULT_MAX_BATCH
+    """most sessions per batched decode pass (1: no batching; aiflow_cli/runtime/batching.py)."""
+    batch_window_ms: float = DEFAULT_WINDOW_MS
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TierSpec":
@@ -198,6 +210,7 @@ class TierSpec:
             dilation=self.dilation,
             cache_limit_bytes=self.cache_limit_bytes,
             metrics=self.metrics,
+            batching=BatchSettings(self.batch_max, self.batch_window_ms),
         )
 
 
