@@ -268,7 +268,8 @@ def train_exit(
         prompts = list(cal.prompts) + list(cal.sentences)
         held, train = list(cal.prompts[-HELD_OUT:]), [p for p in prompts if p not in cal.prompts[-HELD_OUT:]]
         train = train[:max_texts] if max_texts is not None else train
-        seqs, tests = [], []
+        seqs: list[_Seq] = []
+        tests: list[_Seq] = []
         for i, p in enumerate(train + held):
             progress(f"full model's greedy continuation {i + 1}/{len(train) + len(held)}")
             (seqs if i < len(train) else tests).append(_sequence(model, p, exit_stage, tokens))

@@ -17,7 +17,7 @@ after the position before); a draft model proposes all ``g`` drafts first, then 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -113,7 +113,7 @@ class ModelDrafter(Drafter):
     def __init__(self, draft: "StagedModel"):
         self.draft = draft
         self.name = draft.name
-        self.cache = None
+        self.cache: Any = None  # a StageCache of the draft model, per request (start)
         self.tokens: list[int] = []  # the committed tokens (prompt + emitted but the pending one)
         self.fed = 0  # positions in the draft's cache
 
