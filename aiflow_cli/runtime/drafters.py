@@ -199,12 +199,12 @@ def make_drafter(draft: Optional[str], model: "StagedModel", stop: int) -> Draft
         if adapter is None and kind == "exit":
             where = f"block {layer}" if layer is not None else "the device's last stage (not a block)"
             train = (
-                f"; train one with `aiflow draft train {model.name} --exit-layer {layer}`" if layer is not None else ""
+                f"; train one with `aiflow draft train {model.name}`, exit_layer={layer}" if layer is not None else ""
             )
             raise InputError(
                 f"draft=exit: no trained exit for {model.name} after {where} "
                 f"({exit_path(model.model_hash, layer if layer is not None else -1).parent}){train}",
-                param="draft",
+                param="draft,exit_layer",
             )
         return ExitDrafter(adapter)
     from aiflow_cli.models import load_model
