@@ -95,7 +95,7 @@ class ExitDrafter(Drafter):
                 with torch.inference_mode():
                     h = state["hidden_states"]
                     if self.adapter is not None:
-                        h = self.adapter(h)
+                        h = self.adapter.to(h.device)(h)
                     logits = model.output(model.run_stage(head, {"hidden_states": h}))
                 tok = logits[:, -1].argmax(-1).reshape(1)
                 node._stretch(t0, c0)
