@@ -198,14 +198,16 @@ def test_bench_decode_tiny_json_shape_and_identical_output(tmp_path):
 
     r = subprocess.run(
         [sys.executable, "-m", "aiflow_cli", "bench", "decode", "--model", "builtin:llama-tiny", "--rtt", "30"]
-        + ["--tokens", "8", "--repeats", "1", "--split", "2,4", "--k", "3", "--workdir", str(tmp_path), "--json"],
+        + ["--tokens", "8", "--repeats", "1", "--split", "2,4", "--k", "3", "--workdir", str(tmp_path), "--json"]
+        + ["--draft", "builtin:llama-tiny"],  # the model as its own draft: every draft accepted
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert [run["mode"] for run in out["runs"]] == ["cloud-only", "split", "spec-k3", "spec-auto"]
+    assert [run["mode"] for run in out["runs"]] == ["cloud-only", "split", "spec-k3", "spec-auto", "spec-draft-auto"]
+    assert out["runs"][-1]["acceptance"] == 1.0 and out["exit_training"]["path"] is None  # (no block on the device)
     for run in out["runs"]:
         assert run["rtt_ms"] == 30 and run["identical"] is True and run["tokens"] == 8 and run["tokens_per_s"] > 0
         assert set(run) >= {"acceptance", "ttft_ms", "tokens_per_round_trip", "compute_ms_per_token"}

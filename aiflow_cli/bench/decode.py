@@ -272,7 +272,7 @@ def _trained_exit(cfg: DecodeConfig, model: StagedModel, device_end: int, progre
                 for k in ("steps", "seed", "loss_before", "loss_after", "acceptance_before", "acceptance_after")
             },
         }
-    progress(f"training the exit after block {layer} (aiflow draft train {cfg.model} --exit-layer {layer})")
+    progress(f"training the exit after block {layer} of {cfg.model} (as `aiflow draft train` does)")
     r = train_exit(cfg.model, layer, steps=cfg.train_steps, progress=progress)
     torch.set_num_threads(cfg.threads)
     out = {

@@ -37,6 +37,9 @@ def bench_decode(
         help="A,B: the device runs stages [0:A), the edge [A:B), the cloud the rest (default: the device every "
         "block but the last, the edge the last block, the cloud the head).",
     ),
+    prompt: Optional[str] = typer.Option(
+        None, "--prompt", help="The prompt every request generates from (default: the sky-is-blue question)."
+    ),
     draft: Optional[str] = typer.Option(
         None, "--draft", help="A draft MODEL (same vocabulary) for a spec-draft-auto mode run on the device."
     ),
@@ -70,6 +73,7 @@ def bench_decode(
         "workdir": workdir,
         "draft": draft,
         "trained": trained,
+        "prompt": prompt,
     }
     cfg = (
         decode.DecodeConfig.quick_config(**given)

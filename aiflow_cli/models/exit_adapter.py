@@ -242,10 +242,12 @@ def train_exit(
     seed: int = 0,
     rank: int = DEFAULT_RANK,
     tokens: int = CONTINUATION_TOKENS,
+    max_texts: Optional[int] = None,
     progress: Progress = lambda s: None,
 ) -> TrainResult:
     """Fits the exit adapter of model ``name`` after block ``exit_layer`` (see the module docstring), saves it
-    at :func:`exit_path` and returns what it measured. CPU, one torch thread, seeded."""
+    at :func:`exit_path` and returns what it measured. CPU, one torch thread, seeded. ``tokens``: greedy tokens
+    generated per text; ``max_texts``: train on the first texts only (tests)."""
     import hashlib
 
     from aiflow_cli.models import load_model
@@ -265,7 +267,9 @@ def train_exit(
         cal = load_calibration()
         prompts = list(cal.prompts) + list(cal.sentences)
         held, train = list(cal.prompts[-HELD_OUT:]), [p for p in prompts if p not in cal.prompts[-HELD_OUT:]]
-        seqs, tests = [], []
+        train = train[:max_texts] if max_texts is not None else train
+        seqs: list[_Seq] = []
+        tests: list[_Seq] = []
         for i, p in enumerate(train + held):
             progress(f"full model's greedy continuation {i + 1}/{len(train) + len(held)}")
             (seqs if i < len(train) else tests).append(_sequence(model, p, exit_stage, tokens))

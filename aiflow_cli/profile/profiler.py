@@ -98,7 +98,8 @@ def trained_exit_acceptance(m: StagedModel, ref: Reference, cal_states: list[Bou
         adapter = find_exit(m.model_hash, layer) if m.task == "generate" and "hidden_states" in state else None
         if adapter is not None:
             with torch.inference_mode():
-                got = ref.exit_agreement(m, dict(state, hidden_states=adapter(state["hidden_states"])))
+                h = state["hidden_states"]
+                got = ref.exit_agreement(m, dict(state, hidden_states=adapter.to(h.device)(h)))
             if got is not None:
                 out[i] = got
     return out

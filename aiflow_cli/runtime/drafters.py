@@ -17,7 +17,7 @@ after the position before); a draft model proposes all ``g`` drafts first, then 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -113,7 +113,7 @@ class ExitDrafter(Drafter):
                 with torch.inference_mode():
                     h = state["hidden_states"]
                     if self.adapter is not None:
-                        h = self.adapter(h)
+                        h = self.adapter.to(h.device)(h)
                     logits = model.output(model.run_stage(head, {"hidden_states": h}))
                 tok = torch.tensor([choose(logits[0, -1], sampling, index + i, dists)], dtype=torch.long)
                 node._stretch(t0, c0)
@@ -131,7 +131,7 @@ class ModelDrafter(Drafter):
     def __init__(self, draft: "StagedModel"):
         self.draft = draft
         self.name = draft.name
-        self.cache = None
+        self.cache: Any = None  # a StageCache of the draft model, per request (start)
         self.tokens: list[int] = []  # the committed tokens (prompt + emitted but the pending one)
         self.fed = 0  # positions in the draft's cache
 
@@ -221,12 +221,12 @@ def make_drafter(draft: Optional[str], model: "StagedModel", stop: int) -> Draft
         if adapter is None and kind == "exit":
             where = f"block {layer}" if layer is not None else "the device's last stage (not a block)"
             train = (
-                f"; train one with `aiflow draft train {model.name} --exit-layer {layer}`" if layer is not None else ""
+                f"; train one with `aiflow draft train {model.name}`, exit_layer={layer}" if layer is not None else ""
             )
             raise InputError(
                 f"draft=exit: no trained exit for {model.name} after {where} "
                 f"({exit_path(model.model_hash, layer if layer is not None else -1).parent}){train}",
-                param="draft",
+                param="draft,exit_layer",
             )
         return ExitDrafter(adapter)
     from aiflow_cli.models import load_model

@@ -143,7 +143,9 @@ class Pipeline:
         self.fallback = fallback
         k = parse_speculate(speculate)
         if draft is not None and k is None:
-            raise InputError(f"draft={draft}: drafts are for speculation; give speculate too", param="draft")
+            raise InputError(
+                f"draft={draft}: drafts are for speculation; give `speculate` too", param="draft,speculate"
+            )
         drafter = None
         if k is not None and self.plan.stages_for("device").stop > 0:
             skeleton = load_stages(self.plan.model, [])

@@ -22,6 +22,9 @@ after a prefix of emitted tokens); only the number of round trips changes. The r
 or an end-of-sequence token) is applied to each round's tokens by every tier alike (:func:`emitted`), so no token
 past it is emitted and every tier frees its session on the round that ends it.
 
+What drafts is the driver's drafter (:mod:`aiflow_cli.runtime.drafters`): the exit above (untrained), the same
+through a trained exit adapter (``aiflow draft train``), or a separate draft model; it only proposes tokens.
+
 ``speculate=K`` drafts ``K`` tokens per round; ``speculate="auto"`` picks ``g`` each round to maximise the expected
 tokens per second, from the acceptance rate observed so far (per-draft, decayed) and the measured costs: the
 driver's time per position, the verify round trip's fixed part and the upstream compute per position; when it
