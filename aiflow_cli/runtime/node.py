@@ -150,6 +150,7 @@ class TierNode:
         self.sessions = SessionStore(self.model.new_cache, limit_bytes=cache_limit_bytes, tier=tier)
         self.first_token_at: Optional[float] = None  # perf_counter() when this driver had its first token
         self.observer: Optional[Any] = None  # a runtime.metrics.TierMetrics, told of each request (serve --metrics)
+        self.on_link: Optional[Any] = None  # (bytes up, bytes down, wire ms) per message sent on (runtime/replan.py)
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
@@ -427,6 +428,8 @@ class TierNode:
         link.messages += 1
         handled = sum(t.handle_ms for name, t in behind.tiers.items() if name == self.next_tier)
         link.wire_ms += max(0.0, rtt_ms - handled)
+        if self.on_link is not None:
+            self.on_link(packed.nbytes, sum(len(f) for f in env.frames), rtt_ms - handled)
         timings.merge(behind)
         result = StepResult(timings=timings)
         if reply.tokens is not None:

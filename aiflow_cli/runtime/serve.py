@@ -25,6 +25,7 @@ from aiflow_cli import errors, signals
 from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.runtime.replan import PlanRouter
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
 
 ROLES = ("edge", "cloud")
@@ -78,11 +79,13 @@ class TierServer:
         self.node = TierNode(
             plan, role, next_client=nxt, speed=speed, cache_limit_bytes=cache_limit_bytes, dilation=dilation
         )
+        # routes requests by plan hash; switches plans when the device proposes one (runtime/replan.py)
+        self.router = PlanRouter(self.node, nxt, cache_limit_bytes)
         self.server = Server(
             listen,
             identity=ident,
             trust=list(trust),
-            handler=self.node.handle,
+            handler=self.router.handle,
             limits=limits,
             insecure_dev=insecure_dev,
         )
