@@ -135,7 +135,8 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
     if problem.speculate == AUTO:
         import dataclasses
 
-        evs = [evaluate(dataclasses.replace(problem, speculate=g), placement) for g in draft_lengths(problem)]
+        # auto may also not draft (g = 0: plain decoding), as the runtime's auto policy does when drafts do not pay
+        evs = [evaluate(dataclasses.replace(problem, speculate=g), placement) for g in [0, *draft_lengths(problem)]]
         return min(evs, key=lambda e: e.total_ms)
     return _evaluate(problem, placement)
 
@@ -289,7 +290,7 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True, spec=None) -> Tab
     per_step = np.where(p.cut_decodes, 1.0, 0.0)[:, None] * (N * rounds if N else 0)
     with np.errstate(invalid="ignore"):  # inf * 0 where a codec is unavailable; masked just below
         _fill_cuts(p, ok, bytes_, per_step, cut, busy, width)
-    if spec is None and p.speculate:
+    if spec is None and p.speculate > 0:  # a fixed K always drafts; auto may also decode plainly (g = 0)
         from aiflow_cli.plan.speculation import spec_for
 
         for k in range(1, S):  # device ranges that speculate are priced by their own tables (spec=...)

@@ -143,6 +143,8 @@ def describe(problem: Any, rows: list) -> str:
             else "none (the profile has no exit_acceptance: re-profile, or every split is priced without speculation)"
         )
     ]
+    S = problem.n_stages
+    first_decode = next((s for s in range(S) if problem.decode_stage[s]), S)
     for r in rows:
         ev = getattr(r, "evaluation", None)
         if ev is None or not ev.feasible:
@@ -154,9 +156,15 @@ def describe(problem: Any, rows: list) -> str:
                 f"(a = {sp['acceptance']:.3f}), {sp['draft']} drafts per round, {sp['tokens_per_round']:.2f} tokens "
                 f"per round trip"
             )
+            continue
+        k = r.placement.bounds[1]
+        if k == S:
+            why = "the device runs every stage: no round trips"
+        elif k <= first_decode:
+            why = "the device holds no decode stage: it does not drive the decoding"
+        elif spec_for(problem, k, 1) is None:
+            why = f"the exit after stage {k - 1} has no measured acceptance: a round trip per token"
         else:
-            lines.append(
-                f"  {r.name}: one round trip per token (the device does not drive the decoding, nothing "
-                "behind it verifies, or its exit has no measured acceptance)"
-            )
+            why = f"drafting with the exit after stage {k - 1} does not pay: a round trip per token"
+        lines.append(f"  {r.name}: no speculation ({why})")
     return "\n".join(lines)

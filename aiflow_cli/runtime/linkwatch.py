@@ -10,8 +10,9 @@ spent handling the message: its compute, codec and everything behind it). From t
   fixed cost of one message, plus the serialisation of a few hundred bytes). QUIC's own smoothed RTT of the
   connection (``path_rtt_ms``, from the transport's path statistics) is kept beside it for reports; it is not
   used for the model because it includes the queueing of large transfers;
-- ``uplink_mbps``: bytes sent up by the *large* messages of the window (at least ``big_bytes`` and 4x the
-  smallest message; the prefill's hidden states, not a decode step's) over their wire time beyond ``rtt_ms``.
+- ``uplink_mbps``: bytes sent up by the last ``rate_window`` *large* messages of the window (at least
+  ``big_bytes`` and 4x the smallest message; the prefill's hidden states, not a decode step's) over their wire
+  time beyond ``rtt_ms``: two prompts, so that one new prompt on a changed link moves the estimate most of the way.
   The downlink is not estimated (replies to generation steps are a few token ids; too small to time).
 
 :class:`ReplanPolicy` decides with hysteresis: a new plan is proposed only when the estimate rests on at least
@@ -88,11 +89,12 @@ class LinkWatch:
     """The last ``window`` messages of one link (see the module docstring). Not thread-safe by itself: the
     caller serialises :meth:`observe` (the device's pipeline holds a lock)."""
 
-    def __init__(self, window: int = 32, big_bytes: int = DEFAULT_BIG_BYTES, rtt_window: int = 8):
+    def __init__(self, window: int = 32, big_bytes: int = DEFAULT_BIG_BYTES, rtt_window: int = 8, rate_window: int = 2):
         if window < 2 or not 1 <= rtt_window <= window:
             raise InputError(f"window={window}, rtt_window={rtt_window}: need 1 <= rtt_window <= window, window >= 2")
         self.samples: deque[LinkSample] = deque(maxlen=window)
         self.rtt_window = rtt_window
+        self.rate_window = max(1, rate_window)
         self.big_bytes = big_bytes
         self.path_rtt_ms: Optional[float] = None
         self.total = 0
@@ -122,7 +124,7 @@ class LinkWatch:
             return None
         recent = list(self.samples)[-self.rtt_window :]
         rtt = min(s.wire_ms for s in recent)
-        big = self.big()
+        big = self.big()[-self.rate_window :]
         rate = None
         if big:
             bits = sum(8.0 * s.bytes_up for s in big)

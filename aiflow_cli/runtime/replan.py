@@ -103,6 +103,9 @@ class ReplanConfig:
     policy: ReplanPolicy = field(default_factory=ReplanPolicy)
     problem: Optional[Problem] = None
     window: int = 32
+    skip_requests: int = 1
+    """Requests at the start that are not measured: the first transfers of a new pipeline include the
+    connection's start-up (handshake, congestion window growth) and under-report the link."""
 
 
 class Replanner:
@@ -118,6 +121,7 @@ class Replanner:
         self.assumed = self.problem.links[0]  # the device's link as the plan assumed it
         self.solved_link: LinkProfile = self.assumed  # the link the current plan was last solved for
         self.watch = LinkWatch(config.window)
+        self.skip_requests = config.skip_requests
         self.switched_at = float("-inf")
         self.events: list[dict[str, Any]] = []
         self.requests = 0
@@ -127,7 +131,8 @@ class Replanner:
     def observe(self, bytes_up: int, bytes_down: int, wire_ms: float) -> None:
         """One message of the device over its link (the node's hook)."""
         with self._lock:
-            self.watch.observe(bytes_up, bytes_down, wire_ms, time.monotonic())
+            if self.requests >= self.skip_requests:
+                self.watch.observe(bytes_up, bytes_down, wire_ms, time.monotonic())
 
     def propose(self, client: Any = None) -> Optional[tuple[Plan, dict[str, Any]]]:
         """A better plan for the measured link and the event describing it, or None (see the module
