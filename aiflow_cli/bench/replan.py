@@ -241,3 +241,26 @@ def replan_run(cfg: Any, progress: Progress = lambda s: None) -> dict[str, Any]:
         return run_replan(setup, Path(cfg.workdir), progress)
     with tempfile.TemporaryDirectory() as d:
         return run_replan(setup, Path(d), progress)
+
+
+def describe(replan: dict[str, Any]) -> str:
+    """The lines ``aiflow bench decode`` prints for the re-planning run."""
+    if replan.get("speedup") is None:
+        return f"re-planning run: {replan.get('note', 'not run')}"
+    sw = replan.get("switch") or {}
+    lines = [
+        f"re-planning run ({replan['requests']} requests of {replan['tokens']} tokens, uplink "
+        f"{replan['links']['before']['uplink_mbps']:g} -> {replan['links']['after']['uplink_mbps']:g} Mbit/s after "
+        f"request {replan['drop_after_request']}): static {replan['static_s']:.1f} s, re-planned "
+        f"{replan['replanned_s']:.1f} s ({replan['speedup']:.2f}x), answers identical: {replan['identical']}",
+        f"  plan {replan['plan_before']} -> {replan.get('plan_after')}"
+        + (
+            f", switched after request {replan['switched_at']} (measured uplink "
+            f"{sw['measured_link']['uplink_mbps']:g} Mbit/s, rtt {sw['measured_link']['rtt_ms']:g} ms; assumed "
+            f"{sw['assumed_link']['uplink_mbps']:g} Mbit/s, {sw['assumed_link']['rtt_ms']:g} ms; switch "
+            f"{sw.get('switch_ms', 0):.0f} ms)"
+            if sw
+            else ", no switch"
+        ),
+    ]
+    return "\n".join(lines)

@@ -134,6 +134,10 @@ def _print(report) -> None:
     )
     for name, summary in report.plans.items():
         console.print(f"{name}: {summary}", highlight=False)
+    if report.replan:
+        from aiflow_cli.bench.replan import describe
+
+        console.print(describe(report.replan), highlight=False)
     console.print(f"measured: {report.measured}", highlight=False)
     console.print(f"emulated: {report.emulated}", highlight=False)
     print_machine(report)

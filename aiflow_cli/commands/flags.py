@@ -53,6 +53,7 @@ FLAGS: dict[str, str] = {
     "dilation": "--dilation",
     "metrics": "--metrics",
     "speculate": "--speculate",
+    "replan": "--replan",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",

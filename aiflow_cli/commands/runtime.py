@@ -129,6 +129,12 @@ def run(
         help="K|auto: draft K tokens per round with the device's own layers (early exit), verified upstream in one "
         "round trip; auto adapts K to acceptance and RTT. Greedy output unchanged.",
     ),
+    replan: bool = typer.Option(
+        False,
+        "--replan/--no-replan",
+        help="Measure the device's link and switch every tier to a better plan between requests when it changed "
+        "(docs/runtime.md, Re-planning). One request only measures: the JSON reports the estimate. Default off.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
@@ -145,6 +151,7 @@ def run(
         fallback=fallback,  # type: ignore[arg-type]  # Pipeline checks it
         speed=speed,
         speculate=speculate,
+        replan=replan,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens)
@@ -168,6 +175,13 @@ def run(
         console.print(
             f"speculation: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} drafts accepted ({acc}), "
             f"{s['tokens_per_round'] or 0:.2f} tokens per round",
+            highlight=False,
+        )
+    if result.replan is not None:
+        est = result.replan.get("estimate") or {}
+        console.print(
+            f"link as measured: rtt {est.get('rtt_ms', '-')} ms, uplink {est.get('uplink_mbps') or '-'} Mbit/s "
+            f"(QUIC srtt {est.get('path_rtt_ms') or '-'} ms); switch: {result.replan.get('switch') or 'none'}",
             highlight=False,
         )
     console.print(flow_table(p.plan, result))

@@ -56,8 +56,8 @@ def problem_for(plan: Plan) -> Problem:
     missing = [t for t, p in paths.items() if not p]
     if missing:
         raise InputError(
-            f"replan: the plan does not record the {missing[0]} profile's path (solve it with `aiflow plan "
-            f"--profile FILE`), so it cannot be re-solved",
+            f"replan: the plan does not record the {missing[0]} profile's path (solve it from profile files), so "
+            f"it cannot be re-solved",
             param="replan",
         )
     loaded: dict[str, Any] = {}
