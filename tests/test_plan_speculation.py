@@ -139,3 +139,42 @@ def test_speculation_is_priced_consistently_and_refused_outside_generate() -> No
     link = LinkProfile(name="l", source="t", uplink_mbps=10, downlink_mbps=10, rtt_ms=10)
     with pytest.raises(InputError, match="generate"):
         build_problem({"*": prof}, {"device-cloud": link}, speeds={"device": 1, "cloud": 1}, speculate=4)
+
+
+def test_the_cli_prices_speculation_and_explains_it(tmp_path) -> None:
+    """`aiflow plan --speculate`: the acceptance moves the plan through the CLI, --explain says how each strategy
+    was priced."""
+    import json
+    import subprocess
+    import sys
+
+    from aiflow_cli.schema import save_model
+
+    prof = synthetic_profile(8, n_codecs=1, seed=5, input_stage=True)
+    stages = [
+        s.model_copy(update={"exit_acceptance": 0.99 if i == 3 else None, "prefill_ms": 20.0, "decode_ms": 10.0})
+        if i
+        else s
+        for i, s in enumerate(prof.stages)
+    ]
+    save_model(prof.model_copy(update={"stages": stages}), tmp_path / "p.json")
+    link = tmp_path / "l.toml"
+    link.write_text(
+        'schema_version = 1\nname = "l"\nsource = "test"\nuplink_mbps = 100\ndownlink_mbps = 100\nrtt_ms = 60\n'
+    )
+    base = [sys.executable, "-m", "aiflow_cli", "plan", "--profile", str(tmp_path / "p.json"), "--speed", "device=1"]
+    base += ["--speed", "cloud=20", "--link", f"device-cloud={link}", "--objective", "generate", "--tokens", "32"]
+    base += ["--require-tier", "device"]
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*base, *extra], capture_output=True, text=True, timeout=120)
+
+    off, on = run("--json"), run("--json", "--speculate", "4")
+    assert off.returncode == 0 and on.returncode == 0, (off.stderr, on.stderr)
+    p_off, p_on = json.loads(off.stdout)["plan"], json.loads(on.stdout)["plan"]
+    assert p_off["prediction"]["speculation"] is None and p_off["solved_for"]["speculate"] == 0
+    assert p_on["prediction"]["speculation"]["device_end"] == 4 and p_on["tiers"][0]["end"] == 4
+    assert p_on["prediction"]["total_ms"] < p_off["prediction"]["total_ms"]
+    explained = run("--speculate", "auto", "--explain")
+    assert explained.returncode == 0 and "speculation priced with draft length auto" in explained.stdout
+    assert "drafts with the exit after stage 3" in explained.stdout.replace("\n", " ")
