@@ -20,6 +20,7 @@ against the one assumed), and whether every answer equals the static run's token
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,7 +34,9 @@ from aiflow_cli.plan.schema import Plan, save_plan
 from aiflow_cli.plan.solver import solve_plan, solve_problem
 from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.linkwatch import ReplanPolicy
-from aiflow_cli.runtime.replan import ReplanConfig
+from aiflow_cli.runtime.pipeline import Pipeline
+from aiflow_cli.runtime.replan import ReplanConfig, send_replan
+from aiflow_cli.transport import Client
 
 #: The device-edge link before the drop: a modest cellular uplink (queue large enough that a prompt's upload is
 #: queued, not dropped).
@@ -132,9 +135,13 @@ def _workload(c: LocalCluster, p: Any, prompts: list[str], tokens: int, progress
     }
 
 
-def run_replan(setup: ReplanSetup, workdir: Path, progress: Progress = lambda s: None) -> dict[str, Any]:
+def run_replan(
+    setup: ReplanSetup, workdir: Path, progress: Progress = lambda s: None, cluster: Optional[LocalCluster] = None
+) -> dict[str, Any]:
     """The static and the re-planned run of the workload on one cluster (the static one first; the servers keep
-    both plans), and what the report needs (``static_s``, ``replanned_s``, ...)."""
+    both plans), and what the report needs (``static_s``, ``replanned_s``, ...). ``cluster``: a running
+    :class:`LocalCluster` of the same model with a device-edge emulator and ``lan`` behind the edge (the decode
+    sweep's), switched to this run's plan by a ``Replan`` message; default: one started here."""
     prob, profile_path = problem(setup.model, setup.tokens)
     plan, _ = solve_plan(prob, verify=False, sources={"*": profile_path} if profile_path else None)
     thin_pl, thin_ev = solve_problem(prob.with_link(0, THIN))
@@ -159,18 +166,36 @@ def run_replan(setup: ReplanSetup, workdir: Path, progress: Progress = lambda s:
     path = workdir / "replan-plan.json"
     save_plan(plan, path)
     prompts = _prompts(setup.requests)
-    links = {"device-edge": FAT, "edge-cloud": load_link("lan")}
-    progress(f"replan bench: starting edge and cloud for {plan.summary()} (device at {DEVICE_SPEED:g}x)")
-    with LocalCluster(
-        path, workdir / "replan", links=links, speeds={"device": DEVICE_SPEED}, threads=setup.threads
-    ) as c:
-        timeout_s = 120.0 + setup.tokens * 10
-        with c.pipeline(timeout_s=timeout_s) as p:
-            static = _workload(c, p, prompts, setup.tokens, progress, "static plan")
-        cfg = ReplanConfig(POLICY, problem=prob)
-        with c.pipeline(timeout_s=timeout_s, replan=cfg) as p:
-            replanned = _workload(c, p, prompts, setup.tokens, progress, "re-planning")
-            final = p.plan.summary()
+    timeout_s = 120.0 + setup.tokens * 10
+    with ExitStack() as stack:
+        c = cluster
+        if c is None:
+            progress(f"replan bench: starting edge and cloud for {plan.summary()} (device at {DEVICE_SPEED:g}x)")
+            links = {"device-edge": FAT, "edge-cloud": load_link("lan")}
+            c = stack.enter_context(LocalCluster(path, workdir / "replan", links=links, threads=setup.threads))
+        else:  # a running cluster (same model, a device-edge emulator, lan behind): switch it to this plan
+            progress(f"replan bench: switching the running edge and cloud to {plan.summary()}")
+            c.set_link("device-edge", FAT)
+            with _client(c, timeout_s) as client:
+                send_replan(client, "", plan, "device", timeout_s)
+
+        def pipeline(**kw: Any) -> Pipeline:
+            return stack.enter_context(
+                Pipeline(
+                    plan,
+                    edge=c.addresses["edge"],
+                    identity=c.keys["device"],
+                    trust=c.fingerprints(),
+                    timeout_s=timeout_s,
+                    speed=DEVICE_SPEED,
+                    **kw,
+                )
+            )
+
+        static = _workload(c, pipeline(), prompts, setup.tokens, progress, "static plan")
+        p = pipeline(replan=ReplanConfig(POLICY, problem=prob))
+        replanned = _workload(c, p, prompts, setup.tokens, progress, "re-planning")
+        final = p.plan.summary()
     identical = all(torch.equal(a, b) for a, b in zip(static["answers"], replanned["answers"]))
     sw = replanned["switch"]
     out.update(
@@ -188,6 +213,10 @@ def run_replan(setup: ReplanSetup, workdir: Path, progress: Progress = lambda s:
         },
     )
     return out
+
+
+def _client(c: LocalCluster, timeout_s: float) -> Client:
+    return Client(c.addresses["edge"], identity=c.keys["device"], trust=c.fingerprints(), timeout_s=timeout_s)
 
 
 def _placement(plan: Plan, prob: Problem):
@@ -228,7 +257,7 @@ EMULATED = (
 )
 
 
-def replan_run(cfg: Any, progress: Progress = lambda s: None) -> dict[str, Any]:
+def replan_run(cfg: Any, progress: Progress = lambda s: None, cluster: Optional[LocalCluster] = None) -> dict[str, Any]:
     """The re-planning run of ``aiflow bench decode`` (its :class:`DecodeConfig`: model, threads, workdir,
     ``replan_requests``; 0: skipped, ``{}``). Tokens per request: 4, so that the prompts' upload, which the drop
     hurts most, is a visible part of each request, as in a chat's short answers."""
@@ -238,9 +267,9 @@ def replan_run(cfg: Any, progress: Progress = lambda s: None) -> dict[str, Any]:
 
     setup = ReplanSetup(cfg.model, requests=max(2, cfg.replan_requests), tokens=4, threads=cfg.threads)
     if cfg.workdir:
-        return run_replan(setup, Path(cfg.workdir), progress)
+        return run_replan(setup, Path(cfg.workdir), progress, cluster)
     with tempfile.TemporaryDirectory() as d:
-        return run_replan(setup, Path(d), progress)
+        return run_replan(setup, Path(d), progress, cluster)
 
 
 def describe(replan: dict[str, Any]) -> str:
