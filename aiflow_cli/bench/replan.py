@@ -28,6 +28,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from aiflow_cli.bench.e2e import Goal
+from aiflow_cli.errors import TransportError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.plan.problem import Limits, Problem, build_problem
 from aiflow_cli.plan.schema import Plan, save_plan
@@ -114,14 +115,20 @@ def _workload(c: LocalCluster, p: Any, prompts: list[str], tokens: int, progress
     r = p.run(text=prompts[0], max_new_tokens=2)  # untimed: opens the connections (not measured by the watch)
     switch = {**r.replan["switch"], "after_request": 0} if r.replan and r.replan.get("switch") else None
     drop = len(prompts) // 2
-    per_request, answers = [], []
+    per_request, answers, retries = [], [], []
     t0 = time.perf_counter()
     for i, text in enumerate(prompts):
         if i == drop:
             c.set_link("device-edge", THIN)
             p.close()  # the phone's new network: the next request reconnects (its handshake is timed)
         t1 = time.perf_counter()
-        r = p.run(text=text, max_new_tokens=tokens)
+        try:
+            r = p.run(text=text, max_new_tokens=tokens)
+        except TransportError as e:  # a connection lost on the thin link: retried once, the lost time counted
+            retries.append(f"request {i + 1}: {e}")
+            progress(f"replan bench, {label}: request {i + 1} failed ({e}); retrying")
+            p.close()
+            r = p.run(text=text, max_new_tokens=tokens)
         per_request.append(round(time.perf_counter() - t1, 3))
         answers.append(r.tokens)
         if r.replan and r.replan.get("switch") and switch is None:
@@ -132,6 +139,7 @@ def _workload(c: LocalCluster, p: Any, prompts: list[str], tokens: int, progress
         "per_request_s": per_request,
         "answers": answers,
         "switch": switch,
+        "retries": retries,
     }
 
 
@@ -192,7 +200,9 @@ def run_replan(
                 )
             )
 
-        static = _workload(c, pipeline(), prompts, setup.tokens, progress, "static plan")
+        first = pipeline()
+        static = _workload(c, first, prompts, setup.tokens, progress, "static plan")
+        first.close()
         p = pipeline(replan=ReplanConfig(POLICY, problem=prob))
         replanned = _workload(c, p, prompts, setup.tokens, progress, "re-planning")
         final = p.plan.summary()
@@ -207,6 +217,7 @@ def run_replan(
         plan_after=final,
         switch=sw,
         per_request_s={"static": static["per_request_s"], "replanned": replanned["per_request_s"]},
+        retries={"static": static["retries"], "replanned": replanned["retries"]},
         predicted_after_drop_ms={
             "static": round(_ev_ms(prob, plan, THIN), 1),
             "re-planned": round(thin_ev.total_ms, 1),

@@ -38,6 +38,12 @@ def bench_decode(
         "block but the last, the edge the last block, the cloud the head).",
     ),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, plans, server logs (default: a temp dir)."),
+    replan_requests: Optional[int] = typer.Option(
+        None,
+        "--replan-requests",
+        min=0,
+        help="Requests of the re-planning run (uplink drops 10x halfway; default 10, --quick 6; 0: skip it).",
+    ),
     quick: bool = typer.Option(False, "--quick", help="Two RTTs, 12 tokens, one timed request each (< 3 min)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
 ) -> None:
@@ -58,6 +64,7 @@ def bench_decode(
         "k": k,
         "split": bounds,
         "workdir": workdir,
+        "replan_requests": replan_requests,
     }
     cfg = (
         decode.DecodeConfig.quick_config(**given)

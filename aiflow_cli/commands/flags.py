@@ -67,6 +67,7 @@ FLAGS: dict[str, str] = {
     "rtts_ms": "--rtt",
     "split": "--split",
     "k": "--k",
+    "replan_requests": "--replan-requests",
 }
 
 
