@@ -133,7 +133,7 @@ class DecodeConfig:
             "tokens": 12,
             "repeats": 1,
             "warmup_tokens": 4,
-            "replan_requests": 6,
+            "replan_requests": 4,
         }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)

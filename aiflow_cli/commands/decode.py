@@ -42,7 +42,7 @@ def bench_decode(
         None,
         "--replan-requests",
         min=0,
-        help="Requests of the re-planning run (uplink drops 10x halfway; default 10, --quick 6; 0: skip it).",
+        help="Requests of the re-planning run (uplink drops 10x halfway; default 10, --quick 4; 0: skip it).",
     ),
     quick: bool = typer.Option(False, "--quick", help="Two RTTs, 12 tokens, one timed request each (< 3 min)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
