@@ -81,7 +81,7 @@ def _profile(model: str):
 
     shipped = PROFILES_DIR / "hardware" / f"cpu-2core-{model.removeprefix('builtin:')}.json"
     if shipped.is_file():
-        return load_profile(shipped), str(shipped)
+        return load_profile(str(shipped)), str(shipped)
     return profile_model(model, repeats=1, warmup=0, codecs=["raw"], calibration_items=1, calibration_tokens=2), None
 
 

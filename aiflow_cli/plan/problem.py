@@ -422,5 +422,5 @@ def build_problem(
         fidelity_metric=ref.calibration.metric,
         calibration_hash=ref.calibration.hash,
         speculate=draft if objective == "generate" else 0,
-        exit_acceptance=np.array([np.nan if (a := stage_acceptance(s)) is None else a for s in ref.stages]),
+        exit_acceptance=np.array([np.nan if (acc := stage_acceptance(s)) is None else acc for s in ref.stages]),
     )

@@ -52,7 +52,7 @@ def problem_for(plan: Plan) -> Problem:
     from aiflow_cli.profile import load_profile
 
     sf = plan.solved_for
-    paths = {t: ref.path for t, ref in sf.profiles.items()}
+    paths = {t: ref.path or "" for t, ref in sf.profiles.items()}
     missing = [t for t, p in paths.items() if not p]
     if missing:
         raise InputError(
