@@ -37,6 +37,9 @@ import torch
 
 from aiflow_cli.bench.common import JsonResult
 from aiflow_cli.bench.e2e import Goal
+from aiflow_cli.bench.replan import EMULATED as REPLAN_EMULATED
+from aiflow_cli.bench.replan import goal as replan_goal
+from aiflow_cli.bench.replan import replan_run
 from aiflow_cli.errors import InputError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.models import StagedModel, load_stages
@@ -128,10 +131,18 @@ class DecodeConfig:
     train_steps: int = 300
     draft: Optional[str] = None
     """A draft model for the ``spec-draft-auto`` mode (same vocabulary as ``model``)."""
+    replan_requests: int = 10
+    """Requests of the re-planning run (aiflow_cli/bench/replan.py; the uplink drops halfway); 0: no such run."""
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> "DecodeConfig":
-        base: dict[str, Any] = {"rtts_ms": QUICK_RTTS_MS, "tokens": 12, "repeats": 1, "warmup_tokens": 4}
+        base: dict[str, Any] = {
+            "rtts_ms": QUICK_RTTS_MS,
+            "tokens": 12,
+            "repeats": 1,
+            "warmup_tokens": 4,
+            "replan_requests": 4,
+        }
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -161,6 +172,8 @@ class DecodeReport(JsonResult):
     machine: dict[str, Any]
     wall_s: float = 0.0
     command: str = ""
+    replan: dict[str, Any] = field(default_factory=dict)
+    """The run whose uplink drops 10x halfway, static plan vs re-planning (aiflow_cli/bench/replan.py)."""
 
 
 @dataclass
@@ -361,6 +374,9 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
                 + ", ".join(f"{r['mode']} {r['tokens_per_s']:.1f} tok/s" for r in runs if r["rtt_ms"] == rtt)
                 + f" (split {split_tps:.1f})"
             )
+        for m in modes:
+            m.pipeline.close()
+        replan = replan_run(cfg, progress, clusters["split"])  # the split's servers, switched (bench/replan.py)
     load_end = os.getloadavg()[0]
     return DecodeReport(
         model=cfg.model,
@@ -380,13 +396,15 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
             "draft": cfg.draft,
         },
         runs=runs,
-        goals=check_goals(runs),
+        goals=check_goals(runs) + ([replan_goal(replan)] if replan else []),
+        replan=replan,
         measured="request time, time to first token, tokens, draft acceptance, round trips, per-tier compute; "
         "exit acceptance in this process",
         emulated=(
             "the device-edge link (RTT as swept, "
             f"{UPLINK_MBPS:g}/{DOWNLINK_MBPS:g} Mbit/s up/down) and the edge-cloud link (lan) by the userspace link "
             "emulator; the three tiers are processes on this machine at its own CPU speed"
+            + (f"; {REPLAN_EMULATED}" if replan else "")
         ),
         machine={"cores": os.cpu_count(), "load_avg_1min_start": load_start, "load_avg_1min_end": load_end},
         wall_s=round(time.perf_counter() - t_start, 1),

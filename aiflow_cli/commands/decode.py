@@ -50,6 +50,12 @@ def bench_decode(
         "none is cached: `aiflow draft train`).",
     ),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, plans, server logs (default: a temp dir)."),
+    replan_requests: Optional[int] = typer.Option(
+        None,
+        "--replan-requests",
+        min=0,
+        help="Requests of the re-planning run (uplink drops 10x halfway; default 10, --quick 4; 0: skip it).",
+    ),
     quick: bool = typer.Option(False, "--quick", help="Two RTTs, 12 tokens, one timed request each (< 3 min)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
 ) -> None:
@@ -74,6 +80,7 @@ def bench_decode(
         "draft": draft,
         "trained": trained,
         "prompt": prompt,
+        "replan_requests": replan_requests,
     }
     cfg = (
         decode.DecodeConfig.quick_config(**given)
@@ -161,6 +168,10 @@ def _print(report) -> None:
         console.print(f"no trained-exit modes: {ex['why']}", highlight=False)
     for name, summary in report.plans.items():
         console.print(f"{name}: {summary}", highlight=False)
+    if report.replan:
+        from aiflow_cli.bench.replan import describe
+
+        console.print(describe(report.replan), highlight=False)
     console.print(f"measured: {report.measured}", highlight=False)
     console.print(f"emulated: {report.emulated}", highlight=False)
     print_machine(report)

@@ -63,6 +63,7 @@ FLAGS: dict[str, str] = {
     "max_replicas": "--max-replicas",
     "target_sessions": "--target-sessions",
     "replica_cpus": "--replica-cpus",
+    "replan": "--replan",
     # bench e2e
     "link_names": "--links",
     "device_speed": "--device-speed",
@@ -76,6 +77,7 @@ FLAGS: dict[str, str] = {
     "rtts_ms": "--rtt",
     "split": "--split",
     "k": "--k",
+    "replan_requests": "--replan-requests",
 }
 
 

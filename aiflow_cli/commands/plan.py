@@ -133,6 +133,11 @@ def plan(
         "--input-bytes",
         help="Upload size of one request's input when the device computes nothing, e.g. 7KB for a JPEG (default: the profile's uncoded stage-0 input).",
     ),
+    speculate: Optional[str] = typer.Option(
+        None,
+        "--speculate",
+        help="K|auto: price --objective generate with self-speculative decoding (the device drafts K tokens per round with its own layers; the profile's exit acceptance per stage). Default off.",
+    ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the plan JSON here."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object {plan, explain?, sweep?}."),
     explain: bool = typer.Option(
@@ -169,6 +174,7 @@ def plan(
         limits=limits,
         speeds=speeds,
         input_bytes=parse_bytes(input_bytes) if input_bytes is not None else None,
+        speculate=speculate,
     )
     with err_console.status("solving") as status:
         # problem: as finally solved, with the (cut, codec) pairs that measured below the floor excluded
@@ -327,6 +333,10 @@ def _print_explain(problem, rows) -> None:
             ratio,
         )
     console.print(t)
+    if problem.speculate:
+        from aiflow_cli.plan.speculation import describe
+
+        console.print(describe(problem, rows), highlight=False)
     shipping = [f"'{r.name}'" for r in rows if ships_input(r)]
     if shipping:
         # The comparison with cloud-only hinges on this: say what goes up when the device computes nothing.

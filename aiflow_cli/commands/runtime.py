@@ -175,6 +175,12 @@ def run(
         "train` made one, else the untrained exit) | exit | untrained | MODEL (a draft model with the same "
         "vocabulary, run on the device).",
     ),
+    replan: bool = typer.Option(
+        False,
+        "--replan/--no-replan",
+        help="Measure the device's link and switch every tier to a better plan between requests when it changed "
+        "(docs/runtime.md, Re-planning). One request only measures: the JSON reports the estimate. Default off.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
@@ -196,6 +202,7 @@ def run(
         speed=speed,
         speculate=speculate,
         draft=draft,
+        replan=replan,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens, sampling=sampling)
@@ -222,6 +229,13 @@ def run(
         console.print(
             f"speculation: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} drafts accepted ({acc}), "
             f"{s['tokens_per_round'] or 0:.2f} tokens per round; draft: {s['policy'].get('draft_model') or s['policy'].get('draft')}",
+            highlight=False,
+        )
+    if result.replan is not None:
+        est = result.replan.get("estimate") or {}
+        console.print(
+            f"link as measured: rtt {est.get('rtt_ms', '-')} ms, uplink {est.get('uplink_mbps') or '-'} Mbit/s "
+            f"(QUIC srtt {est.get('path_rtt_ms') or '-'} ms); switch: {result.replan.get('switch') or 'none'}",
             highlight=False,
         )
     console.print(flow_table(p.plan, result))

@@ -18,6 +18,7 @@ tokens is one prefill (which yields the first token) and N - 1 decode steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
@@ -93,6 +94,7 @@ class Evaluation:
     bottleneck_ms: float = 0.0
     fidelity_loss: float = 0.0  # sum over used cuts of (1 - fidelity), the profile's metric
     violations: list[str] = field(default_factory=list)
+    speculation: Optional[dict] = None  # how the decode steps were priced when speculating (Spec.to_json)
 
     @property
     def feasible(self) -> bool:
@@ -125,7 +127,23 @@ def segment_memory_bytes(problem: Problem, tier: int, start: int, end: int) -> i
 
 
 def evaluate(problem: Problem, placement: Placement) -> Evaluation:
-    """Prices ``placement`` term by term and lists every limit it breaks (see the module docstring)."""
+    """Prices ``placement`` term by term and lists every limit it breaks (see the module docstring). With
+    speculation (``problem.speculate``) the decode steps are priced as speculative rounds when the placement's
+    device can draft (:func:`aiflow_cli.plan.speculation.spec_for`); ``auto`` takes the best draft length."""
+    from aiflow_cli.plan.speculation import AUTO, draft_lengths
+
+    if problem.speculate == AUTO:
+        import dataclasses
+
+        # auto may also not draft (g = 0: plain decoding), as the runtime's auto policy does when drafts do not pay
+        evs = [evaluate(dataclasses.replace(problem, speculate=g), placement) for g in [0, *draft_lengths(problem)]]
+        return min(evs, key=lambda e: e.total_ms)
+    return _evaluate(problem, placement)
+
+
+def _evaluate(problem: Problem, placement: Placement) -> Evaluation:
+    from aiflow_cli.plan.speculation import spec_for
+
     p, pl, ev = problem, placement, Evaluation()
     T, S, N = p.n_tiers, p.n_stages, decode_steps(p)
     msg, hs = p.overheads.message_ms, p.overheads.handshake_ms
@@ -133,6 +151,10 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
     assert len(b) == T + 1 and b[0] == 0 and b[-1] == S and all(x <= y for x, y in zip(b, b[1:]))
     comp = pl.computing()
     names, links = p.link_names, p.links
+    spec = spec_for(p, b[1]) if N else None
+    ev.speculation = spec.to_json() if spec else None
+    # per decode step of the plain model: rounds per token, the device's drafts per round, positions per round
+    rounds, drafts, width = (spec.rounds_per_token, spec.draft, spec.draft + 1) if spec else (1.0, 1, 1)
 
     for t in range(T):
         lo, hi = b[t], b[t + 1]
@@ -149,6 +171,9 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
             ev.violations.append(f"tier {p.tiers[t]} is required but runs no stage of the model")
         prefill = float(sum(p.prefill_ms[t, s] for s in range(lo, hi)))
         decode = float(sum(p.decode_ms[t, s] for s in range(lo, hi) if p.decode_stage[s]))
+        decode *= rounds * (drafts if t == 0 else 1)
+        if spec and t == 0:  # each draft also runs the head (the exit) on the device
+            decode += rounds * drafts * float(p.decode_ms[0, S - 1])
         ev.compute_ms[p.tiers[t]] = prefill + N * decode
         ev.prefill_ms += prefill
         ev.per_token_ms += decode
@@ -188,7 +213,7 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
         ev.busy_ms[f"decode:{label}"] = dec
         per_step = 0.0
         if N and per_step_cut[k]:
-            step_codec = float(p.step_fraction[k]) * (enc + dec)
+            step_codec = rounds * width * float(p.step_fraction[k]) * (enc + dec)
             _add(ev.codec_ms, label, N * step_codec)
             per_step += step_codec
         for l in range(a, z):
@@ -200,12 +225,12 @@ def evaluate(problem: Problem, placement: Placement) -> Evaluation:
             ev.busy_ms[f"up:{names[l]}"] = x
             if N and per_step_cut[k]:
                 # one step's hidden state goes up, the sampled token comes back down to be fed in
-                up = serialise_ms(links[l], float(p.cut_step_bytes[k, c]), up=True)
-                down = serialise_ms(links[l], p.token_bytes, up=False)
+                up = rounds * serialise_ms(links[l], width * float(p.cut_step_bytes[k, c]), up=True)
+                down = rounds * serialise_ms(links[l], width * p.token_bytes, up=False)
                 _add(ev.transfer_ms, names[l], N * (up + down))
-                _add(ev.propagation_ms, names[l], N * 2 * links[l].one_way_ms)
-                _add(ev.message_ms, names[l], N * msg)
-                per_step += up + down + 2 * links[l].one_way_ms + msg
+                _add(ev.propagation_ms, names[l], N * rounds * 2 * links[l].one_way_ms)
+                _add(ev.message_ms, names[l], N * rounds * msg)
+                per_step += up + down + rounds * (2 * links[l].one_way_ms + msg)
         ev.per_token_ms += per_step
     if ev.fidelity_loss > p.fidelity_budget + FIDELITY_EPS and lossy > 1:
         ev.violations.append(
@@ -240,11 +265,18 @@ class Tables:
     output_busy_ms: np.ndarray
 
 
-def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
-    """Vectorised cost terms; a codec whose own cut breaks the fidelity floor is masked out (inf)."""
+def dp_tables(problem: Problem, *, fidelity_mask: bool = True, spec=None) -> Tables:
+    """Vectorised cost terms; a codec whose own cut breaks the fidelity floor is masked out (inf).
+
+    ``spec`` (a :class:`aiflow_cli.plan.speculation.Spec`): the tables of the placements whose device runs
+    exactly ``[0, spec.device_end)`` and speculates as ``spec`` says; every other device range is masked out."""
     p = problem
     T, S, C, N = p.n_tiers, p.n_stages, p.n_codecs, decode_steps(p)
-    stage = p.prefill_ms + N * np.where(p.decode_stage[None, :], p.decode_ms, 0.0)
+    rounds, width = (spec.rounds_per_token, spec.draft + 1) if spec else (1.0, 1)
+    per_tier = np.full((T, 1), rounds)
+    if spec:
+        per_tier[0] *= spec.draft  # the device drafts `draft` tokens per round
+    stage = p.prefill_ms + N * per_tier * np.where(p.decode_stage[None, :], p.decode_ms, 0.0)
     prefix = np.concatenate([np.zeros((T, 1)), np.cumsum(stage, axis=1)], axis=1)
     pprefix = np.concatenate([np.zeros((T, 1)), np.cumsum(p.prefill_ms, axis=1)], axis=1)
 
@@ -254,9 +286,21 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
     cut = np.full((T, T, S, C), np.inf)
     busy = np.full((T, T, S, C), np.inf)
     bytes_ = np.where(ok, p.cut_bytes, 0.0)
-    per_step = np.where(p.cut_decodes, 1.0, 0.0)[:, None] * (N if N else 0)  # (S, 1) steps crossing the boundary
+    # (S, 1) message rounds crossing the boundary (decode steps, or speculative rounds)
+    per_step = np.where(p.cut_decodes, 1.0, 0.0)[:, None] * (N * rounds if N else 0)
     with np.errstate(invalid="ignore"):  # inf * 0 where a codec is unavailable; masked just below
-        _fill_cuts(p, ok, bytes_, per_step, cut, busy)
+        _fill_cuts(p, ok, bytes_, per_step, cut, busy, width)
+    if spec is None and p.speculate > 0:  # a fixed K always drafts; auto may also decode plainly (g = 0)
+        from aiflow_cli.plan.speculation import spec_for
+
+        for k in range(1, S):  # device ranges that speculate are priced by their own tables (spec=...)
+            if spec_for(p, k, 1) is not None:
+                cut[0, :, k] = np.inf
+    if spec:
+        k = spec.device_end
+        keep = cut[0, :, k].copy()
+        cut[0] = np.inf  # the device hands over exactly at k ...
+        cut[0, :, k] = keep + N * rounds * spec.draft * float(p.decode_ms[0, S - 1])  # ... and drafts with the head
 
     out = np.zeros(T)
     out_busy = np.zeros(T)
@@ -269,13 +313,22 @@ def dp_tables(problem: Problem, *, fidelity_mask: bool = True) -> Tables:
     for t in range(T):
         if p.require[t + 1 :].any():
             out[t] = np.inf
+    if spec:
+        out[0] = np.inf  # tiers behind the device verify: it is not the last
     return Tables(stage, prefix, pprefix, cut, busy, out, out_busy)
 
 
 def _fill_cuts(
-    p: Problem, ok: np.ndarray, bytes_: np.ndarray, per_step: np.ndarray, cut: np.ndarray, busy: np.ndarray
+    p: Problem,
+    ok: np.ndarray,
+    bytes_: np.ndarray,
+    per_step: np.ndarray,
+    cut: np.ndarray,
+    busy: np.ndarray,
+    width: int = 1,
 ) -> None:
-    """Fills ``cut`` and ``busy`` (see :class:`Tables`) for every pair of tiers a < z."""
+    """Fills ``cut`` and ``busy`` (see :class:`Tables`) for every pair of tiers a < z; ``width``: positions per
+    decode message (``draft + 1`` when speculating)."""
     T, msg = p.n_tiers, p.overheads.message_ms
     for a in range(T):
         for z in range(a + 1, T):
@@ -283,14 +336,14 @@ def _fill_cuts(
             if p.require[a + 1 : z].any():
                 continue
             codec = p.enc_ms[a] + p.dec_ms[z]
-            total = codec + per_step * p.step_fraction[:, None] * codec
+            total = codec + per_step * width * p.step_fraction[:, None] * codec
             worst = np.maximum(p.enc_ms[a], p.dec_ms[z])
             for l in range(a, z):
                 link = p.links[l]
                 x = bytes_ * 8e-3 / goodput_mbps(link, up=True)
                 step = (
-                    p.cut_step_bytes * 8e-3 / goodput_mbps(link, up=True)
-                    + p.token_bytes * 8e-3 / goodput_mbps(link, up=False)
+                    width * p.cut_step_bytes * 8e-3 / goodput_mbps(link, up=True)
+                    + width * p.token_bytes * 8e-3 / goodput_mbps(link, up=False)
                     + 2 * link.one_way_ms
                     + msg
                 )

@@ -48,6 +48,7 @@ class Strategy:
                 rtt_ms=sum(ev.propagation_ms.values()),
                 bottleneck_ms=ev.bottleneck_ms,
                 bottleneck=ev.bottleneck,
+                speculation=ev.speculation,
             )
         return d
 

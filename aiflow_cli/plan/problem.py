@@ -110,6 +110,8 @@ class Problem:
     fidelity_metric: str = "output_cosine"  # what cut_loss measures (the profile's calibration.metric)
     calibration_hash: Optional[str] = None  # the calibration set the profiles' fidelity was measured on
     excluded: tuple[str, ...] = ()  # 'codec@cut' removed after measuring below the floor (plan/verify.py)
+    speculate: int = 0  # draft length of self-speculation priced in 'generate' (0: off; -1: auto), plan/speculation.py
+    exit_acceptance: Optional[np.ndarray] = None  # (S,) acceptance of an early exit after each stage (nan: unknown)
 
     @property
     def n_tiers(self) -> int:
@@ -223,8 +225,13 @@ def build_problem(
     speeds: Optional[dict[str, float]] = None,
     input_bytes: Optional[int] = None,
     overheads: Optional[Overheads] = None,
+    speculate: "int | str | None" = None,
 ) -> Problem:
     """Checks and flattens the inputs.
+
+    ``speculate``: the draft length K of self-speculative decoding to price in the ``generate`` objective
+    (``"auto"``: the best K per split; None/0: off), with the profile's per-stage exit acceptance
+    (:mod:`aiflow_cli.plan.speculation`).
 
     ``overheads``: fixed costs per message round trip and per connection (see :class:`Overheads`; default none).
 
@@ -241,6 +248,13 @@ def build_problem(
     speeds = dict(speeds or {})
     if objective not in OBJECTIVES:
         raise InputError(f"unknown objective {objective!r}: use one of {', '.join(OBJECTIVES)}")
+    from aiflow_cli.plan.speculation import parse_speculate, stage_acceptance
+
+    draft = parse_speculate(speculate)
+    if draft and objective != "generate":
+        raise InputError(
+            f"speculate={speculate}: speculation prices token generation; use objective 'generate'", param="speculate"
+        )
     if objective == "generate" and tokens < 1:
         raise InputError("objective 'generate' needs tokens=N (N >= 1 decode steps)", param="tokens")
     if not profiles:
@@ -407,4 +421,6 @@ def build_problem(
         overheads=overheads or Overheads(),
         fidelity_metric=ref.calibration.metric,
         calibration_hash=ref.calibration.hash,
+        speculate=draft if objective == "generate" else 0,
+        exit_acceptance=np.array([np.nan if (acc := stage_acceptance(s)) is None else acc for s in ref.stages]),
     )

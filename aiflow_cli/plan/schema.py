@@ -14,7 +14,7 @@ Times are milliseconds, sizes bytes, rates Mbit/s.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -85,6 +85,11 @@ class Prediction(Strict):
     fidelity_loss_bound: float = Field(
         description="sum over cuts of (1 - fidelity): the profile's composition (docs/planner.md)"
     )
+    speculation: Optional[dict[str, Any]] = Field(
+        default=None,
+        description="when the decode steps were priced as self-speculative rounds: device_end, exit_after_stage, "
+        "draft, acceptance, tokens_per_round (docs/planner.md, Speculation); None otherwise",
+    )
 
 
 class SolvedFor(Strict):
@@ -100,6 +105,7 @@ class SolvedFor(Strict):
     input_bytes: Optional[int] = Field(
         default=None, description="raw input size used (bytes; the profile's unless given)"
     )
+    speculate: int = Field(default=0, description="draft length priced in 'generate' (0: off, -1: auto)")
 
 
 class PlanFidelity(Strict):
@@ -321,6 +327,7 @@ def plan_from_solution(
         bottleneck_ms=ev.bottleneck_ms,
         throughput_rps=ev.throughput_rps,
         fidelity_loss_bound=ev.fidelity_loss,
+        speculation=ev.speculation,
     )
     solved_for = SolvedFor(
         objective=p.objective,
@@ -333,6 +340,7 @@ def plan_from_solution(
         codecs=list(p.limits.codecs) if p.limits.codecs is not None else None,
         profiles=refs,
         input_bytes=int(p.input_bytes),
+        speculate=p.speculate,
     )
     if fidelity is None:
         from aiflow_cli.plan.verify import unmeasured

@@ -31,6 +31,7 @@ from aiflow_cli.errors import PlanError
 from aiflow_cli.links import LinkProfile
 from aiflow_cli.plan.cost import FIDELITY_EPS, Evaluation, Placement, Tables, dp_tables, evaluate
 from aiflow_cli.plan.problem import Limits, Overheads, Problem, build_problem
+from aiflow_cli.plan.speculation import draft_lengths, spec_for
 from aiflow_cli.profile.schema import ModelProfile
 
 
@@ -285,7 +286,20 @@ def _solve_raw(problem: Problem) -> Optional[tuple[float, Placement]]:
     tab = dp_tables(problem)
     if problem.objective == "throughput":
         return _min_bottleneck(problem, tab)
-    return _min_latency(problem, tab)
+    found = _min_latency(problem, tab)
+    if problem.speculate:  # each (device range, draft length) that speculates: its own tables (plan/speculation.py)
+        import dataclasses
+
+        for g in draft_lengths(problem):
+            fixed = dataclasses.replace(problem, speculate=g)
+            for k in range(1, problem.n_stages):
+                spec = spec_for(fixed, k)
+                if spec is None:
+                    continue
+                cand = _min_latency(fixed, dp_tables(fixed, spec=spec))
+                if cand is not None and (found is None or cand[0] < found[0]):
+                    found = cand
+    return found
 
 
 def diagnose_infeasible(problem: Problem) -> str:

@@ -156,11 +156,13 @@ class TierNode:
         self.drafter: Optional[Any] = None  # a driver's draft source (runtime.drafters; None: the untrained exit)
         # prefills and decode steps of concurrent sessions as one pass (runtime/batching.py); emulated speeds: alone
         batching = batching or BatchSettings()
+        self.batching = batching
         self.batcher = (
             DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n))
             if batching.enabled and self.keeps_cache and self.stretch <= 1
             else None
         )
+        self.on_link: Optional[Any] = None  # (bytes up, bytes down, wire ms) per message sent on (runtime/replan.py)
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:
@@ -472,6 +474,8 @@ class TierNode:
         link.messages += 1
         handled = sum(t.handle_ms for name, t in behind.tiers.items() if name == self.next_tier)
         link.wire_ms += max(0.0, rtt_ms - handled)
+        if self.on_link is not None:
+            self.on_link(packed.nbytes, sum(len(f) for f in env.frames), rtt_ms - handled)
         timings.merge(behind)
         result = StepResult(timings=timings)
         if reply.tokens is not None:

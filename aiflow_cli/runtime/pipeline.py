@@ -10,6 +10,9 @@ verify them in one round trip (:mod:`aiflow_cli.runtime.speculate`): greedy outp
 ``draft`` says what drafts (:mod:`aiflow_cli.runtime.drafters`): ``auto`` (default: the trained exit of the device's
 last block when ``aiflow draft train`` made one, else the untrained exit), ``exit``, ``untrained`` or a draft MODEL.
 
+``replan=True`` measures the device's link and, when another plan is predicted better on it by a margin, switches
+every tier to that plan between requests (:mod:`aiflow_cli.runtime.replan`). Off by default.
+
 ``fallback="local"`` finishes a request on the device (its own stages plus a local copy of the rest, loaded on
 first need) when the upper tiers cannot be reached or time out; the result says so.
 """
@@ -61,6 +64,8 @@ class RunResult:
     """Why the request finished locally (``fallback="local"``), or None."""
     speculation: Optional[dict[str, Any]] = None
     """Rounds, drafts and acceptance of a speculative generation (``speculate``), or None."""
+    replan: Optional[dict[str, Any]] = None
+    """With ``replan``: the link as measured so far, and the plan switch made after this request, if any."""
 
     def to_json(self, plan: Optional[Plan] = None) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -70,6 +75,8 @@ class RunResult:
         }
         if self.speculation is not None:
             out["speculation"] = self.speculation
+        if self.replan is not None:
+            out["replan"] = self.replan
         if self.tokens is not None:
             out["tokens"] = self.tokens.tolist()
             out["text"] = self.text
@@ -123,6 +130,7 @@ class Pipeline:
         dilation: float = 1.0,
         speculate: Speculate = None,
         draft: Optional[str] = None,
+        replan: Any = False,
     ):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if fallback not in ("none", "local"):
@@ -131,7 +139,7 @@ class Pipeline:
             raise InputError(f"timeout_s={timeout_s}: must be > 0 seconds", param="timeout_s")
         upper = [t.name for t in self.plan.tiers[1:] if t.end > t.start]
         client = None
-        if upper:
+        if upper or (replan and edge):  # a re-plan may move stages up: keep the connection
             if not edge:
                 raise InputError(
                     f"the plan runs stages on {', '.join(upper)}: give the edge's address (edge=HOST:PORT)",
@@ -172,6 +180,16 @@ class Pipeline:
                 raise InputError(f"speculate={k}: {why}", param="speculate")
             self.speculate = SpecPolicy(k)
         self._local: Optional[StagedModel] = None
+        self._client, self._speed, self._dilation, self._draft = client, speed, dilation, draft
+        self.replanner = None
+        """Re-planning when the link changes (``replan``: True or a ReplanConfig; aiflow_cli/runtime/replan.py)."""
+        if replan:
+            from aiflow_cli.runtime.replan import ReplanConfig, Replanner
+
+            if client is None:
+                raise InputError("replan: give the edge's address (edge=HOST:PORT)", param="replan,edge")
+            self.replanner = Replanner(self.plan, replan if isinstance(replan, ReplanConfig) else ReplanConfig())
+            self.node.on_link = self.replanner.observe
 
     @property
     def model(self) -> StagedModel:
@@ -209,9 +227,10 @@ class Pipeline:
                 raise InputError(f"max_new_tokens={n}: must be >= 1", param="max_new_tokens")
         key = ("local", random.getrandbits(63))
         t0 = time.perf_counter()
+        node = self.node  # a re-plan after another request swaps it: this request finishes under its plan
         try:
             with tracing.span("aiflow request", tier="device"):  # a new trace; every tier continues it
-                r = self.node.step(
+                r = node.step(
                     key,
                     PREFILL,
                     0,
@@ -233,9 +252,14 @@ class Pipeline:
             output = codec.decode(r.output_packed.frames[0])
         text_out = detokenize(self.model, r.tokens) if r.tokens is not None else None
         spec = r.spec.to_json() if r.spec is not None else None
-        return RunResult(
+        result = RunResult(
             tokens=r.tokens, output=output, text=text_out, total_ms=total, timings=r.timings, speculation=spec
         )
+        if self.replanner is not None:  # between requests: this one is done
+            from aiflow_cli.runtime.replan import after_request
+
+            result.replan = after_request(self)
+        return result
 
     def _run_locally(
         self, inputs: BoundaryState, n: int, t0: float, reason: str, sampling: Sampling = GREEDY
@@ -265,6 +289,8 @@ class Pipeline:
     def close(self) -> None:
         if self.node.next is not None:
             self.node.next.close()
+        elif self._client is not None:
+            self._client.close()
 
     def __enter__(self) -> "Pipeline":
         return self

@@ -20,6 +20,8 @@ Requests go down the chain device -> edge -> cloud, replies come back up:
   every tier's timings).
 - :class:`Verify` (one round of speculative decoding: several positions at once, after a KV-cache roll-back) ->
   :class:`Result` (the greedy token after every position); see :mod:`aiflow_cli.runtime.speculate`.
+- :class:`Replan` -> :class:`HelloReply`: the device proposes a new plan between requests (the link changed);
+  every tier loads its new stages and answers for the new plan; sessions of the old plan finish under it.
 - :class:`Error`: the reply to any request that failed, re-raised on the device as the same
   :class:`AiflowError` class, tagged with the tier where it happened.
 
@@ -52,6 +54,7 @@ PROTOCOL_VERSION = 4
 
 HELLO, HELLO_REPLY, INFER, RESULT, ERROR = "hello", "hello_reply", "infer", "result", "error"
 VERIFY = "verify"
+REPLAN = "replan"
 PREFILL, DECODE = "prefill", "decode"
 Phase = Literal["prefill", "decode"]
 PHASES = (PREFILL, DECODE)
@@ -525,12 +528,77 @@ class Error:
         return exc
 
 
-Request = Union[Hello, Infer, Verify]
+#: Largest plan a :class:`Replan` may carry (characters of JSON); a SmolLM2 plan is about 20 KB.
+MAX_PLAN_CHARS = 512 * 1024
+
+
+@dataclass(slots=True)
+class Replan:
+    """A plan switch proposed by the device between requests (aiflow_cli/runtime/replan.py): every tier loads the
+    stages ``plan`` gives it (the new plan's canonical JSON, whose SHA-256 is ``new_hash``) and serves requests
+    of that plan hash from then on, while sessions opened under ``plan_hash`` (the sender's current plan) finish
+    under it. Answered with a :class:`HelloReply` for the new plan. Anything malformed (fields, a plan that does
+    not validate, a hash that does not match, another model) is refused with :class:`PeerRejected`."""
+
+    KIND: ClassVar[str] = REPLAN
+    plan_hash: str
+    sender: str
+    plan: str
+    new_hash: str
+    deadline_ms: float = DEFAULT_DEADLINE_MS
+
+    def to_wire(self) -> dict:
+        return {
+            "plan_hash": self.plan_hash,
+            "from": self.sender,
+            "plan": self.plan,
+            "new_hash": self.new_hash,
+            "deadline_ms": self.deadline_ms,
+        }
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "Replan":
+        try:
+            msg = cls(
+                _get(meta, REPLAN, "plan_hash", str),
+                _get(meta, REPLAN, "from", str),
+                _get(meta, REPLAN, "plan", str),
+                _get(meta, REPLAN, "new_hash", str),
+                _num(meta, REPLAN, "deadline_ms", DEFAULT_DEADLINE_MS),
+            )
+        except TransportError as e:
+            raise PeerRejected(str(e)) from None
+        if len(msg.plan) > MAX_PLAN_CHARS:
+            raise PeerRejected(
+                f"malformed replan message: the plan has {len(msg.plan)} characters (at most {MAX_PLAN_CHARS})"
+            )
+        return msg
+
+    def new_plan(self) -> Plan:
+        """The proposed plan, validated, its hash checked against ``new_hash`` (:class:`PeerRejected` if not)."""
+        from pydantic import ValidationError
+
+        try:
+            plan = Plan.model_validate_json(self.plan)
+        except ValidationError as e:
+            first = e.errors()[0] if e.errors() else {"loc": (), "msg": str(e)}
+            where = ".".join(str(x) for x in first.get("loc", ())) or "plan"
+            raise PeerRejected(
+                f"malformed replan message: the plan does not validate: {where}: {first.get('msg', '')[:80]}"
+            ) from None
+        if plan_hash(plan) != self.new_hash:
+            raise PeerRejected(
+                f"malformed replan message: the plan hashes to {plan_hash(plan)[:12]}, the message says {self.new_hash[:12]}"
+            )
+        return plan
+
+
+Request = Union[Hello, Infer, Verify, Replan]
 Reply = Union[HelloReply, Result, Error]
-AnyMessage = Union[Hello, HelloReply, Infer, Verify, Result, Error]
+AnyMessage = Union[Hello, HelloReply, Infer, Verify, Replan, Result, Error]
 
 #: Every message class by its kind.
-MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Result, Error)}
+MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Replan, Result, Error)}
 #: Messages that carry one frame per entry of ``tensors``.
 _WITH_FRAMES = (Infer, Verify, Result)
 #: Messages sent with a binary header (one line per message; the layout is derived from the dataclass).

@@ -26,6 +26,7 @@ from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, BatchSettings
 from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.runtime.replan import PlanRouter
 from aiflow_cli.runtime.routing import PoolClient, connect
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
 
@@ -91,11 +92,13 @@ class TierServer:
             dilation=dilation,
             batching=batching,
         )
+        # routes requests by plan hash; switches plans when the device proposes one (runtime/replan.py)
+        self.router = PlanRouter(self.node, nxt, cache_limit_bytes)
         self.server = Server(
             listen,
             identity=ident,
             trust=list(trust),
-            handler=self.node.handle,
+            handler=self.router.handle,
             limits=limits,
             insecure_dev=insecure_dev,
         )
