@@ -116,7 +116,7 @@ def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
         ),
         (Message(protocol.INFER, good + b"\0"), "1 bytes after the last field"),
         (Message(protocol.INFER, cut.replace("ë".encode(), b"\xff\xfe")), "field 'sender': a string is not UTF-8"),
-        # past the fixed block (every int, float and bool field: 66 bytes, headers.py) into a cut string
+        # past the fixed block (every int, float and bool field: 65 bytes, headers.py) into a cut string
         (Message(protocol.INFER, good[:5] + bytes(70)), "malformed infer message: field 'sender': truncated"),
         (Message(protocol.HELLO, good), "hello message has no binary form"),
         (Message(protocol.RESULT, protocol.encode(protocol.Result(Timings())).meta), "reply, not a request"),
