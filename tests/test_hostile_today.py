@@ -6,7 +6,10 @@ keep serving and every good session gets the monolithic model's tokens. Edge and
 from __future__ import annotations
 
 import math
+import re
+import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -21,8 +24,10 @@ from aiflow_cli.runtime import speculate as spec
 from aiflow_cli.runtime.batching import BatchSettings
 from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.protocol import Infer, Verify
+from aiflow_cli.runtime.routing import PoolClient
+from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import pack_state, unpack_state
-from aiflow_cli.transport import Client, Message
+from aiflow_cli.transport import Client, Identity, Message, Server
 
 MODEL = "builtin:gpt2-tiny"
 
@@ -242,3 +247,62 @@ def test_malformed_steps_in_the_batches_of_good_sessions_fail_only_their_own_req
     for tier in ("edge", "cloud"):
         assert cluster.servers[tier].alive()
         assert "Traceback" not in cluster.servers[tier].log_path.read_text(errors="replace")
+
+
+# -- a pool of replicas ------------------------------------------------------------------------------------------
+def _dead_addresses(n: int) -> list[str]:
+    """Loopback addresses where no server listens (ports just bound and released)."""
+    out = []
+    for _ in range(n):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        out.append(f"127.0.0.1:{s.getsockname()[1]}")
+        s.close()
+    return out
+
+
+def _prefill(sid: int) -> Message:
+    return protocol.encode(Infer("h", "test", protocol.PREFILL, 2, (), 3, last=False), [], sid)
+
+
+def test_a_pool_moves_new_sessions_off_a_replica_that_no_longer_listens(tmp_path):
+    """A replica whose server is gone (nobody answers the QUIC handshake) is failed over like one that died
+    mid-session: a session the ring gives it is answered by a live replica, and it is skipped afterwards."""
+    me, server_key = Identity.generate(tmp_path / "me"), Identity.generate(tmp_path / "server")
+    answered: list[int] = []
+
+    def handler(env: Message, peer) -> Message:
+        answered.append(env.session_id)
+        return protocol.encode(protocol.Result(Timings(), tokens=[[7]]))
+
+    with Server("127.0.0.1:0", identity=server_key, trust=[me], handler=handler) as live:
+        dead = _dead_addresses(1)[0]
+        pool = PoolClient([dead, live.address], identity=me, trust=[server_key], timeout_s=10)
+        try:
+            sid = next(s for s in range(1000) if next(pool.ring.walk(s)) == dead)
+            t0 = time.monotonic()
+            reply = protocol.expect_reply(pool.request(_prefill(sid)), protocol.Result)
+            assert reply.tokens == [[7]] and answered == [sid]
+            assert time.monotonic() - t0 < 8  # one handshake timeout, not the request's whole deadline
+            assert pool.failovers and pool.failovers[0]["from"] == dead and pool.failovers[0]["to"] == live.address
+            t0 = time.monotonic()
+            other = next(s for s in range(1000, 2000) if next(pool.ring.walk(s)) == dead)
+            protocol.expect_reply(pool.request(_prefill(other)), protocol.Result)
+            assert time.monotonic() - t0 < 1.0  # the gone replica is skipped now
+        finally:
+            pool.close()
+
+
+def test_a_pool_whose_replicas_are_all_gone_fails_in_bounded_time_with_one_line(tmp_path):
+    me, server_key = Identity.generate(tmp_path / "me"), Identity.generate(tmp_path / "server")
+    pool = PoolClient(_dead_addresses(3), identity=me, trust=[server_key], timeout_s=4)
+    try:
+        for sid in (1, 2):
+            t0 = time.monotonic()
+            with pytest.raises(TransportError) as e:
+                pool.request(_prefill(sid))
+            assert time.monotonic() - t0 < 4 + 1.0
+            assert "\n" not in str(e.value)
+            assert re.search("is a server listening there|no live replica|no replica answered", str(e.value)), e.value
+    finally:
+        pool.close()
