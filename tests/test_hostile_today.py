@@ -306,3 +306,35 @@ def test_a_pool_whose_replicas_are_all_gone_fails_in_bounded_time_with_one_line(
             assert re.search("is a server listening there|no live replica|no replica answered", str(e.value)), e.value
     finally:
         pool.close()
+
+
+# -- a damaged or forged exit adapter file ------------------------------------------------------------------------
+def test_a_damaged_exit_adapter_file_is_one_line_model_error(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from aiflow_cli.errors import ModelError
+    from aiflow_cli.models.exit_adapter import META_KEY, ExitAdapter
+
+    good = {"down.weight": torch.zeros(4, 16), "up.weight": torch.zeros(16, 4)}
+    meta = {META_KEY: json.dumps({"exit_layer": 1, "model_hash": "abc"})}
+    cases = {
+        "shapes": ({"down.weight": torch.zeros(4, 16), "up.weight": torch.zeros(8, 4)}, meta, "shapes"),
+        "one-dim": ({"down.weight": torch.zeros(4), "up.weight": torch.zeros(4)}, meta, "shapes"),
+        "meta-list": (good, {META_KEY: "[1, 2]"}, "TypeError"),
+        "no-layer": (good, {META_KEY: json.dumps({"model_hash": "abc"})}, "exit_layer"),
+        "bad-layer": (good, {META_KEY: json.dumps({"exit_layer": "x"})}, "ValueError"),
+        "no-meta": (good, None, "KeyError"),
+    }
+    for name, (tensors, md, why) in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(tensors, str(path), metadata=md)
+        with pytest.raises(ModelError, match=why) as e:
+            ExitAdapter.load(path)
+        assert "\n" not in str(e.value), name
+    (tmp_path / "junk.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelError, match="not an aiflow exit adapter"):
+        ExitAdapter.load(tmp_path / "junk.safetensors")
+    save_file(good, str(tmp_path / "ok.safetensors"), metadata=meta)
+    assert ExitAdapter.load(tmp_path / "ok.safetensors", "abc").exit_layer == 1
