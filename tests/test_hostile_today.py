@@ -338,3 +338,16 @@ def test_a_damaged_exit_adapter_file_is_one_line_model_error(tmp_path):
         ExitAdapter.load(tmp_path / "junk.safetensors")
     save_file(good, str(tmp_path / "ok.safetensors"), metadata=meta)
     assert ExitAdapter.load(tmp_path / "ok.safetensors", "abc").exit_layer == 1
+
+
+def test_json_integers_past_64_bits_are_refused_before_a_tier_re_sends_them_in_binary():
+    base = Infer("h", "x", "prefill", 2, (), 3).to_wire() | {"v": protocol.PROTOCOL_VERSION}
+    for key in ("max_new_tokens", "stage"):
+        with pytest.raises(TransportError, match=f"field '{key}' must be an integer within 64 bits"):
+            protocol.decode(Message(protocol.INFER, {**base, key: 2**70}))
+    for key in ("index", "top_k"):
+        with pytest.raises(TransportError, match=f"field '{key}' must be an integer within 64 bits"):
+            protocol.decode(Message(protocol.INFER, {**base, "temperature": 0.5, key: 2**70}))
+    v = Verify("h", "x", 2, (), 5, (1,), 3).to_wire() | {"v": protocol.PROTOCOL_VERSION}
+    with pytest.raises(TransportError, match="field 'cache_len' must be an integer within 64 bits"):
+        protocol.decode(Message(protocol.VERIFY, {**v, "cache_len": 2**64}))

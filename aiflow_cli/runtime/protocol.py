@@ -72,13 +72,17 @@ def _bad(kind: str, key: str, want: str, got: Any) -> TransportError:
 
 
 _WANT = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+#: Integers travel as signed 64-bit fields in binary headers (a tier re-sends what it got as JSON that way).
+_I64 = 1 << 63
 
 
 def _get(meta: dict, kind: str, key: str, typ: type, default: Any = None) -> Any:
-    """``meta[key]`` (or ``default``) if it has exactly type ``typ`` (a bool is no int here)."""
-    v = meta.get(key, default)
+    """``meta[key]`` (or ``default``) if it has exactly type ``typ`` (a bool is no int here; an int in 64 bits)."""
+    v: Any = meta.get(key, default)
     if type(v) is not typ:
         raise _bad(kind, key, _WANT[typ], v)
+    if typ is int and not -_I64 <= v < _I64:
+        raise _bad(kind, key, "an integer within 64 bits", v)
     return v
 
 
@@ -293,9 +297,9 @@ class Infer:
             and type(sender) is str
             and (phase == PREFILL or phase == DECODE)
             and type(stage) is int
-            and stage >= 0
+            and 0 <= stage < _I64
             and type(new) is int
-            and new >= 0
+            and 0 <= new < _I64
             and type(last) is bool
             and (type(dl) is float or type(dl) is int)
             and dl == dl
