@@ -36,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union, cast
 
 from aiflow_cli import errors
 from aiflow_cli.errors import AiflowError, PeerRejected, RemoteError, TransportError
@@ -78,10 +78,10 @@ _I64 = 1 << 63
 
 def _get(meta: dict, kind: str, key: str, typ: type, default: Any = None) -> Any:
     """``meta[key]`` (or ``default``) if it has exactly type ``typ`` (a bool is no int here; an int in 64 bits)."""
-    v: Any = meta.get(key, default)
+    v = meta.get(key, default)
     if type(v) is not typ:
         raise _bad(kind, key, _WANT[typ], v)
-    if typ is int and not -_I64 <= v < _I64:
+    if typ is int and not -_I64 <= cast(int, v) < _I64:
         raise _bad(kind, key, "an integer within 64 bits", v)
     return v
 
