@@ -13,7 +13,7 @@ from runtime_support import Direct
 from test_metrics import scrape, total
 
 from aiflow_cli.bench.decode import fixed_plan
-from aiflow_cli.errors import InputError, RemoteError
+from aiflow_cli.errors import InputError
 from aiflow_cli.models import load_stages
 from aiflow_cli.models.families import batched
 from aiflow_cli.plan.schema import save_plan
@@ -142,9 +142,9 @@ def test_concurrent_sessions_equal_solo_runs_and_join_and_leave(name):
     assert len(edge.sessions) == len(cloud.sessions) == 0  # every session ended and left
 
 
-def test_a_failed_batch_answers_each_request_and_the_tier_keeps_serving(monkeypatch):
-    """The cloud's first multi-session pass raises half-way (after its first stage): every request in it gets an
-    error (a reply, through the cloud's handler), the others are served, and the next generations are exact."""
+def test_a_failed_batch_reruns_its_steps_alone_and_the_tier_keeps_serving(monkeypatch):
+    """The cloud's first multi-session pass raises half-way (after its first stage): it changed no cache, so its
+    steps run again one at a time and every request still gets its exact tokens; the next generations too."""
     full, edge, cloud = _tiers("builtin:gpt2-tiny", BatchSettings(16, window_ms=5))
     real = batching.batched_pass
     failed: list[int] = []
@@ -172,14 +172,11 @@ def test_a_failed_batch_answers_each_request_and_the_tier_keeps_serving(monkeypa
     prompts = _prompts(full, 6)
     jobs = [(p, 5) for p in prompts]
     got = _generate(edge, full, jobs)
-    errors = [g for g in got if isinstance(g, Exception)]
-    assert failed and len(errors) == failed[0]  # exactly the requests of the failed batch
-    for e in errors:
-        assert isinstance(e, RemoteError) and "injected fault in a batched pass" in str(e)
+    assert failed and failed[0] > 1  # a multi-session pass raised
     for (p, n), g in zip(jobs, got):
-        if not isinstance(g, Exception):
-            assert torch.equal(g, full.generate(p, n))
-    assert len(edge.sessions) == len(cloud.sessions) == 0  # failed sessions were closed on both tiers
+        assert isinstance(g, torch.Tensor), g
+        assert torch.equal(g, full.generate(p, n))
+    assert len(edge.sessions) == len(cloud.sessions) == 0  # every session ended on both tiers
     again = _generate(edge, full, jobs)  # the tier keeps serving
     for (p, n), g in zip(jobs, again):
         assert isinstance(g, torch.Tensor) and torch.equal(g, full.generate(p, n))

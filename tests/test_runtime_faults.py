@@ -3,6 +3,7 @@ concurrent devices, bounded session memory. Cloud and edge are real processes on
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,11 @@ def test_an_untrusted_device_is_refused_at_the_handshake(cluster, tmp_path):
             p.run(text="hi", max_new_tokens=2)
 
 
+def _numbers(cls) -> int:
+    """How many int and float fields dataclass ``cls`` has (its binary header's fixed block, with its bools)."""
+    return sum(f.type in ("int", "float") for f in dataclasses.fields(cls))
+
+
 def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
     c = Client(cluster.addresses["edge"], identity=cluster.keys["device"], trust=cluster.fingerprints(), timeout_s=20)
     plan_hash = protocol.plan_hash(
@@ -116,8 +122,10 @@ def test_malformed_messages_get_errors_and_the_edge_keeps_serving(cluster, lm):
         ),
         (Message(protocol.INFER, good + b"\0"), "1 bytes after the last field"),
         (Message(protocol.INFER, cut.replace("ë".encode(), b"\xff\xfe")), "field 'sender': a string is not UTF-8"),
-        # past the fixed block (every int, float and bool field: 65 bytes, headers.py) into a cut string
-        (Message(protocol.INFER, good[:5] + bytes(70)), "malformed infer message: field 'sender': truncated"),
+        (  # the fixed fields (8 bytes per int or float, 1 for the bool), an empty plan_hash, 1 byte of sender's length
+            Message(protocol.INFER, good[:5] + bytes(8 * _numbers(protocol.Infer) + 1 + 4 + 1)),
+            "malformed infer message: field 'sender': truncated",
+        ),
         (Message(protocol.HELLO, good), "hello message has no binary form"),
         (Message(protocol.RESULT, protocol.encode(protocol.Result(Timings())).meta), "reply, not a request"),
     ]

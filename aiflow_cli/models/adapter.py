@@ -42,16 +42,28 @@ class StageCache:
     side: dict[str, torch.Tensor] = field(default_factory=dict)
     tokens_seen: int = 0
 
+    @property
+    def length(self) -> Optional[int]:
+        """Positions the KV cache holds (None: no attention layer of this cache holds any yet)."""
+        kv = self.kv
+        caches = [kv.self_attention_cache] if hasattr(kv, "self_attention_cache") else [kv]
+        held = [layer.keys.shape[-2] for c in caches for layer in getattr(c, "layers", ()) if _held(layer)]
+        return max(held) if held else None
+
     def crop(self, length: int) -> None:
         """Forgets every cached position from ``length`` on (to re-time a decode step at a fixed cache length)."""
         kv = self.kv
         caches = [kv.self_attention_cache] if hasattr(kv, "self_attention_cache") else [kv]
         for c in caches:
             for layer in c.layers:
-                if getattr(layer, "is_initialized", False) and layer.keys.numel():
+                if _held(layer):
                     layer.keys = layer.keys[..., :length, :]
                     layer.values = layer.values[..., :length, :]
         self.tokens_seen = length
+
+
+def _held(layer: Any) -> bool:
+    return bool(getattr(layer, "is_initialized", False) and layer.keys.numel())
 
 
 #: Stage 0 of every model: turns the raw input as the user has it (token ids; an image as its encoded file) into

@@ -100,11 +100,15 @@ class ExitAdapter(nn.Module):
                 meta = json.loads((f.metadata() or {})[META_KEY])
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             down, up = tensors["down.weight"], tensors["up.weight"]
+            if down.dim() != 2 or tuple(up.shape) != tuple(down.shape)[::-1]:
+                raise ValueError(f"weights of shapes {tuple(down.shape)} and {tuple(up.shape)}, not [r, h] and [h, r]")
+            exit_layer = int(meta["exit_layer"])
         except Exception as e:  # noqa: BLE001 - any damage reads as one line
-            raise ModelError(f"{path}: not an aiflow exit adapter ({type(e).__name__}: {e})") from None
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            raise ModelError(f"{path}: not an aiflow exit adapter ({type(e).__name__}: {why})") from None
         if model_hash is not None and meta.get("model_hash") != model_hash:
             raise ModelError(f"{path}: trained for model {str(meta.get('model_hash'))[:12]}, not {model_hash[:12]}")
-        a = cls(down.shape[1], down.shape[0], int(meta["exit_layer"]), str(meta.get("model_hash", "")))
+        a = cls(down.shape[1], down.shape[0], exit_layer, str(meta.get("model_hash", "")))
         a.load_state_dict({"down.weight": down, "up.weight": up})
         a.meta = meta
         return a.eval().requires_grad_(False)

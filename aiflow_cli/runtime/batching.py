@@ -14,8 +14,10 @@ Sessions join and leave between steps: a session is in a batch only while one of
 What stays one session per pass: speculative ``verify`` rounds, requests of several sequences, steps of families or
 caches that do not batch (:func:`~aiflow_cli.models.families.batched.unbatchable`: sliding-window layers,
 cross-attention, encoders) and tiers with an emulated speed (their stretch follows each thread's CPU time). A batch
-that raises answers each of its steps with that error (each request gets an error reply; caches are updated only
-after every stage ran; the failed sessions are closed by the node); the next steps form a new batch.
+that raises changed no cache (caches are updated only after every stage ran), so its steps run again one at a time:
+a step that fails alone (a peer's malformed state, a cache that does not match its mask) gets its own error reply
+and its session is closed by the node, while the other sessions of the batch get their results; the next steps
+form a new batch.
 """
 
 from __future__ import annotations
@@ -153,9 +155,15 @@ class DecodeBatcher:
                 outs = batched_pass(batch[0].kind, self.model, batch[0].stages, states, caches)
             for s, out in zip(batch, outs):
                 s.result = out
-        except BaseException as e:  # noqa: BLE001 - answered to each step of the batch, raised in its thread
-            for s in batch:
-                s.error = e
+        except BaseException as e:  # noqa: BLE001 - answered to its step(s), raised in their threads
+            if len(batch) == 1:
+                batch[0].error = e
+            else:  # the pass changed no cache: each step again alone, so one bad step fails only its own request
+                for s in batch:
+                    try:
+                        s.result = self._solo(s.stages, s.state, s.cache)
+                    except Exception as solo:  # noqa: BLE001
+                        s.error = solo
         for s in batch:
             s.finished = True
 

@@ -284,6 +284,7 @@ class TierNode:
         if self.keeps_cache:
             session = self.sessions.open(key) if phase == PREFILL else self.sessions.get(key)
             if verify is not None:
+                verify.check_cache(session.cache.length)
                 session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
         try:
             state, prompt = self._run_stages(
@@ -384,6 +385,7 @@ class TierNode:
         if self.generates:
             if verify is None:
                 return StepResult(tokens=sample(out[:, -1], sampling, index).reshape(-1, 1))
+            verify.check_output(out.shape[1], out.shape[-1])
             if sampling.greedy:  # the full model's token after each position
                 return StepResult(tokens=out.argmax(-1))
             tokens = verify_round(out[0], verify.draft, verify.dists, sampling, verify.index)

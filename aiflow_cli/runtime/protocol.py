@@ -38,7 +38,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union, cast
 
 from aiflow_cli import errors
 from aiflow_cli.errors import AiflowError, PeerRejected, RemoteError, TransportError
@@ -61,6 +61,8 @@ PHASES = (PREFILL, DECODE)
 
 #: A deadline for requests that carry none (ms).
 DEFAULT_DEADLINE_MS = 60_000.0
+#: Most drafts one :class:`Verify` round may carry (speculate.MAX_K and AUTO_MAX stay within it).
+MAX_DRAFTS = 32
 
 
 # -- field validation -------------------------------------------------------------------------------------------
@@ -73,13 +75,17 @@ def _bad(kind: str, key: str, want: str, got: Any) -> TransportError:
 
 
 _WANT = {str: "a string", int: "an integer", bool: "true or false", list: "a list"}
+#: Integers travel as signed 64-bit fields in binary headers (a tier re-sends what it got as JSON that way).
+_I64 = 1 << 63
 
 
 def _get(meta: dict, kind: str, key: str, typ: type, default: Any = None) -> Any:
-    """``meta[key]`` (or ``default``) if it has exactly type ``typ`` (a bool is no int here)."""
+    """``meta[key]`` (or ``default``) if it has exactly type ``typ`` (a bool is no int here; an int in 64 bits)."""
     v = meta.get(key, default)
     if type(v) is not typ:
         raise _bad(kind, key, _WANT[typ], v)
+    if typ is int and not -_I64 <= cast(int, v) < _I64:
+        raise _bad(kind, key, "an integer within 64 bits", v)
     return v
 
 
@@ -294,9 +300,9 @@ class Infer:
             and type(sender) is str
             and (phase == PREFILL or phase == DECODE)
             and type(stage) is int
-            and stage >= 0
+            and 0 <= stage < _I64
             and type(new) is int
-            and new >= 0
+            and 0 <= new < _I64
             and type(last) is bool
             and (type(dl) is float or type(dl) is int)
             and dl == dl
@@ -344,8 +350,8 @@ class Infer:
             )
         if self.deadline_ms != self.deadline_ms:
             raise _bad(INFER, "deadline_ms", "a number", self.deadline_ms)
-        if self.temperature or self.index:
-            _sampling_of(self, INFER)
+        if self.temperature or self.index or self.top_k or self.seed or self.top_p != 1.0:
+            _sampling_of(self, INFER)  # every field in range, even the ones greedy decoding ignores
         return self
 
 
@@ -416,8 +422,8 @@ class Verify:
             _get(meta, k, "remaining", int),
         )
         draft = _get(meta, k, "draft", list)
-        if not all(type(t) is int and t >= 0 for t in draft):
-            raise _bad(k, "draft", "a list of token ids", draft)
+        if len(draft) > MAX_DRAFTS or not all(type(t) is int and t >= 0 for t in draft):
+            raise _bad(k, "draft", f"a list of at most {MAX_DRAFTS} token ids", draft)
         if stage < 0 or cache_len < 0 or remaining < 1:
             raise TransportError(
                 f"malformed verify message: stage {stage} and cache_len {cache_len} must be >= 0, remaining "
@@ -437,7 +443,7 @@ class Verify:
         if "temperature" in meta:
             _sampling_from(meta, k, msg)
             raw = _get(meta, k, "dists", list, [])
-            if not all(
+            if len(raw) > len(draft) or not all(
                 type(d) is list and len(d) == 2 and type(d[0]) is list and type(d[1]) is list
                 and all(type(i) is int for i in d[0]) and all(type(p) in (int, float) for p in d[1])
                 for d in raw
@@ -451,6 +457,26 @@ class Verify:
             except ValueError as e:
                 raise TransportError(f"malformed {k} message: {e}") from None
         return msg
+
+    def check_cache(self, held: Optional[int]) -> None:
+        """Refuses a round whose ``cache_len`` is past the ``held`` positions of the receiver's KV cache (None:
+        this tier caches no positions); a round only ever crops back (:class:`TransportError`)."""
+        if held is not None and self.cache_len > held:
+            raise TransportError(
+                f"malformed verify message: cache_len {self.cache_len} is past the {held} positions this tier "
+                f"holds for the session"
+            )
+
+    def check_output(self, positions: int, vocab: int) -> None:
+        """The output tier's checks of a round against the full model's logits (``positions`` rows of ``vocab``
+        tokens): one position per draft plus the pending token, every token id within the vocabulary."""
+        if positions != len(self.draft) + 1:
+            raise TransportError(
+                f"malformed verify message: {len(self.draft)} drafts need {len(self.draft) + 1} positions, the "
+                f"state holds {positions}"
+            )
+        if any(t >= vocab for t in self.draft) or any(i >= vocab for q in self.dists for i in q.ids):
+            raise TransportError(f"malformed verify message: a draft token id is past the vocabulary ({vocab})")
 
 
 @dataclass(slots=True)
@@ -644,6 +670,8 @@ def decode(env: Message) -> AnyMessage:
         if check is not None:
             check()
     else:
+        if type(meta) is not dict:
+            raise TransportError(f"malformed {env.kind} message: its meta is not a JSON object")
         if meta.get("v") != PROTOCOL_VERSION and cls is not Error:
             check_version(meta)
         msg = cls.from_wire(meta)

@@ -193,6 +193,10 @@ def _fails_over(e: BaseException) -> bool:
     return isinstance(e, TransportError) and not isinstance(e, (PeerRejected, Timeout, LimitExceeded))
 
 
+#: A timeout this long before the request's own deadline is the transport's, not the request's (see _send).
+_EARLY_S = 0.05
+
+
 class PoolClient:
     """A client of a pool of replicas of the next tier; see the module docstring. ``replicas``: the replicas'
     addresses (a list, or a callable that returns the current list, e.g. :meth:`RayPool.addresses`); the rest
@@ -285,8 +289,7 @@ class PoolClient:
                 return self._failover(sid, env, msg, moved_from, deadline, None)
         self.log.pin(sid, replica, new=new)
         try:
-            self._last = replica
-            reply = self._client(replica).request(env, timeout_s=max(1e-3, deadline - time.monotonic()))
+            reply = self._send(replica, env, deadline)
         except Exception as e:
             if not _fails_over(e):
                 raise
@@ -294,6 +297,18 @@ class PoolClient:
             return self._failover(sid, env, msg, replica, deadline, e)
         self._record(sid, env, msg, reply)
         return reply
+
+    def _send(self, addr: str, env: Message, deadline: float) -> Message:
+        """``env`` to replica ``addr`` within ``deadline``. A timeout before any connection opened and well before
+        the deadline is a handshake nobody answered (no server listens there any more: a replica that is gone),
+        raised as a plain TransportError so that the session fails over."""
+        self._last = addr
+        try:
+            return self._client(addr).request(env, timeout_s=max(1e-3, deadline - time.monotonic()))
+        except Timeout as e:
+            if getattr(e, "connection_id", 0) is None and time.monotonic() < deadline - _EARLY_S:
+                raise TransportError(str(e)) from None
+            raise
 
     def _record(self, sid: int, env: Message, msg: Infer | Verify, reply: Message) -> None:
         ended = isinstance(msg, Infer) and msg.last
@@ -321,18 +336,17 @@ class PoolClient:
             if addr in self._banned_now():
                 continue
             try:
-                self._last = addr
-                return self._client(addr).request(env, timeout_s=max(1e-3, deadline - time.monotonic()))
+                return self._send(addr, env, deadline)
             except Exception as e:
+                if isinstance(e, Timeout) and last is not None:
+                    raise Timeout(f"no replica answered in time ({last}; then {e})") from None
                 if not _fails_over(e):
                     raise
                 self._ban(addr)
                 last = e
         if last is not None:
             raise last
-        return self._client(self._no_replica(sid, self._banned_now())).request(
-            env, timeout_s=deadline - time.monotonic()
-        )
+        return self._send(self._no_replica(sid, self._banned_now()), env, deadline)
 
     def _failover(
         self, sid: int, env: Message, msg: Infer | Verify, dead: str, deadline: float, error: Optional[BaseException]
@@ -355,6 +369,10 @@ class PoolClient:
             avoid = self._banned_now() | tried | {dead}
             target = self.ring.pick(sid, avoid=avoid)
             if target is None:  # every replica failed or was tried: the last failure (or none left) is the answer
+                if error is not None and _fails_over(error):
+                    raise TransportError(
+                        f"session {sid}: no live replica left in the pool (the last: {error})"
+                    ) from None
                 if error is not None:
                     raise error
                 raise TransportError(
@@ -362,12 +380,17 @@ class PoolClient:
                     f"(replicas: {', '.join(self.ring.nodes) or 'none'})"
                 )
             tried.add(target)
+            if time.monotonic() >= deadline:  # no time left to rebuild the session anywhere
+                if error is not None:
+                    raise error
+                raise Timeout(f"session {sid}: the deadline passed before it could move off {dead}")
             try:
                 self._replay(sid, target, [] if new else history, deadline)
                 self.log.pin(sid, target, new=new)
-                self._last = target
-                reply = self._client(target).request(env, timeout_s=max(1e-3, deadline - time.monotonic()))
+                reply = self._send(target, env, deadline)
             except Exception as e:
+                if isinstance(e, Timeout) and not isinstance(error, Timeout | None):
+                    raise Timeout(f"session {sid}: no replica answered in time ({error}; then {e})") from None
                 if not _fails_over(e):
                     raise
                 self._ban(target)
@@ -390,13 +413,12 @@ class PoolClient:
             return reply
 
     def _replay(self, sid: int, target: str, history: list[Sent], deadline: float) -> None:
-        client = self._client(target)
         for i, sent in enumerate(history):
             budget_s = deadline - time.monotonic()
             if budget_s <= 0:
                 raise Timeout(f"session {sid}: the deadline passed while rebuilding its cache on {target}")
             again = dataclasses.replace(sent.msg, deadline_ms=budget_s * 1e3)
-            reply = client.request(protocol.encode(again, sent.frames, sid), timeout_s=budget_s)
+            reply = self._send(target, protocol.encode(again, sent.frames, sid), deadline)
             r = protocol.expect_reply(reply, Result)
             if sent.tokens is not None and r.tokens != sent.tokens:
                 raise TransportError(
