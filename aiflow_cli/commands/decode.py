@@ -49,6 +49,12 @@ def bench_decode(
         help="Run the spec-trained-* modes with the trained exit of the device's last block (trained first when "
         "none is cached: `aiflow draft train`).",
     ),
+    precheck: bool = typer.Option(
+        False,
+        "--precheck",
+        help="Add spec-precheck-kK and spec-precheck-auto: the edge pre-checks drafts with its own exit, the cloud "
+        "verifies only those up to the first it rejects.",
+    ),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, plans, server logs (default: a temp dir)."),
     quick: bool = typer.Option(False, "--quick", help="Two RTTs, 12 tokens, one timed request each (< 3 min)."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
@@ -74,6 +80,7 @@ def bench_decode(
         "draft": draft,
         "trained": trained,
         "prompt": prompt,
+        "precheck": precheck or None,
     }
     cfg = (
         decode.DecodeConfig.quick_config(**given)

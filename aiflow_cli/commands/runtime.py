@@ -175,6 +175,12 @@ def run(
         "train` made one, else the untrained exit) | exit | untrained | MODEL (a draft model with the same "
         "vocabulary, run on the device).",
     ),
+    precheck: bool = typer.Option(
+        False,
+        "--precheck",
+        help="With --speculate: the edge checks each greedy round's drafts with its own exit (its last block + the "
+        "head) and forwards only those up to the first it rejects, so the cloud verifies fewer positions.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
@@ -196,6 +202,7 @@ def run(
         speed=speed,
         speculate=speculate,
         draft=draft,
+        precheck=precheck,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens, sampling=sampling)
@@ -221,7 +228,8 @@ def run(
         acc = "-" if s["acceptance"] is None else f"{s['acceptance']:.0%}"
         console.print(
             f"speculation: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} drafts accepted ({acc}), "
-            f"{s['tokens_per_round'] or 0:.2f} tokens per round; draft: {s['policy'].get('draft_model') or s['policy'].get('draft')}",
+            + (f"{s['verified']} verified by the output tier (edge pre-check), " if precheck else "")
+            + f"{s['tokens_per_round'] or 0:.2f} tokens per round; draft: {s['policy'].get('draft_model') or s['policy'].get('draft')}",
             highlight=False,
         )
     console.print(flow_table(p.plan, result))
