@@ -150,6 +150,22 @@ def _print(report) -> None:
             end_section=last,
         )
     console.print(t)
+    for r in report.runs:
+        if r["mode"].startswith("spec-precheck-") and r.get("drafted"):
+            base = next(
+                (
+                    b
+                    for b in report.runs
+                    if b["rtt_ms"] == r["rtt_ms"] and b["mode"] == r["mode"].replace("precheck-", "")
+                ),
+                None,
+            )
+            console.print(
+                f"edge pre-check, {r['mode']} at {r['rtt_ms']:g} ms: the cloud verified {r['verified']} of "
+                f"{r['drafted']} drafts; edge-cloud {r['edge_cloud_bytes_per_token']} B/token"
+                + (f" ({base['mode']}: {base['edge_cloud_bytes_per_token']})" if base else ""),
+                highlight=False,
+            )
     console.print(
         "early-exit acceptance by exit stage (teacher-forced on the prompt; the split's exit is stage "
         f"{report.config['split'][0] - 1}): " + ", ".join(f"{k}: {v:.2f}" for k, v in report.exit_acceptance.items()),
