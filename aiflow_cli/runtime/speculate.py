@@ -217,6 +217,7 @@ class SpecPolicy:
             "fixed_ms": None if self.fixed_ms is None else round(self.fixed_ms, 3),
             "upstream_ms_per_position": None if self.per_position_ms is None else round(self.per_position_ms, 3),
             "next_drafts": self.choose(),
+            **({"precheck": True} if self.precheck else {}),
         }
 
 
