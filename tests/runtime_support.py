@@ -69,7 +69,7 @@ def in_process_tiers(name: str, bounds: tuple[int, int]):
 
 def generate_on(device, x, n: int, k, session: int, sampling=None):
     """One generation of ``n`` tokens driven by ``device`` (a :class:`TierNode`) in this process, speculating
-    with ``k`` drafts per round (None: plain decoding), greedy unless ``sampling`` is given."""
+    with ``k`` drafts per round (None: plain decoding; or a :class:`SpecPolicy`), greedy unless ``sampling``."""
     import time
 
     from aiflow_cli.models.sampling import GREEDY
@@ -85,6 +85,6 @@ def generate_on(device, x, n: int, k, session: int, sampling=None):
         max_new_tokens=n,
         last=n <= 1,
         deadline=time.monotonic() + 120,
-        speculate=spec.SpecPolicy(k) if k is not None else None,
+        speculate=k if isinstance(k, spec.SpecPolicy) or k is None else spec.SpecPolicy(k),
         sampling=sampling or GREEDY,
     )

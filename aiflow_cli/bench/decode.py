@@ -12,7 +12,10 @@ behind the userspace link emulator, the device is this process):
 - ``spec-auto``: the same, K chosen each round from the acceptance and round-trip time observed so far;
 - ``spec-trained-kK`` / ``spec-trained-auto``: the same with the trained exit of the device's last block
   (:mod:`aiflow_cli.models.exit_adapter`; trained first when none is cached, the training time reported apart);
-- ``spec-draft-auto`` (with ``draft``): a separate draft model on the device (:mod:`aiflow_cli.runtime.drafters`).
+- ``spec-draft-auto`` (with ``draft``): a separate draft model on the device (:mod:`aiflow_cli.runtime.drafters`);
+- ``spec-precheck-kK`` / ``spec-precheck-auto`` (with ``precheck``): ``spec-kK`` / ``spec-auto`` with the edge
+  pre-checking each round's drafts with its own exit (:mod:`aiflow_cli.runtime.precheck`): the cloud verifies
+  only the drafts up to the first one the edge's exit rejects (``verified`` per row).
 
 Per (RTT, mode): tokens/s (tokens generated / request time), time to first token, acceptance of the drafts,
 tokens per device-edge round trip, whether the output equals the non-speculative split's token for token, and per
@@ -133,6 +136,8 @@ class DecodeConfig:
     """A draft model for the ``spec-draft-auto`` mode (same vocabulary as ``model``)."""
     replan_requests: int = 10
     """Requests of the re-planning run (aiflow_cli/bench/replan.py; the uplink drops halfway); 0: no such run."""
+    precheck: bool = False
+    """Run the ``spec-precheck-*`` modes (the edge pre-checks drafts with its own exit)."""
 
     @classmethod
     def quick_config(cls, **overrides: Any) -> "DecodeConfig":
@@ -199,6 +204,7 @@ def _summary(rtt_ms: float, m: _Mode, reference: torch.Tensor) -> dict[str, Any]
     total_ms = statistics.median(r.total_ms for r in rs)
     tokens = rs[0].tokens.shape[1] if rs[0].tokens is not None else 0
     drafted = sum(r.speculation["drafted"] for r in rs if r.speculation)
+    verified = sum(r.speculation["verified"] for r in rs if r.speculation)
     accepted = sum(r.speculation["accepted"] for r in rs if r.speculation)
     messages = sum(r.timings.links["device-edge"].messages for r in rs) if "device-edge" in rs[0].timings.links else 0
     n_tokens = sum(r.tokens.shape[1] for r in rs if r.tokens is not None)
@@ -216,6 +222,11 @@ def _summary(rtt_ms: float, m: _Mode, reference: torch.Tensor) -> dict[str, Any]
         "acceptance": round(accepted / drafted, 4) if drafted else None,
         "drafted": drafted,
         "accepted": accepted,
+        "verified": verified,
+        "edge_cloud_bytes_per_token": round(
+            sum(r.timings.links["edge-cloud"].bytes_up for r in rs if "edge-cloud" in r.timings.links)
+            / max(n_tokens, 1)
+        ),
         "tokens_per_round_trip": round(n_tokens / messages, 3) if messages else None,
         "round_trips": round(messages / len(rs), 2),
         "identical": all(r.tokens is not None and torch.equal(r.tokens, reference) for r in rs),
@@ -336,13 +347,19 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
             ),
             _Mode("split", stack.enter_context(clusters["split"].pipeline(timeout_s=timeout_s)), clusters["split"]),
         ]
-        spec_modes = [(f"spec-k{cfg.k}", cfg.k, "untrained"), ("spec-auto", "auto", "untrained")]
+        spec_modes = [(f"spec-k{cfg.k}", cfg.k, "untrained", False), ("spec-auto", "auto", "untrained", False)]
         if exit_training is not None and exit_training.get("path"):
-            spec_modes += [(f"spec-trained-k{cfg.k}", cfg.k, "exit"), ("spec-trained-auto", "auto", "exit")]
+            spec_modes += [
+                (f"spec-trained-k{cfg.k}", cfg.k, "exit", False),
+                ("spec-trained-auto", "auto", "exit", False),
+            ]
         if cfg.draft:
-            spec_modes.append(("spec-draft-auto", "auto", cfg.draft))
-        for name, k, draft in spec_modes:
-            p = clusters["split"].pipeline(timeout_s=timeout_s, speculate=k, draft=draft)
+            spec_modes.append(("spec-draft-auto", "auto", cfg.draft, False))
+        if cfg.precheck:
+            spec_modes += [(f"spec-precheck-k{cfg.k}", cfg.k, "untrained", True)]
+            spec_modes += [("spec-precheck-auto", "auto", "untrained", True)]
+        for name, k, draft, precheck in spec_modes:
+            p = clusters["split"].pipeline(timeout_s=timeout_s, speculate=k, draft=draft, precheck=precheck)
             modes.append(_Mode(name, stack.enter_context(p), clusters["split"]))
         reference: Optional[torch.Tensor] = None
         for i, rtt in enumerate(cfg.rtts_ms):
@@ -394,6 +411,7 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
             "device_edge_mbps": [UPLINK_MBPS, DOWNLINK_MBPS],
             "edge_cloud": "lan",
             "draft": cfg.draft,
+            "precheck": cfg.precheck,
         },
         runs=runs,
         goals=check_goals(runs) + ([replan_goal(replan)] if replan else []),

@@ -49,6 +49,12 @@ def bench_decode(
         help="Run the spec-trained-* modes with the trained exit of the device's last block (trained first when "
         "none is cached: `aiflow draft train`).",
     ),
+    precheck: bool = typer.Option(
+        False,
+        "--precheck",
+        help="Add spec-precheck-kK and spec-precheck-auto: the edge pre-checks drafts with its own exit, the cloud "
+        "verifies only those up to the first it rejects.",
+    ),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, plans, server logs (default: a temp dir)."),
     replan_requests: Optional[int] = typer.Option(
         None,
@@ -81,6 +87,7 @@ def bench_decode(
         "trained": trained,
         "prompt": prompt,
         "replan_requests": replan_requests,
+        "precheck": precheck or None,
     }
     cfg = (
         decode.DecodeConfig.quick_config(**given)
@@ -150,6 +157,22 @@ def _print(report) -> None:
             end_section=last,
         )
     console.print(t)
+    for r in report.runs:
+        if r["mode"].startswith("spec-precheck-") and r.get("drafted"):
+            base = next(
+                (
+                    b
+                    for b in report.runs
+                    if b["rtt_ms"] == r["rtt_ms"] and b["mode"] == r["mode"].replace("precheck-", "")
+                ),
+                None,
+            )
+            console.print(
+                f"edge pre-check, {r['mode']} at {r['rtt_ms']:g} ms: the cloud verified {r['verified']} of "
+                f"{r['drafted']} drafts; edge-cloud {r['edge_cloud_bytes_per_token']} B/token"
+                + (f" ({base['mode']}: {base['edge_cloud_bytes_per_token']})" if base else ""),
+                highlight=False,
+            )
     console.print(
         "early-exit acceptance by exit stage (teacher-forced on the prompt; the split's exit is stage "
         f"{report.config['split'][0] - 1}): " + ", ".join(f"{k}: {v:.2f}" for k, v in report.exit_acceptance.items()),

@@ -181,6 +181,12 @@ def run(
         help="Measure the device's link and switch every tier to a better plan between requests when it changed "
         "(docs/runtime.md, Re-planning). One request only measures: the JSON reports the estimate. Default off.",
     ),
+    precheck: bool = typer.Option(
+        False,
+        "--precheck",
+        help="With --speculate: the edge checks each greedy round's drafts with its own exit (its last block + the "
+        "head) and forwards only those up to the first it rejects, so the cloud verifies fewer positions.",
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
@@ -203,6 +209,7 @@ def run(
         speculate=speculate,
         draft=draft,
         replan=replan,
+        precheck=precheck,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
         result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens, sampling=sampling)
@@ -228,7 +235,8 @@ def run(
         acc = "-" if s["acceptance"] is None else f"{s['acceptance']:.0%}"
         console.print(
             f"speculation: {s['rounds']} verify rounds, {s['accepted']}/{s['drafted']} drafts accepted ({acc}), "
-            f"{s['tokens_per_round'] or 0:.2f} tokens per round; draft: {s['policy'].get('draft_model') or s['policy'].get('draft')}",
+            + (f"{s['verified']} verified by the output tier (edge pre-check), " if precheck else "")
+            + f"{s['tokens_per_round'] or 0:.2f} tokens per round; draft: {s['policy'].get('draft_model') or s['policy'].get('draft')}",
             highlight=False,
         )
     if result.replan is not None:

@@ -29,7 +29,7 @@ from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.models.sampling import GREEDY, Sampling, sample, verify_round
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
-from aiflow_cli.runtime import protocol, tracing
+from aiflow_cli.runtime import precheck, protocol, tracing
 from aiflow_cli.runtime import speculate as spec
 from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher
 from aiflow_cli.runtime.protocol import DECODE, PREFILL, VERIFY, Hello, HelloReply, Infer, Result, TierInfo, Verify
@@ -296,11 +296,14 @@ class TierNode:
                 result = self._output(state, mine, verify, sampling, index)
                 result.timings = timings
             else:
+                ahead = verify
+                if verify is not None and verify.precheck and not self.is_driver:  # the edge's exit may cut it
+                    state, ahead = precheck.cut(self, state, verify, sampling, mine)
                 sent = self._pack(state, self.stages.stop - 1, mine)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
                 result = self._forward(
-                    key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings, verify,
+                    key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings, ahead,
                     sampling, index,
                 )  # fmt: skip
             if session is not None:

@@ -9,6 +9,8 @@
 verify them in one round trip (:mod:`aiflow_cli.runtime.speculate`): greedy output unchanged, fewer round trips.
 ``draft`` says what drafts (:mod:`aiflow_cli.runtime.drafters`): ``auto`` (default: the trained exit of the device's
 last block when ``aiflow draft train`` made one, else the untrained exit), ``exit``, ``untrained`` or a draft MODEL.
+``precheck=True`` has the edge cut each greedy round after the first draft its own exit rejects, so the cloud
+verifies fewer positions (:mod:`aiflow_cli.runtime.precheck`).
 
 ``replan=True`` measures the device's link and, when another plan is predicted better on it by a margin, switches
 every tier to that plan between requests (:mod:`aiflow_cli.runtime.replan`). Off by default.
@@ -104,6 +106,17 @@ def predicted(plan: Plan) -> dict[str, Any]:
     }
 
 
+def precheck_unsupported(plan: Plan) -> Optional[str]:
+    """Why the edge of ``plan`` cannot pre-check drafts (None when it can): it must run blocks, and the cloud
+    stages after them."""
+    edge, cloud = plan.stages_for("edge"), plan.stages_for("cloud")
+    if len(edge) == 0:
+        return f"the plan runs no stage on the edge ({plan.summary()}): it has no exit to pre-check with"
+    if len(cloud) == 0:
+        return f"the edge is the plan's last computing tier ({plan.summary()}): it verifies the drafts itself"
+    return None
+
+
 def detokenize(model: StagedModel, tokens: torch.Tensor) -> list[str]:
     """Token ids -> answer text per row (see :meth:`StagedModel.decode_text`)."""
     return model.decode_text(tokens)
@@ -131,6 +144,7 @@ class Pipeline:
         speculate: Speculate = None,
         draft: Optional[str] = None,
         replan: Any = False,
+        precheck: bool = False,
     ):
         self.plan = plan if isinstance(plan, Plan) else load_plan(plan)
         if fallback not in ("none", "local"):
@@ -178,7 +192,11 @@ class Pipeline:
             )
             if why:
                 raise InputError(f"speculate={k}: {why}", param="speculate")
-            self.speculate = SpecPolicy(k)
+            self.speculate = SpecPolicy(k, precheck=precheck)
+        if precheck:
+            why = precheck_unsupported(self.plan) if k is not None else "pre-checking is of drafts; give `speculate`"
+            if why:
+                raise InputError(f"precheck: {why}", param="precheck")
         self._local: Optional[StagedModel] = None
         self._client, self._speed, self._dilation, self._draft = client, speed, dilation, draft
         self.replanner = None

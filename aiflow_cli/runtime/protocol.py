@@ -365,7 +365,9 @@ class Verify:
     every tier sees which round ends the request and frees its session then.
     Sampled rounds (``temperature`` > 0, the fields of :class:`Infer`; ``index``: the answer place of the first
     draft) carry ``dists``, each draft's distribution as the driver drew it, and the output tier answers by the
-    rejection rule (:func:`aiflow_cli.models.sampling.verify_round`). ``traceparent`` as in :class:`Infer`."""
+    rejection rule (:func:`aiflow_cli.models.sampling.verify_round`). ``traceparent`` as in :class:`Infer`.
+    ``precheck``: a middle tier holding blocks may cut the round after the first draft its own exit rejects
+    before forwarding it (greedy rounds; :mod:`aiflow_cli.runtime.precheck`); optional on the wire (absent: off)."""
 
     KIND: ClassVar[str] = VERIFY
     plan_hash: str
@@ -383,6 +385,7 @@ class Verify:
     seed: int = 0
     index: int = 0
     dists: tuple[DraftDist, ...] = ()
+    precheck: bool = False
 
     def to_wire(self) -> dict:
         return {
@@ -395,6 +398,7 @@ class Verify:
             "remaining": self.remaining,
             "deadline_ms": self.deadline_ms,
             **({"traceparent": self.traceparent} if self.traceparent else {}),
+            **({"precheck": True} if self.precheck else {}),
             **(
                 {**_sampling_wire(self), "dists": [[list(q.ids), list(q.probs)] for q in self.dists]}
                 if self.temperature
@@ -410,7 +414,7 @@ class Verify:
         """The same round for the next tier: its stage, this hop's tensors, deadline and trace context."""
         return Verify(
             self.plan_hash, self.sender, stage, tensors, self.cache_len, self.draft, self.remaining, deadline_ms,
-            traceparent, self.temperature, self.top_k, self.top_p, self.seed, self.index, self.dists,
+            traceparent, self.temperature, self.top_k, self.top_p, self.seed, self.index, self.dists, self.precheck,
         )  # fmt: skip
 
     @classmethod
@@ -439,6 +443,7 @@ class Verify:
             remaining,
             _num(meta, k, "deadline_ms", DEFAULT_DEADLINE_MS),
             _get(meta, k, "traceparent", str, ""),
+            precheck=_get(meta, k, "precheck", bool, False),
         )
         if "temperature" in meta:
             _sampling_from(meta, k, msg)

@@ -102,9 +102,11 @@ def unsupported(model: "StagedModel") -> Optional[str]:
 
 # -- what a round emits (the same function on every tier) ---------------------------------------------------------
 def accepted(draft: Sequence[int], targets: Sequence[int]) -> int:
-    """How many drafts match the full model's greedy tokens (``targets[i]`` follows position ``i``)."""
+    """How many drafts match the full model's greedy tokens (``targets[i]`` follows position ``i``); at most
+    ``len(targets) - 1``, so a token follows them (an edge pre-check may have verified fewer positions than
+    drafted: :mod:`aiflow_cli.runtime.precheck`)."""
     n = 0
-    while n < len(draft) and n < len(targets) and draft[n] == targets[n]:
+    while n < len(draft) and n < len(targets) - 1 and draft[n] == targets[n]:
         n += 1
     return n
 
@@ -159,6 +161,8 @@ class SpecPolicy:
     """Verify round trip less the upstream compute: propagation, serialisation, framing."""
     per_position_ms: Optional[float] = None
     """Upstream compute per verified position."""
+    precheck: bool = False
+    """Ask the middle tier to pre-check greedy rounds with its own exit (:mod:`aiflow_cli.runtime.precheck`)."""
 
     def __post_init__(self) -> None:
         k = parse_speculate(self.k)
@@ -213,6 +217,7 @@ class SpecPolicy:
             "fixed_ms": None if self.fixed_ms is None else round(self.fixed_ms, 3),
             "upstream_ms_per_position": None if self.per_position_ms is None else round(self.per_position_ms, 3),
             "next_drafts": self.choose(),
+            **({"precheck": True} if self.precheck else {}),
         }
 
 
@@ -223,6 +228,8 @@ class SpecStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    verified: int = 0
+    """Drafts the output tier verified: fewer than ``drafted`` when an edge pre-check cut rounds."""
     tokens: int = 0
     drafts_per_round: list[int] = field(default_factory=list)
     policy: dict[str, Any] = field(default_factory=dict)
@@ -238,6 +245,7 @@ class SpecStats:
             "rounds": self.rounds,
             "drafted": self.drafted,
             "accepted": self.accepted,
+            "verified": self.verified,
             "acceptance": None if acc is None else round(acc, 4),
             "tokens": self.tokens,
             "tokens_per_round": round(self.tokens / self.rounds, 3) if self.rounds else None,
@@ -287,6 +295,7 @@ def drive(
         packed = pack_state(joined, model.roles(joined), codec)
         mine.encode_ms += packed.encode_ms + node._stretch(t0, c0)
         verify = Verify("", node.tier, node.stages.stop, (), cache_len, tuple(draft), remaining)
+        verify.precheck = policy.precheck and sampling.greedy
         if not sampling.greedy:
             verify.temperature, verify.top_k, verify.top_p = sampling.temperature, sampling.top_k, sampling.top_p
             verify.seed, verify.index, verify.dists = sampling.seed, len(out), tuple(dists)
@@ -298,6 +307,8 @@ def drive(
         if r.tokens is None:
             raise TransportError(f"{node.tier}: the verify reply carried no tokens")
         targets = r.tokens[0].tolist()
+        if not 1 <= len(targets) <= g + 1:
+            raise TransportError(f"{node.tier}: the verify reply has {len(targets)} tokens for {g + 1} positions")
         n = accepted(draft, targets)
         new = emitted(draft, targets, remaining, eos)
         upstream_ms = sum(t.compute_ms for name, t in r.timings.tiers.items() if name != node.tier)
@@ -305,6 +316,7 @@ def drive(
         stats.rounds += 1
         stats.drafted += g
         stats.accepted += n
+        stats.verified += len(targets) - 1
         stats.tokens += len(new)
         stats.drafts_per_round.append(g)
         drafter.commit(out[-1], new)
