@@ -16,7 +16,6 @@ after the position before); a draft model proposes all ``g`` drafts first, then 
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -104,20 +103,17 @@ class ExitDrafter(Drafter):
         tok = torch.tensor([pending], dtype=torch.long)
         for i in range(g + 1):
             step_in = model.next_inputs(inputs[-1] if inputs else base, tok)
-            state, _ = node._run_stages(node.decode_start, step_in, cache, mine)
+            state, _ = node.run_stages(node.decode_start, step_in, cache, mine)
             mine.steps += 1
             inputs.append(step_in)
             states.append(state)
             if i < g:  # the early exit: this tier's last block -> (adapter) -> the final norm -> the LM head
-                t0, c0 = node._clocks()
-                with torch.inference_mode():
+                with node.computing(mine), torch.inference_mode():
                     h = state["hidden_states"]
                     if self.adapter is not None:
                         h = self.adapter.to(h.device)(h)
                     logits = model.output(model.run_stage(head, {"hidden_states": h}))
-                tok = torch.tensor([choose(logits[0, -1], sampling, index + i, dists)], dtype=torch.long)
-                node._stretch(t0, c0)
-                mine.compute_ms += (time.perf_counter() - t0) * 1e3
+                    tok = torch.tensor([choose(logits[0, -1], sampling, index + i, dists)], dtype=torch.long)
                 draft.append(int(tok))
         return inputs, join_positions(states), draft, dists
 
@@ -162,25 +158,23 @@ class ModelDrafter(Drafter):
         from aiflow_cli.runtime.speculate import join_positions
 
         model = node.model
-        t0, c0 = node._clocks()
-        if self.fed > len(self.tokens):  # drop the previous round's rejected drafts
-            self.cache.crop(len(self.tokens))
-            self.fed = len(self.tokens)
         draft: list[int] = []
         dists: list[DraftDist] = []
-        if g:
-            # catch up (the prompt; a bonus token) + pending
-            tok = choose(self._feed(self.tokens[self.fed :] + [pending]), sampling, index, dists)
-            draft.append(tok)
-            for i in range(1, g):
-                tok = choose(self._feed([tok]), sampling, index + i, dists)
+        with node.computing(mine):
+            if self.fed > len(self.tokens):  # drop the previous round's rejected drafts
+                self.cache.crop(len(self.tokens))
+                self.fed = len(self.tokens)
+            if g:
+                # catch up (the prompt; a bonus token) + pending
+                tok = choose(self._feed(self.tokens[self.fed :] + [pending]), sampling, index, dists)
                 draft.append(tok)
-        node._stretch(t0, c0)
-        mine.compute_ms += (time.perf_counter() - t0) * 1e3
+                for i in range(1, g):
+                    tok = choose(self._feed([tok]), sampling, index + i, dists)
+                    draft.append(tok)
         inputs: list[BoundaryState] = []
         for tok in [pending] + draft:
             inputs.append(model.next_inputs(inputs[-1] if inputs else base, torch.tensor([tok], dtype=torch.long)))
-        state, _ = node._run_stages(node.decode_start, join_positions(inputs), cache, mine)
+        state, _ = node.run_stages(node.decode_start, join_positions(inputs), cache, mine)
         mine.steps += 1
         return inputs, state, draft, dists
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -263,7 +264,7 @@ class TierNode:
         if not computes:
             timings = Timings()
             if payload.packed is None:  # the device's raw input: sent on like any tier's last boundary
-                payload = self._pack(payload.state, stage - 1, timings.tier(self.tier))
+                payload = self.pack(payload.state, stage - 1, timings.tier(self.tier))
             return self._forward(
                 key, phase, stage, payload, max_new_tokens, last, deadline, timings, verify, sampling, index
             )
@@ -287,7 +288,7 @@ class TierNode:
                 verify.check_cache(session.cache.length)
                 session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
         try:
-            state, prompt = self._run_stages(
+            state, prompt = self.run_stages(
                 stage, state, session.cache if session else None, mine, batch=verify is None
             )
             if session is not None and prompt is not None:
@@ -299,7 +300,7 @@ class TierNode:
                 ahead = verify
                 if verify is not None and verify.precheck and not self.is_driver:  # the edge's exit may cut it
                     state, ahead = precheck.cut(self, state, verify, sampling, mine)
-                sent = self._pack(state, self.stages.stop - 1, mine)
+                sent = self.pack(state, self.stages.stop - 1, mine)
                 # the driver's prefill opens the sessions behind it: they live until its last decode step
                 down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
                 result = self._forward(
@@ -329,7 +330,7 @@ class TierNode:
             self.sessions.close(key)
         return result
 
-    def _run_stages(
+    def run_stages(
         self, stage: int, state: BoundaryState, cache, mine, batch: bool = False
     ) -> tuple[BoundaryState, Optional[BoundaryState]]:
         prompt = None
@@ -352,7 +353,16 @@ class TierNode:
         mine.compute_ms += (time.perf_counter() - t0) * 1e3
         return state, prompt
 
-    def _pack(self, state: BoundaryState, after_stage: int, mine) -> Payload:
+    @contextmanager
+    def computing(self, mine) -> Iterator[None]:
+        """Times the block as this tier's compute (``mine.compute_ms``), stretched to the emulated speed like its
+        stages (for work beside them: an exit's head, a draft model)."""
+        t0, c0 = self._clocks()
+        yield
+        self._stretch(t0, c0)
+        mine.compute_ms += (time.perf_counter() - t0) * 1e3
+
+    def pack(self, state: BoundaryState, after_stage: int, mine) -> Payload:
         """The boundary after ``after_stage`` (-1: the raw input) encoded with the codec of its cut."""
         t0, c0 = self._clocks()
         packed = pack_state(state, self.model.roles(state), self.plan.cut_codec(after_stage) or "raw")

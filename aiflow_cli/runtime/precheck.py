@@ -22,7 +22,6 @@ needs the full model's distribution at every draft, which the edge's exit does n
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import replace
 from typing import TYPE_CHECKING, Optional
 
@@ -74,13 +73,11 @@ def cut(
     g = len(verify.draft)
     if not sampling.greedy or g == 0:
         return state, verify
-    t0, c0 = node._clocks()
-    m = exit_model(node)
-    h = state["hidden_states"][:, :g]  # the exit's token after each position but the last one (no draft follows)
-    mine_tokens = m.output(m.run_stage(m.num_stages - 1, {"hidden_states": h}))[0].argmax(-1).tolist()
-    keep = min(g, accepted(verify.draft, mine_tokens + [-1]) + 1)
-    node._stretch(t0, c0)
-    mine.compute_ms += (time.perf_counter() - t0) * 1e3
+    with node.computing(mine):
+        m = exit_model(node)
+        h = state["hidden_states"][:, :g]  # the exit's token after each position but the last (no draft follows)
+        mine_tokens = m.output(m.run_stage(m.num_stages - 1, {"hidden_states": h}))[0].argmax(-1).tolist()
+        keep = min(g, accepted(verify.draft, mine_tokens + [-1]) + 1)
     if keep == g:
         return state, verify
     return keep_positions(state, g - keep), replace(verify, draft=verify.draft[:keep])

@@ -46,7 +46,6 @@ from aiflow_cli.models.sampling import GREEDY, Sampling
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.runtime.protocol import VERIFY, Verify
 from aiflow_cli.runtime.timings import Timings
-from aiflow_cli.runtime.wire import pack_state
 
 if TYPE_CHECKING:
     from aiflow_cli.models import StagedModel
@@ -269,7 +268,7 @@ def drive(
     prefill's result (its token is the first one emitted). With ``sampling`` (temperature > 0) each draft is drawn
     from the drafter's distribution and the output tier applies the rejection rule (:mod:`aiflow_cli.models.sampling`)."""
     from aiflow_cli.runtime.drafters import ExitDrafter
-    from aiflow_cli.runtime.node import Payload, StepResult
+    from aiflow_cli.runtime.node import StepResult
 
     model = node.model
     eos = model.eos_token_ids
@@ -279,7 +278,6 @@ def drive(
     stats = SpecStats()
     base = session.step_inputs  # the input of the last committed position: its mask covers the cache
     cache_len = int(base["attention_mask"].shape[1])
-    codec = node.plan.cut_codec(node.stages.stop - 1) or "raw"
     drafter = (getattr(node, "drafter", None) or ExitDrafter()).start(node, base)  # where drafts come from
     while len(out) < max_new_tokens and out[-1] not in eos:
         remaining = max_new_tokens - len(out)
@@ -291,18 +289,14 @@ def drive(
         t_draft = time.perf_counter()
         inputs, joined, draft, dists = drafter.propose(node, session.cache, base, out[-1], g, mine, sampling, len(out))
         draft_ms = (time.perf_counter() - t_draft) * 1e3
-        t0, c0 = node._clocks()
-        packed = pack_state(joined, model.roles(joined), codec)
-        mine.encode_ms += packed.encode_ms + node._stretch(t0, c0)
+        payload = node.pack(joined, node.stages.stop - 1, mine)  # the codec of the driver's cut
         verify = Verify("", node.tier, node.stages.stop, (), cache_len, tuple(draft), remaining)
         verify.precheck = policy.precheck and sampling.greedy
         if not sampling.greedy:
             verify.temperature, verify.top_k, verify.top_p = sampling.temperature, sampling.top_k, sampling.top_p
             verify.seed, verify.index, verify.dists = sampling.seed, len(out), tuple(dists)
         t_verify = time.perf_counter()
-        r = node._forward(
-            key, VERIFY, node.stages.stop, Payload(packed=packed), 0, False, deadline, round_t, verify=verify
-        )
+        r = node._forward(key, VERIFY, node.stages.stop, payload, 0, False, deadline, round_t, verify=verify)
         verify_ms = (time.perf_counter() - t_verify) * 1e3
         if r.tokens is None:
             raise TransportError(f"{node.tier}: the verify reply carried no tokens")
