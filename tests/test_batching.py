@@ -190,20 +190,20 @@ def test_batching_off_steps_one_session_at_a_time():
         assert torch.equal(g, full.generate(p, n))
 
 
-def test_three_processes_batch_and_match_solo_outputs(tmp_path):
-    """A real device + edge + cloud run (QUIC, mutual TLS): 8 devices at once, each with its own connection and
-    prompt, get their prompt's own greedy tokens; the edge's batch-size metric has seen passes of > 1 session."""
+def run_on_cluster(tmp_path, texts: list[str], n: int):
+    """``texts`` as concurrent devices (one connection each, opened by an untimed one-token request) of a real
+    device + edge + cloud run of gpt2-tiny (QUIC, mutual TLS, batching on), ``n`` tokens each; returns each
+    device's result (or exception), the references (each prompt alone) and each server's metric samples."""
     full = load_stages("builtin:gpt2-tiny")
     plan = fixed_plan(full, (1, full.num_stages - 2))
     save_plan(plan, tmp_path / "plan.json")
-    texts = [f"device {i} says " + "x" * (i * 3) for i in range(8)]
-    refs = [full.generate(full.raw_input(text=t), 6) for t in texts]
+    refs = [full.generate(full.raw_input(text=t), n) for t in texts]
     metrics = {"edge": "127.0.0.1:0", "cloud": "127.0.0.1:0"}
     with LocalCluster(tmp_path / "plan.json", tmp_path, metrics=metrics, batching=BatchSettings(32, window_ms=3)) as c:
         pipes = [c.pipeline(timeout_s=60) for _ in texts]
         try:
             out = _concurrently(
-                lambda i: pipes[i].run(text=texts[i], max_new_tokens=6).tokens,
+                lambda i: pipes[i].run(text=texts[i], max_new_tokens=n),
                 len(texts),
                 prepare=lambda i: pipes[i].run(text="warm up", max_new_tokens=1),  # opens its connection
             )
@@ -211,9 +211,17 @@ def test_three_processes_batch_and_match_solo_outputs(tmp_path):
             for p in pipes:
                 p.close()
         samples = {t: scrape(c.servers[t].ready.metrics) for t in ("edge", "cloud")}
+    return out, refs, samples
+
+
+def test_three_processes_batch_and_match_solo_outputs(tmp_path):
+    """A real device + edge + cloud run (QUIC, mutual TLS): 8 devices at once, each with its own connection and
+    prompt, get their prompt's own greedy tokens; the edge's batch-size metric has seen passes of > 1 session."""
+    texts = [f"device {i} says " + "x" * (i * 3) for i in range(8)]
+    out, refs, samples = run_on_cluster(tmp_path, texts, 6)
     for got, ref in zip(out, refs):
-        assert isinstance(got, torch.Tensor), got
-        assert torch.equal(got, ref)
+        assert not isinstance(got, Exception), got
+        assert torch.equal(got.tokens, ref)
     for tier, s in samples.items():
         passes = total(s, "aiflow_batch_size_count", tier=tier)
         sessions = total(s, "aiflow_batch_size_sum", tier=tier)

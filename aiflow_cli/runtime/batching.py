@@ -18,6 +18,14 @@ that raises changed no cache (caches are updated only after every stage ran), so
 a step that fails alone (a peer's malformed state, a cache that does not match its mask) gets its own error reply
 and its session is closed by the node, while the other sessions of the batch get their results; the next steps
 form a new batch.
+
+The batched hop: the sessions of one pass also cross the link to the next tier together. A tier that forwards
+gives its batcher a ``hop`` (the node's sender of one :class:`~aiflow_cli.runtime.protocol.InferBatch`); every
+session of a pass of several then gets a :class:`HopSeat` in one :class:`HopGroup`, and its thread, after encoding
+its step, hands it to the group instead of sending it alone: the last of the pass's sessions to arrive sends one
+message for all of them, and each thread gets its own session's result (or error) back. A thread that fails before
+it reaches the link leaves the group, so the others never wait for it. The receiving tier runs the steps of such a
+message at once (:meth:`DecodeBatcher.run_many`: they arrived together, no window to wait).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from aiflow_cli.errors import InputError
+from aiflow_cli.errors import InputError, Timeout
 from aiflow_cli.models.adapter import StageCache
 from aiflow_cli.models.families.batched import batched_pass, step_kind, unbatchable
 from aiflow_cli.models.state import BoundaryState
@@ -57,9 +65,85 @@ class BatchSettings:
         return self.max_batch > 1
 
 
+@dataclass
+class HopItem:
+    """One session's step for the next tier: its transport session id, the request (an ``Infer``), its frames and
+    what is left of its deadline (s)."""
+
+    session_id: int
+    request: Any
+    frames: list
+    budget_s: float
+
+
+#: What a hop sender answers per item: (the Result, its frames, whether this item's thread counts the message
+#: sent: exactly one item per message does, so the link's message count sums to the messages sent) or an error.
+HopAnswer = Any
+HopSender = Callable[[list[HopItem]], list[HopAnswer]]
+
+
+class HopGroup:
+    """The forwards of one pass's ``size`` sessions as one message (see the module docstring)."""
+
+    def __init__(self, size: int, send: HopSender):
+        self._send_fn = send
+        self._lock = threading.Lock()
+        self._waiting = size  # seats that have neither sent nor left
+        self._items: list[HopItem] = []
+        self._answers: list[HopAnswer] = []
+        self._done = threading.Event()
+
+    def _arrive(self, item: Optional[HopItem]) -> tuple[int, bool]:
+        with self._lock:
+            at = len(self._items)
+            if item is not None:
+                self._items.append(item)
+            self._waiting -= 1
+            return at, self._waiting == 0
+
+    def _send(self) -> None:
+        try:
+            self._answers = self._send_fn(self._items) if self._items else []
+        except BaseException as e:  # noqa: BLE001 - the whole message failed: every session gets the error
+            self._answers = [e] * len(self._items)
+        finally:
+            self._done.set()
+
+    def request(self, item: HopItem) -> HopAnswer:
+        at, last = self._arrive(item)
+        if last:
+            self._send()
+        elif not self._done.wait(item.budget_s):
+            raise Timeout("the batched step to the next tier did not come back within the request's deadline")
+        answer = self._answers[at]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def leave(self) -> None:
+        if self._arrive(None)[1]:
+            self._send()
+
+
+class HopSeat:
+    """One session's place in a :class:`HopGroup`: :meth:`request` once, or :meth:`leave` (no-op after either)."""
+
+    def __init__(self, group: HopGroup):
+        self.group, self.used = group, False
+
+    def request(self, item: HopItem) -> HopAnswer:
+        self.used = True
+        return self.group.request(item)
+
+    def leave(self) -> None:
+        if not self.used:
+            self.used = True
+            self.group.leave()
+
+
 @dataclass(eq=False)
 class _Step:
-    kind: str
+    kind: Optional[str]
     stages: range
     state: BoundaryState
     cache: StageCache
@@ -68,16 +152,26 @@ class _Step:
     result: Optional[BoundaryState] = None
     error: Optional[BaseException] = None
     finished: bool = False
+    seat: Optional[HopSeat] = None
 
 
 class DecodeBatcher:
     """Batches the decode steps of ``model`` (a :class:`~aiflow_cli.models.StagedModel`); see the module
-    docstring. ``on_batch(size)`` is told the size of every forward pass it runs (the batch-size metric)."""
+    docstring. ``on_batch(size)`` is told the size of every forward pass it runs (the batch-size metric);
+    ``hop``: the node's sender of batched steps (None: each session's step is sent on alone)."""
 
-    def __init__(self, model: Any, settings: BatchSettings, on_batch: Callable[[int], None] = lambda n: None):
+    def __init__(
+        self,
+        model: Any,
+        settings: BatchSettings,
+        on_batch: Callable[[int], None] = lambda n: None,
+        hop: Optional[HopSender] = None,
+    ):
         self.model = model
         self.settings = settings
         self.on_batch = on_batch
+        self.hop = hop
+        self._seat = threading.local()
         self._lock = threading.Lock()
         self._queue: list[_Step] = []
         self._leading = False
@@ -88,6 +182,7 @@ class DecodeBatcher:
     def run(self, stages: range, state: BoundaryState, cache: StageCache) -> BoundaryState:
         """Runs ``stages`` on one session's decode-step ``state`` with its ``cache``, batched with the steps of
         other sessions that are waiting at the same time; returns this session's output state."""
+        self._seat.seat = None
         kind = step_kind(state, cache) if unbatchable(self.model, cache) is None else None
         if kind is None:
             self._count(1)
@@ -104,8 +199,30 @@ class DecodeBatcher:
         self._lead(step)
         return self._answer(step)
 
-    @staticmethod
-    def _answer(step: _Step) -> BoundaryState:
+    def run_many(self, steps: list[tuple[range, BoundaryState, StageCache]]) -> list[Any]:
+        """Runs the steps of several sessions that arrived together (a batched message) on this thread, as few
+        passes as their kinds and stage ranges allow (at most ``max_batch`` sessions each); returns each step's
+        output state, or the exception that step alone failed with."""
+        todo = [
+            _Step(step_kind(st, c) if unbatchable(self.model, c) is None else None, stages, st, c)
+            for stages, st, c in steps
+        ]
+        groups: dict[Any, list[_Step]] = {}
+        for s in todo:
+            groups.setdefault((s.stages.start, s.stages.stop, s.kind or id(s)), []).append(s)
+        for group in groups.values():
+            for at in range(0, len(group), self.settings.max_batch):
+                self._run(group[at : at + self.settings.max_batch])
+        return [s.error if s.error is not None else s.result for s in todo]
+
+    def take_seat(self) -> Optional[HopSeat]:
+        """This thread's seat in the hop group of its last pass (once; None when its step goes on alone)."""
+        seat = getattr(self._seat, "seat", None)
+        self._seat.seat = None
+        return seat
+
+    def _answer(self, step: _Step) -> BoundaryState:
+        self._seat.seat = step.seat
         if step.error is not None:
             raise step.error
         assert step.result is not None
@@ -164,6 +281,11 @@ class DecodeBatcher:
                         s.result = self._solo(s.stages, s.state, s.cache)
                     except Exception as solo:  # noqa: BLE001
                         s.error = solo
+        ok = [s for s in batch if s.error is None]
+        if self.hop is not None and len(ok) > 1:
+            group = HopGroup(len(ok), self.hop)
+            for s in ok:
+                s.seat = HopSeat(group)
         for s in batch:
             s.finished = True
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
@@ -32,8 +33,22 @@ from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import precheck, protocol, tracing
 from aiflow_cli.runtime import speculate as spec
-from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher
-from aiflow_cli.runtime.protocol import DECODE, PREFILL, VERIFY, Hello, HelloReply, Infer, Result, TierInfo, Verify
+from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher, HopItem, HopSeat
+from aiflow_cli.runtime.protocol import (
+    DECODE,
+    PREFILL,
+    VERIFY,
+    BatchStep,
+    Error,
+    Hello,
+    HelloReply,
+    Infer,
+    InferBatch,
+    Result,
+    ResultBatch,
+    TierInfo,
+    Verify,
+)
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import PackedState, pack_state, unpack_state
@@ -43,6 +58,8 @@ from aiflow_cli.transport import Client, Message, PeerInfo
 #: and its error, which names the tier that failed, reaches the device before the device's own deadline).
 DEADLINE_MARGIN = 0.9
 DEFAULT_CACHE_BYTES = 1 << 30
+#: Most frames one batched message carries (the transport's default ``max_frames`` is 4096).
+MAX_BATCH_FRAMES = 4000
 
 
 def rss_bytes() -> int:
@@ -158,11 +175,14 @@ class TierNode:
         # prefills and decode steps of concurrent sessions as one pass (runtime/batching.py); emulated speeds: alone
         batching = batching or BatchSettings()
         self.batching = batching
+        # ... and the sessions of one pass cross to the next tier as one message (protocol.InferBatch)
+        hop = self._send_batch if self.next is not None and not self.is_output else None
         self.batcher = (
-            DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n))
+            DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n), hop)
             if batching.enabled and self.keeps_cache and self.stretch <= 1
             else None
         )
+        self._batch_pool: Optional[ThreadPoolExecutor] = None  # steps of a batched message that run as threads
         self.on_link: Optional[Any] = None  # (bytes up, bytes down, wire ms) per message sent on (runtime/replan.py)
 
     # -- identity -------------------------------------------------------------------------------------------
@@ -202,28 +222,15 @@ class TierNode:
         t0 = time.perf_counter()
         try:
             msg = protocol.decode(env)
-            if not isinstance(msg, (Hello, Infer, Verify)):
+            if not isinstance(msg, (Hello, Infer, Verify, InferBatch)):
                 raise TransportError(f"{self.tier}: a {env.kind} message is a reply, not a request")
             deadline = time.monotonic() + max(0.0, msg.deadline_ms) / 1e3
             protocol.check_peer(self.tier, self.plan, self.plan_hash, msg)
             if isinstance(msg, Hello):
                 return protocol.encode(HelloReply((self.info(),) + self._hello_behind(deadline)))
-            packed = PackedState(tensors=msg.tensors, frames=list(env.frames), encode_ms=0.0)
-            verify = msg if isinstance(msg, Verify) else None
-            phase = VERIFY if verify else msg.phase
-            with tracing.span(f"aiflow {self.tier} {phase}", getattr(msg, "traceparent", ""), tier=self.tier):
-                result = self.step(
-                    (peer.fingerprint, env.session_id),
-                    phase,
-                    msg.stage,
-                    Payload(packed=packed),
-                    max_new_tokens=0 if verify else msg.max_new_tokens,
-                    last=False if verify else msg.last,
-                    deadline=deadline,
-                    verify=verify,
-                    sampling=msg.sampling if msg.temperature else GREEDY,
-                    index=msg.index,
-                )
+            if isinstance(msg, InferBatch):
+                return self._handle_batch(msg, env, peer, t0)
+            result = self._serve(msg, env.frames, (peer.fingerprint, env.session_id), deadline)
             result.timings.tier(self.tier).handle_ms += (time.perf_counter() - t0) * 1e3
             reply = self._reply(result)
             if self.observer is not None:
@@ -233,6 +240,102 @@ class TierNode:
             if self.observer is not None:
                 self.observer.failed(env, e)
             return protocol.error_reply(self.tier, e)
+
+    def _serve(self, msg: Infer | Verify, frames: list, key: SessionKey, deadline: float) -> StepResult:
+        """One received step (``msg`` with its ``frames``) of session ``key``, in its trace span."""
+        packed = PackedState(tensors=msg.tensors, frames=list(frames), encode_ms=0.0)
+        verify = msg if isinstance(msg, Verify) else None
+        phase = VERIFY if verify else msg.phase
+        with tracing.span(f"aiflow {self.tier} {phase}", getattr(msg, "traceparent", ""), tier=self.tier):
+            return self.step(
+                key,
+                phase,
+                msg.stage,
+                Payload(packed=packed),
+                max_new_tokens=0 if verify else msg.max_new_tokens,
+                last=False if verify else msg.last,
+                deadline=deadline,
+                verify=verify,
+                sampling=msg.sampling if msg.temperature else GREEDY,
+                index=msg.index,
+            )
+
+    def _handle_batch(self, msg: InferBatch, env: Message, peer: PeerInfo, t0: float) -> Message:
+        """The steps of a batched message: run together (:meth:`_step_batch`) where this tier is their output tier
+        and batches, else each as its own step on a thread (they meet in the batcher, and their forwards in one
+        hop group); one result or error per step, in step order."""
+        parts = msg.split(env.frames)
+        now = time.monotonic()
+        jobs = [
+            (step, frames, (peer.fingerprint, step.session_id), now + max(0.0, step.infer.deadline_ms) / 1e3)
+            for step, frames in parts
+        ]
+        outs: list[StepResult | BaseException]
+        if self.batcher is not None and self.is_output and not self.is_driver:
+            outs = self._step_batch(jobs)
+        else:
+            if self._batch_pool is None:
+                self._batch_pool = ThreadPoolExecutor(protocol.MAX_BATCH_SESSIONS, f"{self.tier}-batch")
+
+            def one(job: tuple) -> StepResult | BaseException:
+                try:
+                    return self._serve(job[0].infer, job[1], job[2], job[3])
+                except Exception as e:  # noqa: BLE001 - this step's own error reply
+                    return e
+
+            outs = list(self._batch_pool.map(one, jobs))
+        handle_ms = (time.perf_counter() - t0) * 1e3
+        results: list[Result | Error] = []
+        frames: list = []
+        for out in outs:
+            if isinstance(out, BaseException):
+                results.append(protocol.error_of(self.tier, out))
+                continue
+            out.timings.tier(self.tier).handle_ms += handle_ms
+            packed = out.output_packed
+            tokens = out.tokens.tolist() if out.tokens is not None else None
+            results.append(Result(out.timings, tokens, packed.tensors if packed else ()))
+            frames += packed.frames if packed else []
+        reply = protocol.encode(ResultBatch(tuple(results)), frames)
+        if self.observer is not None:
+            self.observer.handled(msg, env, reply, StepResult(), time.perf_counter() - t0)
+        return reply
+
+    def _step_batch(self, jobs: list[tuple]) -> list[StepResult | BaseException]:
+        """The steps of a batched message on their output tier: each session's state decoded and its cache found,
+        then one batched pass for all (:meth:`DecodeBatcher.run_many`), then each session's token; a step that
+        fails fails alone (its session closed, like :meth:`step`)."""
+        outs: list[StepResult | BaseException | None] = [None] * len(jobs)
+        ready = []
+        for i, (step, frames, key, _) in enumerate(jobs):
+            m = step.infer
+            try:
+                if m.stage < max(self.stages.start, self.decode_start):
+                    raise PlanError(f"{self.tier}: a batched step must start at a decode stage, got stage {m.stage}")
+                payload = Payload(packed=PackedState(m.tensors, frames, 0.0))
+                ready.append((i, m, key) + self._begin(key, m.phase, m.stage, payload, None))
+            except Exception as e:  # noqa: BLE001 - this step's own error
+                outs[i] = e
+        t0 = time.perf_counter()
+        passes = self.batcher.run_many(
+            [(range(m.stage, self.stages.stop), st, s.cache) for _, m, _, _, _, st, s in ready]
+        )
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        for (i, m, key, timings, mine, _, session), state in zip(ready, passes):
+            try:
+                if isinstance(state, BaseException):
+                    raise state
+                mine.compute_ms += compute_ms
+                result = self._output(state, mine, None, m.sampling if m.temperature else GREEDY, m.index)
+                result.timings = timings
+                self.sessions.done_step(key, session)
+                if m.last or bool(self.model.finished(result.tokens[:, -1:]).all()):
+                    self.sessions.close(key)
+                outs[i] = result
+            except Exception as e:  # noqa: BLE001
+                self.sessions.close(key)
+                outs[i] = e
+        return outs  # type: ignore[return-value]  # every entry set above
 
     @staticmethod
     def _reply(result: StepResult) -> Message:
@@ -268,6 +371,57 @@ class TierNode:
             return self._forward(
                 key, phase, stage, payload, max_new_tokens, last, deadline, timings, verify, sampling, index
             )
+        timings, mine, state, session = self._begin(key, phase, stage, payload, verify)
+        seat: Optional[HopSeat] = None
+        try:
+            state, prompt = self.run_stages(
+                stage, state, session.cache if session else None, mine, batch=verify is None
+            )
+            seat = self.batcher.take_seat() if self.batcher is not None else None
+            if session is not None and prompt is not None:
+                session.step_inputs = prompt
+            if self.is_output:
+                result = self._output(state, mine, verify, sampling, index)
+                result.timings = timings
+            else:
+                ahead = verify
+                if verify is not None and verify.precheck and not self.is_driver:  # the edge's exit may cut it
+                    state, ahead = precheck.cut(self, state, verify, sampling, mine)
+                sent = self.pack(state, self.stages.stop - 1, mine)
+                # the driver's prefill opens the sessions behind it: they live until its last decode step
+                down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
+                result = self._forward(
+                    key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings, ahead,
+                    sampling, index, seat,
+                )  # fmt: skip
+            if session is not None:
+                self.sessions.done_step(key, session)
+            if self.is_driver and phase == PREFILL:
+                self.first_token_at = time.perf_counter()  # time to first token (the latest request's)
+            if self.is_driver and phase == PREFILL and max_new_tokens > 1:
+                if speculate is not None and self.can_speculate(result):
+                    result = spec.drive(self, key, session, result, max_new_tokens, deadline, speculate, sampling)
+                else:
+                    result = self._drive(key, session, result, max_new_tokens, deadline, sampling)
+        except BaseException:
+            if seat is not None:
+                seat.leave()  # the other sessions of its pass do not wait for this one
+            if session is not None:
+                self.sessions.close(key)
+            raise
+        if verify is not None:  # the round that emits the request's last token (or an EOS) ends it
+            ended = spec.round_ends(verify, result.tokens, self.model.eos_token_ids)
+        else:
+            ended = result.tokens is not None and bool(
+                self.model.finished(result.tokens[:, -1:]).all()
+            )  # EOS: no next step
+        if session is not None and (last or ended or (self.is_driver and phase == PREFILL)):
+            self.sessions.close(key)
+        return result
+
+    def _begin(self, key: SessionKey, phase: str, stage: int, payload: Payload, verify: Optional[Verify]) -> tuple:
+        """A computing step's start: its stage checked, its state decoded, its session opened (prefill) or found;
+        returns (timings, this tier's timing, state, session or None)."""
         if stage < self.stages.start or stage > self.stages.stop or stage < 0:
             raise PlanError(
                 f"{self.tier}: got a state for stage {stage}, but runs stages "
@@ -287,48 +441,7 @@ class TierNode:
             if verify is not None:
                 verify.check_cache(session.cache.length)
                 session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
-        try:
-            state, prompt = self.run_stages(
-                stage, state, session.cache if session else None, mine, batch=verify is None
-            )
-            if session is not None and prompt is not None:
-                session.step_inputs = prompt
-            if self.is_output:
-                result = self._output(state, mine, verify, sampling, index)
-                result.timings = timings
-            else:
-                ahead = verify
-                if verify is not None and verify.precheck and not self.is_driver:  # the edge's exit may cut it
-                    state, ahead = precheck.cut(self, state, verify, sampling, mine)
-                sent = self.pack(state, self.stages.stop - 1, mine)
-                # the driver's prefill opens the sessions behind it: they live until its last decode step
-                down_last = max_new_tokens <= 1 if self.is_driver and phase == PREFILL else last
-                result = self._forward(
-                    key, phase, self.stages.stop, sent, max_new_tokens, down_last, deadline, timings, ahead,
-                    sampling, index,
-                )  # fmt: skip
-            if session is not None:
-                self.sessions.done_step(key, session)
-            if self.is_driver and phase == PREFILL:
-                self.first_token_at = time.perf_counter()  # time to first token (the latest request's)
-            if self.is_driver and phase == PREFILL and max_new_tokens > 1:
-                if speculate is not None and self.can_speculate(result):
-                    result = spec.drive(self, key, session, result, max_new_tokens, deadline, speculate, sampling)
-                else:
-                    result = self._drive(key, session, result, max_new_tokens, deadline, sampling)
-        except BaseException:
-            if session is not None:
-                self.sessions.close(key)
-            raise
-        if verify is not None:  # the round that emits the request's last token (or an EOS) ends it
-            ended = spec.round_ends(verify, result.tokens, self.model.eos_token_ids)
-        else:
-            ended = result.tokens is not None and bool(
-                self.model.finished(result.tokens[:, -1:]).all()
-            )  # EOS: no next step
-        if session is not None and (last or ended or (self.is_driver and phase == PREFILL)):
-            self.sessions.close(key)
-        return result
+        return timings, mine, state, session
 
     def run_stages(
         self, stage: int, state: BoundaryState, cache, mine, batch: bool = False
@@ -458,6 +571,7 @@ class TierNode:
         verify: Optional[Verify] = None,
         sampling: Sampling = GREEDY,
         index: int = 0,
+        hop: Optional[HopSeat] = None,
     ) -> StepResult:
         if self.next is None:
             raise PlanError(
@@ -479,25 +593,51 @@ class TierNode:
                 request.temperature, request.top_k, request.top_p = sampling.temperature, sampling.top_k, sampling.top_p
                 request.seed, request.index = sampling.seed, index
         t0 = time.perf_counter()
-        env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
+        if hop is not None and isinstance(request, Infer):  # with the other sessions of its pass, one message
+            reply, frames, counted = hop.request(HopItem(key[1], request, packed.frames, budget_s))
+        else:
+            env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
+            reply, frames, counted = protocol.expect_reply(env, Result), env.frames, True
         rtt_ms = (time.perf_counter() - t0) * 1e3
-        reply = protocol.expect_reply(env, Result)
         behind = reply.timings
         link = timings.link(self.link)
         link.bytes_up += packed.nbytes
-        link.bytes_down += sum(len(f) for f in env.frames) + 8 * reply.token_count
-        link.messages += 1
+        link.bytes_down += sum(len(f) for f in frames) + 8 * reply.token_count
+        link.messages += counted  # a batched message counts once, on one of its sessions
         handled = sum(t.handle_ms for name, t in behind.tiers.items() if name == self.next_tier)
         link.wire_ms += max(0.0, rtt_ms - handled)
         if self.on_link is not None:
-            self.on_link(packed.nbytes, sum(len(f) for f in env.frames), rtt_ms - handled)
+            self.on_link(packed.nbytes, sum(len(f) for f in frames), rtt_ms - handled)
         timings.merge(behind)
         result = StepResult(timings=timings)
         if reply.tokens is not None:
             result.tokens = torch.tensor(reply.tokens, dtype=torch.long)
         if reply.tensors:
-            result.output_packed = PackedState(reply.tensors, list(env.frames), 0.0)
+            result.output_packed = PackedState(reply.tensors, list(frames), 0.0)
         return result
+
+    def _send_batch(self, items: list[HopItem]) -> list:
+        """The hop sender of this tier's batcher: ``items`` (steps of one pass) as :class:`InferBatch` messages
+        of at most :data:`~aiflow_cli.runtime.protocol.MAX_BATCH_SESSIONS` sessions and the transport's frame
+        limit; per item (its Result, its frames, whether it counts the message) or its error."""
+        per_msg = min(protocol.MAX_BATCH_SESSIONS, MAX_BATCH_FRAMES // max(1, max(len(it.frames) for it in items)))
+        out: list = []
+        for at in range(0, len(items), per_msg):
+            chunk = items[at : at + per_msg]
+            budget_s = max(it.budget_s for it in chunk)
+            steps = tuple(BatchStep(it.session_id, it.request) for it in chunk)
+            msg = InferBatch(self.plan_hash, self.tier, steps, budget_s * 1e3)
+            try:
+                env = self._request(protocol.encode(msg, [f for it in chunk for f in it.frames]), budget_s)
+                answers = protocol.expect_reply(env, ResultBatch).split(env.frames)
+                if len(answers) != len(chunk):
+                    raise TransportError(f"{self.next_tier} answered {len(answers)} of a batch of {len(chunk)} steps")
+            except Exception as e:  # noqa: BLE001 - the message failed: each of its steps fails with it
+                out += [e] * len(chunk)
+                continue
+            for j, a in enumerate(answers):
+                out.append(a.exception() if isinstance(a, Error) else (a[0], a[1], j == 0))
+        return out
 
     def _budget_s(self, deadline: float) -> float:
         """What the next tier gets of what is left of ``deadline`` (s): all but this tier's margin."""

@@ -49,8 +49,9 @@ from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import FrameLike, Message
 
 #: Version of the messages below. 1 was the untyped protocol (dicts without a version field), 2 JSON only, 3
-#: binary headers for infer and result, and the verify message (speculative decoding).
-PROTOCOL_VERSION = 4
+#: binary headers for infer and result, and the verify message (speculative decoding); 5 the batched step
+#: (:class:`InferBatch` -> :class:`ResultBatch`).
+PROTOCOL_VERSION = 5
 
 HELLO, HELLO_REPLY, INFER, RESULT, ERROR = "hello", "hello_reply", "infer", "result", "error"
 VERIFY = "verify"
@@ -624,14 +625,157 @@ class Replan:
         return plan
 
 
-Request = Union[Hello, Infer, Verify, Replan]
-Reply = Union[HelloReply, Result, Error]
-AnyMessage = Union[Hello, HelloReply, Infer, Verify, Replan, Result, Error]
+# -- batched steps: one message per link per batch pass ------------------------------------------------------------
+INFER_BATCH, RESULT_BATCH = "infer_batch", "result_batch"
+#: Most sessions one :class:`InferBatch` (or :class:`ResultBatch`) may carry (a sender splits larger batches).
+MAX_BATCH_SESSIONS = 512
+#: Most frame bytes one batch message may carry (all sessions together).
+MAX_BATCH_BYTES = 256 << 20
+
+
+def _batch_count(kind: str, key: str, raw: list) -> None:
+    if not 1 <= len(raw) <= MAX_BATCH_SESSIONS:
+        raise TransportError(
+            f"malformed {kind} message: {len(raw)} entries in {key!r} (1 to {MAX_BATCH_SESSIONS} sessions a batch)"
+        )
+
+
+def _batch_bytes(kind: str, frames: Sequence[FrameLike]) -> None:
+    n = sum(len(f) for f in frames)
+    if n > MAX_BATCH_BYTES:
+        raise TransportError(f"malformed {kind} message: {n} frame bytes (at most {MAX_BATCH_BYTES} a batch)")
+
+
+def _split_frames(parts: Sequence[Any], frames: Sequence[FrameLike]) -> list[list[FrameLike]]:
+    """``frames`` cut into one list per part (``len(part.tensors)`` each, in order)."""
+    out, at = [], 0
+    for part in parts:
+        n = len(part.tensors)
+        out.append(list(frames[at : at + n]))
+        at += n
+    return out
+
+
+@dataclass(slots=True)
+class BatchStep:
+    """One session's step in an :class:`InferBatch`: its transport session id and its :class:`Infer` (whose
+    ``plan_hash`` and ``sender`` are the batch's)."""
+
+    session_id: int
+    infer: Infer
+
+
+@dataclass(slots=True)
+class InferBatch:
+    """The steps of several sessions that one tier's batch pass produced, sent on as one message: each session's
+    :class:`Infer` fields (phase, stage, tensors, sampling, deadline, trace context) and session id; the frames are
+    every step's frames in step order. ``deadline_ms``: the latest of the steps' deadlines (the message's own).
+    Answered with one :class:`ResultBatch` (a result or an error per step, in step order), or with an
+    :class:`Error` when the message itself is refused (malformed, oversized: at most :data:`MAX_BATCH_SESSIONS`
+    sessions and :data:`MAX_BATCH_BYTES` frame bytes, distinct session ids)."""
+
+    KIND: ClassVar[str] = INFER_BATCH
+    plan_hash: str
+    sender: str
+    steps: tuple[BatchStep, ...]
+    deadline_ms: float = DEFAULT_DEADLINE_MS
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for s in self.steps for t in s.infer.tensors)
+
+    def to_wire(self) -> dict:
+        steps = []
+        for s in self.steps:
+            w = s.infer.to_wire()
+            del w["plan_hash"], w["from"]
+            w["session"] = s.session_id
+            steps.append(w)
+        return {"plan_hash": self.plan_hash, "from": self.sender, "deadline_ms": self.deadline_ms, "steps": steps}
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "InferBatch":
+        k = INFER_BATCH
+        ph, sender = _get(meta, k, "plan_hash", str), _get(meta, k, "from", str)
+        raw = _get(meta, k, "steps", list)
+        _batch_count(k, "steps", raw)
+        steps, seen = [], set()
+        for e in raw:
+            if type(e) is not dict:
+                raise _bad(k, "steps", "a list of step objects", e)
+            sid = e.get("session")
+            if type(sid) is not int or not 0 <= sid < (1 << 64):
+                raise _bad(k, "session", "a session id (u64)", sid)
+            if sid in seen:
+                raise TransportError(f"malformed {k} message: session {sid} appears twice in one batch")
+            seen.add(sid)
+            steps.append(BatchStep(sid, Infer.from_wire({**e, "plan_hash": ph, "from": sender})))
+        return cls(ph, sender, tuple(steps), _num(meta, k, "deadline_ms", DEFAULT_DEADLINE_MS))
+
+    def check_frames(self, frames: Sequence[FrameLike]) -> None:
+        _batch_bytes(INFER_BATCH, frames)
+
+    def split(self, frames: Sequence[FrameLike]) -> list[tuple[BatchStep, list[FrameLike]]]:
+        """Each step with its own frames."""
+        return list(zip(self.steps, _split_frames([s.infer for s in self.steps], frames)))
+
+
+@dataclass(slots=True)
+class ResultBatch:
+    """The answer to :class:`InferBatch`: per step, in step order, its :class:`Result` or the :class:`Error` that
+    step alone failed with (one session's failure fails only that session); frames: every result's frames in order."""
+
+    KIND: ClassVar[str] = RESULT_BATCH
+    results: tuple[Union[Result, Error], ...]
+
+    @property
+    def tensors(self) -> tuple[TensorSpec, ...]:
+        return tuple(t for r in self.results if isinstance(r, Result) for t in r.tensors)
+
+    def to_wire(self) -> dict:
+        return {
+            "results": [
+                {"result": r.to_wire()} if isinstance(r, Result) else {"error": r.to_wire()} for r in self.results
+            ]
+        }
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "ResultBatch":
+        k = RESULT_BATCH
+        raw = _get(meta, k, "results", list)
+        _batch_count(k, "results", raw)
+        out: list[Union[Result, Error]] = []
+        for e in raw:
+            if type(e) is dict and len(e) == 1 and type(e.get("result")) is dict:
+                out.append(Result.from_wire(e["result"]))
+            elif type(e) is dict and len(e) == 1 and type(e.get("error")) is dict:
+                out.append(Error.from_wire(e["error"]))
+            else:
+                raise _bad(k, "results", "a list of {result: ...} or {error: ...} objects", e)
+        return cls(tuple(out))
+
+    def check_frames(self, frames: Sequence[FrameLike]) -> None:
+        _batch_bytes(RESULT_BATCH, frames)
+
+    def split(self, frames: Sequence[FrameLike]) -> list[Union[tuple[Result, list[FrameLike]], Error]]:
+        """Each step's result with its own frames, or its error."""
+        ok = [r for r in self.results if isinstance(r, Result)]
+        mine = iter(zip(ok, _split_frames(ok, frames)))
+        return [next(mine) if isinstance(r, Result) else r for r in self.results]
+
+
+Request = Union[Hello, Infer, Verify, Replan, InferBatch]
+Reply = Union[HelloReply, Result, Error, ResultBatch]
+AnyMessage = Union[Hello, HelloReply, Infer, Verify, Replan, Result, Error, InferBatch, ResultBatch]
 
 #: Every message class by its kind.
-MESSAGES: dict[str, Any] = {c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Replan, Result, Error)}
+MESSAGES: dict[str, Any] = {
+    c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Replan, Result, Error, InferBatch, ResultBatch)
+}
 #: Messages that carry one frame per entry of ``tensors``.
-_WITH_FRAMES = (Infer, Verify, Result)
+_WITH_FRAMES = (Infer, Verify, Result, InferBatch, ResultBatch)
+#: Messages whose frames are bounded in all (``check_frames``).
+_BATCHES = (InferBatch, ResultBatch)
 #: Messages sent with a binary header (one line per message; the layout is derived from the dataclass).
 BINARY: dict[str, HeaderCodec] = {c.KIND: HeaderCodec(c, PROTOCOL_VERSION) for c in (Infer, Result)}
 
@@ -684,6 +828,8 @@ def decode(env: Message) -> AnyMessage:
         raise TransportError(
             f"malformed {env.kind} message: it lists {len(msg.tensors)} tensors but carries {len(env.frames)} frames"
         )
+    if cls in _BATCHES:
+        msg.check_frames(env.frames)
     return msg
 
 
@@ -700,13 +846,18 @@ def expect_reply(env: Message, cls: Any) -> Any:
 
 def error_reply(tier: str, exc: BaseException) -> Message:
     """The reply that carries ``exc`` back up the chain (its class when it is an :class:`AiflowError`)."""
+    return encode(error_of(tier, exc))
+
+
+def error_of(tier: str, exc: BaseException) -> Error:
+    """``exc`` as an :class:`Error` of ``tier`` (its class when it is an :class:`AiflowError`)."""
     if isinstance(exc, AiflowError):
         kind = type(exc).__name__
         origin = getattr(exc, "tier", None) or tier
     else:
         kind, origin = "RemoteError", tier
         exc = RemoteError(f"{type(exc).__name__}: {exc}")
-    return encode(Error(kind, str(exc), origin, getattr(exc, "param", None)))
+    return Error(kind, str(exc), origin, getattr(exc, "param", None))
 
 
 # -- checks -----------------------------------------------------------------------------------------------------
