@@ -27,6 +27,11 @@ def test_bench_load_tiny_json(tmp_path):
         assert row["tokens_per_s"] > 0 and row["requests_per_s"] > 0
         assert 0 < row["p50_ms"] <= row["p99_ms"]
         assert row["edge_rss_bytes"] > 0 and row["cloud_rss_bytes"] > 0
+        # one edge->cloud message a token alone; a batched pass's steps share one (never more than one a token)
+        if not row["batching"] or row["devices"] == 1:
+            assert row["edge_cloud_messages_per_token"] == 1.0
+        assert 0 < row["edge_cloud_messages_per_token"] <= 1.0
+        assert all(row[f"{p}_cpu_s"] >= 0 for p in ("devices", "edge", "cloud"))
         if row["batching"]:
             plain = next(r for r in d["runs"] if r["devices"] == row["devices"] and not r["batching"])
             assert row["speedup"] == round(row["tokens_per_s"] / plain["tokens_per_s"], 2)

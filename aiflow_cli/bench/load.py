@@ -12,7 +12,9 @@ which the edge trusts) and its own prompt. Each device opens its connection with
 then all start together (a barrier) and run ``requests`` greedy generations of ``tokens`` tokens each.
 
 Per N and mode: tokens/s and requests/s (all devices' tokens and requests / wall time of the phase), p50/p99
-request latency, VmRSS of the edge and cloud processes after the phase, and the check that no response is lost (an
+request latency, edge->cloud messages per generated token (the batched hop sends one message per batch pass,
+runtime/batching.py; the count comes back in each request's timings), VmRSS of the edge and cloud processes after
+the phase, and the check that no response is lost (an
 error, a timeout or no tokens) or mixed (tokens other than those of the same prompt run alone: the monolithic
 model's greedy output, computed once per distinct prompt in this process); batched rows add the ratio of their
 tokens/s to the unbatched row's. Every tier and device runs on this CPU.
@@ -50,6 +52,9 @@ RSS_GROWTH_BOUND_BYTES = 256 << 20
 #: The batching goal of issue 14: at this many devices, batched serving's tokens/s >= this x unbatched serving's.
 BATCH_GOAL_DEVICES, BATCH_GOAL_SPEEDUP = 128, 4.0
 
+#: The link whose messages per generated token the bench reports (the batched hop's effect).
+LINK = "edge-cloud"
+
 Progress = Callable[[str], None]
 
 
@@ -68,6 +73,13 @@ def rss_bytes(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError(f"pid {pid}: no VmRSS in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, s) process ``pid`` has used, from /proc (all its threads)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
@@ -129,6 +141,8 @@ class _Outcome:
     lost: int
     mixed: int
     errors: list[str]
+    messages: int = 0
+    """Messages the edge sent the cloud for this device's timed requests (a batched message counts once)."""
 
 
 def _device(cluster: LocalCluster, cfg: LoadConfig, i: int, ref: torch.Tensor, barrier: threading.Barrier):
@@ -155,6 +169,8 @@ def _device(cluster: LocalCluster, cfg: LoadConfig, i: int, ref: torch.Tensor, b
                 out.lost += 1
                 continue
             out.tokens += int(r.tokens.shape[1])
+            link = r.timings.links.get(LINK)
+            out.messages += link.messages if link is not None else 0
             if not torch.equal(r.tokens, ref):
                 out.mixed += 1
     return out
@@ -164,12 +180,15 @@ def _phase(
     cluster: LocalCluster, cfg: LoadConfig, n: int, refs: list[torch.Tensor], batching: bool, start_rss: dict[str, int]
 ) -> tuple[dict[str, Any], list]:
     barrier = threading.Barrier(n + 1)
+    pids = {"devices": os.getpid(), **{t: cluster.servers[t].ready.pid for t in ("edge", "cloud")}}
     with ThreadPoolExecutor(n) as pool:
         futures = [pool.submit(_device, cluster, cfg, i, refs[i], barrier) for i in range(n)]
         barrier.wait()  # every device has its connection; the timed phase starts now
         t0 = time.perf_counter()
+        cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
         outs = [f.result() for f in futures]
         wall = time.perf_counter() - t0
+        cpu = {k: cpu_seconds(pid) - cpu0[k] for k, pid in pids.items()}
     lat = [x for o in outs for x in o.latencies_ms]
     tokens = sum(o.tokens for o in outs)
     row = {
@@ -187,6 +206,10 @@ def _phase(
         **{f"{t}_rss_start_bytes": v for t, v in start_rss.items()},
         "lost": sum(o.lost for o in outs),
         "mixed": sum(o.mixed for o in outs),
+        "edge_cloud_messages_per_token": round(sum(o.messages for o in outs) / tokens, 3) if tokens else None,
+        # CPU seconds of each process during the phase (devices: this process), and per generated token (ms)
+        **{f"{k}_cpu_s": round(v, 2) for k, v in cpu.items()},
+        **{f"{k}_cpu_ms_per_token": round(v * 1e3 / tokens, 2) if tokens else None for k, v in cpu.items()},
     }
     return row, [e for o in outs for e in o.errors]
 
@@ -290,7 +313,8 @@ def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "")
                     errors += [e for e in dict.fromkeys(errs) if e not in errors][:5]  # the first distinct ones
                     progress(
                         f"{n} device(s), {what}: {row['tokens_per_s']:.1f} tok/s, {row['requests_per_s']:.1f} req/s, "
-                        f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}, mixed {row['mixed']}"
+                        f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}, mixed {row['mixed']}, "
+                        f"{row['edge_cloud_messages_per_token']} edge->cloud messages/token"
                     )
     add_ratios(runs)
     load_end = os.getloadavg()[0]
@@ -314,7 +338,8 @@ def run(cfg: LoadConfig, progress: Progress = lambda s: None, command: str = "")
         measured=(
             "real edge and cloud processes on loopback (QUIC, mutual TLS), no link emulation, started once per mode "
             "(batching off: at most 1 session a pass; on); devices are threads of this process (one Pipeline and connection "
-            "each); tokens/s, requests/s, request latency, server VmRSS, and every response checked against the "
+            "each); tokens/s, requests/s, request latency, edge->cloud messages per token, CPU time of the device, edge "
+            "and cloud processes during each phase, server VmRSS, and every response checked against the "
             "monolithic model's greedy output for its prompt"
         ),
         machine={

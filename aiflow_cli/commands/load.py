@@ -82,7 +82,21 @@ def _print(report) -> None:
         title_justify="left",
         box=box.SIMPLE_HEAD,
     )
-    for col in ["dev", "batch", "tok/s", "x off", "req/s", "p50 ms", "p99 ms", "RSS e/c MiB", "lost", "mixed"]:
+    cols = [
+        "dev",
+        "batch",
+        "tok/s",
+        "x off",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "e->c msg/tok",
+        "CPU ms/tok d/e/c",
+        "RSS e/c MiB",
+        "lost",
+        "mixed",
+    ]
+    for col in cols:
         t.add_column(col, justify="right", no_wrap=True)
     for r in report.runs:
         bad = r["lost"] or r["mixed"]
@@ -94,6 +108,8 @@ def _print(report) -> None:
             f"{r['requests_per_s']:.1f}",
             "-" if r["p50_ms"] is None else f"{r['p50_ms']:.0f}",
             "-" if r["p99_ms"] is None else f"{r['p99_ms']:.0f}",
+            "-" if r.get("edge_cloud_messages_per_token") is None else f"{r['edge_cloud_messages_per_token']:.2f}",
+            "/".join(f"{r.get(f'{k}_cpu_ms_per_token') or 0:.1f}" for k in ("devices", "edge", "cloud")),
             f"{r['edge_rss_bytes'] / 2**20:.0f}/{r['cloud_rss_bytes'] / 2**20:.0f}",
             f"[red]{r['lost']}[/]" if bad else str(r["lost"]),
             f"[red]{r['mixed']}[/]" if bad else str(r["mixed"]),

@@ -212,7 +212,7 @@ class DecodeBatcher:
             groups.setdefault((s.stages.start, s.stages.stop, s.kind or id(s)), []).append(s)
         for group in groups.values():
             for at in range(0, len(group), self.settings.max_batch):
-                self._run(group[at : at + self.settings.max_batch])
+                self._run(group[at : at + self.settings.max_batch], hop=False)
         return [s.error if s.error is not None else s.result for s in todo]
 
     def take_seat(self) -> Optional[HopSeat]:
@@ -260,8 +260,9 @@ class DecodeBatcher:
                     self._leading = False
                 return
 
-    def _run(self, batch: list[_Step]) -> None:
-        """One forward pass for ``batch``; every step gets its result or the pass's error (never raises)."""
+    def _run(self, batch: list[_Step], hop: bool = True) -> None:
+        """One forward pass for ``batch``; every step gets its result or the pass's error (never raises); with
+        ``hop``, its steps' seats in one hop group (their callers forward them)."""
         try:
             self._count(len(batch))
             if len(batch) == 1:
@@ -282,7 +283,7 @@ class DecodeBatcher:
                     except Exception as solo:  # noqa: BLE001
                         s.error = solo
         ok = [s for s in batch if s.error is None]
-        if self.hop is not None and len(ok) > 1:
+        if hop and self.hop is not None and len(ok) > 1:
             group = HopGroup(len(ok), self.hop)
             for s in ok:
                 s.seat = HopSeat(group)
@@ -295,3 +296,161 @@ class DecodeBatcher:
             self.steps += n
             self.largest = max(self.largest, n)
         self.on_batch(n)
+
+
+@dataclass(eq=False)
+class Generation:
+    """One request's generation on its driving tier, past its prefill: ``key`` and ``session`` (its KV cache
+    and ``step_inputs``), the tokens so far ([1, 1] each, the prefill's first), the request's timings, and how
+    many tokens it wants, by when (``deadline``, time.monotonic()) and how they are picked (``sampling``)."""
+
+    key: Any
+    session: Any
+    tokens: list
+    timings: Any
+    max_new_tokens: int
+    deadline: float
+    sampling: Any
+    done: threading.Event = field(default_factory=threading.Event)
+    error: Optional[BaseException] = None
+
+
+class DriveLoop:
+    """The decode loop of a driving tier for all its generations at once (``node``: its
+    :class:`~aiflow_cli.runtime.node.TierNode`, with a batcher).
+
+    Without it every generation's thread steps alone: per token each of N threads queues its step in the
+    batcher, is woken with its row, encodes and queues its forward in a hop group, and is woken again with its
+    token: 2N thread wake-ups per step, on a loaded CPU the larger part of the tier's work at a hundred sessions.
+    Here one thread (started when the first generation joins, gone when the last ends) steps every generation:
+    next inputs, one :meth:`DecodeBatcher.run_many` pass, each session's state encoded and all of them sent as
+    one :class:`~aiflow_cli.runtime.protocol.InferBatch` (or, on an output tier, each session's token picked),
+    tokens appended; a generation joins at the next step after its prefill and leaves when it has its tokens (or
+    an end-of-sequence token), and only then is its request's thread woken. A step that fails fails only its own
+    generation (its session closed); the others go on."""
+
+    def __init__(self, node: Any):
+        self.node = node
+        self._lock = threading.Lock()
+        self._joining: list[Generation] = []
+        self._running = False
+
+    def drive(self, gen: Generation) -> None:
+        """Runs ``gen`` to its end with the other generations (tokens appended to ``gen.tokens``, figures merged
+        into ``gen.timings``); raises what failed it."""
+        with self._lock:
+            self._joining.append(gen)
+            start, self._running = not self._running, True
+        if start:
+            threading.Thread(target=self._loop, name=f"{self.node.tier}-decode", daemon=True).start()
+        if not gen.done.wait(max(0.0, gen.deadline - time.monotonic()) + 30.0):
+            raise Timeout(f"{self.node.tier}: the generation did not end within its deadline")
+        if gen.error is not None:
+            raise gen.error
+
+    def _loop(self) -> None:
+        active: list[Generation] = []
+        while True:
+            with self._lock:
+                active += self._joining
+                self._joining.clear()
+                if not active:
+                    self._running = False
+                    return
+            try:
+                active = self._step(active)
+            except BaseException as e:  # noqa: BLE001 - a bug here must not hang the requests
+                for g in active:
+                    self._end(g, e)
+                active = []
+
+    def _end(self, g: Generation, error: Optional[BaseException] = None) -> None:
+        if error is not None:
+            g.error = error
+            self.node.sessions.close(g.key)
+        g.done.set()
+
+    def _step(self, active: list[Generation]) -> list[Generation]:
+        """One decode step of every generation in ``active``; returns those that go on."""
+        from aiflow_cli.runtime.protocol import DECODE, Infer
+        from aiflow_cli.runtime.timings import Timings
+
+        node, model = self.node, self.node.model
+        ready: list[tuple[Generation, Any, Any]] = []
+        for g in active:
+            try:
+                n = len(g.tokens)
+                g.session.step_inputs = model.next_inputs(g.session.step_inputs, g.tokens[-1].reshape(-1))
+                node.sessions.get(g.key)  # (busy; raises if it was evicted)
+                timings = Timings()
+                mine = timings.tier(node.tier)
+                mine.steps += 1
+                if time.monotonic() >= g.deadline:
+                    raise Timeout(f"{node.tier}: the request's deadline passed after {n} tokens")
+                ready.append((g, timings, mine))
+            except Exception as e:  # noqa: BLE001
+                self._end(g, e)
+        stages = range(node.decode_start, node.stages.stop)
+        t0 = time.perf_counter()
+        outs = node.batcher.run_many([(stages, g.session.step_inputs, g.session.cache) for g, _, _ in ready])
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        results: list[Any] = []
+        items, sent = [], []
+        for (g, timings, mine), out in zip(ready, outs):
+            mine.compute_ms += compute_ms
+            if isinstance(out, BaseException):
+                results.append(out)
+                continue
+            try:
+                if node.is_output:
+                    r = node._output(out, mine, None, g.sampling, len(g.tokens))
+                    r.timings = timings
+                    results.append(r)
+                    continue
+                packed = node.pack(out, node.stages.stop - 1, mine).packed
+                budget_s = node._budget_s(g.deadline)
+                last = len(g.tokens) == g.max_new_tokens - 1
+                request = Infer(
+                    node.plan_hash, node.tier, DECODE, node.stages.stop, packed.tensors, 0, last, budget_s * 1e3
+                )
+                if not g.sampling.greedy:
+                    s = g.sampling
+                    request.temperature, request.top_k, request.top_p, request.seed = (
+                        s.temperature,
+                        s.top_k,
+                        s.top_p,
+                        s.seed,
+                    )
+                    request.index = len(g.tokens)
+                items.append(HopItem(g.key[1], request, packed.frames, budget_s))
+                sent.append((len(results), timings, packed))
+                results.append(None)
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+        if items:
+            t1 = time.perf_counter()
+            answers = node._send_batch(items)
+            rtt_ms = (time.perf_counter() - t1) * 1e3
+            for (at, timings, packed), answer in zip(sent, answers):
+                if isinstance(answer, BaseException):
+                    results[at] = answer
+                else:
+                    reply, frames, counted = answer
+                    results[at] = node.account(timings, packed, reply, frames, counted, rtt_ms)
+        going = []
+        for (g, _, _), r in zip(ready, results):
+            if isinstance(r, BaseException):
+                self._end(g, r)
+                continue
+            g.timings.merge(r.timings)
+            g.tokens.append(r.tokens)
+            try:
+                node.sessions.done_step(g.key, g.session)
+            except Exception as e:  # noqa: BLE001
+                self._end(g, e)
+                continue
+            if len(g.tokens) >= g.max_new_tokens or bool(model.finished(r.tokens[:, -1:]).all()):
+                self._end(g)
+            else:
+                going.append(g)
+        return going

@@ -33,7 +33,7 @@ from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import precheck, protocol, tracing
 from aiflow_cli.runtime import speculate as spec
-from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher, HopItem, HopSeat
+from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher, DriveLoop, Generation, HopItem, HopSeat
 from aiflow_cli.runtime.protocol import (
     DECODE,
     PREFILL,
@@ -183,6 +183,7 @@ class TierNode:
             else None
         )
         self._batch_pool: Optional[ThreadPoolExecutor] = None  # steps of a batched message that run as threads
+        self.loop = DriveLoop(self) if self.batcher is not None and self.is_driver else None  # all decode loops
         self.on_link: Optional[Any] = None  # (bytes up, bytes down, wire ms) per message sent on (runtime/replan.py)
 
     # -- identity -------------------------------------------------------------------------------------------
@@ -535,7 +536,14 @@ class TierNode:
     def _drive(
         self, key: SessionKey, session, first: StepResult, max_new_tokens: int, deadline: float, sampling: Sampling
     ) -> StepResult:
-        """The decode loop of the driving tier: one token per step through every tier behind it."""
+        """The decode loop of the driving tier: one token per step through every tier behind it (with the other
+        generations in one loop when this tier batches)."""
+        if self.loop is not None and first.tokens is not None and first.tokens.shape[0] == 1:
+            if bool(self.model.finished(first.tokens).all()):
+                return first
+            gen = Generation(key, session, [first.tokens], first.timings, max_new_tokens, deadline, sampling)
+            self.loop.drive(gen)
+            return StepResult(tokens=torch.cat(gen.tokens, dim=1), timings=gen.timings)
         tokens, timings = [first.tokens], first.timings
         step_in = session.step_inputs
         for n in range(1, max_new_tokens):
@@ -598,7 +606,14 @@ class TierNode:
         else:
             env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
             reply, frames, counted = protocol.expect_reply(env, Result), env.frames, True
-        rtt_ms = (time.perf_counter() - t0) * 1e3
+        return self.account(timings, packed, reply, frames, counted, (time.perf_counter() - t0) * 1e3)
+
+    def account(
+        self, timings: Timings, packed: PackedState, reply: Result, frames: list, counted: bool, rtt_ms: float
+    ) -> StepResult:
+        """A step's result from the next tier's ``reply`` (and its ``frames``) to the step sent as ``packed``,
+        ``rtt_ms`` after it left: the link's figures added to ``timings`` (the message counted if ``counted``),
+        the figures of the tiers behind merged in."""
         behind = reply.timings
         link = timings.link(self.link)
         link.bytes_up += packed.nbytes
