@@ -6,6 +6,7 @@ over the batched hop give each session's own tokens, in-process and across three
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from aiflow_cli.errors import Timeout, TransportError
 from aiflow_cli.models import load_stages
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.batching import BatchSettings, HopGroup, HopItem, HopSeat
-from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.runtime.node import Payload, TierNode
 from aiflow_cli.runtime.protocol import (
     DECODE,
     PREFILL,
@@ -258,3 +259,30 @@ def test_three_processes_carry_batched_steps_between_edge_and_cloud(tmp_path):
     # the link's message count (a batch counts once, on one of its sessions) sums to what the cloud received
     sent = sum(r.timings.links["edge-cloud"].messages for r in out)
     assert 0 < sent < len(texts) * 6
+
+
+def test_a_tier_that_drives_and_outputs_steps_all_its_generations_in_one_loop():
+    """The whole model on one tier (``--split 0,0``: the cloud drives and picks tokens): 8 concurrent generations
+    of different lengths are stepped by its decode loop together and each gets its own greedy tokens."""
+    full = load_stages("builtin:llama-tiny")
+    plan = fixed_plan(full, (0, 0))
+    cloud = TierNode(plan, "cloud", model=full, batching=BatchSettings(16))
+    assert cloud.loop is not None and cloud.is_output
+    jobs = [(p, 2 + i % 5) for i, p in enumerate(_prompts(full, 8))]
+    got = _concurrently(
+        lambda i: (
+            cloud.step(
+                ("peer", i),
+                PREFILL,
+                0,
+                Payload(state=jobs[i][0]),
+                max_new_tokens=jobs[i][1],
+                deadline=time.monotonic() + 60,
+            ).tokens
+        ),
+        len(jobs),
+    )
+    for (p, n), tokens in zip(jobs, got):
+        assert isinstance(tokens, torch.Tensor), tokens
+        assert torch.equal(tokens, full.generate(p, n))
+    assert cloud.batcher.largest > 1 and len(cloud.sessions) == 0

@@ -147,7 +147,8 @@ class _Step:
     stages: range
     state: BoundaryState
     cache: StageCache
-    done: threading.Event = field(default_factory=threading.Event)  # set when answered or handed the lead
+    # set when answered or handed the lead (the queued steps of run(); run_many's are answered on their thread)
+    done: Optional[threading.Event] = None
     lead: bool = False
     result: Optional[BoundaryState] = None
     error: Optional[BaseException] = None
@@ -187,13 +188,13 @@ class DecodeBatcher:
         if kind is None:
             self._count(1)
             return self._solo(stages, state, cache)
-        step = _Step(kind, stages, state, cache)
+        step = _Step(kind, stages, state, cache, threading.Event())
         with self._lock:
             self._queue.append(step)
             if not self._leading:
                 self._leading = step.lead = True
         if not step.lead:
-            step.done.wait()
+            step.done.wait()  # type: ignore[union-attr]  # a queued step has its event
             if not step.lead:
                 return self._answer(step)
         self._lead(step)
@@ -248,14 +249,14 @@ class DecodeBatcher:
             self._run(batch)
             for s in batch:
                 if s is not mine:
-                    s.done.set()
+                    s.done.set()  # type: ignore[union-attr]
             with self._lock:
                 if not mine.finished:
                     continue  # (cannot happen: the leader's step is the oldest queued, so in the first batch)
                 if self._queue:
                     nxt = self._queue[0]
                     nxt.lead = True
-                    nxt.done.set()
+                    nxt.done.set()  # type: ignore[union-attr]
                 else:
                     self._leading = False
                 return
@@ -270,7 +271,9 @@ class DecodeBatcher:
                 outs = [self._solo(s.stages, s.state, s.cache)]
             else:
                 states, caches = [s.state for s in batch], [s.cache for s in batch]
-                outs = batched_pass(batch[0].kind, self.model, batch[0].stages, states, caches)
+                kind = batch[0].kind
+                assert kind is not None  # steps of no kind run alone
+                outs = batched_pass(kind, self.model, batch[0].stages, states, caches)
             for s, out in zip(batch, outs):
                 s.result = out
         except BaseException as e:  # noqa: BLE001 - answered to its step(s), raised in their threads
@@ -302,7 +305,8 @@ class DecodeBatcher:
 class Generation:
     """One request's generation on its driving tier, past its prefill: ``key`` and ``session`` (its KV cache
     and ``step_inputs``), the tokens so far ([1, 1] each, the prefill's first), the request's timings, and how
-    many tokens it wants, by when (``deadline``, time.monotonic()) and how they are picked (``sampling``)."""
+    many tokens it wants, by when (``deadline``, time.monotonic()), how they are picked (``sampling``) and the trace
+    context its steps' messages carry."""
 
     key: Any
     session: Any
@@ -311,6 +315,7 @@ class Generation:
     max_new_tokens: int
     deadline: float
     sampling: Any
+    traceparent: str = ""  # the request's trace context (its steps' messages carry it)
     done: threading.Event = field(default_factory=threading.Event)
     error: Optional[BaseException] = None
 
@@ -371,86 +376,6 @@ class DriveLoop:
         g.done.set()
 
     def _step(self, active: list[Generation]) -> list[Generation]:
-        """One decode step of every generation in ``active``; returns those that go on."""
-        from aiflow_cli.runtime.protocol import DECODE, Infer
-        from aiflow_cli.runtime.timings import Timings
-
-        node, model = self.node, self.node.model
-        ready: list[tuple[Generation, Any, Any]] = []
-        for g in active:
-            try:
-                n = len(g.tokens)
-                g.session.step_inputs = model.next_inputs(g.session.step_inputs, g.tokens[-1].reshape(-1))
-                node.sessions.get(g.key)  # (busy; raises if it was evicted)
-                timings = Timings()
-                mine = timings.tier(node.tier)
-                mine.steps += 1
-                if time.monotonic() >= g.deadline:
-                    raise Timeout(f"{node.tier}: the request's deadline passed after {n} tokens")
-                ready.append((g, timings, mine))
-            except Exception as e:  # noqa: BLE001
-                self._end(g, e)
-        stages = range(node.decode_start, node.stages.stop)
-        t0 = time.perf_counter()
-        outs = node.batcher.run_many([(stages, g.session.step_inputs, g.session.cache) for g, _, _ in ready])
-        compute_ms = (time.perf_counter() - t0) * 1e3
-        results: list[Any] = []
-        items, sent = [], []
-        for (g, timings, mine), out in zip(ready, outs):
-            mine.compute_ms += compute_ms
-            if isinstance(out, BaseException):
-                results.append(out)
-                continue
-            try:
-                if node.is_output:
-                    r = node._output(out, mine, None, g.sampling, len(g.tokens))
-                    r.timings = timings
-                    results.append(r)
-                    continue
-                packed = node.pack(out, node.stages.stop - 1, mine).packed
-                budget_s = node._budget_s(g.deadline)
-                last = len(g.tokens) == g.max_new_tokens - 1
-                request = Infer(
-                    node.plan_hash, node.tier, DECODE, node.stages.stop, packed.tensors, 0, last, budget_s * 1e3
-                )
-                if not g.sampling.greedy:
-                    s = g.sampling
-                    request.temperature, request.top_k, request.top_p, request.seed = (
-                        s.temperature,
-                        s.top_k,
-                        s.top_p,
-                        s.seed,
-                    )
-                    request.index = len(g.tokens)
-                items.append(HopItem(g.key[1], request, packed.frames, budget_s))
-                sent.append((len(results), timings, packed))
-                results.append(None)
-            except Exception as e:  # noqa: BLE001
-                results.append(e)
-        if items:
-            t1 = time.perf_counter()
-            answers = node._send_batch(items)
-            rtt_ms = (time.perf_counter() - t1) * 1e3
-            for (at, timings, packed), answer in zip(sent, answers):
-                if isinstance(answer, BaseException):
-                    results[at] = answer
-                else:
-                    reply, frames, counted = answer
-                    results[at] = node.account(timings, packed, reply, frames, counted, rtt_ms)
-        going = []
-        for (g, _, _), r in zip(ready, results):
-            if isinstance(r, BaseException):
-                self._end(g, r)
-                continue
-            g.timings.merge(r.timings)
-            g.tokens.append(r.tokens)
-            try:
-                node.sessions.done_step(g.key, g.session)
-            except Exception as e:  # noqa: BLE001
-                self._end(g, e)
-                continue
-            if len(g.tokens) >= g.max_new_tokens or bool(model.finished(r.tokens[:, -1:]).all()):
-                self._end(g)
-            else:
-                going.append(g)
-        return going
+        """One decode step of every generation in ``active`` (the node's :meth:`step_generations`); returns those
+        that go on."""
+        return self.node.step_generations(active, self._end)

@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -306,8 +306,8 @@ class TierNode:
         """The steps of a batched message on their output tier: each session's state decoded and its cache found,
         then one batched pass for all (:meth:`DecodeBatcher.run_many`), then each session's token; a step that
         fails fails alone (its session closed, like :meth:`step`)."""
-        outs: list[StepResult | BaseException | None] = [None] * len(jobs)
-        ready = []
+        outs: list[Any] = [None] * len(jobs)
+        ready: list[tuple[Any, ...]] = []
         for i, (step, frames, key, _) in enumerate(jobs):
             m = step.infer
             try:
@@ -317,6 +317,7 @@ class TierNode:
                 ready.append((i, m, key) + self._begin(key, m.phase, m.stage, payload, None))
             except Exception as e:  # noqa: BLE001 - this step's own error
                 outs[i] = e
+        eos = self.model.eos_token_ids
         t0 = time.perf_counter()
         passes = self.batcher.run_many(
             [(range(m.stage, self.stages.stop), st, s.cache) for _, m, _, _, _, st, s in ready]
@@ -330,13 +331,13 @@ class TierNode:
                 result = self._output(state, mine, None, m.sampling if m.temperature else GREEDY, m.index)
                 result.timings = timings
                 self.sessions.done_step(key, session)
-                if m.last or bool(self.model.finished(result.tokens[:, -1:]).all()):
+                if m.last or (eos and all(int(t) in eos for t in result.tokens[:, -1])):  # (EOS on every row)
                     self.sessions.close(key)
                 outs[i] = result
             except Exception as e:  # noqa: BLE001
                 self.sessions.close(key)
                 outs[i] = e
-        return outs  # type: ignore[return-value]  # every entry set above
+        return outs  # every entry set above
 
     @staticmethod
     def _reply(result: StepResult) -> Message:
@@ -541,7 +542,9 @@ class TierNode:
         if self.loop is not None and first.tokens is not None and first.tokens.shape[0] == 1:
             if bool(self.model.finished(first.tokens).all()):
                 return first
-            gen = Generation(key, session, [first.tokens], first.timings, max_new_tokens, deadline, sampling)
+            gen = Generation(
+                key, session, [first.tokens], first.timings, max_new_tokens, deadline, sampling, tracing.current()
+            )
             self.loop.drive(gen)
             return StepResult(tokens=torch.cat(gen.tokens, dim=1), timings=gen.timings)
         tokens, timings = [first.tokens], first.timings
@@ -564,6 +567,100 @@ class TierNode:
             timings.merge(r.timings)
             tokens.append(r.tokens)
         return StepResult(tokens=torch.cat(tokens, dim=1), timings=timings)
+
+    def step_generations(self, active: list[Generation], end: Callable[..., None]) -> list[Generation]:
+        """One decode step of every generation in ``active`` (this driver's :class:`DriveLoop`): one pass for all,
+        their states to the next tier as one message (or their tokens picked here, on an output tier); calls
+        ``end(gen)`` for a generation that has its tokens, ``end(gen, error)`` for one that failed (the others go
+        on); returns those that go on."""
+        model = self.model
+        eos = model.eos_token_ids
+        ready: list[tuple[Generation, Any, Any]] = []
+        for g in active:
+            try:
+                n = len(g.tokens)
+                g.session.step_inputs = model.next_inputs(g.session.step_inputs, g.tokens[-1].reshape(-1))
+                self.sessions.get(g.key)  # (busy; raises if it was evicted)
+                timings = Timings()
+                mine = timings.tier(self.tier)
+                mine.steps += 1
+                if time.monotonic() >= g.deadline:
+                    raise Timeout(f"{self.tier}: the request's deadline passed after {n} tokens")
+                ready.append((g, timings, mine))
+            except Exception as e:  # noqa: BLE001
+                end(g, e)
+        stages = range(self.decode_start, self.stages.stop)
+        t0 = time.perf_counter()
+        outs = self.batcher.run_many([(stages, g.session.step_inputs, g.session.cache) for g, _, _ in ready])
+        compute_ms = (time.perf_counter() - t0) * 1e3
+        results: list[Any] = []
+        items, sent = [], []
+        for (g, timings, mine), out in zip(ready, outs):
+            mine.compute_ms += compute_ms
+            if isinstance(out, BaseException):
+                results.append(out)
+                continue
+            try:
+                if self.is_output:
+                    r = self._output(out, mine, None, g.sampling, len(g.tokens))
+                    r.timings = timings
+                    results.append(r)
+                    continue
+                packed = self.pack(out, self.stages.stop - 1, mine).packed
+                budget_s = self._budget_s(g.deadline)
+                last = len(g.tokens) == g.max_new_tokens - 1
+                request = Infer(
+                    self.plan_hash,
+                    self.tier,
+                    DECODE,
+                    self.stages.stop,
+                    packed.tensors,
+                    0,
+                    last,
+                    budget_s * 1e3,
+                    g.traceparent,
+                )
+                if not g.sampling.greedy:
+                    s = g.sampling
+                    request.temperature, request.top_k, request.top_p, request.seed = (
+                        s.temperature,
+                        s.top_k,
+                        s.top_p,
+                        s.seed,
+                    )
+                    request.index = len(g.tokens)
+                items.append(HopItem(g.key[1], request, packed.frames, budget_s))
+                sent.append((len(results), timings, packed))
+                results.append(None)
+            except Exception as e:  # noqa: BLE001
+                results.append(e)
+        if items:
+            t1 = time.perf_counter()
+            answers = self._send_batch(items)
+            rtt_ms = (time.perf_counter() - t1) * 1e3
+            for (at, timings, packed), answer in zip(sent, answers):
+                if isinstance(answer, BaseException):
+                    results[at] = answer
+                else:
+                    reply, frames, counted = answer
+                    results[at] = self.account(timings, packed, reply, frames, counted, rtt_ms)
+        going = []
+        for (g, _, _), r in zip(ready, results):
+            if isinstance(r, BaseException):
+                end(g, r)
+                continue
+            g.timings.merge(r.timings)
+            g.tokens.append(r.tokens)
+            try:
+                self.sessions.done_step(g.key, g.session)
+            except Exception as e:  # noqa: BLE001
+                end(g, e)
+                continue
+            if len(g.tokens) >= g.max_new_tokens or (eos and int(r.tokens[0, -1]) in eos):
+                end(g)
+            else:
+                going.append(g)
+        return going
 
     # -- the link to the next tier -----------------------------------------------------------------------------
     def _forward(
@@ -639,6 +736,14 @@ class TierNode:
         out: list = []
         for at in range(0, len(items), per_msg):
             chunk = items[at : at + per_msg]
+            if len(chunk) == 1:  # a batch of one goes as the plain step (binary header, the peer's plain path)
+                it = chunk[0]
+                try:
+                    env = self._request(protocol.encode(it.request, it.frames, it.session_id), it.budget_s)
+                    out.append((protocol.expect_reply(env, Result), env.frames, True))
+                except Exception as e:  # noqa: BLE001
+                    out.append(e)
+                continue
             budget_s = max(it.budget_s for it in chunk)
             steps = tuple(BatchStep(it.session_id, it.request) for it in chunk)
             msg = InferBatch(self.plan_hash, self.tier, steps, budget_s * 1e3)
