@@ -33,15 +33,15 @@ def test_a_handler_that_cannot_get_a_thread_gets_an_error_reply_and_the_server_k
         monkeypatch.delenv("AIFLOW_INLINE_HANDLER_BYTES", raising=False)
     else:
         monkeypatch.setenv("AIFLOW_INLINE_HANDLER_BYTES", inline_bytes)
-    srv = Server(
-        "127.0.0.1:0", identity=ids["server"], trust=[ids["client"], ids["other"]], handler=echo
-    )
+    srv = Server("127.0.0.1:0", identity=ids["server"], trust=[ids["client"], ids["other"]], handler=echo)
     # read once at start: later changes do not matter
     monkeypatch.delenv("AIFLOW_TEST_FAIL_HANDLER_START")
     payload = bytes(range(256)) * 16
-    with srv, Client(srv.address, identity=ids["client"], trust=[ids["server"]]) as cli, Client(
-        srv.address, identity=ids["other"], trust=[ids["server"]]
-    ) as other:
+    with (
+        srv,
+        Client(srv.address, identity=ids["client"], trust=[ids["server"]]) as cli,
+        Client(srv.address, identity=ids["other"], trust=[ids["server"]]) as other,
+    ):
         for i in (1, 2):
             assert cli.request(Message("ping", {"i": i}, [payload])).meta == {"i": i}
         with pytest.raises(LimitExceeded, match="could not start the handler .*injected thread start failure"):

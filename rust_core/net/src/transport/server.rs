@@ -111,7 +111,7 @@ pub const FAIL_HANDLER_START_ENV: &str = "AIFLOW_TEST_FAIL_HANDLER_START";
 /// run on the blocking pool, which keeps large transfers' I/O going on the worker. 0: every handler on the pool.
 /// Default [`INLINE_HANDLER_DEFAULT_BYTES`].
 pub const INLINE_HANDLER_ENV: &str = "AIFLOW_INLINE_HANDLER_BYTES";
-pub const INLINE_HANDLER_DEFAULT_BYTES: u64 = 256 << 10;
+pub const INLINE_HANDLER_DEFAULT_BYTES: u64 = 64 << 10;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok())
