@@ -75,16 +75,22 @@ def default_codecs() -> list[str]:
     return list(_core.default_codecs())
 
 
+#: dtype -> its name in frames, for the tensors `encode` takes (a dict lookup instead of str(dtype) per call).
+_TORCH_NAMES: dict[torch.dtype, str] = {v: k for k, v in _TORCH_DTYPES.items()}
+
+
 def _as_numpy(tensor: TensorLike) -> tuple[str, tuple[int, ...], np.ndarray]:
     """(dtype name, shape, C-contiguous numpy view of the bytes); copies only if the input is not contiguous."""
     if isinstance(tensor, torch.Tensor):
-        t = tensor.detach()
-        if t.device.type != "cpu":
+        # per frame on the hot path: each step below is skipped when it has nothing to do (cheap property checks)
+        t = tensor.detach() if tensor.requires_grad else tensor
+        if not t.is_cpu:
             t = t.cpu()
-        dtype = str(t.dtype).removeprefix("torch.")
-        if dtype not in _TORCH_DTYPES:
+        dtype = _TORCH_NAMES.get(t.dtype)
+        if dtype is None:
             raise CodecError(f"unsupported tensor dtype {t.dtype}; frames carry {', '.join(_TORCH_DTYPES)}")
-        t = t.contiguous()
+        if not t.is_contiguous():
+            t = t.contiguous()
         shape = tuple(t.shape)
         if t.dtype == torch.bfloat16:
             arr = t.view(torch.int16).numpy()
@@ -139,6 +145,13 @@ def decode_numpy(
     return info, np.frombuffer(buf, dtype=_NUMPY_STORAGE[info.dtype]).reshape(info.shape)
 
 
+def _decode_array(data: bytes | bytearray | memoryview, max_decoded_bytes: int) -> tuple[str, np.ndarray]:
+    """(dtype name, array): :func:`decode_numpy` without building a :class:`FrameInfo` (the per-step path)."""
+    header, buf = _core.decode(data, max_decoded_bytes)
+    dtype = header["dtype"]
+    return dtype, np.frombuffer(buf, dtype=_NUMPY_STORAGE[dtype]).reshape(header["shape"])
+
+
 def decode(data: bytes | bytearray | memoryview, *, max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> torch.Tensor:
     """Validates and decodes a frame into a new CPU tensor of its original dtype and shape.
 
@@ -146,9 +159,9 @@ def decode(data: bytes | bytearray | memoryview, *, max_decoded_bytes: int = DEF
     shapes that overflow or disagree with the payload, checksum mismatch, a declared size above
     ``max_decoded_bytes``, or a zstd payload that inflates beyond what the header declares.
     """
-    info, arr = decode_numpy(data, max_decoded_bytes=max_decoded_bytes)
+    dtype, arr = _decode_array(data, max_decoded_bytes)
     t = torch.from_numpy(arr)
-    if info.dtype == "bfloat16":
+    if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
     return t
 

@@ -149,8 +149,8 @@ class Server:
         ident = as_identity(identity)
         self._handler = handler
 
-        def dispatch(request_id: int, session_id: int, kind: str, meta: Union[str, bytes], frames: list, peer: dict):
-            reply = handler(_received(request_id, session_id, kind, meta, frames), PeerInfo(**peer))
+        def dispatch(request_id: int, session_id: int, kind: str, meta: Union[str, bytes], frames: list, peer: tuple):
+            reply = handler(_received(request_id, session_id, kind, meta, frames), PeerInfo(*peer))
             if not isinstance(reply, Message):
                 raise TypeError(f"the handler must return a Message, not {type(reply).__name__}")
             return reply.kind, _meta_out(reply.meta), reply.frames

@@ -34,8 +34,10 @@ class LinkTiming:
 
 
 def _add(into: Any, other: Any) -> None:
-    for f in fields(into):
-        setattr(into, f.name, getattr(into, f.name) + getattr(other, f.name))
+    # per message on every tier: plain attribute dicts, not dataclasses.fields() (3x slower)
+    mine = into.__dict__
+    for k, v in other.__dict__.items():
+        mine[k] += v
 
 
 _TYPES: dict[type, list[Any]] = {c: [type(f.default) for f in fields(c)] for c in (TierTiming, LinkTiming)}

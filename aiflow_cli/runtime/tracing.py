@@ -12,6 +12,7 @@ A malformed ``traceparent`` from a peer is ignored (the tier starts a new trace)
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 from contextlib import contextmanager
@@ -27,12 +28,18 @@ SAMPLED = "01"
 _current: ContextVar[str] = ContextVar("aiflow_traceparent", default="")
 
 
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
 def parse(traceparent: str) -> Optional[tuple[str, str, str]]:
     """``(trace_id, span_id, flags)`` of a valid traceparent, else None."""
-    m = _TRACEPARENT.fullmatch(traceparent) if isinstance(traceparent, str) else None
-    if m is None or set(m[1]) == {"0"} or set(m[2]) == {"0"}:
+    m = _TRACEPARENT.fullmatch(traceparent) if type(traceparent) is str else None
+    if m is None:
         return None
-    return m[1], m[2], m[3]
+    trace_id, span_id, flags = m.groups()
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    return trace_id, span_id, flags
 
 
 def _format(trace_id: str, span_id: str, flags: str) -> str:
@@ -43,7 +50,7 @@ def child_of(traceparent: str) -> str:
     """A new span of ``traceparent``'s trace (a new trace if it is empty or malformed)."""
     p = parse(traceparent)
     trace_id, flags = (p[0], p[2]) if p else (secrets.token_hex(16), SAMPLED)
-    return _format(trace_id, secrets.token_hex(8), flags)
+    return _format(trace_id, os.urandom(8).hex(), flags)
 
 
 def current() -> str:
@@ -55,6 +62,8 @@ def current() -> str:
 #: first request, not at start-up (the import takes ~65 ms), and only once: a repeated import statement cost
 #: ~20 us per handled request.
 _otel_trace: Any = False
+#: (provider, its aiflow tracer or None) as last looked up: a provider is set once, so the lookup is per change.
+_otel_last: tuple[Any, Any] = (None, None)
 
 
 def _otel_tracer() -> Any:
@@ -70,10 +79,17 @@ def _otel_tracer() -> Any:
     trace = _otel_trace
     if trace is None:
         return None
+    global _otel_last
     provider = trace.get_tracer_provider()
+    last, tracer = _otel_last
+    if provider is last:
+        return tracer
     if type(provider).__name__ in ("ProxyTracerProvider", "NoOpTracerProvider"):
-        return None  # nothing configured: spans would go nowhere
-    return trace.get_tracer("aiflow")
+        tracer = None  # nothing configured: spans would go nowhere
+    else:
+        tracer = trace.get_tracer("aiflow")
+    _otel_last = (provider, tracer)
+    return tracer
 
 
 @contextmanager

@@ -11,6 +11,20 @@ use aiflow_proto::codec::{self, CodecSpec, EncodeOptions, TensorRef};
 use aiflow_proto::frame::{DType, Header, Limits, DEFAULT_MAX_DECODED_BYTES};
 use aiflow_proto::Error;
 
+/// Payloads below this many bytes are coded with the GIL held: releasing and retaking it costs more than the work
+/// (a few microseconds for a decode step's hidden state) and, with other Python threads waiting, hands the GIL
+/// to one of them and back: two thread switches per frame.
+const DETACH_MIN_BYTES: usize = 64 << 10;
+
+/// Runs `f` with the GIL released if `len` bytes of work make that worth it (see [`DETACH_MIN_BYTES`]).
+fn maybe_detach<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, len: usize, f: F) -> T {
+    if len >= DETACH_MIN_BYTES {
+        py.detach(f)
+    } else {
+        f()
+    }
+}
+
 /// A read-only view of a C-contiguous Python buffer that can cross a GIL release.
 struct RawBuf {
     ptr: usize,
@@ -71,13 +85,12 @@ fn encode<'py>(
     let buf = PyBuffer::<u8>::get(data)?;
     let raw = RawBuf::of(&buf, false)?;
     let opts = EncodeOptions { zstd_threads };
-    let frame = py
-        .detach(|| {
+    let frame = maybe_detach(py, raw.len, || {
             // SAFETY: `buf` is alive until the end of this function.
             let bytes = unsafe { raw.slice() };
             codec::encode(&TensorRef { dtype, shape: &shape, data: bytes }, &spec, &opts)
-        })
-        .py()?;
+    })
+    .py()?;
     drop(buf);
     Ok(PyBytes::new(py, &frame))
 }
@@ -118,11 +131,11 @@ fn decode<'py>(
     let fraw = RawBuf::of(&fbuf, false)?;
     // SAFETY: `fbuf` is alive for the whole function.
     let data = unsafe { fraw.slice() };
-    let h = py.detach(|| codec::inspect(data, &Limits { max_decoded_bytes })).py()?;
+    let h = maybe_detach(py, data.len(), || codec::inspect(data, &Limits { max_decoded_bytes })).py()?;
     let out = PyByteArray::new_with(py, h.decoded_len(), |_| Ok(()))?;
     // SAFETY: `out` was just created, is not shared with any other thread, and is not resized while we hold it.
     let (optr, olen) = unsafe { (out.data() as usize, out.as_bytes_mut().len()) };
-    py.detach(|| {
+    maybe_detach(py, olen.max(data.len()), || {
         // SAFETY: see above; the bytearray outlives this closure.
         let o = unsafe { RawBuf { ptr: optr, len: olen }.slice_mut() };
         codec::decode_parsed_into(&h, data, o)
@@ -140,7 +153,7 @@ fn decode_into(py: Python<'_>, frame: &Bound<'_, PyAny>, out: &Bound<'_, PyAny>,
     let fraw = RawBuf::of(&fbuf, false)?;
     let oraw = RawBuf::of(&obuf, true)?;
     let limits = Limits { max_decoded_bytes };
-    py.detach(|| {
+    maybe_detach(py, oraw.len.max(fraw.len), || {
         // SAFETY: both buffers are alive until the end of this function; `out` is writable and C-contiguous.
         let (f, o) = unsafe { (fraw.slice(), oraw.slice_mut()) };
         codec::decode_into(f, &limits, o).map(|_| ())

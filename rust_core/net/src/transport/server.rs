@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +90,31 @@ struct Shared {
     configs: PathConfigs,
     /// The open connections by [`PeerInfo::connection_id`], for [`Server::peer_paths`].
     open: Mutex<HashMap<u64, (PeerInfo, Connection)>>,
+    /// Handler starts so far (numbers them for [`FAIL_HANDLER_START_ENV`]).
+    handler_starts: AtomicU64,
+    /// Test only: the handler start (1, 2, ...) that fails as if the OS refused a thread; 0: none.
+    fail_handler_start: u64,
+    /// Requests of at most this many bytes run their handler on the I/O thread that read them (see
+    /// [`INLINE_HANDLER_ENV`]); larger ones on a blocking-pool thread.
+    inline_max_bytes: u64,
+}
+
+/// TEST ONLY. Environment variable read once when a server starts: `N` (1, 2, ...) makes that server's Nth
+/// handler start fail as if the OS refused a thread, the failure tokio reports by panicking (thread or memory
+/// limits). Used by tests/test_transport_faults.py to show that the request gets an error reply and the server
+/// keeps serving; never set it in production.
+pub const FAIL_HANDLER_START_ENV: &str = "AIFLOW_TEST_FAIL_HANDLER_START";
+
+/// Environment variable read once when a server starts: requests of at most this many bytes (frames and header)
+/// run their handler on the I/O thread that read them (`block_in_place`: the thread's other I/O work moves to
+/// another thread while the handler runs), which saves waking a blocking-pool thread per request; larger ones
+/// run on the blocking pool, which keeps large transfers' I/O going on the worker. 0: every handler on the pool.
+/// Default [`INLINE_HANDLER_DEFAULT_BYTES`].
+pub const INLINE_HANDLER_ENV: &str = "AIFLOW_INLINE_HANDLER_BYTES";
+pub const INLINE_HANDLER_DEFAULT_BYTES: u64 = 64 << 10;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// The server's QUIC configuration for each kind of path (see [`PathKind`]).
@@ -145,6 +170,9 @@ impl Server {
             last_handshake_error: Mutex::new(String::new()),
             configs: PathConfigs { network, loopback_v4, loopback_v6 },
             open: Mutex::new(HashMap::new()),
+            handler_starts: AtomicU64::new(0),
+            fail_handler_start: env_u64(FAIL_HANDLER_START_ENV).unwrap_or(0),
+            inline_max_bytes: env_u64(INLINE_HANDLER_ENV).unwrap_or(INLINE_HANDLER_DEFAULT_BYTES),
         });
         runtime::handle().spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(Server { endpoint, local_addr, shared })
@@ -297,18 +325,41 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connecti
     };
     let (request_id, session_id) = (request.header.request_id, request.header.session_id);
     let handler = shared.handler.clone();
-    // tokio panics when it needs a new blocking thread and the OS refuses one (thread or memory limits): that
-    // request is answered with an error and the server keeps serving.
-    let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tokio::task::spawn_blocking(move || handler(request, peer))));
-    let outcome = match spawned {
-        Ok(task) => task.await,
-        Err(panic) => {
-            c.handler_start_failures.fetch_add(1, Ordering::Relaxed);
-            c.requests_failed.fetch_add(1, Ordering::Relaxed);
-            let why = panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown");
-            let msg = format!("the server could not start the handler ({why}); retry later");
-            let _ = io::write_message(&mut send, Message::error(request_id, session_id, ErrorCode::Limit, &msg), limits).await;
-            return;
+    let size = request.frames_len() + request.header.kind.len() as u64 + request.header.meta.as_bytes().len() as u64;
+    let inline = size <= shared.inline_max_bytes;
+    let nth = shared.handler_starts.fetch_add(1, Ordering::Relaxed) + 1;
+    let injected = nth == shared.fail_handler_start;
+    // tokio panics when it needs a new thread (a blocking-pool thread for the handler, or one to take over this
+    // I/O worker's other tasks) and the OS refuses one (thread or memory limits): that request is answered with
+    // an error and the server keeps serving.
+    let outcome = if inline {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if injected {
+                std::panic::resume_unwind(Box::new(format!("{FAIL_HANDLER_START_ENV}={nth}: injected thread start failure")));
+            }
+            tokio::task::block_in_place(move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || handler(request, peer))))
+        }));
+        match run {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(panic)) => Err(format!("the handler panicked: {}", panic_text(&panic))),
+            Err(panic) => {
+                let why = panic_text(&panic).to_string();
+                return handler_start_failed(&mut send, &shared, request_id, session_id, &why).await;
+            }
+        }
+    } else {
+        let spawned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            if injected {
+                std::panic::resume_unwind(Box::new(format!("{FAIL_HANDLER_START_ENV}={nth}: injected thread start failure")));
+            }
+            tokio::task::spawn_blocking(move || handler(request, peer))
+        }));
+        match spawned {
+            Ok(task) => task.await.map_err(|join| format!("the handler panicked: {join}")),
+            Err(panic) => {
+                let why = panic_text(&panic).to_string();
+                return handler_start_failed(&mut send, &shared, request_id, session_id, &why).await;
+            }
         }
     };
     let mut reply = match outcome {
@@ -318,9 +369,9 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connecti
             let code = if matches!(e, Error::LimitExceeded(_)) { ErrorCode::Limit } else { ErrorCode::Handler };
             Message::error(request_id, session_id, code, &e.to_string())
         }
-        Err(join) => {
+        Err(panicked) => {
             c.requests_failed.fetch_add(1, Ordering::Relaxed);
-            Message::error(request_id, session_id, ErrorCode::Handler, &format!("the handler panicked: {join}"))
+            Message::error(request_id, session_id, ErrorCode::Handler, &panicked)
         }
     };
     reply.header.request_id = request_id;
@@ -342,6 +393,19 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connecti
             c.streams_aborted.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> &str {
+    panic.downcast_ref::<String>().map(String::as_str).or_else(|| panic.downcast_ref::<&str>().copied()).unwrap_or("unknown")
+}
+
+/// Answers a request whose handler could not be started (no thread to be had) with an error.
+async fn handler_start_failed(send: &mut SendStream, shared: &Shared, request_id: u64, session_id: u64, why: &str) {
+    let c = &shared.counters;
+    c.handler_start_failures.fetch_add(1, Ordering::Relaxed);
+    c.requests_failed.fetch_add(1, Ordering::Relaxed);
+    let msg = format!("the server could not start the handler ({why}); retry later");
+    let _ = io::write_message(send, Message::error(request_id, session_id, ErrorCode::Limit, &msg), &shared.limits).await;
 }
 
 async fn reply_error(send: &mut SendStream, code: ErrorCode, msg: &str, limits: &Limits) {
