@@ -8,7 +8,9 @@ import typer
 
 from aiflow_cli.console import console, err_console, print_json
 
-draft = typer.Typer(help="Draft sources for speculative decoding: trained early exits.", no_args_is_help=True)
+draft = typer.Typer(
+    help="Draft sources for speculative decoding: trained early exits, draft vocabularies.", no_args_is_help=True
+)
 
 
 @draft.command("train")
@@ -43,6 +45,33 @@ def train(
         f"acceptance on {r.held_out_prompts} held-out prompts (teacher-forced greedy agreement): "
         f"{r.acceptance_before:.1%} untrained -> {r.acceptance_after:.1%} trained\n"
         f"saved {r.path} ({r.param_bytes / 1024:.0f} KiB of weights, sha256 {r.sha256[:16]})",
+        highlight=False,
+    )
+
+
+@draft.command("vocab")
+def vocab(
+    model: str = typer.Argument(..., help="Language model (smollm2, builtin:llama-tiny, a directory, a hub id)."),
+    tokens: int = typer.Option(32, "--tokens", min=1, max=512, help="Greedy tokens generated per calibration text."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
+) -> None:
+    """Count the draft vocabulary: tokens ranked by how often the full model's greedy output is each one on the
+    shipped calibration texts; `--draft exit:N` (or auto:N, untrained:N) then drafts from the N most frequent."""
+    from aiflow_cli.models.exit_adapter import build_vocab
+
+    out = err_console if json_out else console
+    with out.status("aiflow draft vocab") as status:
+        v, path, seconds = build_vocab(model, tokens=tokens, progress=status.update)
+    m = v.meta
+    if json_out:
+        print_json({"path": str(path), "seconds": seconds, **m})
+        return
+    cover = ", ".join(f"{n}: {c:.1%}" for n, c in m["held_out_coverage"].items() if c is not None)
+    console.print(
+        f"draft vocabulary of {m['model']}: {m['counted_positions']} greedy tokens counted, {m['distinct_tokens']} "
+        f"distinct of {m['vocab_size']}; {seconds:.1f} s\n"
+        f"held-out greedy tokens inside the N most frequent ({m['held_out_positions']} positions): {cover}\n"
+        f"saved {path}",
         highlight=False,
     )
 
