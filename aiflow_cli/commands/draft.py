@@ -76,6 +76,47 @@ def vocab(
     )
 
 
+@draft.command("cost")
+def cost(
+    model: str = typer.Argument("smollm2", help="Language model (default smollm2)."),
+    device_end: Optional[int] = typer.Option(
+        None, "--device-end", help="Stages the device holds, [0:A) (default: bench decode's, every block but the last)."
+    ),
+    rtt: str = typer.Option("40,100", "--rtt", help="RTTs (ms, comma-separated) to state the speed-up bound at."),
+    tokens: int = typer.Option(32, "--tokens", min=1, max=256, help="Greedy tokens per held-out prompt."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """What a draft costs the device and how often it is accepted, per draft option (the exit after the device's
+    last block, with a truncated vocabulary, a trained adapter, earlier exits), and the speed-up over the
+    non-speculative split they bound at each RTT (one torch thread, this machine)."""
+    import torch
+
+    from aiflow_cli.bench.decode import describe_costs, draft_costs
+    from aiflow_cli.commands.decode import _floats
+    from aiflow_cli.errors import InputError
+    from aiflow_cli.models import load_stages
+    from aiflow_cli.models.exit_adapter import HELD_OUT
+    from aiflow_cli.profile.calibration import load_calibration
+
+    rtts = _floats(rtt, "--rtt")
+    if not rtts or any(not r >= 0 for r in rtts):
+        raise InputError(f"--rtt {rtt!r}: give one or more RTTs >= 0 ms", param="rtt")
+    torch.set_num_threads(1)
+    full = load_stages(model)
+    n = full.num_stages
+    end = n - 2 if device_end is None else device_end
+    if not 2 <= end <= n - 2 or full.stages[end - 1].kind != "block":
+        raise InputError(
+            f"--device-end {end}: the device's last stage must be a block (2..{n - 2})", param="device_end"
+        )
+    c = draft_costs(full, end, list(load_calibration().prompts[-HELD_OUT:]), tokens, rtts)
+    if json_out:
+        print_json(c)
+        return
+    for line in describe_costs(c):
+        console.print(line, highlight=False)
+
+
 def register(app: typer.Typer, bench: typer.Typer) -> None:
     """Adds this module's commands to the CLI."""
     app.add_typer(draft, name="draft")
