@@ -24,6 +24,10 @@ def test_the_round_cost_bound_saves_round_trips_not_compute():
     assert x > 4 and abs(e - expected_tokens(0.9, g)) < 1e-9
     assert light.round_ms(0, 40.0) == 2.0 + 2.0 + 40.0  # no drafts: a plain decode step
     assert light.bound(0.0, 40.0)[1] == 0  # nothing accepted: drafting does not pay
+    # the least RTT for 2x: the bound there is 2x, just below it less; never when 1 + a + a^2 + ... < 2
+    rtt = heavy.rtt_for(0.9)
+    assert rtt is not None and abs(heavy.bound(0.9, rtt)[0] - 2) < 0.02 and heavy.bound(0.9, rtt * 0.9)[0] < 2
+    assert heavy.rtt_for(0.4) is None
 
 
 def test_a_rows_bound_comes_from_its_own_measurements():

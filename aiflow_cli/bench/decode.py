@@ -159,7 +159,7 @@ class DecodeConfig:
             "rtts_ms": QUICK_RTTS_MS,
             "tokens": 12,
             "repeats": 1,
-            "warmup_tokens": 4,
+            "warmup_tokens": 2,
             "replan_requests": 4,
             "quick": True,
         }
@@ -617,15 +617,23 @@ class RoundCost:
         e = expected_tokens(alpha, g)
         return e * split / self.round_ms(g, rtt_ms), g, e
 
+    def rtt_for(self, alpha: float, speedup: float = GOAL_SPEEDUP, top_ms: float = 1e5) -> Optional[float]:
+        """The least RTT (ms, to 1 %) at which :meth:`bound` reaches ``speedup``; None when not below ``top_ms``
+        (the bound grows with the RTT towards the expected tokens per round)."""
+        if self.bound(alpha, top_ms)[0] < speedup:
+            return None
+        lo, hi = 0.0, top_ms
+        while hi - lo > max(0.5, 0.01 * hi):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if self.bound(alpha, mid)[0] < speedup else (lo, mid)
+        return hi
 
-def _median_ms(fn: Callable[[], Any], n: int = COST_STEPS) -> float:
+
+def _median_ms(fn: Callable[[], Any]) -> float:
+    from aiflow_cli.bench.runtime import _median_ms as median_ms
+
     fn()  # warm
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return median_ms(fn, COST_STEPS)
 
 
 @torch.inference_mode()
@@ -723,10 +731,11 @@ def draft_costs(
         for rtt in rtts_ms:
             x_, g, e = cost.bound(alpha, rtt)
             bounds[f"{rtt:g}"] = {"speedup": round(x_, 3), "drafts": g, "expected_tokens": round(e, 3)}
+        rtt2 = cost.rtt_for(alpha)
         options.append(
             {"option": name, "exit_stage": stage, "run_by_bench": run, "acceptance": round(alpha, 4)}
             | {k: round(v, 3) for k, v in vars(cost).items()}
-            | {"bound": bounds}
+            | {"bound": bounds, "rtt_ms_for_goal": None if rtt2 is None else round(rtt2)}
         )
 
     c_pos = stages_ms(0, device_end, one)
@@ -776,7 +785,9 @@ def describe_costs(c: dict[str, Any]) -> list[str]:
         )
         out.append(
             f"  {o['option']:<24} accept {o['acceptance']:.1%}  seq {o['seq']:.1f} + draft {o['draft']:.2f} ms; "
-            f"batch {o['batch1']:.1f}/{o['batch_n']:.1f} ms; {b}" + ("" if o["run_by_bench"] else " (not run)")
+            f"batch {o['batch1']:.1f}/{o['batch_n']:.1f} ms; {b}; {GOAL_SPEEDUP:g}x from RTT "
+            + (f"{o['rtt_ms_for_goal']} ms" if o.get("rtt_ms_for_goal") is not None else "never (< 100 s)")
+            + ("" if o["run_by_bench"] else " (not run)")
         )
     out.append(f"  ({c['how']})")
     return out
