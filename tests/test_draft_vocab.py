@@ -163,3 +163,24 @@ def test_cli_vocab_bad_model_is_one_line(cache):
     )
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert len([ln for ln in (r.stdout + r.stderr).strip().splitlines() if ln.strip()]) <= 2, r.stderr
+
+
+@pytest.mark.slow  # the real weights, three tiers in this process: about a minute on a loaded 2-core machine
+def test_smollm2_truncated_vocabulary_greedy_equals_plain_greedy():
+    """The real model's exit over a truncated vocabulary (the first 4096 ids: byte-level BPE merge order; what
+    the counted vocabulary falls back to): token for token the full model's greedy output, and the drafts it
+    could not propose are rejected, not emitted."""
+    try:
+        m = load_model("smollm2")
+    except Exception as e:  # the real weights' package is an optional install
+        pytest.skip(f"smollm2 unavailable: {e}")
+    n = m.num_stages
+    keep = torch.arange(4096)
+    _, tiers = _tiers("smollm2", (n - 2, n - 1), ExitDrafter(None, keep))
+    for i, text in enumerate(["What is the capital of France?", "Write a short poem about the sea."]):
+        x = m.prepare(text=text)
+        ref = m.generate(x, 16)
+        r = generate_on(tiers[0], x, 16, 3 if i else "auto", i)
+        assert torch.equal(r.tokens, ref), (text, r.tokens, ref)
+        assert r.spec.policy["draft_vocab"] == 4096 and r.spec.accepted > 0
+        assert all(len(t.sessions) == 0 for t in tiers)

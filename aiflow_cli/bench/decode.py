@@ -441,10 +441,10 @@ def _costs(cfg: DecodeConfig, full: StagedModel, device_end: int) -> dict[str, A
         return {"why": "the device's last stage is not a block: no exit"}
     prompts = list(load_calibration().prompts[-HELD_OUT:])
     if cfg.quick:
-        prompts, tokens = prompts[:2], 16
+        prompts, tokens, steps = prompts[:2], 16, 5
     else:
-        tokens = 32
-    return draft_costs(full, device_end, prompts, tokens, cfg.rtts_ms, (cfg.vocab,) if cfg.vocab else ())
+        tokens, steps = 32, COST_STEPS
+    return draft_costs(full, device_end, prompts, tokens, cfg.rtts_ms, (cfg.vocab,) if cfg.vocab else (), steps)
 
 
 def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "") -> DecodeReport:
@@ -629,11 +629,11 @@ class RoundCost:
         return hi
 
 
-def _median_ms(fn: Callable[[], Any]) -> float:
+def _median_ms(fn: Callable[[], Any], steps: int = COST_STEPS) -> float:
     from aiflow_cli.bench.runtime import _median_ms as median_ms
 
     fn()  # warm
-    return median_ms(fn, COST_STEPS)
+    return median_ms(fn, steps)
 
 
 @torch.inference_mode()
@@ -644,6 +644,7 @@ def draft_costs(
     tokens: int,
     rtts_ms: tuple[float, ...],
     vocabs: tuple[int, ...] = COST_VOCABS,
+    steps: int = COST_STEPS,
 ) -> dict[str, Any]:
     """Per draft option of a device holding stages ``[0:device_end)`` of ``full`` (every stage loaded, this
     process, its torch threads): the costs of a round (:class:`RoundCost`: decode steps with a KV cache, one
@@ -716,7 +717,7 @@ def draft_costs(
 
         go()
         ts = []
-        for _ in range(COST_STEPS):
+        for _ in range(steps):
             go()
             ts.append(go.ms)  # type: ignore[attr-defined]
         return statistics.median(ts)
@@ -744,14 +745,14 @@ def draft_costs(
             continue
         for n, ids in [(None, None), *subsets.items()]:
             d = ExitDrafter(a, ids)
-            cost = RoundCost(c_pos, _median_ms(lambda d=d: d.logits(full, h1)), up1, up_n)
+            cost = RoundCost(c_pos, _median_ms(lambda d=d: d.logits(full, h1), steps), up1, up_n)
             add(kind if n is None else f"{kind}:{n}", device_end - 1, d, cost, n is None or n == vocabs[0])
     ids = subsets.get(vocabs[0]) if vocabs else None
     for stage in early:
         d = ExitDrafter(None, ids)
         cost = RoundCost(
             stages_ms(0, stage + 1, one),
-            _median_ms(lambda d=d: d.logits(full, h1)),
+            _median_ms(lambda d=d: d.logits(full, h1), steps),
             stages_ms(stage + 1, device_end, one) + up1,
             stages_ms(stage + 1, device_end, batch) + up_n,
         )
@@ -763,7 +764,8 @@ def draft_costs(
         "prompts": len(prompts),
         "vocab": None if counted is None else counted.meta,
         "options": options,
-        "how": "decode steps with a KV cache timed in this process (median of 12): the device's blocks one position "
+        "how": f"decode steps with a KV cache timed in this process (median of {steps}): the device's blocks one "
+        "position "
         f"at a time (seq), the exit head (draft), the stages run once per round on 1 and {BATCH} positions "
         "(batch1, batch_n); acceptance teacher-forced on the full model's greedy continuations; bound = "
         "E(alpha, g) (seq + batch1 + RTT) / ((g + 1) seq + g draft + batch(g + 1) + RTT) at the best g, "
