@@ -62,7 +62,9 @@ def bench_decode(
         min=0,
         help="Requests of the re-planning run (uplink drops 10x halfway; default 10, --quick 4; 0: skip it).",
     ),
-    quick: bool = typer.Option(False, "--quick", help="Two RTTs, 12 tokens, one timed request each (< 3 min)."),
+    quick: bool = typer.Option(
+        False, "--quick", help="Two RTTs, 12 tokens, one timed request each, fewer modes, nothing trained (< 3 min)."
+    ),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object (progress goes to stderr)."),
 ) -> None:
     """Decoding over a split LM: cloud-only, split, self-speculation (fixed K and auto; untrained and trained
@@ -131,6 +133,8 @@ def _print(report) -> None:
     from rich import box
     from rich.table import Table
 
+    from aiflow_cli.bench import decode
+
     t = Table(
         title=f"{report.model}: greedy decoding, {report.config['tokens']} tokens, medians of "
         f"{report.config['repeats']} request(s)",
@@ -189,6 +193,8 @@ def _print(report) -> None:
         )
     elif ex:
         console.print(f"no trained-exit modes: {ex['why']}", highlight=False)
+    for line in decode.describe_bounds(report):
+        console.print(line, highlight=False)
     for name, summary in report.plans.items():
         console.print(f"{name}: {summary}", highlight=False)
     if report.replan:

@@ -164,7 +164,7 @@ class _Seq:
 
 
 @torch.inference_mode()
-def _sequence(model, prompt: str, exit_stage: int, tokens: int) -> _Seq:
+def _sequence(model, prompt: str, exit_stage: Optional[int], tokens: int) -> _Seq:
     x = model.prepare(text=prompt)
     cfg = model.adapter.config
     room = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 1 << 30
@@ -188,7 +188,8 @@ def _sequence(model, prompt: str, exit_stage: int, tokens: int) -> _Seq:
     p = x["input_ids"].shape[1]
     scored = torch.zeros(s, dtype=torch.bool)
     scored[p - 1 :] = True
-    assert hidden is not None
+    if hidden is None:  # no exit asked for (the draft vocabulary only)
+        hidden = torch.empty(s, 0)
     return _Seq(hidden, torch.log_softmax(logits, -1), logits.argmax(-1), scored)
 
 
@@ -277,6 +278,7 @@ def train_exit(
         for i, p in enumerate(train + held):
             progress(f"full model's greedy continuation {i + 1}/{len(train) + len(held)}")
             (seqs if i < len(train) else tests).append(_sequence(model, p, exit_stage, tokens))
+        _vocab_of(model, name, seqs, tests, tokens, cal.hash).save(vocab_path(model.model_hash))  # free here
         hidden = torch.cat([q.hidden for q in seqs])
         logp = torch.cat([q.logp for q in seqs])
         vocab = torch.unique(logp.topk(min(TEACHER_TOP, logp.shape[1]), -1).indices)  # sorted
@@ -349,3 +351,139 @@ def train_exit(
         param_bytes=adapter.param_bytes,
         sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
     )
+
+
+# -- the draft vocabulary: the tokens a truncated exit head drafts from -------------------------------------------
+#: Held-out coverage is reported for these subset sizes.
+VOCAB_SIZES = (1024, 2048, 4096, 8192, 16384)
+VOCAB_FILE = "draft-vocab.safetensors"
+
+
+def vocab_path(model_hash: str) -> Path:
+    """``$AIFLOW_CACHE_DIR/exits/<model hash>/draft-vocab.safetensors``: beside the trained exits."""
+    return exits_dir() / model_hash / VOCAB_FILE
+
+
+@dataclass
+class DraftVocab:
+    """Every token id of a model ranked for drafting (FR-Spec, Zhao et al. 2025): the end-of-sequence ids first,
+    then by how often the full model's greedy next token was that token on the calibration texts and its own
+    greedy continuations of them (held-out prompts excluded), ties and tokens never seen by id (for byte-level
+    BPE tokenizers the id order is the merge order, itself a frequency order of the tokenizer's corpus).
+    :meth:`subset` is the N most frequent: a drafter's head then computes N logits instead of the vocabulary's.
+    Greedy drafting from it stays exact (the target verifies every draft), and so does sampling (the draft
+    distribution is zero outside the subset; the rejection rule holds for any draft distribution)."""
+
+    ranking: torch.Tensor  # [V] int64, a permutation of 0..V-1
+    meta: dict[str, Any]
+
+    def subset(self, n: int) -> torch.Tensor:
+        """The ``n`` first-ranked token ids, sorted (int64); one-line error for ``n`` out of 1..V."""
+        v = int(self.ranking.numel())
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= v:
+            raise InputError(f"draft vocabulary size {n!r}: give a whole number in 1..{v}", param="draft_vocab")
+        return torch.sort(self.ranking[:n]).values
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        meta = json.dumps(dict(self.meta, format=FORMAT_VERSION), sort_keys=True)
+        save_file({"ranking": self.ranking.to(torch.int32).contiguous()}, str(tmp), metadata={META_KEY: meta})
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, model_hash: Optional[str] = None) -> "DraftVocab":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads((f.metadata() or {})[META_KEY])
+                ranking = f.get_tensor("ranking").to(torch.int64)
+            v = ranking.numel()
+            if ranking.dim() != 1 or not torch.equal(torch.sort(ranking).values, torch.arange(v)):
+                raise ValueError("the ranking is not a permutation of the vocabulary")
+        except Exception as e:  # noqa: BLE001 - any damage reads as one line
+            why = str(e).splitlines()[0][:200] if str(e) else ""
+            raise ModelError(f"{path}: not an aiflow draft vocabulary ({type(e).__name__}: {why})") from None
+        if model_hash is not None and meta.get("model_hash") != model_hash:
+            raise ModelError(f"{path}: counted for model {str(meta.get('model_hash'))[:12]}, not {model_hash[:12]}")
+        return cls(ranking, meta)
+
+
+def find_vocab(model_hash: str) -> Optional[DraftVocab]:
+    """The cached draft vocabulary of ``model_hash``, or None when none was counted."""
+    path = vocab_path(model_hash)
+    return DraftVocab.load(path, model_hash) if path.is_file() else None
+
+
+def rank_vocab(vocab_size: int, counts: torch.Tensor, first: Any = ()) -> torch.Tensor:
+    """Token ids ranked: ``first`` (in order), then by ``counts`` ([V]) descending, ties by id."""
+    ranked = torch.sort(-counts.to(torch.long)[:vocab_size], stable=True).indices  # ties keep id order
+    head = [int(i) for i in first if 0 <= int(i) < vocab_size]
+    if head:
+        rest = ranked[~torch.isin(ranked, torch.tensor(head))]
+        ranked = torch.cat([torch.tensor(head, dtype=torch.long), rest])
+    return ranked
+
+
+def _vocab_of(model, name: str, train: list[_Seq], held: list[_Seq], tokens: int, calibration: str) -> DraftVocab:
+    """Counts the full model's greedy next tokens over ``train`` (every position) into a :class:`DraftVocab`;
+    measures on ``held`` the share of generated greedy tokens inside each subset size (its coverage: the most
+    a truncated drafter can be accepted)."""
+    v = int(train[0].logp.shape[1]) if train else int(model.adapter.config.vocab_size)
+    counts = torch.zeros(v, dtype=torch.long)
+    for q in train:
+        counts += torch.bincount(q.greedy, minlength=v)[:v]
+    ranking = rank_vocab(v, counts, sorted(model.eos_token_ids))
+    want = torch.cat([q.greedy[q.scored] for q in held]) if held else torch.empty(0, dtype=torch.long)
+    rank_of = torch.empty(v, dtype=torch.long)
+    rank_of[ranking] = torch.arange(v)
+    coverage = {
+        str(n): round(float((rank_of[want] < n).float().mean()), 4) if want.numel() else None
+        for n in ([n for n in VOCAB_SIZES if n < v] or [v // 8, v // 4, v // 2])
+    }
+    meta = {
+        "model": name,
+        "model_hash": model.model_hash,
+        "vocab_size": v,
+        "counted_positions": int(sum(q.greedy.numel() for q in train)),
+        "distinct_tokens": int((counts > 0).sum()),
+        "tokens": tokens,
+        "held_out_positions": int(want.numel()),
+        "held_out_coverage": coverage,
+        "calibration": calibration,
+        "source": "the full model's greedy next token at every position of the calibration texts and of its own "
+        "greedy continuations (held-out prompts excluded); unseen tokens by id",
+    }
+    return DraftVocab(ranking, meta)
+
+
+def build_vocab(
+    name: str,
+    *,
+    tokens: int = CONTINUATION_TOKENS,
+    max_texts: Optional[int] = None,
+    progress: Progress = lambda s: None,
+) -> tuple[DraftVocab, Path, float]:
+    """Counts and saves the draft vocabulary of model ``name`` (see :class:`DraftVocab`); returns it, its path
+    and the seconds it took. :func:`train_exit` saves the same from the sequences it generates anyway."""
+    from aiflow_cli.models import load_model
+    from aiflow_cli.profile.calibration import load_calibration
+
+    t0 = time.perf_counter()
+    model = load_model(name)
+    if model.task != "generate" or model.stages[-1].kind != "head":
+        raise ModelError(f"{model.name} ({model.task}) is not a language model with a head: it has no vocabulary")
+    cal = load_calibration()
+    held_p = list(cal.prompts[-HELD_OUT:])
+    train_p = [p for p in list(cal.prompts) + list(cal.sentences) if p not in held_p][:max_texts]
+    seqs = []
+    for i, p in enumerate(train_p + held_p):
+        progress(f"draft vocabulary: the full model's greedy continuation {i + 1}/{len(train_p) + len(held_p)}")
+        seqs.append(_sequence(model, p, None, tokens))
+    vocab = _vocab_of(model, name, seqs[: len(train_p)], seqs[len(train_p) :], tokens, cal.hash)
+    path = vocab_path(model.model_hash)
+    vocab.save(path)
+    return vocab, path, round(time.perf_counter() - t0, 2)

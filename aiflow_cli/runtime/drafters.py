@@ -8,6 +8,15 @@
 - any other value: a separate draft MODEL sharing the target's vocabulary, run whole on the device with its own KV
   cache (cropped back to the committed tokens after each round).
 
+``auto:N`` / ``exit:N`` / ``untrained:N`` draft over a truncated vocabulary: the exit's head computes the logits of
+the ``N`` most frequent tokens only (the model's :class:`~aiflow_cli.models.exit_adapter.DraftVocab`, counted by
+``aiflow draft vocab`` or ``aiflow draft train``), not the whole vocabulary's (SmolLM2: 4096 of 49152 rows of the
+tied head, which is about a fifth of a token's multiply-adds). Exactness is untouched: greedy drafts are verified
+like any other, and a sampled draft's distribution is simply zero outside the subset (the rejection rule of
+:mod:`aiflow_cli.models.sampling` is exact for any draft distribution). What the head applies to logits after
+``lm_head`` (Gemma's soft-capping, a logit scale) is left out of the truncated head: monotone, it changes no greedy
+draft, and a sampled draft distribution only needs to be *a* distribution.
+
 A drafter only proposes tokens: the tiers behind verify every one, so greedy output is the full model's whatever
 the drafts are. Exit drafters run the device's stages one position at a time (each draft is the exit's token
 after the position before); a draft model proposes all ``g`` drafts first, then the device runs its stages on the
@@ -21,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from aiflow_cli.errors import InputError
-from aiflow_cli.models.exit_adapter import ExitAdapter, exit_path, find_exit
+from aiflow_cli.models.exit_adapter import ExitAdapter, exit_path, find_exit, find_vocab, vocab_path
 from aiflow_cli.models.sampling import DraftDist, Sampling, draft_dist, draft_token
 from aiflow_cli.models.state import BoundaryState
 
@@ -32,19 +41,46 @@ if TYPE_CHECKING:
 #: draft= values that are not a model name.
 KINDS = ("auto", "exit", "untrained")
 
+
+def parse_draft(draft: Optional[str]) -> tuple[str, Optional[int]]:
+    """``draft=`` as (kind or model, truncated vocabulary size or None): ``exit:4096`` -> ("exit", 4096); a model
+    name (which may hold a colon: ``builtin:gpt2-tiny``) is returned whole. One-line error for ``exit:abc``."""
+    text = (draft or "auto").strip()
+    kind, sep, n = text.partition(":")
+    if not sep or kind.strip() not in KINDS:
+        return text, None
+    try:
+        size = int(n.strip())
+    except ValueError:
+        size = 0
+    if size < 1:  # (N past the model's vocabulary: DraftVocab.subset)
+        raise InputError(
+            f"draft={text}: give {kind}:N with N the number of most frequent tokens to draft from (e.g. {kind}:4096)",
+            param="draft",
+        )
+    return kind.strip(), size
+
+
 Proposal = tuple[list[BoundaryState], BoundaryState, list[int], list[DraftDist]]
 """Per-position inputs of the device's first decode stage, the device's output for all positions (one state),
 the drafts, and (sampling) the distribution each draft was drawn from."""
 
 
-def choose(logits: torch.Tensor, sampling: Sampling, index: int, dists: list[DraftDist]) -> int:
-    """The draft after ``logits`` ([V]) at answer place ``index``: the argmax when greedy, else a draw from the
-    draft distribution (:func:`~aiflow_cli.models.sampling.draft_dist`, appended to ``dists``: it travels with the
-    draft so that the output tier can apply the rejection rule)."""
+def choose(
+    logits: torch.Tensor, sampling: Sampling, index: int, dists: list[DraftDist], ids: Optional[torch.Tensor] = None
+) -> int:
+    """The draft after ``logits`` ([V], or [N] of the token ids ``ids``) at answer place ``index``: the argmax
+    when greedy, else a draw from the draft distribution (:func:`~aiflow_cli.models.sampling.draft_dist`, appended
+    to ``dists``: it travels with the draft so that the output tier can apply the rejection rule; zero outside
+    ``ids``)."""
     if sampling.greedy:
-        return int(logits.argmax(-1))
-    dists.append(draft_dist(logits, sampling))
-    return draft_token(dists[-1], sampling, index)
+        i = int(logits.argmax(-1))
+        return i if ids is None else int(ids[i])
+    q = draft_dist(logits, sampling)
+    if ids is not None:
+        q = DraftDist(tuple(int(ids[i]) for i in q.ids), q.probs)
+    dists.append(q)
+    return draft_token(q, sampling, index)
 
 
 def device_exit_layer(model: "StagedModel", stop: int) -> Optional[int]:
@@ -77,17 +113,38 @@ class Drafter:
 
 
 class ExitDrafter(Drafter):
-    """The device's own layers + (optionally) a trained adapter + the model's head."""
+    """The device's own layers + (optionally) a trained adapter + the model's head, over the whole vocabulary or
+    (``vocab``: sorted token ids) over a truncated one."""
 
-    def __init__(self, adapter: Optional[ExitAdapter] = None):
+    def __init__(self, adapter: Optional[ExitAdapter] = None, vocab: Optional[torch.Tensor] = None):
         self.adapter = adapter
         self.name = "exit" if adapter is not None else "untrained"
+        self.vocab = vocab
+        self._head: Optional[tuple[Any, torch.Tensor, Optional[torch.Tensor]]] = None  # norm, rows, bias rows
 
     def describe(self) -> dict:
         out: dict = {"draft": self.name}
         if self.adapter is not None:
             out["exit_layer"] = self.adapter.exit_layer
+        if self.vocab is not None:
+            out["draft_vocab"] = int(self.vocab.numel())
         return out
+
+    def logits(self, model: "StagedModel", h: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The exit's logits of the last position of ``h`` ([V], or [N] over :attr:`vocab`) and the token ids
+        they are of (None: the whole vocabulary)."""
+        if self.adapter is not None:
+            h = self.adapter.to(h.device)(h)
+        if self.vocab is None:
+            return model.output(model.run_stage(model.num_stages - 1, {"hidden_states": h}))[0, -1], None
+        if self._head is None:  # the head's rows of the subset, once (the head stage is loaded beside the device's)
+            mods = [model.adapter.model.get_submodule(n) for n in model.stages[-1].modules]
+            norm, lm = mods[0], mods[-1]
+            ids = self.vocab.to(lm.weight.device)
+            bias = lm.bias.detach()[ids] if getattr(lm, "bias", None) is not None else None
+            self._head = (norm, lm.weight.detach()[ids].contiguous(), bias)
+        norm, w, b = self._head
+        return torch.nn.functional.linear(norm(h[:, -1:]), w, b)[0, -1], self.vocab
 
     def propose(
         self, node: "TierNode", cache, base: BoundaryState, pending: int, g: int, mine, sampling: Sampling, index: int
@@ -95,7 +152,6 @@ class ExitDrafter(Drafter):
         from aiflow_cli.runtime.speculate import join_positions
 
         model = node.model
-        head = model.num_stages - 1
         inputs: list[BoundaryState] = []
         states: list[BoundaryState] = []
         draft: list[int] = []
@@ -109,11 +165,8 @@ class ExitDrafter(Drafter):
             states.append(state)
             if i < g:  # the early exit: this tier's last block -> (adapter) -> the final norm -> the LM head
                 with node.computing(mine), torch.inference_mode():
-                    h = state["hidden_states"]
-                    if self.adapter is not None:
-                        h = self.adapter.to(h.device)(h)
-                    logits = model.output(model.run_stage(head, {"hidden_states": h}))
-                    tok = torch.tensor([choose(logits[0, -1], sampling, index + i, dists)], dtype=torch.long)
+                    logits, ids = self.logits(model, state["hidden_states"])
+                    tok = torch.tensor([choose(logits, sampling, index + i, dists, ids)], dtype=torch.long)
                 draft.append(int(tok))
         return inputs, join_positions(states), draft, dists
 
@@ -203,13 +256,27 @@ def check_vocab(target: "StagedModel", draft: "StagedModel") -> Optional[str]:
     return None
 
 
+def draft_vocab(model: "StagedModel", size: int) -> torch.Tensor:
+    """The ``size`` most frequent token ids of ``model`` (its cached :class:`DraftVocab`); one-line errors when
+    none was counted or ``size`` is out of range."""
+    found = find_vocab(model.model_hash)
+    if found is None:
+        raise InputError(
+            f"draft vocabulary of {model.name}: none counted ({vocab_path(model.model_hash)}); count it with "
+            f"`aiflow draft vocab {model.name}` (or `aiflow draft train`)",
+            param="draft",
+        )
+    return found.subset(size)
+
+
 def make_drafter(draft: Optional[str], model: "StagedModel", stop: int) -> Drafter:
     """The drafter a device whose stages end at ``stop`` uses for ``draft`` (see the module docstring); one-line
     :class:`InputError` for an ``exit`` that was never trained or a draft model with another vocabulary."""
-    kind = (draft or "auto").strip()
+    kind, size = parse_draft(draft)
     layer = device_exit_layer(model, stop)
+    vocab = draft_vocab(model, size) if size is not None else None
     if kind == "untrained":
-        return ExitDrafter(None)
+        return ExitDrafter(None, vocab)
     if kind in ("auto", "exit"):
         adapter = find_exit(model.model_hash, layer)
         if adapter is None and kind == "exit":
@@ -222,7 +289,7 @@ def make_drafter(draft: Optional[str], model: "StagedModel", stop: int) -> Draft
                 f"({exit_path(model.model_hash, layer if layer is not None else -1).parent}){train}",
                 param="draft,exit_layer",
             )
-        return ExitDrafter(adapter)
+        return ExitDrafter(adapter, vocab)
     from aiflow_cli.models import load_model
 
     other = load_model(kind)
