@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import typer
 
-from aiflow_cli import codec
 from aiflow_cli.console import console, err_console, goals_table, print_json, table
 
 
 def codecs(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the codec specs (each may take +zstdN)."""
+    from aiflow_cli import codec  # imports torch: only when needed, so every other verb starts without it
+
     specs = codec.default_codecs() + ["int4g64", "int8+zstd9"]
     if json_out:
         print_json({"codecs": specs})

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from aiflow_cli.commands.e2e import _print_goals
+from aiflow_cli.commands.options import DRAFT_MODEL, draft_option, precheck_option
 from aiflow_cli.console import console, err_console, print_json
 from aiflow_cli.errors import InputError
 
@@ -40,21 +41,14 @@ def bench_decode(
     prompt: Optional[str] = typer.Option(
         None, "--prompt", help="The prompt every request generates from (default: the sky-is-blue question)."
     ),
-    draft: Optional[str] = typer.Option(
-        None, "--draft", help="A draft MODEL (same vocabulary) for a spec-draft-auto mode run on the device."
-    ),
+    draft: Optional[str] = draft_option(f"Add a spec-draft-auto mode: {DRAFT_MODEL}."),
     trained: bool = typer.Option(
         True,
         "--trained/--no-trained",
         help="Run the spec-trained-* modes with the trained exit of the device's last block (trained first when "
         "none is cached: `aiflow draft train`).",
     ),
-    precheck: bool = typer.Option(
-        False,
-        "--precheck",
-        help="Add spec-precheck-kK and spec-precheck-auto: the edge pre-checks drafts with its own exit, the cloud "
-        "verifies only those up to the first it rejects.",
-    ),
+    precheck: bool = precheck_option("Add spec-precheck-kK and spec-precheck-auto: "),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Keys, plans, server logs (default: a temp dir)."),
     replan_requests: Optional[int] = typer.Option(
         None,

@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from aiflow_cli.commands.options import speculate_option
 from aiflow_cli.console import console, err_console, print_json, table
 from aiflow_cli.errors import InputError
 from aiflow_cli.shipped import HARDWARE_DIR, shipped_names
@@ -133,10 +134,9 @@ def plan(
         "--input-bytes",
         help="Upload size of one request's input when the device computes nothing, e.g. 7KB for a JPEG (default: the profile's uncoded stage-0 input).",
     ),
-    speculate: Optional[str] = typer.Option(
-        None,
-        "--speculate",
-        help="K|auto: price --objective generate with self-speculative decoding (the device drafts K tokens per round with its own layers; the profile's exit acceptance per stage). Default off.",
+    speculate: Optional[str] = speculate_option(
+        "price --objective generate with self-speculative decoding (the profile's exit acceptance per stage). "
+        "Default off."
     ),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the plan JSON here."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object {plan, explain?, sweep?}."),

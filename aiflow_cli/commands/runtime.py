@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 import typer
 
+from aiflow_cli.commands.options import DRAFT_SOURCES, draft_option, precheck_option, speculate_option
 from aiflow_cli.console import console, err_console, print_json
 from aiflow_cli.errors import InputError
 from aiflow_cli.task import takes_image
@@ -155,12 +156,9 @@ def run(
         "none", "--fallback", help="none | local: finish on the device if the upper tiers fail."
     ),
     speed: float = typer.Option(1.0, "--speed", help="Emulate a slower device (0 < SPEED <= 1)."),
-    speculate: Optional[str] = typer.Option(
-        None,
-        "--speculate",
-        help="K|auto: draft K tokens per round with the device's own layers (early exit), verified upstream in one "
-        "round trip; auto adapts K to acceptance and RTT. Greedy output unchanged; sampled output keeps the full "
-        "model's distribution (rejection rule).",
+    speculate: Optional[str] = speculate_option(
+        "verified upstream in one round trip; auto adapts K to acceptance and RTT. Greedy output unchanged; sampled "
+        "output keeps the full model's distribution (rejection rule)."
     ),
     temperature: float = typer.Option(0.0, "--temperature", help="0: greedy (default); > 0: sample."),
     top_k: int = typer.Option(0, "--top-k", help="Sample among the K most likely tokens (0: all)."),
@@ -168,25 +166,14 @@ def run(
     seed: Optional[int] = typer.Option(
         None, "--seed", help="Seed of the draws (default: a random one, printed); the same seed, the same answer."
     ),
-    draft: Optional[str] = typer.Option(
-        None,
-        "--draft",
-        help="With --speculate: auto (default: the trained exit of the device's last block if `aiflow draft "
-        "train` made one, else the untrained exit) | exit | untrained | MODEL (a draft model with the same "
-        "vocabulary, run on the device).",
-    ),
+    draft: Optional[str] = draft_option(f"With --speculate: {DRAFT_SOURCES}."),
     replan: bool = typer.Option(
         False,
         "--replan/--no-replan",
         help="Measure the device's link and switch every tier to a better plan between requests when it changed "
         "(docs/runtime.md, Re-planning). One request only measures: the JSON reports the estimate. Default off.",
     ),
-    precheck: bool = typer.Option(
-        False,
-        "--precheck",
-        help="With --speculate: the edge checks each greedy round's drafts with its own exit (its last block + the "
-        "head) and forwards only those up to the first it rejects, so the cloud verifies fewer positions.",
-    ),
+    precheck: bool = precheck_option("With --speculate: "),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""

@@ -201,6 +201,27 @@ def extend_for_token(prev: BoundaryState, tokens: torch.Tensor) -> BoundaryState
     return {"input_ids": tokens, "attention_mask": mask, "position_ids": pos}
 
 
+class TextLMAdapter(Adapter):
+    """Base of the text language models' adapters (gpt2, the HF decoders): the full forward on token ids, next-token
+    ids as the output, each decode step's input one token longer (:func:`extend_for_token`)."""
+
+    task: ClassVar[Task] = "generate"
+
+    def monolithic(self, inputs: BoundaryState) -> torch.Tensor:
+        return self.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            position_ids=inputs["position_ids"],
+            use_cache=False,
+        ).logits
+
+    def output_description(self) -> str:
+        return "next-token ids (int64), one per sequence per step"
+
+    def next_inputs(self, prev_inputs: BoundaryState, tokens: torch.Tensor) -> BoundaryState:
+        return extend_for_token(prev_inputs, tokens)
+
+
 def accepts(fn, name: str) -> bool:
     """Whether callable ``fn`` has a parameter called ``name``."""
     try:

@@ -20,26 +20,21 @@ import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-
-from aiflow_cli import codec as codec_mod
+from aiflow_cli import _core
 from aiflow_cli.errors import AiflowError, PlanError
-from aiflow_cli.models import BoundaryState, StagedModel
 from aiflow_cli.plan.cost import Evaluation, Placement
 from aiflow_cli.plan.problem import Problem
 from aiflow_cli.plan.schema import PlanFidelity
 from aiflow_cli.profile.calibration import DEFAULT_TOKENS, calibration_items, load_calibration, metric_for, raw_items
-from aiflow_cli.profile.fidelity import (
-    RANDOM_ITEMS,
-    _cached_json,
-    _sentence_transformers_reference,
-    cache_root,
-    greedy_references,
-    output_fidelity,
-    token_agreement,
-)
+
+# torch, the models and the fidelity helpers are imported where a plan is measured: planning without a
+# measurement (no floor, or only lossless codecs; `aiflow plan`) starts without torch
+if TYPE_CHECKING:
+    import torch
+
+    from aiflow_cli.models import BoundaryState, StagedModel
 
 #: Solves (each followed by a measurement) before giving up on a floor.
 MAX_TRIES = 8
@@ -49,7 +44,7 @@ FLOOR_EPS = 1e-9
 
 def lossless(spec: str) -> bool:
     """Whether a codec returns its input bit for bit (``raw``, ``raw+zstdN``)."""
-    return codec_mod.canonical(spec).split("+")[0] == "raw"
+    return _core.canonical_codec(spec).split("+")[0] == "raw"  # (aiflow_cli.codec.canonical, without torch)
 
 
 @dataclass
@@ -101,26 +96,30 @@ class CodedRun:
                 state = _roundtrip(state, self.cuts[seg.stop - 1], m.device)
         return state
 
-    @torch.inference_mode()
     def output(self, inputs: BoundaryState) -> torch.Tensor:
-        return self.m.output(self._forward(inputs, 0, None))
+        import torch
 
-    @torch.inference_mode()
+        with torch.inference_mode():
+            return self.m.output(self._forward(inputs, 0, None))
+
     def generate(self, inputs: BoundaryState, max_new_tokens: int) -> torch.Tensor:
         """Greedy tokens [B, N], step for step as :meth:`StagedModel.generate` (and the runtime): N =
         ``max_new_tokens``, or fewer when every row has ended with an end-of-sequence token."""
+        import torch
+
         m = self.m
-        caches = [m.new_cache() for _ in self.segments]
-        tokens = m.output(self._forward(inputs, 0, caches))[:, -1].argmax(-1)
-        out = [tokens]
-        step_in = m.decode_inputs_of(inputs)
-        for _ in range(max_new_tokens - 1):
-            if bool(m.finished(torch.stack(out, dim=1)).all()):
-                break
-            step_in = m.next_inputs(step_in, tokens)
-            tokens = m.output(self._forward(step_in, m.decode_start, caches))[:, -1].argmax(-1)
-            out.append(tokens)
-        return torch.stack(out, dim=1)
+        with torch.inference_mode():
+            caches = [m.new_cache() for _ in self.segments]
+            tokens = m.output(self._forward(inputs, 0, caches))[:, -1].argmax(-1)
+            out = [tokens]
+            step_in = m.decode_inputs_of(inputs)
+            for _ in range(max_new_tokens - 1):
+                if bool(m.finished(torch.stack(out, dim=1)).all()):
+                    break
+                step_in = m.next_inputs(step_in, tokens)
+                tokens = m.output(self._forward(step_in, m.decode_start, caches))[:, -1].argmax(-1)
+                out.append(tokens)
+            return torch.stack(out, dim=1)
 
 
 def _key(m: StagedModel, cuts: dict[int, str], tokens: int, items: Optional[int]) -> str:
@@ -131,7 +130,7 @@ def _key(m: StagedModel, cuts: dict[int, str], tokens: int, items: Optional[int]
         "tokens": tokens,
         "items": items,
         "metric": metric_for(m),
-        "cuts": sorted((k, codec_mod.canonical(c)) for k, c in cuts.items()),
+        "cuts": sorted((k, _core.canonical_codec(c)) for k, c in cuts.items()),
     }
     return hashlib.sha256(json.dumps(doc).encode()).hexdigest()[:24]
 
@@ -146,6 +145,18 @@ def measure(
 ) -> Measurement:
     """Fidelity of ``m`` with codec ``cuts[k]`` after each stage ``k``, end to end on the calibration set (first
     ``items`` items; all by default), in the model's metric. Generation: ``tokens`` greedy tokens per item."""
+    import torch
+
+    from aiflow_cli.profile.fidelity import (
+        RANDOM_ITEMS,
+        _cached_json,
+        _sentence_transformers_reference,
+        cache_root,
+        greedy_references,
+        output_fidelity,
+        token_agreement,
+    )
+
     for k in cuts:
         if not 0 <= k < m.num_stages - 1:
             raise PlanError(f"cut {k} is out of range: {m.name} has cuts 0..{m.num_stages - 2}")

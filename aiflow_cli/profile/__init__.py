@@ -11,9 +11,22 @@ The JSON contract is :mod:`aiflow_cli.profile.schema`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from aiflow_cli.profile.profiler import profile_model
 from aiflow_cli.profile.schema import ModelProfile, load_profile
+
+if TYPE_CHECKING:
+    from aiflow_cli.profile.profiler import profile_model
+
+
+def __getattr__(name: str) -> Any:
+    # the profiler imports torch and the models: loaded on first use, so reading profiles and plans (aiflow plan)
+    # starts without them
+    if name == "profile_model":
+        from aiflow_cli.profile.profiler import profile_model
+
+        return profile_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def save_profile(profile: ModelProfile, path: str | Path) -> None:

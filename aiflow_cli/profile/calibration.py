@@ -12,11 +12,13 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from aiflow_cli.errors import InputError
-from aiflow_cli.models import BoundaryState, StagedModel
 from aiflow_cli.task import takes_image
+
+if TYPE_CHECKING:  # (the models import torch; the planner reads DEFAULT_TOKENS and the set's hash without it)
+    from aiflow_cli.models import BoundaryState, StagedModel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 CALIBRATION_DIR = ASSETS / "calibration"

@@ -155,6 +155,7 @@ class TierNode:
                 param="next_client",
             )
         self.next = next_client if behind else None
+        self._next_client, self.exit_head = next_client, exit_head  # for like()
         self.link = f"{tier}-{self.next_tier}" if self.next_tier else ""
         self.speed = speed
         t0 = time.perf_counter()
@@ -185,6 +186,23 @@ class TierNode:
         self._batch_pool: Optional[ThreadPoolExecutor] = None  # steps of a batched message that run as threads
         self.loop = DriveLoop(self) if self.batcher is not None and self.is_driver else None  # all decode loops
         self.on_link: Optional[Any] = None  # (bytes up, bytes down, wire ms) per message sent on (runtime/replan.py)
+
+    def like(self, plan: Plan, *, exit_head: Optional[bool] = None) -> "TierNode":
+        """The same node under another ``plan`` (a re-plan, runtime/replan.py): this tier, next tier's client,
+        speed, dilation, cache limit, batching and observer; its stages loaded for ``plan``. ``exit_head``: None
+        keeps this node's."""
+        node = TierNode(
+            plan,
+            self.tier,
+            next_client=self._next_client,
+            speed=self.speed,
+            cache_limit_bytes=self.sessions.limit_bytes,
+            dilation=self.dilation,
+            exit_head=self.exit_head if exit_head is None else exit_head,
+            batching=self.batching,
+        )
+        node.observer = self.observer
+        return node
 
     # -- identity -------------------------------------------------------------------------------------------
     def info(self) -> TierInfo:

@@ -222,12 +222,11 @@ def _plan_text(plan: Plan) -> str:
 # -- the server side -------------------------------------------------------------------------------------------
 class PlanRouter:
     """The transport handler of a server tier that can switch plans (see the module docstring). ``node``: the
-    tier's node for its starting plan; ``next_client``: its connection to the next tier (None for the last);
-    ``cache_limit_bytes``: each new node's session cache."""
+    tier's node for its starting plan (each new plan's node is ``node.like(plan)``); ``next_client``: its
+    connection to the next tier (None for the last)."""
 
-    def __init__(self, node: Any, next_client: Any = None, cache_limit_bytes: int = 1 << 30):
+    def __init__(self, node: Any, next_client: Any = None):
         self.next_client = next_client
-        self.cache_limit_bytes = cache_limit_bytes
         self.nodes: OrderedDict[str, Any] = OrderedDict({node.plan_hash: node})
         self._lock = threading.Lock()
         self._switch_lock = threading.Lock()  # one switch at a time
@@ -271,7 +270,7 @@ class PlanRouter:
             with self._switch_lock:
                 node = self.nodes.get(msg.new_hash)
                 if node is None:
-                    node = self._node(cur, plan)
+                    node = cur.like(plan)
                 behind: tuple = ()
                 if self.next_client is not None:
                     budget = max(0.0, deadline - time.monotonic()) * 0.9
@@ -287,29 +286,12 @@ class PlanRouter:
         except Exception as e:
             return protocol.error_reply(cur.tier, e)
 
-    def _node(self, cur: Any, plan: Plan) -> Any:
-        from aiflow_cli.runtime.node import TierNode
-
-        node = TierNode(
-            plan,
-            cur.tier,
-            next_client=self.next_client,
-            speed=cur.speed,
-            cache_limit_bytes=self.cache_limit_bytes,
-            dilation=cur.dilation,
-            batching=cur.batching,
-        )
-        node.observer = cur.observer
-        return node
-
 
 def after_request(pipeline: Any) -> dict[str, Any]:
     """The device's step between requests: propose a plan for the measured link, switch every tier to it when
     they all accept, swap the pipeline's node. Returns what the run reports (``RunResult.replan``): the
     estimate, and the switch when one happened. A refused switch keeps the current plan (reported, not
     raised: the request itself succeeded)."""
-    from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, TierNode
-
     rp: Replanner = pipeline.replanner
     old = pipeline.node
     proposal = rp.propose(pipeline._client)
@@ -320,15 +302,7 @@ def after_request(pipeline: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         chain = send_replan(pipeline._client, old.plan_hash, plan, "device", pipeline.timeout_s)
-        node = TierNode(
-            plan,
-            "device",
-            next_client=pipeline._client,
-            speed=pipeline._speed,
-            cache_limit_bytes=DEFAULT_CACHE_BYTES,
-            dilation=pipeline._dilation,
-            exit_head=pipeline.speculate is not None,
-        )
+        node = old.like(plan, exit_head=pipeline.speculate is not None)
         if pipeline.speculate is not None and plan.stages_for("device").stop > 0:  # drafts from the new last block
             from aiflow_cli.runtime.drafters import make_drafter
 

@@ -93,7 +93,7 @@ class TierServer:
             batching=batching,
         )
         # routes requests by plan hash; switches plans when the device proposes one (runtime/replan.py)
-        self.router = PlanRouter(self.node, nxt, cache_limit_bytes)
+        self.router = PlanRouter(self.node, nxt)
         self.server = Server(
             listen,
             identity=ident,

@@ -31,12 +31,11 @@ from transformers.masking_utils import (
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.adapter import (
     MASK_CACHE_KWARG,
-    Adapter,
     StageCache,
     StageSpec,
+    TextLMAdapter,
     accepts,
     cache_kwarg,
-    extend_for_token,
 )
 from aiflow_cli.models.families.gpt2 import random_text
 
@@ -92,9 +91,8 @@ def unsupported_message(mt) -> str:
     )
 
 
-class DecoderAdapter(Adapter):
+class DecoderAdapter(TextLMAdapter):
     family = "decoder"
-    task = "generate"
 
     def __init__(self, model, config, options=None):
         super().__init__(model, config, options)
@@ -216,19 +214,5 @@ class DecoderAdapter(Adapter):
             chat=True,
         )
 
-    def monolithic(self, inputs):
-        return self.model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-            use_cache=False,
-        ).logits
-
-    def output_description(self) -> str:
-        return "next-token ids (int64), one per sequence per step"
-
     def new_cache(self) -> StageCache:
         return StageCache(DynamicCache(config=self.config))
-
-    def next_inputs(self, prev_inputs, tokens):
-        return extend_for_token(prev_inputs, tokens)

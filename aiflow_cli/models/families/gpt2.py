@@ -14,7 +14,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from aiflow_cli.errors import InputError
-from aiflow_cli.models.adapter import MASK_CACHE_KWARG, Adapter, StageCache, StageSpec, extend_for_token, text_positions
+from aiflow_cli.models.adapter import MASK_CACHE_KWARG, Adapter, StageCache, StageSpec, TextLMAdapter, text_positions
 from aiflow_cli.models.state import BoundaryState
 
 
@@ -95,9 +95,8 @@ def random_text(batch: int, seq_len: int, vocab_size: int, max_positions: int, g
     return {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
 
 
-class GPT2Adapter(Adapter):
+class GPT2Adapter(TextLMAdapter):
     family = "gpt2"
-    task = "generate"
     model_class = GPT2LMHeadModel
 
     def model_stages(self) -> list[StageSpec]:
@@ -123,19 +122,5 @@ class GPT2Adapter(Adapter):
             raise InputError("gpt2 models take text only")
         return tokenize(self.options, text, self.config.vocab_size, device, max_positions=self.config.n_positions)
 
-    def monolithic(self, inputs):
-        return self.model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            position_ids=inputs["position_ids"],
-            use_cache=False,
-        ).logits
-
-    def output_description(self) -> str:
-        return "next-token ids (int64), one per sequence per step"
-
     def new_cache(self) -> StageCache:
         return gpt2_cache(self.config, cross=False)
-
-    def next_inputs(self, prev_inputs, tokens):
-        return extend_for_token(prev_inputs, tokens)
