@@ -286,3 +286,32 @@ def test_a_tier_that_drives_and_outputs_steps_all_its_generations_in_one_loop():
         assert isinstance(tokens, torch.Tensor), tokens
         assert torch.equal(tokens, full.generate(p, n))
     assert cloud.batcher.largest > 1 and len(cloud.sessions) == 0
+
+
+def test_a_generation_that_fails_in_the_decode_loop_fails_alone():
+    """Mid-generation the cloud loses one session (as if evicted): that request fails with the cloud's error, the
+    other generations of the same loop get their exact tokens, and both tiers end every session."""
+    full = load_stages("builtin:gpt2-tiny")
+    plan = fixed_plan(full, (1, full.num_stages - 2))
+    cloud = TierNode(plan, "cloud", model=full, batching=BatchSettings(16))
+
+    dropped: list[int] = []
+
+    class DropsOne(Recording):
+        def request(self, msg, timeout_s):
+            steps = msg.meta["steps"] if msg.kind == protocol.INFER_BATCH else []
+            if not dropped and any(s["session"] == 1003 and s["phase"] == DECODE for s in steps):
+                dropped.append(len(steps))
+                cloud.sessions.close(("test-peer", 1003))  # job 3's session (the edge sends its id on)
+            return super().request(msg, timeout_s)
+
+    edge = TierNode(plan, "edge", model=full, next_client=DropsOne(cloud), batching=BatchSettings(16))
+    jobs = [(p, 8) for p in _prompts(full, 6)]
+    got = _generate(edge, full, jobs)
+    assert dropped and dropped[0] > 1  # dropped from a batched message of several sessions
+    assert isinstance(got[3], Exception) and "no session 1003" in str(got[3])
+    for i, ((p, n), tokens) in enumerate(zip(jobs, got)):
+        if i != 3:
+            assert isinstance(tokens, torch.Tensor), tokens
+            assert torch.equal(tokens, full.generate(p, n))
+    assert len(edge.sessions) == len(cloud.sessions) == 0

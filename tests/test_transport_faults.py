@@ -2,7 +2,7 @@
 keeps serving the others. The failure is injected with the test-only ``AIFLOW_TEST_FAIL_HANDLER_START=N`` (read
 once when a server starts; rust_core/net/src/transport/server.rs): the server's Nth handler start fails exactly
 as tokio's does when the OS refuses a thread (a panic, caught), on both ways a handler starts: on the I/O thread
-(requests up to ``AIFLOW_INLINE_HANDLER_BYTES``) and on the blocking pool (larger ones)."""
+(requests up to ``AIFLOW_INLINE_HANDLER_BYTES``, default 0) and on the blocking pool (larger ones)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def echo(msg: Message, peer: PeerInfo) -> Message:
     return Message("re:" + msg.kind, dict(msg.meta), list(msg.frames))
 
 
-@pytest.mark.parametrize("inline_bytes", [None, "0"], ids=["inline-handler", "pool-handler"])
+@pytest.mark.parametrize("inline_bytes", ["65536", None], ids=["inline-handler", "pool-handler"])
 def test_a_handler_that_cannot_get_a_thread_gets_an_error_reply_and_the_server_keeps_serving(
     ids, monkeypatch, inline_bytes
 ):
@@ -63,7 +63,7 @@ def test_a_handler_that_cannot_get_a_thread_gets_an_error_reply_and_the_server_k
 def test_large_requests_start_on_the_pool_and_fail_the_same_way(ids, monkeypatch):
     """A request above the inline threshold takes the blocking pool: the injected failure is answered there too."""
     monkeypatch.setenv("AIFLOW_TEST_FAIL_HANDLER_START", "1")
-    monkeypatch.setenv("AIFLOW_INLINE_HANDLER_BYTES", "1024")
+    monkeypatch.setenv("AIFLOW_INLINE_HANDLER_BYTES", "1024")  # 4 KiB requests: the pool; 1 byte: inline
     srv = Server("127.0.0.1:0", identity=ids["server"], trust=[ids["client"]], handler=echo)
     big = b"x" * 4096
     with srv, Client(srv.address, identity=ids["client"], trust=[ids["server"]]) as cli:

@@ -107,11 +107,14 @@ pub const FAIL_HANDLER_START_ENV: &str = "AIFLOW_TEST_FAIL_HANDLER_START";
 
 /// Environment variable read once when a server starts: requests of at most this many bytes (frames and header)
 /// run their handler on the I/O thread that read them (`block_in_place`: the thread's other I/O work moves to
-/// another thread while the handler runs), which saves waking a blocking-pool thread per request; larger ones
-/// run on the blocking pool, which keeps large transfers' I/O going on the worker. 0: every handler on the pool.
-/// Default [`INLINE_HANDLER_DEFAULT_BYTES`].
+/// another thread while the handler runs) instead of on a blocking-pool thread. Default 0: every handler on the
+/// pool. Measured on the shared 2-core VM (load 5-7, `aiflow bench transport --quick`, interleaved runs): with 64
+/// or 256 KiB the 4 KiB round trip took 197-209 us p50 and 8.0-10.3 context switches against 126-156 us and
+/// 7.3-7.5 on the pool (handing the I/O worker's core to another thread wakes one per request); an earlier
+/// idle-machine run with every handler inline measured 159-161 us against 188-196 (docs/transport.md, Threads).
+/// Kept as a switch to re-measure on a quiet machine.
 pub const INLINE_HANDLER_ENV: &str = "AIFLOW_INLINE_HANDLER_BYTES";
-pub const INLINE_HANDLER_DEFAULT_BYTES: u64 = 64 << 10;
+pub const INLINE_HANDLER_DEFAULT_BYTES: u64 = 0;
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.trim().parse::<u64>().ok())
