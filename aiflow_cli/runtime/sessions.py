@@ -69,6 +69,7 @@ class SessionStore:
         self._sessions: OrderedDict[SessionKey, Session] = OrderedDict()
         self._evicted: OrderedDict[SessionKey, str] = OrderedDict()
         self._lock = threading.Lock()
+        self._total = 0  # sum of the live sessions' nbytes, kept as they change (a step costs O(1), not O(sessions))
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -76,13 +77,14 @@ class SessionStore:
     @property
     def total_bytes(self) -> int:
         with self._lock:
-            return sum(s.nbytes for s in self._sessions.values())
+            return self._total
 
     def open(self, key: SessionKey) -> Session:
         """A new session for a prefill (replacing a stale one with the same key)."""
         with self._lock:
             self._expire_idle()
             s = Session(self._new_cache(), busy=True)
+            self._pop(key)
             self._sessions[key] = s
             self._sessions.move_to_end(key)
             self._evicted.pop(key, None)
@@ -108,6 +110,8 @@ class SessionStore:
         """Accounts a session's memory after a step and evicts other sessions while over the limit."""
         nbytes = cache_bytes(session.cache) + sum(t.numel() * t.element_size() for t in session.step_inputs.values())
         with self._lock:
+            if self._sessions.get(key) is session:  # still live (not evicted or replaced meanwhile)
+                self._total += nbytes - session.nbytes
             session.nbytes, session.busy = nbytes, False
             session.last_used = time.monotonic()
             if nbytes > self.limit_bytes:
@@ -121,14 +125,14 @@ class SessionStore:
                     f"than the limit of {self.limit_bytes / 2**20:.1f} MiB (`cache_limit_bytes`)",
                     param="cache_limit_bytes",
                 )
-            total = sum(s.nbytes for s in self._sessions.values())
+            if self._total <= self.limit_bytes:
+                return
             for other in list(self._sessions):
-                if total <= self.limit_bytes:
+                if self._total <= self.limit_bytes:
                     break
                 victim = self._sessions[other]
                 if other == key or victim.busy:
                     continue
-                total -= victim.nbytes
                 self._drop(
                     other,
                     f"the {self.tier} KV cache was full: {self.limit_bytes / 2**20:.1f} MiB (`cache_limit_bytes`)",
@@ -136,10 +140,15 @@ class SessionStore:
 
     def close(self, key: SessionKey) -> None:
         with self._lock:
-            self._sessions.pop(key, None)
+            self._pop(key)
+
+    def _pop(self, key: SessionKey) -> None:
+        s = self._sessions.pop(key, None)
+        if s is not None:
+            self._total -= s.nbytes
 
     def _drop(self, key: SessionKey, why: str) -> None:
-        self._sessions.pop(key, None)
+        self._pop(key)
         self._evicted[key] = why
         while len(self._evicted) > 4096:
             self._evicted.popitem(last=False)
