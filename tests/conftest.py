@@ -3,14 +3,28 @@
 :func:`wait_until` replaces fixed sleeps: servers bump their counters after the reply is on the wire, relays
 deliver after their emulated delay, processes take a moment to die. Poll for the condition with a bound instead
 of sleeping for a guess, so a loaded machine gives a slower test, not a flaky one.
+
+:func:`own_cache` gives a test module a fresh ``AIFLOW_CACHE_DIR`` (``pytestmark =
+pytest.mark.usefixtures("own_cache")``).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
+
+import pytest
 
 T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def own_cache(tmp_path_factory) -> Iterator[None]:
+    """``AIFLOW_CACHE_DIR`` in a fresh directory for the module: measurements and references go there, so a test
+    must measure, not read an old answer."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("AIFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("aiflow-cache")))
+        yield
 
 
 def wait_until(predicate: Callable[[], T], timeout_s: float = 5.0, interval_s: float = 0.01, what: str = "") -> T:

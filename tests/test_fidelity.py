@@ -26,12 +26,7 @@ HARDWARE = Path(__file__).resolve().parent.parent / "profiles" / "hardware"
 TOKENS = 8
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _own_cache(tmp_path_factory):
-    """Measurements and references go to a fresh cache: a test must measure, not read an old answer."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("aiflow-cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("own_cache")  # (conftest.py) a fresh AIFLOW_CACHE_DIR for this module
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,7 @@ st_module = pytest.importorskip("sentence_transformers")
 FLOOR = 0.999
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _own_cache(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AIFLOW_CACHE_DIR", str(tmp_path_factory.mktemp("aiflow-cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("own_cache")  # (conftest.py) a fresh AIFLOW_CACHE_DIR for this module
 
 
 @pytest.fixture(scope="module")

@@ -78,9 +78,6 @@ def serve(
     import json
     import sys
 
-    from aiflow_cli.runtime.batching import BatchSettings
-    from aiflow_cli.runtime.serve import TierServer
-
     _threads()
     if replicas > 1 or ray_address is not None or max_replicas is not None:  # a pool on Ray (commands/pool.py)
         from aiflow_cli.commands.pool import serve_pool_cli
@@ -90,6 +87,10 @@ def serve(
             json_out, metrics, replicas=replicas, ray_address=ray_address, max_replicas=max_replicas,
             target_sessions=target_sessions, cpus=replica_cpus, batch_max=batch_max, batch_window_ms=batch_window_ms,
         )  # fmt: skip
+    # (after the pool's branch: it checks its options before anything imports torch)
+    from aiflow_cli.runtime.batching import BatchSettings
+    from aiflow_cli.runtime.serve import TierServer
+
     srv = TierServer(
         role,
         plan,
