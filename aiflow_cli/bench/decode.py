@@ -41,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -530,9 +531,9 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
             for m in modes:
                 runs.append(_summary(rtt, m, reference))
             split_row = next(r for r in runs if r["rtt_ms"] == rtt and r["mode"] == "split")
-            for r in runs:
-                if r["rtt_ms"] == rtt and r["mode"].startswith("spec-"):
-                    r["bound"] = row_bound(r, split_row)
+            for row in runs:
+                if row["rtt_ms"] == rtt and row["mode"].startswith("spec-"):
+                    row["bound"] = row_bound(row, split_row)
             split_tps = next(r["tokens_per_s"] for r in runs if r["rtt_ms"] == rtt and r["mode"] == "split")
             progress(
                 f"RTT {rtt:g} ms: "
@@ -748,14 +749,14 @@ def draft_costs(
             continue
         for n, ids in [(None, None), *subsets.items()]:
             d = ExitDrafter(a, ids)
-            cost = RoundCost(c_pos, _median_ms(lambda d=d: d.logits(full, h1), steps), up1, up_n)
+            cost = RoundCost(c_pos, _median_ms(partial(d.logits, full, h1), steps), up1, up_n)
             add(kind if n is None else f"{kind}:{n}", device_end - 1, d, cost, n is None or n == vocabs[0])
     ids = subsets.get(vocabs[0]) if vocabs else None
     for stage in early:
         d = ExitDrafter(None, ids)
         cost = RoundCost(
             stages_ms(0, stage + 1, one),
-            _median_ms(lambda d=d: d.logits(full, h1), steps),
+            _median_ms(partial(d.logits, full, h1), steps),
             stages_ms(stage + 1, device_end, one) + up1,
             stages_ms(stage + 1, device_end, batch) + up_n,
         )
