@@ -48,6 +48,10 @@ def test_a_rows_bound_comes_from_its_own_measurements():
     assert b["max_speedup"] == round(expected_tokens(0.5, 4) * 100 / 320, 3)
     assert b["measured_tokens_per_round"] == 11 / 4
     assert row_bound({**row, "rounds": 0}, split) is None
+    # rounds of varying drafts (auto): the expectation and the round time are means over the rounds as they ran
+    b = row_bound({**row, "drafts_each_round": [0, 4, 4, 8]}, split)
+    want = sum(expected_tokens(0.5, k) for k in (0, 4, 4, 8)) / 4
+    assert b["expected_tokens_per_round"] == round(want, 3) and b["round_ms"] == (55 + 5 * 55 * 2 + 9 * 55) / 4 + 45
 
 
 def test_quick_runs_fewer_modes_and_says_which():

@@ -5,6 +5,7 @@ vocabulary is counted reproducibly, and bad parameters are one-line errors."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,36 @@ def test_smollm2_truncated_vocabulary_greedy_equals_plain_greedy():
         assert torch.equal(r.tokens, ref), (text, r.tokens, ref)
         assert r.spec.policy["draft_vocab"] == 4096 and r.spec.accepted > 0
         assert all(len(t.sessions) == 0 for t in tiers)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--device-end", "1"], "--device-end 1"),
+        (["--rtt", "abc"], "--rtt 'abc'"),
+        (["--rtt", "-5"], "--rtt '-5'"),
+    ],
+)
+def test_cli_cost_bad_input_is_one_line(args, says):
+    r = subprocess.run(
+        [sys.executable, "-m", "aiflow_cli", "draft", "cost", "builtin:llama-tiny", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = (r.stdout + r.stderr).strip()
+    assert r.returncode != 0 and "Traceback" not in out and says in out, out
+    assert len([ln for ln in out.splitlines() if ln.strip()]) <= 2, out
+
+
+def test_cli_cost_prints_the_options_and_their_bound():
+    r = subprocess.run(
+        [sys.executable, "-m", "aiflow_cli", "draft", "cost", "builtin:llama-tiny", "--tokens", "4", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    c = json.loads(r.stdout)
+    assert c["options"][0]["option"] == "untrained" and set(c["options"][0]["bound"]) == {"40", "100"}
+    assert c["positions"] == 4 * c["prompts"] and c["device_ms_per_position"] > 0

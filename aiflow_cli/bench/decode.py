@@ -41,6 +41,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -260,6 +261,7 @@ def _summary(rtt_ms: float, m: _Mode, reference: torch.Tensor) -> dict[str, Any]
         "requests": len(rs),
         "policy": rs[-1].speculation["policy"] if rs[-1].speculation else None,
         "rounds": rounds,
+        "drafts_each_round": [g for r in rs if r.speculation for g in r.speculation["drafts_per_round"]],
     }
 
 
@@ -279,8 +281,9 @@ def row_bound(row: dict[str, Any], split: dict[str, Any]) -> Optional[dict[str, 
     c, up, fixed = pol["draft_ms_per_position"], pol["upstream_ms_per_position"] or 0.0, pol["fixed_ms"] or 0.0
     g = row["drafted"] / row["rounds"]
     a = row["acceptance"] or 0.0
-    e = expected_tokens(a, round(g)) if g else 1.0
-    round_ms = (g + 1) * (c + up) + fixed
+    each = row.get("drafts_each_round") or [round(g)]  # the rounds as they ran (auto varies g): means over them
+    e = statistics.fmean(expected_tokens(a, k) for k in each)
+    round_ms = statistics.fmean((k + 1) * (c + up) + fixed for k in each)
     split_ms = split["total_ms"] / max(split["tokens"], 1)
     return {
         "c_ms": c,
@@ -479,17 +482,18 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
         progress(
             "starting edge and cloud ("
             + "; ".join(f"{k} {p.summary()}" for k, p in plans.items())
-            + "); meanwhile measuring the exits and draft options in this process (every stage loaded)"
+            + "); meanwhile measuring the exits' acceptance in this process (every stage loaded)"
         )
         with ThreadPoolExecutor(len(clusters)) as pool:  # both placements' servers start at once, beside the costs
             started = [pool.submit(c.start) for c in clusters.values()]
             full = load_stages(cfg.model)
             exits = sorted({*range(4, n - 1, 4), split[0] - 1, n - 3})
             acceptance = exit_acceptance(full, full.prepare(text=cfg.prompt), exits, cfg.tokens)
-            costs = _costs(cfg, full, split[0])
-            del full
             for f in started:
                 f.result()
+        progress("timing the draft options in this process (the servers idle)")
+        costs = _costs(cfg, full, split[0])  # after the start: its timings do not share the CPU with it
+        del full
         timeout_s = 60.0 + cfg.tokens * (10 + max(cfg.rtts_ms) / 1e3 * 4)
         modes = [
             _Mode(
@@ -527,9 +531,9 @@ def run(cfg: DecodeConfig, progress: Progress = lambda s: None, command: str = "
             for m in modes:
                 runs.append(_summary(rtt, m, reference))
             split_row = next(r for r in runs if r["rtt_ms"] == rtt and r["mode"] == "split")
-            for r in runs:
-                if r["rtt_ms"] == rtt and r["mode"].startswith("spec-"):
-                    r["bound"] = row_bound(r, split_row)
+            for row in runs:
+                if row["rtt_ms"] == rtt and row["mode"].startswith("spec-"):
+                    row["bound"] = row_bound(row, split_row)
             split_tps = next(r["tokens_per_s"] for r in runs if r["rtt_ms"] == rtt and r["mode"] == "split")
             progress(
                 f"RTT {rtt:g} ms: "
@@ -745,14 +749,14 @@ def draft_costs(
             continue
         for n, ids in [(None, None), *subsets.items()]:
             d = ExitDrafter(a, ids)
-            cost = RoundCost(c_pos, _median_ms(lambda d=d: d.logits(full, h1), steps), up1, up_n)
+            cost = RoundCost(c_pos, _median_ms(partial(d.logits, full, h1), steps), up1, up_n)
             add(kind if n is None else f"{kind}:{n}", device_end - 1, d, cost, n is None or n == vocabs[0])
     ids = subsets.get(vocabs[0]) if vocabs else None
     for stage in early:
         d = ExitDrafter(None, ids)
         cost = RoundCost(
             stages_ms(0, stage + 1, one),
-            _median_ms(lambda d=d: d.logits(full, h1), steps),
+            _median_ms(partial(d.logits, full, h1), steps),
             stages_ms(stage + 1, device_end, one) + up1,
             stages_ms(stage + 1, device_end, batch) + up_n,
         )

@@ -140,9 +140,11 @@ class ExitDrafter(Drafter):
         if self._head is None:  # the head's rows of the subset, once (the head stage is loaded beside the device's)
             mods = [model.adapter.model.get_submodule(n) for n in model.stages[-1].modules]
             norm, lm = mods[0], mods[-1]
-            ids = self.vocab.to(lm.weight.device)
-            bias = lm.bias.detach()[ids] if getattr(lm, "bias", None) is not None else None
-            self._head = (norm, lm.weight.detach()[ids].contiguous(), bias)
+            weight: torch.Tensor = lm.weight  # type: ignore[assignment]
+            lm_bias: Optional[torch.Tensor] = getattr(lm, "bias", None)
+            ids = self.vocab.to(weight.device)
+            bias = lm_bias.detach()[ids] if lm_bias is not None else None
+            self._head = (norm, weight.detach()[ids].contiguous(), bias)
         norm, w, b = self._head
         return torch.nn.functional.linear(norm(h[:, -1:]), w, b)[0, -1], self.vocab
 
