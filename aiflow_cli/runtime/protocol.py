@@ -20,6 +20,8 @@ Requests go down the chain device -> edge -> cloud, replies come back up:
   every tier's timings).
 - :class:`Verify` (one round of speculative decoding: several positions at once, after a KV-cache roll-back) ->
   :class:`Result` (the greedy token after every position); see :mod:`aiflow_cli.runtime.speculate`.
+- :class:`InferBatch` (the steps of several sessions that one batch pass produced, sent on together:
+  aiflow_cli/runtime/batching.py) -> :class:`ResultBatch` (a :class:`Result` or an :class:`Error` per session).
 - :class:`Replan` -> :class:`HelloReply`: the device proposes a new plan between requests (the link changed);
   every tier loads its new stages and answers for the new plan; sessions of the old plan finish under it.
 - :class:`Error`: the reply to any request that failed, re-raised on the device as the same
