@@ -364,8 +364,8 @@ def _trained_exit(cfg: DecodeConfig, model: StagedModel, device_end: int, progre
         return {
             "exit_layer": layer,
             "path": None,
-            "why": f"none cached and --quick trains nothing: `aiflow draft train {cfg.model} --exit-layer {layer}` "
-            "(minutes), then re-run",
+            "why": f"none cached, and a quick run trains none: train it with `aiflow draft train` ({cfg.model}, exit "
+            f"layer {layer}; minutes), then re-run",
         }
     progress(f"training the exit after block {layer} of {cfg.model} (as `aiflow draft train` does)")
     r = train_exit(cfg.model, layer, steps=cfg.train_steps, progress=progress)
@@ -396,8 +396,8 @@ def _draft_vocab(cfg: DecodeConfig, model: StagedModel, progress: Progress) -> O
         return {
             "size": cfg.vocab,
             "path": None,
-            "why": f"none cached and --quick counts nothing: `aiflow draft vocab {cfg.model}` (about a minute), then "
-            "re-run",
+            "why": f"none cached, and a quick run counts none: count it with `aiflow draft vocab {cfg.model}` (about "
+            "a minute), then re-run",
         }
     progress(f"counting the draft vocabulary of {cfg.model} (as `aiflow draft vocab` does)")
     found, path, seconds = build_vocab(cfg.model, progress=progress)
