@@ -333,7 +333,9 @@ class DriveLoop:
     one :class:`~aiflow_cli.runtime.protocol.InferBatch` (or, on an output tier, each session's token picked),
     tokens appended; a generation joins at the next step after its prefill and leaves when it has its tokens (or
     an end-of-sequence token), and only then is its request's thread woken. A step that fails fails only its own
-    generation (its session closed); the others go on."""
+    generation (its session closed); the others go on. A request that stops waiting (``grace_s`` past its
+    deadline: a step hung) fails with a Timeout, and its generation leaves the loop before the next step, its
+    session closed."""
 
     def __init__(self, node: Any):
         self.node = node
