@@ -245,20 +245,37 @@ def test_generations_over_the_batched_hop_equal_solo_runs(name):
 
 def test_three_processes_carry_batched_steps_between_edge_and_cloud(tmp_path):
     """Real device + edge + cloud processes (QUIC, mutual TLS), 8 devices at once: each gets its prompt's own
-    tokens, and the cloud received batched messages (its request counter by kind), fewer messages than steps."""
+    tokens, and the cloud received batched messages, fewer messages than steps; its metrics count every session
+    step as a request (as with batching off), with its own compute and codec times, and the messages apart."""
     texts = [f"device {i} asks " + "y" * (i * 2) for i in range(8)]
     out, refs, samples = run_on_cluster(tmp_path, texts, 6)
     cloud = samples["cloud"]
     for got, ref in zip(out, refs):
         assert not isinstance(got, Exception), got
         assert torch.equal(got.tokens, ref)
-    batches = total(cloud, "aiflow_requests_total", tier="cloud", kind=protocol.INFER_BATCH)
-    singles = total(cloud, "aiflow_requests_total", tier="cloud", kind=protocol.INFER)
-    assert batches > 0
-    assert batches + singles < len(texts) * 7  # 6 steps a request + the warm-up's, fewer messages than steps
-    # the link's message count (a batch counts once, on one of its sessions) sums to what the cloud received
+    steps = len(texts) * 7  # 6 steps a request + the warm-up's prefill, on each tier
+    assert total(cloud, "aiflow_batch_messages_total", tier="cloud") > 0
+    assert total(cloud, "aiflow_requests_total", tier="cloud", kind=protocol.INFER_BATCH) == 0
+    assert total(cloud, "aiflow_requests_total", tier="cloud", kind=protocol.INFER, phase=PREFILL) == 2 * len(texts)
+    assert total(cloud, "aiflow_requests_total", tier="cloud", kind=protocol.INFER, phase=DECODE) == 5 * len(texts)
+    assert total(cloud, "aiflow_request_errors_total", tier="cloud") == 0
+    # the edge drives: it receives each request's prefill and answers it with all its tokens (its decode loop's
+    # steps are in that request's figures); the cloud receives every step
+    for tier, requests in (("edge", 2 * len(texts)), ("cloud", steps)):
+        s = samples[tier]
+        assert total(s, "aiflow_requests_total", tier=tier, kind=protocol.INFER) == requests, tier
+        assert total(s, "aiflow_request_duration_seconds_count", tier=tier) == requests, tier
+        assert total(s, "aiflow_stage_compute_seconds_count", tier=tier) == requests, tier
+        assert 0 < total(s, "aiflow_stage_compute_seconds_sum", tier=tier) < 60, tier
+        assert total(s, "aiflow_codec_seconds_count", tier=tier, op="decode") == requests, tier
+        assert total(s, "aiflow_batch_size_sum", tier=tier) == steps, tier  # every step in one pass
+    # the link's message count (a batch counts once, on one of its sessions) is fewer messages than steps
     sent = sum(r.timings.links["edge-cloud"].messages for r in out)
     assert 0 < sent < len(texts) * 6
+    # bytes: what the edge sent up (and got back) is what the cloud received (and answered), batches included
+    for direction in ("up", "down"):
+        e = total(samples["edge"], "aiflow_link_bytes_total", link="edge-cloud", direction=direction)
+        assert e > 0 and e == total(cloud, "aiflow_link_bytes_total", link="edge-cloud", direction=direction)
 
 
 def test_a_tier_that_drives_and_outputs_steps_all_its_generations_in_one_loop():
@@ -315,3 +332,76 @@ def test_a_generation_that_fails_in_the_decode_loop_fails_alone():
             assert isinstance(tokens, torch.Tensor), tokens
             assert torch.equal(tokens, full.generate(p, n))
     assert len(edge.sessions) == len(cloud.sessions) == 0
+
+
+def _middle_chain(settings: BatchSettings):
+    """gpt2-tiny on device [0:2) (it drives) + edge [2:4) (a middle tier: it keeps a cache but neither drives nor
+    outputs) + cloud [4:7), in-process, with recording links."""
+    full = load_stages("builtin:gpt2-tiny")
+    plan = fixed_plan(full, (2, 4))
+    cloud = TierNode(plan, "cloud", model=full, batching=settings)
+    to_cloud = Recording(cloud)
+    edge = TierNode(plan, "edge", model=full, next_client=to_cloud, batching=settings)
+    to_edge = Recording(edge)
+    device = TierNode(plan, "device", model=full, next_client=to_edge, batching=settings)
+    assert device.is_driver and not edge.is_driver and not edge.is_output and edge.batcher is not None
+    return full, device, edge, cloud, to_edge, to_cloud
+
+
+def test_a_middle_tier_runs_a_batch_as_one_pass_and_sends_it_on_as_one_message():
+    """The edge between a driving device and the cloud: each batched message it receives runs as one pass on the
+    receiving thread (no thread per step) and goes on to the cloud as one message; every session
+    gets the model's own greedy tokens and every tier ends every session."""
+    full, device, edge, cloud, to_edge, to_cloud = _middle_chain(BatchSettings(16))
+    jobs = [(p, 5) for p in _prompts(full, 6)]
+    got = _generate(device, full, jobs)
+    for (p, k), tokens in zip(jobs, got):
+        assert isinstance(tokens, torch.Tensor), tokens
+        assert torch.equal(tokens, full.generate(p, k))
+    assert to_edge.kinds.get(protocol.INFER_BATCH, 0) > 0
+    # each batch goes on as one message (single steps that meet in the edge's batcher may join into one more)
+    assert 0 < sum(to_cloud.kinds.values()) <= sum(to_edge.kinds.values())
+    assert to_cloud.kinds.get(protocol.INFER_BATCH, 0) >= to_edge.kinds[protocol.INFER_BATCH]
+    assert edge._batch_pool is None  # no step ran on a thread of its own
+    assert len(device.sessions) == len(edge.sessions) == len(cloud.sessions) == 0
+
+
+def test_a_generation_that_outlives_its_wait_leaves_the_decode_loop():
+    """A decode step that hangs past a generation's deadline (+ the loop's grace): its request fails with a
+    Timeout, the loop drops that generation (its session freed) before its next step, and the other generation of
+    the loop goes on to its exact tokens."""
+    full = load_stages("builtin:gpt2-tiny")
+    plan = fixed_plan(full, (1, full.num_stages - 2))
+    cloud = TierNode(plan, "cloud", model=full, batching=BatchSettings(16))
+    blocked: list[int] = []
+
+    class Hangs(Recording):
+        def request(self, msg, timeout_s):
+            if msg.kind == protocol.INFER_BATCH and not blocked and msg.meta["steps"][0]["phase"] == DECODE:
+                blocked.append(len(msg.meta["steps"]))
+                time.sleep(2.0)  # past the short request's deadline + grace
+            return super().request(msg, timeout_s)
+
+    link = Hangs(cloud)
+    edge = TierNode(plan, "edge", model=full, next_client=link, batching=BatchSettings(16))
+    edge.loop.grace_s = 0.1
+    (short, long_) = _prompts(full, 2)
+
+    def session(i: int):
+        deadline = time.monotonic() + (0.8 if i == 0 else 60)
+        return edge.step(
+            ("peer", 1000 + i), PREFILL, 1, Payload(state=(short, long_)[i]), max_new_tokens=8, deadline=deadline
+        ).tokens
+
+    got = _concurrently(session, 2)
+    assert blocked == [2]  # both generations were in the hung step
+    assert isinstance(got[0], Timeout) and "did not end within its deadline" in str(got[0]), got[0]
+    assert torch.equal(got[1], full.generate(long_, 8))
+    for _ in range(100):  # the loop ends once the long generation has its tokens
+        if not edge.loop._running:
+            break
+        time.sleep(0.05)
+    assert not edge.loop._running
+    assert len(edge.sessions) == 0
+    # the cloud frees its part of the failed session when idle (SessionStore.idle_s), as after any failed request
+    assert len(cloud.sessions) == 1

@@ -98,16 +98,25 @@ def test_a_tier_continues_the_trace_in_what_it_sends_on(tmp_path):
     assert tracing.parse(got)[1] != tracing.parse(sent)[1]  # the edge's own span
 
 
-def test_spans_are_recorded_in_opentelemetry_when_it_is_configured():
+def otel_exporter():
+    """An in-memory exporter of the spans recorded from now on: OpenTelemetry's SDK set up on first use (a tracer
+    provider can be set once per process), a processor added to it after."""
     sdk = pytest.importorskip("opentelemetry.sdk.trace")
     from opentelemetry import trace
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     exporter = InMemorySpanExporter()
-    provider = sdk.TracerProvider()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, sdk.TracerProvider):
+        provider = sdk.TracerProvider()
+        trace.set_tracer_provider(provider)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    trace.set_tracer_provider(provider)  # once per process; nothing else here configures OpenTelemetry
+    return exporter
+
+
+def test_spans_are_recorded_in_opentelemetry_when_it_is_configured():
+    exporter = otel_exporter()
     with tracing.span("aiflow request", tier="device") as root:
         with tracing.span("aiflow edge prefill", root, tier="edge") as child:
             pass
@@ -118,6 +127,66 @@ def test_spans_are_recorded_in_opentelemetry_when_it_is_configured():
     assert edge.parent.span_id == request.context.span_id
     assert tracing.parse(child)[1] == f"{edge.context.span_id:016x}"
     assert edge.attributes["tier"] == "edge"
+
+
+@pytest.mark.parametrize("otel", [False, True])
+def test_each_step_of_a_batched_message_has_its_own_span(otel):
+    """A middle tier (gpt2-tiny: device [0:2) edge [2:4) cloud [4:7)) gets one batched message of 4 prefills, each
+    with its own request's traceparent (one without: it starts a trace): each step goes on to the cloud in one
+    batched message with a new span of its own trace; with OpenTelemetry configured, each is a recorded span."""
+    from aiflow_cli.bench.decode import fixed_plan
+    from aiflow_cli.models import load_stages
+    from aiflow_cli.runtime.batching import BatchSettings
+    from aiflow_cli.runtime.wire import pack_state
+
+    exporter = otel_exporter() if otel else None
+    if not otel and tracing._otel_tracer() is not None:
+        pytest.skip("OpenTelemetry is configured in this process (the other case runs)")
+    full = load_stages(MODEL)
+    plan = fixed_plan(full, (2, 4))
+    cloud = TierNode(plan, "cloud", model=full, batching=BatchSettings(16))
+    seen: list[protocol.InferBatch] = []
+
+    class ToCloud:
+        def request(self, msg, timeout_s):
+            seen.append(protocol.decode(msg))
+            return cloud.handle(msg, PeerInfo("127.0.0.1:0", "edge", 1))
+
+        def reset_after(self, error):
+            pass
+
+    edge = TierNode(plan, "edge", model=full, next_client=ToCloud(), batching=BatchSettings(16))
+    parents = [tracing.child_of("") for _ in range(3)] + [""]
+    steps, frames = [], []
+    for i, tp in enumerate(parents):
+        state = full.run(full.make_inputs(seq_len=3 + 2 * i, seed=i), range(1, 2))
+        packed = pack_state(state, full.roles(state), "raw")
+        infer = protocol.Infer(edge.plan_hash, "device", "prefill", 2, packed.tensors, 4, False, traceparent=tp)
+        steps.append(protocol.BatchStep(i, infer))
+        frames += packed.frames
+    batch = protocol.InferBatch(edge.plan_hash, "device", tuple(steps))
+    reply = edge.handle(protocol.encode(batch, frames), PeerInfo("127.0.0.1:0", "device", 1))
+    got = protocol.expect_reply(reply, protocol.ResultBatch)
+    assert all(isinstance(r, protocol.Result) and r.tokens for r in got.results), got
+    (sent,) = seen  # one message on, for the 4 sessions
+    assert isinstance(sent, protocol.InferBatch) and [s.session_id for s in sent.steps] == [0, 1, 2, 3]
+    out = [tracing.parse(s.infer.traceparent) for s in sent.steps]
+    assert all(o is not None for o in out)
+    for parent, (trace_id, span_id, _) in zip(parents[:3], out):
+        assert tracing.parse(parent)[0] == trace_id and tracing.parse(parent)[1] != span_id  # its own trace
+    assert out[3][0] not in {tracing.parse(p)[0] for p in parents[:3]}  # no parent: a new trace
+    assert len({o[1] for o in out}) == 4  # a span per step
+    if exporter is not None:
+        spans = [s for s in exporter.get_finished_spans() if s.name == "aiflow edge prefill"]
+        assert len(spans) == 4
+        by_span = {f"{s.context.span_id:016x}": s for s in spans}
+        for tp, (trace_id, span_id, _) in zip(parents, out):
+            s = by_span[span_id]  # the span the step went on in
+            assert f"{s.context.trace_id:032x}" == trace_id and s.attributes["tier"] == "edge"
+            if tp:
+                assert f"{s.parent.span_id:016x}" == tracing.parse(tp)[1]
+            else:
+                assert s.parent is None
 
 
 def test_metrics_of_a_real_three_process_run(tmp_path):

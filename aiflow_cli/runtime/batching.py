@@ -318,6 +318,7 @@ class Generation:
     traceparent: str = ""  # the request's trace context (its steps' messages carry it)
     done: threading.Event = field(default_factory=threading.Event)
     error: Optional[BaseException] = None
+    abandoned: bool = False  # its request stopped waiting (DriveLoop.drive timed out)
 
 
 class DriveLoop:
@@ -332,13 +333,16 @@ class DriveLoop:
     one :class:`~aiflow_cli.runtime.protocol.InferBatch` (or, on an output tier, each session's token picked),
     tokens appended; a generation joins at the next step after its prefill and leaves when it has its tokens (or
     an end-of-sequence token), and only then is its request's thread woken. A step that fails fails only its own
-    generation (its session closed); the others go on."""
+    generation (its session closed); the others go on. A request that stops waiting (``grace_s`` past its
+    deadline: a step hung) fails with a Timeout, and its generation leaves the loop before the next step, its
+    session closed."""
 
     def __init__(self, node: Any):
         self.node = node
         self._lock = threading.Lock()
         self._joining: list[Generation] = []
         self._running = False
+        self.grace_s = 30.0  # how long past its deadline a request waits for its generation to end
 
     def drive(self, gen: Generation) -> None:
         """Runs ``gen`` to its end with the other generations (tokens appended to ``gen.tokens``, figures merged
@@ -348,7 +352,9 @@ class DriveLoop:
             start, self._running = not self._running, True
         if start:
             threading.Thread(target=self._loop, name=f"{self.node.tier}-decode", daemon=True).start()
-        if not gen.done.wait(max(0.0, gen.deadline - time.monotonic()) + 30.0):
+        if not gen.done.wait(max(0.0, gen.deadline - time.monotonic()) + self.grace_s):
+            with self._lock:
+                gen.abandoned = True  # the loop drops it (and closes its session) before its next step
             raise Timeout(f"{self.node.tier}: the generation did not end within its deadline")
         if gen.error is not None:
             raise gen.error
@@ -359,9 +365,16 @@ class DriveLoop:
             with self._lock:
                 active += self._joining
                 self._joining.clear()
-                if not active:
+                gone = [g for g in active if g.abandoned]
+                if gone:  # their requests timed out waiting: they leave, their sessions freed
+                    active = [g for g in active if not g.abandoned]
+                if not active and not gone:
                     self._running = False
                     return
+            for g in gone:
+                self._end(g, Timeout(f"{self.node.tier}: the generation did not end within its deadline"))
+            if not active:
+                continue
             try:
                 active = self._step(active)
             except BaseException as e:  # noqa: BLE001 - a bug here must not hang the requests

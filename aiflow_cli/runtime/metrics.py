@@ -67,7 +67,13 @@ class TierMetrics:
             return pc.Histogram(name, doc, list(labels), buckets=tuple(buckets), registry=reg)
 
         self.requests = counter(
-            "aiflow_requests", "Requests this tier handled, by message kind and phase.", ["tier", "kind", "phase"]
+            "aiflow_requests",
+            "Requests (session steps) this tier handled, by message kind and phase; the steps of a batched message "
+            "count one each, as kind infer.",
+            ["tier", "kind", "phase"],
+        )
+        self.batch_messages = counter(
+            "aiflow_batch_messages", "Batched messages (infer_batch) this tier received.", ["tier"]
         )
         self.errors = counter(
             "aiflow_request_errors", "Requests answered with an error, by error class.", ["tier", "error_class"]
@@ -107,23 +113,48 @@ class TierMetrics:
     # -- what the node reports (TierNode.observer) --------------------------------------------------------------
     def handled(self, request: Any, env: "Message", reply: "Message", result: "StepResult", seconds: float) -> None:
         """One request answered: ``request`` is the decoded message, ``env``/``reply`` the transport messages."""
-        phase = getattr(request, "phase", "")
+        self._step(env.kind, getattr(request, "phase", ""), result, seconds)
+        tokens = 8 * result.tokens.numel() if result.tokens is not None else 0  # as Timings counts them
+        self._incoming(request.sender, env, reply, tokens)
+
+    def handled_batch(
+        self, request: Any, env: "Message", reply: "Message", outs: list["StepResult | BaseException"], seconds: float
+    ) -> None:
+        """A batched message (``request``, an InferBatch) answered: each of its session steps counts as the request
+        it would be sent alone (``outs``: each step's result or error, in step order), the message once."""
         tier = self.tier
-        self.requests.labels(tier, env.kind, phase).inc()
+        self.batch_messages.labels(tier).inc()
+        tokens = 0
+        for step, out in zip(request.steps, outs):
+            if isinstance(out, BaseException):
+                self.requests.labels(tier, step.infer.KIND, step.infer.phase).inc()
+                self.errors.labels(tier, type(out).__name__).inc()
+                continue
+            self._step(step.infer.KIND, step.infer.phase, out, seconds)
+            tokens += 8 * out.tokens.numel() if out.tokens is not None else 0
+        self._incoming(request.sender, env, reply, tokens)
+
+    def _step(self, kind: str, phase: str, result: "StepResult", seconds: float) -> None:
+        """One session step answered: its request, duration, this tier's compute and codec times, and the bytes
+        it sent on to the next tier."""
+        tier = self.tier
+        self.requests.labels(tier, kind, phase).inc()
         self.request_seconds.labels(tier, phase).observe(seconds)
         mine = result.timings.tiers.get(tier)
         if mine is not None:
             self.compute_seconds.labels(tier).observe(mine.compute_ms / 1e3)
             self.codec_seconds.labels(tier, "encode").observe(mine.encode_ms / 1e3)
             self.codec_seconds.labels(tier, "decode").observe(mine.decode_ms / 1e3)
-        incoming = f"{request.sender}-{tier}"
-        self.link_bytes.labels(tier, incoming, "up").inc(sum(len(f) for f in env.frames))
-        tokens = 8 * result.tokens.numel() if result.tokens is not None else 0  # as Timings counts them
-        self.link_bytes.labels(tier, incoming, "down").inc(sum(len(f) for f in reply.frames) + tokens)
         out = result.timings.links.get(self.node.link) if self.node.link else None
         if out is not None:
             self.link_bytes.labels(tier, self.node.link, "up").inc(out.bytes_up)
             self.link_bytes.labels(tier, self.node.link, "down").inc(out.bytes_down)
+
+    def _incoming(self, sender: str, env: "Message", reply: "Message", tokens: int) -> None:
+        """The bytes of one message from the previous tier (``env``) and of its ``reply`` (+ 8 per token)."""
+        incoming = f"{sender}-{self.tier}"
+        self.link_bytes.labels(self.tier, incoming, "up").inc(sum(len(f) for f in env.frames))
+        self.link_bytes.labels(self.tier, incoming, "down").inc(sum(len(f) for f in reply.frames) + tokens)
 
     def batched(self, sessions: int) -> None:
         """One forward pass of this tier's stages ran for ``sessions`` sessions (runtime/batching.py)."""

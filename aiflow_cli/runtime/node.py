@@ -21,7 +21,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -280,9 +280,9 @@ class TierNode:
             )
 
     def _handle_batch(self, msg: InferBatch, env: Message, peer: PeerInfo, t0: float) -> Message:
-        """The steps of a batched message: run together (:meth:`_step_batch`) where this tier is their output tier
-        and batches, else each as its own step on a thread (they meet in the batcher, and their forwards in one
-        hop group); one result or error per step, in step order."""
+        """The steps of a batched message: run as one pass (:meth:`_step_batch`) where this tier batches and does not
+        drive (it outputs their tokens, or forwards them as one message), else each as its own step on a thread;
+        one result or error per step, in step order."""
         parts = msg.split(env.frames)
         now = time.monotonic()
         jobs = [
@@ -290,7 +290,7 @@ class TierNode:
             for step, frames in parts
         ]
         outs: list[StepResult | BaseException]
-        if self.batcher is not None and self.is_output and not self.is_driver:
+        if self.batcher is not None and not self.is_driver:
             outs = self._step_batch(jobs)
         else:
             if self._batch_pool is None:
@@ -317,45 +317,83 @@ class TierNode:
             frames += packed.frames if packed else []
         reply = protocol.encode(ResultBatch(tuple(results)), frames)
         if self.observer is not None:
-            self.observer.handled(msg, env, reply, StepResult(), time.perf_counter() - t0)
+            self.observer.handled_batch(msg, env, reply, outs, time.perf_counter() - t0)
         return reply
 
     def _step_batch(self, jobs: list[tuple]) -> list[StepResult | BaseException]:
-        """The steps of a batched message on their output tier: each session's state decoded and its cache found,
-        then one batched pass for all (:meth:`DecodeBatcher.run_many`), then each session's token; a step that
-        fails fails alone (its session closed, like :meth:`step`)."""
+        """The steps of a batched message on a tier that batches: each session's state decoded and its cache found,
+        one batched pass for all (:meth:`DecodeBatcher.run_many`), then each session's token (output tier) or
+        its state encoded and all sent on as one message (:meth:`_hop_many`); each step in its own trace span. A
+        step that fails fails alone (its session closed, like :meth:`step`)."""
         outs: list[Any] = [None] * len(jobs)
         ready: list[tuple[Any, ...]] = []
-        for i, (step, frames, key, _) in enumerate(jobs):
+        for i, (step, frames, key, deadline) in enumerate(jobs):
             m = step.infer
             try:
-                if m.stage < max(self.stages.start, self.decode_start):
-                    raise PlanError(f"{self.tier}: a batched step must start at a decode stage, got stage {m.stage}")
+                if not max(self.stages.start, self.decode_start) <= m.stage < self.stages.stop:
+                    raise PlanError(
+                        f"{self.tier}: a batched step must start at a decode stage this tier runs "
+                        f"({max(self.stages.start, self.decode_start)}..{self.stages.stop - 1}), got stage {m.stage}"
+                    )
                 payload = Payload(packed=PackedState(m.tensors, frames, 0.0))
-                ready.append((i, m, key) + self._begin(key, m.phase, m.stage, payload, None))
+                ready.append((i, m, key, deadline) + self._begin(key, m.phase, m.stage, payload, None))
             except Exception as e:  # noqa: BLE001 - this step's own error
                 outs[i] = e
-        eos = self.model.eos_token_ids
-        t0 = time.perf_counter()
-        passes = self.batcher.run_many(
-            [(range(m.stage, self.stages.stop), st, s.cache) for _, m, _, _, _, st, s in ready]
-        )
-        compute_ms = (time.perf_counter() - t0) * 1e3
-        for (i, m, key, timings, mine, _, session), state in zip(ready, passes):
-            try:
-                if isinstance(state, BaseException):
-                    raise state
-                mine.compute_ms += compute_ms
-                result = self._output(state, mine, None, m.sampling if m.temperature else GREEDY, m.index)
-                result.timings = timings
-                self.sessions.done_step(key, session)
-                if m.last or (eos and all(int(t) in eos for t in result.tokens[:, -1])):  # (EOS on every row)
+        with tracing.spans(
+            [(f"aiflow {self.tier} {r[1].phase}", r[1].traceparent) for r in ready], tier=self.tier
+        ) as tps:
+            t0 = time.perf_counter()
+            passes = self.batcher.run_many(
+                [(range(m.stage, self.stages.stop), st, s.cache) for _, m, _, _, _, _, st, s in ready]
+            )
+            compute_ms = (time.perf_counter() - t0) * 1e3
+            sends: list[tuple[Any, ...]] = []
+            for (i, m, key, deadline, timings, mine, _, session), state, tp in zip(ready, passes, tps):
+                try:
+                    if isinstance(state, BaseException):
+                        raise state
+                    mine.compute_ms += compute_ms
+                    if self.is_output:
+                        result = self._output(state, mine, None, m.sampling if m.temperature else GREEDY, m.index)
+                        result.timings = timings
+                        outs[i] = self._step_done(key, session, m, result)
+                        continue
+                    packed = self.pack(state, self.stages.stop - 1, mine).packed
+                    budget_s = self._budget_s(deadline)
+                    request = replace(
+                        m,
+                        plan_hash=self.plan_hash,
+                        sender=self.tier,
+                        stage=self.stages.stop,
+                        tensors=packed.tensors,
+                        deadline_ms=budget_s * 1e3,
+                        traceparent=tp,
+                    )
+                    sends.append(
+                        (i, key, session, m, (timings, packed, HopItem(key[1], request, packed.frames, budget_s)))
+                    )
+                except Exception as e:  # noqa: BLE001
                     self.sessions.close(key)
-                outs[i] = result
-            except Exception as e:  # noqa: BLE001
-                self.sessions.close(key)
-                outs[i] = e
+                    outs[i] = e
+            for (i, key, session, m, _), r in zip(sends, self._hop_many([s[-1] for s in sends])):
+                try:
+                    if isinstance(r, BaseException):
+                        raise r
+                    outs[i] = self._step_done(key, session, m, r)
+                except Exception as e:  # noqa: BLE001
+                    self.sessions.close(key)
+                    outs[i] = e
         return outs  # every entry set above
+
+    def _step_done(self, key: SessionKey, session: Any, m: Infer, result: StepResult) -> StepResult:
+        """A batched step's end on this tier: its session's step done, and closed after the request's last step
+        (or an EOS on every row)."""
+        eos = self.model.eos_token_ids
+        self.sessions.done_step(key, session)
+        ended = result.tokens is not None and bool(eos) and all(int(t) in eos for t in result.tokens[:, -1])
+        if m.last or ended:
+            self.sessions.close(key)
+        return result
 
     @staticmethod
     def _reply(result: StepResult) -> Message:
@@ -612,7 +650,7 @@ class TierNode:
         outs = self.batcher.run_many([(stages, g.session.step_inputs, g.session.cache) for g, _, _ in ready])
         compute_ms = (time.perf_counter() - t0) * 1e3
         results: list[Any] = []
-        items, sent = [], []
+        sends: list[tuple[int, tuple]] = []
         for (g, timings, mine), out in zip(ready, outs):
             mine.compute_ms += compute_ms
             if isinstance(out, BaseException):
@@ -647,21 +685,12 @@ class TierNode:
                         s.seed,
                     )
                     request.index = len(g.tokens)
-                items.append(HopItem(g.key[1], request, packed.frames, budget_s))
-                sent.append((len(results), timings, packed))
+                sends.append((len(results), (timings, packed, HopItem(g.key[1], request, packed.frames, budget_s))))
                 results.append(None)
             except Exception as e:  # noqa: BLE001
                 results.append(e)
-        if items:
-            t1 = time.perf_counter()
-            answers = self._send_batch(items)
-            rtt_ms = (time.perf_counter() - t1) * 1e3
-            for (at, timings, packed), answer in zip(sent, answers):
-                if isinstance(answer, BaseException):
-                    results[at] = answer
-                else:
-                    reply, frames, counted = answer
-                    results[at] = self.account(timings, packed, reply, frames, counted, rtt_ms)
+        for (at, _), r in zip(sends, self._hop_many([s for _, s in sends])):
+            results[at] = r
         going = []
         for (g, _, _), r in zip(ready, results):
             if isinstance(r, BaseException):
@@ -722,6 +751,23 @@ class TierNode:
             env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
             reply, frames, counted = protocol.expect_reply(env, Result), env.frames, True
         return self.account(timings, packed, reply, frames, counted, (time.perf_counter() - t0) * 1e3)
+
+    def _hop_many(self, sends: list[tuple[Timings, PackedState, HopItem]]) -> list[StepResult | BaseException]:
+        """The steps of one pass sent on together (:meth:`_send_batch`): per (its timings, its encoded state, its
+        hop item), its :class:`StepResult` (link figures accounted) or its error."""
+        if not sends:
+            return []
+        t0 = time.perf_counter()
+        answers = self._send_batch([item for _, _, item in sends])
+        rtt_ms = (time.perf_counter() - t0) * 1e3
+        out: list[StepResult | BaseException] = []
+        for (timings, packed, _), answer in zip(sends, answers):
+            if isinstance(answer, BaseException):
+                out.append(answer)
+            else:
+                reply, frames, counted = answer
+                out.append(self.account(timings, packed, reply, frames, counted, rtt_ms))
+        return out
 
     def account(
         self, timings: Timings, packed: PackedState, reply: Result, frames: list, counted: bool, rtt_ms: float

@@ -116,3 +116,30 @@ def span(name: str, traceparent: str = "", **attributes: Any) -> Iterator[str]:
             yield _current.get()
         finally:
             _current.reset(token)
+
+
+@contextmanager
+def spans(steps: list[tuple[str, str]], **attributes: Any) -> Iterator[list[str]]:
+    """One span per ``(name, traceparent)`` of ``steps`` (the session steps of one batched pass: each continues
+    its own request's trace), open for the block but none of them current; yields their traceparents, in order,
+    for each step's message to the next tier. Recorded in OpenTelemetry when that is configured."""
+    tracer = _otel_tracer()
+    if tracer is None:
+        yield [child_of(tp) for _, tp in steps]
+        return
+    from opentelemetry import context, propagate, trace
+
+    opened = []
+    try:
+        for name, tp in steps:  # a step without a valid parent starts its own trace (not a child of the current)
+            ctx = propagate.extract({"traceparent": tp}) if parse(tp) else context.Context()
+            opened.append(tracer.start_span(name, context=ctx, attributes=attributes))
+        out = []
+        for s in opened:
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier, context=trace.set_span_in_context(s))
+            out.append(carrier.get("traceparent") or child_of(""))
+        yield out
+    finally:
+        for s in opened:
+            s.end()
