@@ -15,8 +15,7 @@ import torch
 
 import aiflow_cli.models.families.bert as bert_mod
 import aiflow_cli.models.families.gpt2 as gpt2_mod
-from aiflow_cli.models import load_model
-from aiflow_cli.models import stage_setup
+from aiflow_cli.models import load_model, stage_setup
 from aiflow_cli.models.stage_setup import setup, shared_setup
 
 
@@ -79,7 +78,7 @@ def test_decode_steps_with_a_cache_are_bitwise_the_same(name):
     runs = []
     for shared in (False, True):
         cache, state, seen = m.new_cache(), x, []
-        for step in range(4):  # prefill, then decode steps whose cache grows by one each
+        for _ in range(4):  # prefill, then decode steps whose cache grows by one each
             seen += _boundaries(m, state, range(m.decode_start, m.num_stages), cache, shared)
             state = m.next_inputs(m.decode_inputs_of(state), m.output(seen[-1])[:, -1].argmax(-1))
         runs.append(seen)
