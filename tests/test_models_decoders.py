@@ -130,6 +130,7 @@ def test_split_equals_monolithic_bitwise(checkpoints, family):
     with torch.inference_mode():
         expected = ref(**x, use_cache=False).logits
     assert torch.equal(m.output(state), expected)
+    assert torch.equal(m.output(m.run(x)), expected)  # the blocks sharing one mask / rotary per run (stage_setup)
     assert torch.equal(m.monolithic(x), expected)
 
 

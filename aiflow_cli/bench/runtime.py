@@ -1,7 +1,8 @@
 """``aiflow bench runtime``: what the three-tier runtime costs over the monolithic model in one process.
 
 For each model, in one run: the monolithic model (every stage loaded in this process, the same stage code,
-greedy generation with a KV cache for generating models) against the same request through device -> edge ->
+greedy generation with a KV cache for generating models; its blocks build the attention mask once per step, as
+the library's forward does, where each tier builds it once for its own range) against the same request through device -> edge ->
 cloud, where edge and cloud are real `aiflow serve` processes on loopback, no link emulation, ``raw`` codec on
 every cut and a plan that puts stages on all three tiers. Reported: medians, their ratio, the number of
 messages per request, the loopback round trip of an empty hello measured in the same run, and the ratio once

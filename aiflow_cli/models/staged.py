@@ -25,6 +25,7 @@ import torch
 from aiflow_cli.errors import InputError, ModelError
 from aiflow_cli.models.adapter import Adapter, StageCache, StageSpec
 from aiflow_cli.models.sampling import GREEDY, Sampling, sample
+from aiflow_cli.models.stage_setup import shared_setup
 from aiflow_cli.models.state import BoundaryState, Role, roles
 from aiflow_cli.models.weights import LoadStats, loaded_param_bytes, module_param_bytes
 from aiflow_cli.task import Task
@@ -130,9 +131,11 @@ class StagedModel:
     def run(
         self, state: BoundaryState, stages: Iterable[int] | None = None, cache: StageCache | None = None
     ) -> BoundaryState:
-        """Runs the given stages (default: all) in order."""
-        for i in range(self.num_stages) if stages is None else stages:
-            state = self.run_stage(i, state, cache)
+        """Runs the given stages (default: all) in order; their blocks build the per-forward setup (attention
+        mask, rotary embeddings) once and share it (:func:`~aiflow_cli.models.stage_setup.shared_setup`)."""
+        with shared_setup():
+            for i in range(self.num_stages) if stages is None else stages:
+                state = self.run_stage(i, state, cache)
         return state
 
     @staticmethod

@@ -29,6 +29,7 @@ import torch
 from aiflow_cli.errors import InputError, PlanError, Timeout, TransportError
 from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.models.sampling import GREEDY, Sampling, sample, verify_round
+from aiflow_cli.models.stage_setup import shared_setup
 from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import precheck, protocol, tracing
@@ -501,6 +502,7 @@ class TierNode:
                 session.cache.crop(verify.cache_len)  # the previous round's rejected drafts
         return timings, mine, state, session
 
+    @shared_setup()  # the blocks of the range build the attention mask / rotary embeddings once per step
     def run_stages(
         self, stage: int, state: BoundaryState, cache, mine, batch: bool = False
     ) -> tuple[BoundaryState, Optional[BoundaryState]]:

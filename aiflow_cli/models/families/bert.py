@@ -1,7 +1,8 @@
 """BERT family encoders (``BertModel``; MiniLM is one) as stages: ``embed`` -> ``block{i}`` -> ``head`` (pooling).
 
 Boundary state: ``hidden_states`` [B, S, H] (hidden), ``attention_mask`` [B, S] (control). Each block builds its
-bidirectional mask with ``create_bidirectional_mask`` as ``BertModel.forward`` does. The head pools token states
+bidirectional mask with ``create_bidirectional_mask`` as ``BertModel.forward`` does (once per run of stages:
+:mod:`~aiflow_cli.models.stage_setup`). The head pools token states
 into one embedding per sequence: mean over unmasked tokens (or the CLS token), then L2-normalised when the model
 is a sentence-transformers model with a ``Normalize`` module (MiniLM) - exactly what ``encode()`` returns.
 """
@@ -14,6 +15,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.models.adapter import Adapter, StageSpec, text_positions
+from aiflow_cli.models.stage_setup import setup, tensor_key
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str, normalize: bool) -> torch.Tensor:
@@ -70,8 +72,12 @@ class BertAdapter(Adapter):
             )
             return {"embeddings": emb}
         hidden = state["hidden_states"]
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=state["attention_mask"]
+        attention_mask = state["attention_mask"]
+        mask = setup(
+            "bert.mask",
+            (self.config, attention_mask),
+            (tensor_key(hidden),),
+            lambda: create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask),
         )
         hidden = m.encoder.layer[spec.layer](hidden, mask, None, encoder_attention_mask=None)
         return {"hidden_states": hidden, "attention_mask": state["attention_mask"]}

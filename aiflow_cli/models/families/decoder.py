@@ -10,7 +10,8 @@ does (transformers 5.x, read per family), so that split == monolithic bitwise on
   in eval);
 - block i: the layer's mask (``config.layer_types[i]``: full or sliding-window causal; without layer types, sliding
   when ``config.sliding_window`` is set, as Mistral / Phi-3 / Starcoder2 choose), sized against this layer's own KV
-  cache; the rotary embedding of this layer's type where it has one (Gemma 3: local and global rotary);
+  cache; the rotary embedding of this layer's type where it has one (Gemma 3: local and global rotary); within
+  one run of stages the blocks share both (:mod:`~aiflow_cli.models.stage_setup`);
 - head: final norm, ``lm_head``, then what the CausalLM's forward applies to the logits (Gemma 2/3 final
   soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``).
 
@@ -38,6 +39,7 @@ from aiflow_cli.models.adapter import (
     cache_kwarg,
 )
 from aiflow_cli.models.families.gpt2 import random_text
+from aiflow_cli.models.stage_setup import kv_sizes, setup, tensor_key
 
 #: model_type -> what it is; every entry is covered by tests/test_models_decoders.py (split == monolithic, KV cache
 #: decode == the library's generate) on a random-weight config.
@@ -164,20 +166,24 @@ class DecoderAdapter(TextLMAdapter):
         kv = cache.kv if cache is not None else None
         ltype = self._layer_type(i)
         mask_fn = create_sliding_window_causal_mask if ltype == "sliding_attention" else create_causal_mask
-        mask = mask_fn(
-            config=self.config,
-            inputs_embeds=hidden,
-            attention_mask=state["attention_mask"],
-            position_ids=pos,
-            **{MASK_CACHE_KWARG: kv},
-            **({"layer_idx": i} if kv is not None else {}),
+        attention_mask = state["attention_mask"]
+        mask = setup(
+            f"decoder.mask.{ltype}",
+            (self.config, attention_mask, pos),
+            (tensor_key(hidden), kv_sizes(kv, hidden.shape[1], i if kv is not None else None)),
+            lambda: mask_fn(
+                config=self.config,
+                inputs_embeds=hidden,
+                attention_mask=attention_mask,
+                position_ids=pos,
+                **{MASK_CACHE_KWARG: kv},
+                **({"layer_idx": i} if kv is not None else {}),
+            ),
         )
-        if self.rotary_takes_type:
-            pe = self.base.rotary_emb(hidden, pos, ltype)
-        elif ltype == "sliding_attention" and hasattr(self.base, "rotary_emb_local"):
-            pe = self.base.rotary_emb_local(hidden, position_ids=pos)
-        else:
-            pe = self.base.rotary_emb(hidden, position_ids=pos)
+        # the rotary module reads only the dtype and device of ``hidden``
+        pe = setup(
+            f"decoder.rotary.{ltype}", (self.base, pos), (tensor_key(hidden),), lambda: self._rotary(hidden, pos, ltype)
+        )
         layer = self.base.layers[i]
         hidden = layer(
             hidden,
@@ -192,6 +198,13 @@ class DecoderAdapter(TextLMAdapter):
         out = dict(state)
         out["hidden_states"] = hidden
         return out
+
+    def _rotary(self, hidden: torch.Tensor, pos: torch.Tensor, ltype: str):
+        if self.rotary_takes_type:
+            return self.base.rotary_emb(hidden, pos, ltype)
+        if ltype == "sliding_attention" and hasattr(self.base, "rotary_emb_local"):
+            return self.base.rotary_emb_local(hidden, position_ids=pos)
+        return self.base.rotary_emb(hidden, position_ids=pos)
 
     def make_inputs(self, *, batch, seq_len, image_size, generator, device, dtype):
         if image_size is not None:

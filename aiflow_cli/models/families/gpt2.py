@@ -2,7 +2,8 @@
 
 Boundary state: ``hidden_states`` [B, S, H] (hidden) plus ``attention_mask`` [B, past+S] and ``position_ids``
 [B, S] (control). Each block stage builds its 4-D causal mask from the 2-D one exactly as ``GPT2Model.forward``
-does (``create_causal_mask``), sized against its own layer of the KV cache. The decoder half of the captioner
+does (``create_causal_mask``), sized against its own layer of the KV cache; within one run of stages the blocks
+share it (:mod:`~aiflow_cli.models.stage_setup`). The decoder half of the captioner
 reuses these functions with ``encoder_hidden_states`` (side) for cross-attention.
 """
 
@@ -15,6 +16,7 @@ from transformers.masking_utils import create_bidirectional_mask, create_causal_
 
 from aiflow_cli.errors import InputError
 from aiflow_cli.models.adapter import MASK_CACHE_KWARG, Adapter, StageCache, StageSpec, TextLMAdapter, text_positions
+from aiflow_cli.models.stage_setup import kv_sizes, setup, tensor_key
 from aiflow_cli.models.state import BoundaryState
 
 
@@ -46,13 +48,20 @@ def gpt2_embed(transformer, state: BoundaryState, vocab_size: int) -> BoundarySt
 def gpt2_block(transformer, config, layer: int, state: BoundaryState, cache: StageCache | None) -> BoundaryState:
     hidden = state["hidden_states"]
     kv = cache.kv if cache is not None else None
-    mask = create_causal_mask(
-        config=config,
-        inputs_embeds=hidden,
-        attention_mask=state["attention_mask"],
-        **{MASK_CACHE_KWARG: kv},
-        position_ids=state["position_ids"],
-        layer_idx=layer if kv is not None else None,
+    layer_idx = layer if kv is not None else None
+    attention_mask, pos = state["attention_mask"], state["position_ids"]
+    mask = setup(
+        "gpt2.mask",
+        (config, attention_mask, pos),
+        (tensor_key(hidden), kv_sizes(kv, hidden.shape[1], layer_idx)),
+        lambda: create_causal_mask(
+            config=config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            **{MASK_CACHE_KWARG: kv},
+            position_ids=pos,
+            layer_idx=layer_idx,
+        ),
     )
     enc = state.get("encoder_hidden_states")
     if enc is None and cache is not None:
@@ -61,8 +70,13 @@ def gpt2_block(transformer, config, layer: int, state: BoundaryState, cache: Sta
         cache.side["encoder_hidden_states"] = enc
     enc_mask = None
     if enc is not None:
-        enc_mask = create_bidirectional_mask(
-            config=config, inputs_embeds=hidden, attention_mask=None, encoder_hidden_states=enc
+        enc_mask = setup(
+            "gpt2.cross_mask",
+            (config, enc),
+            (tensor_key(hidden), tensor_key(enc)),
+            lambda: create_bidirectional_mask(
+                config=config, inputs_embeds=hidden, attention_mask=None, encoder_hidden_states=enc
+            ),
         )
     hidden = transformer.h[layer](
         hidden,
@@ -71,7 +85,7 @@ def gpt2_block(transformer, config, layer: int, state: BoundaryState, cache: Sta
         enc,
         encoder_attention_mask=enc_mask,
         use_cache=kv is not None,
-        position_ids=state["position_ids"],
+        position_ids=pos,
     )
     out = dict(state)
     out["hidden_states"] = hidden
