@@ -41,6 +41,8 @@ BAD = [
     ("demo --device-speed 0", 3),
     ("demo --link nosuch", 3),
     ("demo --image nope.jpg", 3),
+    ("bench e2e --quick --links nosuch", 3),
+    ("bench e2e --quick --image nope.jpg", 3),
 ]
 
 
