@@ -161,8 +161,8 @@ def test_cli_models_lists_builtins():
     [
         (["profile", "builtin:no-such"], 5, "unknown built-in"),
         (["profile", "builtin:vit-tiny", "--image-size", "64"], 3, "32x32"),
-        (["profile", "builtin:gpt2-tiny", "--seq-len", "0"], 3, "seq_len"),
-        (["profile", "builtin:gpt2-tiny", "--codecs", "int9"], 4, ""),
+        (["profile", "builtin:gpt2-tiny", "--seq-len", "0"], 3, "--seq-len 0"),
+        (["profile", "builtin:gpt2-tiny", "--codecs", "int9"], 4, "int9"),
         (["profile", "builtin:gpt2-tiny", "--dtype", "float64"], 3, "dtype"),
         (["profile", "builtin:gpt2-tiny", "--repeats", "0"], 3, "repeats"),
     ],

@@ -77,11 +77,17 @@ def bench_e2e(
     """Four strategies (device-only, cloud-only, raw-split, aiflow) on the real runtime through emulated links."""
     import sys
 
-    from aiflow_cli.bench import e2e
+    from aiflow_cli.links import load_link
 
     names = tuple(x.strip() for x in links.split(",") if x.strip()) if links is not None else None
     if links is not None and not names:
         raise InputError("--links: give at least one link profile, e.g. --links lte,lan")
+    for name in (*(names or ()), wan):  # unknown link profiles and a missing image, before torch is imported
+        load_link(name)
+    if image is not None and not image.is_file():
+        raise InputError(f"--image {image}: no such file")
+    from aiflow_cli.bench import e2e
+
     models = (
         [m.strip() for m in model.split(",") if m.strip()]
         if model

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from aiflow_cli.console import console, err_console, print_json
+from aiflow_cli.errors import InputError
 
 _TABLE_CODECS = ["fp16", "int8", "int4"]
 
@@ -42,8 +43,6 @@ def _ms(x: Optional[float]) -> str:
 
 def parse_cuts(spec: Optional[str]) -> Optional[list[int]] | str:
     """``--fidelity-cuts``: None (all), ``0,4,8`` or ``every:N`` (passed on as is; the profiler knows the cuts)."""
-    from aiflow_cli.errors import InputError
-
     if spec is None or spec.strip() == "all":
         return None
     if spec.startswith("every:"):
@@ -157,14 +156,22 @@ def profile(
     ),
 ) -> None:
     """Profile a model on this hardware: per-stage latency and memory, per-cut bytes and fidelity per codec."""
-    from aiflow_cli.profile import profile_model, save_profile
+    from aiflow_cli.profile import check_settings
+
+    codec_list = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
+    check_settings(  # before torch is imported and the model loaded: a bad flag is answered at once
+        dtype=dtype, batch=batch, seq_len=seq_len, image_size=image_size, decode_tokens=decode_tokens,
+        codecs=codec_list, repeats=repeats, warmup=warmup, calibration_items=calibration_items,
+        calibration_tokens=calibration_tokens,
+    )  # fmt: skip
+    cuts = parse_cuts(fidelity_cuts)
+    from aiflow_cli.profile import profile_model, save_profile  # (imports torch and the models)
 
     if threads is not None:
         import torch
 
         torch.set_num_threads(threads)
 
-    codec_list = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -193,7 +200,7 @@ def profile(
             progress=progress,
             calibration_items=calibration_items,
             calibration_tokens=calibration_tokens,
-            fidelity_cuts=parse_cuts(fidelity_cuts),
+            fidelity_cuts=cuts,
         )
     if output is not None:
         save_profile(prof, output)

@@ -9,10 +9,10 @@ from typing import Any, Optional
 
 import typer
 
+from aiflow_cli.commands.checks import check_run, check_serve, request_input
 from aiflow_cli.commands.options import DRAFT_SOURCES, draft_option, precheck_option, speculate_option
 from aiflow_cli.console import console, err_console, print_json
 from aiflow_cli.errors import InputError
-from aiflow_cli.task import takes_image
 
 
 def _threads() -> None:
@@ -78,16 +78,21 @@ def serve(
     import json
     import sys
 
-    _threads()
     if replicas > 1 or ray_address is not None or max_replicas is not None:  # a pool on Ray (commands/pool.py)
         from aiflow_cli.commands.pool import serve_pool_cli
 
+        _threads()
         return serve_pool_cli(
             role, plan, listen, next_addr, identity, trust, speed, dilation, cache_mib, duration_s, insecure_dev,
             json_out, metrics, replicas=replicas, ray_address=ray_address, max_replicas=max_replicas,
             target_sessions=target_sessions, cpus=replica_cpus, batch_max=batch_max, batch_window_ms=batch_window_ms,
         )  # fmt: skip
     # (after the pool's branch: it checks its options before anything imports torch)
+    check_serve(
+        role, plan, identity=identity, trust=trust, insecure_dev=insecure_dev, next_addr=next_addr, speed=speed,
+        dilation=dilation, metrics=metrics,
+    )  # fmt: skip
+    _threads()
     from aiflow_cli.runtime.batching import BatchSettings
     from aiflow_cli.runtime.serve import TierServer
 
@@ -126,15 +131,6 @@ def serve(
         sys.stdout.write(json.dumps({"event": "stopped", "stats": stats}) + "\n")
     else:
         err_console.print(f"{role} stopped: {stats}", highlight=False)
-
-
-def _request_input(task: str, value: str) -> dict[str, Any]:
-    if takes_image(task):
-        p = Path(value)
-        if not p.is_file():
-            raise InputError(f"{task} models take an image file; no file {value!r}")
-        return {"image": p}  # read by the pipeline: the file itself is uploaded when the device computes nothing
-    return {"text": value}
 
 
 def run(
@@ -178,6 +174,10 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run one request as the device: own stages here, the rest on the edge and cloud, as the plan says."""
+    check_run(
+        input_, plan, edge=edge, identity=identity, timeout_s=timeout_s, fallback=fallback, speed=speed,
+        speculate=speculate, draft=draft,
+    )  # fmt: skip
     from aiflow_cli.models.sampling import Sampling
     from aiflow_cli.runtime.pipeline import Pipeline
     from aiflow_cli.runtime.report import flow_table
@@ -200,7 +200,7 @@ def run(
         precheck=precheck,
     ) as p:
         chain = p.hello() if p.node.next is not None else [p.node.describe()]
-        result = p.run(**_request_input(p.plan.task, input_), max_new_tokens=max_new_tokens, sampling=sampling)
+        result = p.run(**request_input(p.plan.task, input_), max_new_tokens=max_new_tokens, sampling=sampling)
     sampled = None if sampling.greedy else {"temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     if json_out:
         print_json({**result.to_json(p.plan), "sampling": sampled, "plan": p.plan.summary(), "tiers": chain})
@@ -282,12 +282,6 @@ def demo(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """The main job: device, edge and cloud on loopback through emulated links, one model split as planned."""
-    from rich.live import Live
-    from rich.table import Table
-
-    from aiflow_cli.runtime.demo import DemoConfig, run_demo
-    from aiflow_cli.runtime.report import print_demo
-
     for name, v in (("--device-speed", device_speed), ("--edge-speed", edge_speed), ("--cloud-speed", cloud_speed)):
         if not v > 0:
             raise InputError(f"{name} {v}: must be > 0 (a multiple of this CPU's speed)")
@@ -295,6 +289,18 @@ def demo(
         raise InputError(f"--min-fidelity {min_fidelity}: must be in (0, 1]")
     if not headroom >= 1:
         raise InputError(f"--headroom {headroom}: must be >= 1")
+    if input_ is not None and not input_.is_file():
+        raise InputError(f"--image {input_}: no such file")
+    from aiflow_cli.links import load_link
+
+    for name in (link, wan):  # an unknown link profile, before torch and the model load
+        load_link(name)
+    from rich.live import Live
+    from rich.table import Table
+
+    from aiflow_cli.runtime.demo import DemoConfig, run_demo
+    from aiflow_cli.runtime.report import print_demo
+
     cfg = DemoConfig(
         model=model,
         uplink=link,

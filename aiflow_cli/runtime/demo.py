@@ -22,7 +22,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -227,10 +227,12 @@ def run_placement(
     inputs: dict[str, Any],
     links: dict[str, LinkProfile],
     log: Callable[[str], None],
-    speculate: Optional[str] = None,
-) -> PlacementRun:
-    """Starts the tiers ``plan`` needs (none when the device runs every stage), times one cold request, one
-    warm-up and ``cfg.repeats`` warm requests (``speculate``: the device drafts, :mod:`aiflow_cli.runtime.speculate`)."""
+    speculate: Sequence[Optional[str]] = (None,),
+) -> list[PlacementRun]:
+    """Starts the tiers ``plan`` needs (none when the device runs every stage) once, and measures one device per
+    entry of ``speculate`` on them, one after the other (None: one round trip per token; ``"auto"``: the device
+    drafts, :mod:`aiflow_cli.runtime.speculate`). Each device opens its own connections: one cold request, one
+    warm-up and ``cfg.repeats`` warm requests."""
     d = cfg.dilation
     plan_path = cfg.workdir / "plans" / f"{_safe(name)}.json"
     plan_path.parent.mkdir(parents=True, exist_ok=True)
@@ -248,23 +250,32 @@ def run_placement(
     if runs_locally(plan):
         keys = identities(cfg.workdir)
         log(f"{name}: the device runs every stage ({d.factor / cfg.device_speed:g}x stretched)")
-        with Pipeline(
-            plan,
-            edge=None,
-            identity=keys["device"],
-            trust=[],
-            speed=cfg.device_speed,
-            dilation=d.factor,
-            timeout_s=timeout_s,
-        ) as p:
-            return measure(p, lambda: [p.node.describe()])
+        out = []
+        for k in speculate:
+            with Pipeline(
+                plan,
+                edge=None,
+                identity=keys["device"],
+                trust=[],
+                speed=cfg.device_speed,
+                dilation=d.factor,
+                timeout_s=timeout_s,
+                speculate=k,
+            ) as p:
+                out.append(measure(p, lambda: [p.node.describe()]))
+        return out
     log(f"{name}: starting edge and cloud for {plan.summary()}")
     with LocalCluster(
         plan_path, cfg.workdir, links=d.links(links), speeds=cfg.speeds, threads=cfg.threads, dilation=d.factor
     ) as c:
-        with c.pipeline(timeout_s=timeout_s, speculate=speculate) as p:
-            log(f"{name}: cold request, warm-up, {cfg.repeats} warm requests")
-            return measure(p, p.hello)
+        out = []
+        for k in speculate:
+            with c.pipeline(timeout_s=timeout_s, speculate=k) as p:
+                log(
+                    f"{name}{'' if k is None else f' (speculate {k})'}: cold request, warm-up, {cfg.repeats} warm requests"
+                )
+                out.append(measure(p, p.hello))
+        return out
 
 
 def overheads_for(cfg: DemoConfig, log: Callable[[str], None]) -> Overheads:
@@ -357,7 +368,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     for name, plan in plans.items():
         key = placement_key(plan)
         if key not in runs:
-            runs[key] = run_placement(name, plan, cfg, inputs, links, log)
+            runs[key] = run_placement(name, plan, cfg, inputs, links, log)[0]
             first[key] = name
         else:
             log(f"{name}: same placement as {first[key]} (measured once)")
@@ -428,22 +439,27 @@ def private_runs(
     )
     plan = solved[PRIVATE]
     out: dict[str, Any] = {"definition": "the best placement whose device runs a model stage: the prompt stays"}
+    why = unsupported(full) or (
+        "the device runs every stage: nothing to verify upstream" if runs_locally(plan) else None
+    )
     key = placement_key(plan)
+    spec_run: Optional[PlacementRun] = None
     if key in runs:
         log(f"{PRIVATE}: same placement as {first[key]} (measured once)")
         run = runs[key]
         note: Optional[str] = f"same placement as {first[key]}"
-    else:
-        run = run_placement(PRIVATE, plan, cfg, inputs, links, log)
+        if not why:
+            spec_run = run_placement(PRIVATE_SPEC, plan, cfg, inputs, links, log, speculate=("auto",))[0]
+    else:  # plainly, then drafting: two devices on the same edge and cloud
+        run, *drafting = run_placement(
+            PRIVATE, plan, cfg, inputs, links, log, speculate=(None,) if why else (None, "auto")
+        )
+        spec_run = drafting[0] if drafting else None
         note = None
     out[PRIVATE] = strategy_entry(plan, run, reference, cfg.min_fidelity, note, full.decode_start)
-    why = unsupported(full) or (
-        "the device runs every stage: nothing to verify upstream" if runs_locally(plan) else None
-    )
-    if why:
+    if spec_run is None:
         out[PRIVATE_SPEC] = {"skipped": why}
         return out
-    spec_run = run_placement(PRIVATE_SPEC, plan, cfg, inputs, links, log, speculate="auto")
     e = strategy_entry(plan, spec_run, reference, cfg.min_fidelity, None, full.decode_start)
     e["speculation"] = spec_run.median.result.speculation
     e["predicted_note"] = "the plan's prediction, without speculation"

@@ -1,0 +1,118 @@
+"""Option checks the runtime verbs run before importing torch, loading a model or starting a server.
+
+A bad flag, a missing file or a plan that cannot serve the role is answered in a fraction of a second, in one
+line and with the exit code of its error class. The library classes (:class:`TierServer`, :class:`Pipeline`,
+:class:`TierNode`) check the same again (they are called without the CLI too); these checks only come first, and
+only use modules that do not import torch (the plan schema, the transport's identities, the metrics address).
+``tests/test_startup.py`` keeps them so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from aiflow_cli.errors import InputError, PlanError
+from aiflow_cli.plan.schema import Plan, load_plan
+from aiflow_cli.task import takes_image
+from aiflow_cli.transport import as_identity
+
+ROLES = ("edge", "cloud")
+
+
+def check_speed(speed: float, dilation: float) -> None:
+    """What :func:`aiflow_cli.runtime.node.check_speed` refuses, as the CLI's flags."""
+    if not dilation >= 1:
+        raise InputError(f"--dilation {dilation}: must be >= 1 (1: no dilation)")
+    if not 0 < speed <= dilation:
+        raise InputError(
+            f"--speed {speed}: a tier can only be emulated slower than this machine (0 < SPEED <= 1) unless "
+            f"--dilation D >= SPEED stretches every tier (give --dilation {speed:g} or more)"
+            if dilation == 1
+            else f"--speed {speed}: must be in (0, {dilation:g}] under --dilation {dilation:g} (the fastest tier "
+            "runs at this CPU's real speed)"
+        )
+
+
+def _plan(path: Path) -> Plan:
+    return load_plan(path)  # SchemaError / InputError naming the file
+
+
+def _upper_tiers(plan: Plan, after: int) -> list[str]:
+    """Tiers behind tier ``after`` (index) that run stages of the plan."""
+    return [t.name for t in plan.tiers[after + 1 :] if t.end > t.start]
+
+
+def check_serve(
+    role: str,
+    plan_path: Path,
+    *,
+    identity: Path,
+    trust: Sequence[str],
+    insecure_dev: bool,
+    next_addr: Optional[str],
+    speed: float,
+    dilation: float,
+    metrics: Optional[str],
+) -> None:
+    """``aiflow serve`` (one process): the role, trust, metrics address, plan, speed and next tier."""
+    if role not in ROLES:
+        raise InputError(f"--role {role!r}: choose edge or cloud (the device side is `aiflow run`)")
+    if not trust and not insecure_dev:
+        raise InputError(
+            "give --trust FINGERPRINT for every peer (devices and the next tier); there is no default trust "
+            "(--insecure-dev exists for local experiments only)"
+        )
+    if metrics is not None:
+        from aiflow_cli.runtime.metrics import parse_listen
+
+        parse_listen(metrics)
+    plan = _plan(plan_path)
+    check_speed(speed, dilation)
+    names = [t.name for t in plan.tiers]
+    if role not in names:
+        raise PlanError(f"the plan has no tier {role!r} (tiers: {', '.join(names)})")
+    behind = _upper_tiers(plan, names.index(role))
+    if behind and not next_addr:
+        raise InputError(
+            f"{role} must reach the next tier: {', '.join(behind)} run stages of this plan (give --next HOST:PORT)"
+        )
+    as_identity(identity)
+
+
+def check_run(
+    input_: str,
+    plan_path: Path,
+    *,
+    edge: Optional[str],
+    identity: Path,
+    timeout_s: float,
+    fallback: str,
+    speed: float,
+    speculate: Optional[str],
+    draft: Optional[str],
+) -> None:
+    """``aiflow run``: the plan, the fallback, the deadline, the edge's address, the identity and the input file."""
+    plan = _plan(plan_path)
+    if fallback not in ("none", "local"):
+        raise InputError(f"--fallback {fallback!r}: choose none or local")
+    if not timeout_s > 0:
+        raise InputError(f"--timeout {timeout_s}: must be > 0 seconds")
+    check_speed(speed, 1.0)
+    upper = _upper_tiers(plan, 0)
+    if upper and not edge:
+        raise InputError(f"the plan runs stages on {', '.join(upper)}: give the edge's address (--edge HOST:PORT)")
+    if draft is not None and speculate is None:
+        raise InputError(f"--draft {draft}: drafts are for speculation; give --speculate too")
+    as_identity(identity)
+    request_input(plan.task, input_)
+
+
+def request_input(task: str, value: str) -> dict[str, Any]:
+    """``aiflow run``'s INPUT as the pipeline takes it: an image file's path (image models), else the text."""
+    if takes_image(task):
+        p = Path(value)
+        if not p.is_file():
+            raise InputError(f"{task} models take an image file; no file {value!r}")
+        return {"image": p}  # read by the pipeline: the file itself is uploaded when the device computes nothing
+    return {"text": value}
