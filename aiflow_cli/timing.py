@@ -1,11 +1,14 @@
-"""Timing shared by the profiler, the runtime and the benchmarks: the median of repeated calls (wall clock), and
-the clock that measures a thread's own work."""
+"""Timing shared by the profiler, the runtime and the benchmarks: the median of repeated calls (wall clock), the
+clock that measures a thread's own work, and the stretch of a tier emulated at another speed (torch-free: the CLI
+checks ``--speed`` / ``--dilation`` with it before importing torch)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Callable
+
+from aiflow_cli.errors import InputError
 
 
 def median_s(fn: Callable[[], object], repeats: int, *, warmup: bool = False, budget_s: float | None = None) -> float:
@@ -42,3 +45,23 @@ def work_clock(device: str = "cpu") -> Callable[[], float]:
     if str(device) == "cpu" and torch.get_num_threads() == 1:
         return time.thread_time
     return time.perf_counter
+
+
+def check_speed(speed: float, dilation: float = 1.0) -> float:
+    """The stretch factor of a tier emulated at ``speed`` x this CPU under time dilation ``dilation``
+    (``dilation / speed`` >= 1); refuses, in one line, a speed the emulation cannot give."""
+    if not dilation >= 1:
+        raise InputError(f"dilation={dilation}: must be >= 1 (1: no dilation)", param="dilation")
+    if not 0 < speed <= dilation:
+        if dilation == 1:
+            raise InputError(
+                f"speed={speed}: without time dilation a tier can only be emulated slower than this "
+                f"machine (0 < speed <= 1); for a faster one give dilation={speed:g} or more",
+                param="speed,dilation",
+            )
+        raise InputError(
+            f"speed={speed}: must be in (0, {dilation:g}] under dilation={dilation:g} (the fastest "
+            f"tier runs at this CPU's real speed)",
+            param="speed,dilation",
+        )
+    return dilation / speed

@@ -15,23 +15,10 @@ from typing import Any, Optional, Sequence
 from aiflow_cli.errors import InputError, PlanError
 from aiflow_cli.plan.schema import Plan, load_plan
 from aiflow_cli.task import takes_image
+from aiflow_cli.timing import check_speed
 from aiflow_cli.transport import as_identity
 
 ROLES = ("edge", "cloud")
-
-
-def check_speed(speed: float, dilation: float) -> None:
-    """What :func:`aiflow_cli.runtime.node.check_speed` refuses, as the CLI's flags."""
-    if not dilation >= 1:
-        raise InputError(f"--dilation {dilation}: must be >= 1 (1: no dilation)")
-    if not 0 < speed <= dilation:
-        raise InputError(
-            f"--speed {speed}: a tier can only be emulated slower than this machine (0 < SPEED <= 1) unless "
-            f"--dilation D >= SPEED stretches every tier (give --dilation {speed:g} or more)"
-            if dilation == 1
-            else f"--speed {speed}: must be in (0, {dilation:g}] under --dilation {dilation:g} (the fastest tier "
-            "runs at this CPU's real speed)"
-        )
 
 
 def _plan(path: Path) -> Plan:

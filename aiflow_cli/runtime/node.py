@@ -53,6 +53,7 @@ from aiflow_cli.runtime.protocol import (
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import PackedState, pack_state, unpack_state
+from aiflow_cli.timing import check_speed
 from aiflow_cli.transport import Client, Message, PeerInfo
 
 #: Share of the remaining deadline a tier keeps for itself when it forwards (so the deepest timeout fires first
@@ -92,26 +93,6 @@ class StepResult:
     output_packed: Optional[PackedState] = None
     timings: Timings = field(default_factory=Timings)
     spec: Optional[spec.SpecStats] = None  # the driver's speculation figures (speculative requests)
-
-
-def check_speed(speed: float, dilation: float = 1.0) -> float:
-    """The stretch factor of a tier emulated at ``speed`` x this CPU under time dilation ``dilation``
-    (``dilation / speed`` >= 1); refuses, in one line, a speed the emulation cannot give."""
-    if not dilation >= 1:
-        raise InputError(f"dilation={dilation}: must be >= 1 (1: no dilation)", param="dilation")
-    if not 0 < speed <= dilation:
-        if dilation == 1:
-            raise InputError(
-                f"speed={speed}: without time dilation a tier can only be emulated slower than this "
-                f"machine (0 < speed <= 1); for a faster one give dilation={speed:g} or more",
-                param="speed,dilation",
-            )
-        raise InputError(
-            f"speed={speed}: must be in (0, {dilation:g}] under dilation={dilation:g} (the fastest "
-            f"tier runs at this CPU's real speed)",
-            param="speed,dilation",
-        )
-    return dilation / speed
 
 
 class TierNode:
