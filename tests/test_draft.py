@@ -129,11 +129,12 @@ def test_trained_exit_speculation_equals_plain_greedy_and_is_accepted_more(train
     assert rates["exit"] > rates["untrained"], rates
 
 
-@pytest.mark.parametrize("draft", ["self", "builtin:gpt2-tiny"])  # itself; another family with the same vocabulary
+# itself; another family with the same vocabulary; its own int8 copy
+@pytest.mark.parametrize("draft", ["self", "builtin:gpt2-tiny", "int8"])
 def test_a_draft_model_proposes_and_greedy_output_is_unchanged(trained, draft):
     name, _ = trained
     m = load_model(name)
-    drafter = make_drafter(name if draft == "self" else draft, m, 4)
+    drafter = make_drafter(name if draft == "self" else draft, load_stages(name, range(4)), 4)
     assert isinstance(drafter, ModelDrafter) and not drafter.needs_head
     _, tiers = _tiers(name, (4, 5), drafter)
     assert m.num_stages - 1 not in tiers[0].model.loaded  # a draft model needs no exit head on the device
@@ -146,7 +147,7 @@ def test_a_draft_model_proposes_and_greedy_output_is_unchanged(trained, draft):
             assert all(len(t.sessions) == 0 for t in tiers)
             if draft == "self" and out.spec.drafted:
                 assert out.spec.accepted == out.spec.drafted  # the model itself: every draft accepted
-    assert out.spec.policy["draft_model"] == (name if draft == "self" else draft)
+    assert out.spec.policy["draft_model"] == {"self": name, "int8": name + "+int8"}.get(draft, draft)
 
 
 def test_bad_drafts_are_one_line_errors(trained, tmp_path):
@@ -254,3 +255,21 @@ def test_smollm2_trained_exit_over_three_processes_equals_plain(tmp_path):
                 r = sp.run(text=text, max_new_tokens=24)
                 assert torch.equal(r.tokens, ref.tokens), (r.tokens, ref.tokens)
                 assert r.speculation["policy"]["draft"] == "exit" and r.speculation["accepted"] > 0
+
+
+def test_int8_copy_is_close_to_the_model_and_leaves_it_alone():
+    from aiflow_cli.models.quantized import int8_copy
+
+    m = load_model("builtin:gpt2-tiny")
+    before = {k: v.clone() for k, v in m.adapter.model.state_dict().items()}
+    q = int8_copy(m)
+    assert q.name == "builtin:gpt2-tiny+int8" and m.name == "builtin:gpt2-tiny"
+    assert any("quantized" in type(mod).__module__ for mod in q.adapter.model.modules())
+    assert not any("quantized" in type(mod).__module__ for mod in m.adapter.model.modules())
+    x = m.make_inputs(seq_len=6, seed=0)
+    a, b = m.output(m.run(x)).flatten(), q.output(q.run(x)).flatten()
+    assert not torch.equal(a, b)  # quantized ...
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99  # ... but close
+    assert all(torch.equal(v, m.adapter.model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ModelError, match="needs every stage loaded"):
+        int8_copy(load_stages("builtin:gpt2-tiny", [0, 1]))

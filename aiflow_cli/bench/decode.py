@@ -61,6 +61,7 @@ from aiflow_cli.plan.synthetic import synthetic_profile
 from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.pipeline import Pipeline, RunResult
 from aiflow_cli.runtime.speculate import exit_acceptance
+from aiflow_cli.timing import work_clock
 
 TIERS = ("device", "edge", "cloud")
 DEFAULT_MODEL = "smollm2"
@@ -634,10 +635,16 @@ class RoundCost:
 
 
 def _median_ms(fn: Callable[[], Any], steps: int = COST_STEPS) -> float:
-    from aiflow_cli.bench.runtime import _median_ms as median_ms
-
+    """Median of ``steps`` calls after a warm one, on :func:`~aiflow_cli.timing.work_clock` (the thread's CPU time
+    with one torch thread: what the work costs, whatever else the machine is running)."""
+    clock = work_clock()
     fn()  # warm
-    return median_ms(fn, steps)
+    ts = []
+    for _ in range(steps):
+        t = clock()
+        fn()
+        ts.append((clock() - t) * 1e3)
+    return statistics.median(ts)
 
 
 @torch.inference_mode()
@@ -658,6 +665,7 @@ def draft_costs(
     adapter; and earlier exits of the device's blocks (measured, not run by the bench: their verification has the
     device run its blocks after the exit on the round's positions in one pass)."""
     from aiflow_cli.models.exit_adapter import find_exit, find_vocab
+    from aiflow_cli.models.quantized import int8_copy
     from aiflow_cli.runtime.drafters import ExitDrafter, device_exit_layer
 
     head = full.num_stages - 1
@@ -669,6 +677,7 @@ def draft_costs(
     # teacher-forced hidden states at each exit on the full model's greedy continuations
     hs: dict[int, list[torch.Tensor]] = {}
     want: list[torch.Tensor] = []
+    seqs: list[torch.Tensor] = []
     for text in prompts:
         x = full.prepare(text=text)
         gen = full.generate(x, tokens)
@@ -684,6 +693,7 @@ def draft_costs(
             if i in early or i == device_end - 1:
                 hs.setdefault(i, []).append(state["hidden_states"][:, p - 1 : p - 1 + gen.shape[1]])
         want.append(gen[0])
+        seqs.append(seq)
     target = torch.cat(want)
 
     def acceptance(stage: int, drafter: ExitDrafter) -> float:
@@ -708,16 +718,18 @@ def draft_costs(
     from aiflow_cli.runtime.speculate import join_positions
 
     batch = join_positions(many)
+    clock = work_clock(str(full.device))
 
-    def stages_ms(lo: int, hi: int, inputs: Any) -> float:
-        """Stages [lo:hi) on ``inputs`` (the embed stage's input; the stages before lo are run untimed)."""
+    def stages_ms(lo: int, hi: int, inputs: Any, m: StagedModel = full, kv: Any = cache) -> float:
+        """Stages [lo:hi) of ``m`` on ``inputs`` (the embed stage's input; the stages before lo are run untimed),
+        its KV cache ``kv`` cropped back to the prompt after each."""
 
         def go() -> None:
-            s = full.run(inputs, range(0, lo), cache) if lo else inputs
-            t = time.perf_counter()
-            full.run(s, range(lo, hi), cache)
-            go.ms = (time.perf_counter() - t) * 1e3  # type: ignore[attr-defined]
-            cache.crop(plen)
+            s = m.run(inputs, range(0, lo), kv) if lo else inputs
+            t = clock()
+            m.run(s, range(lo, hi), kv)
+            go.ms = (clock() - t) * 1e3  # type: ignore[attr-defined]
+            kv.crop(plen)
 
         go()
         ts = []
@@ -731,7 +743,9 @@ def draft_costs(
     options: list[dict[str, Any]] = []
 
     def add(name: str, stage: int, drafter: ExitDrafter, cost: RoundCost, run: bool) -> None:
-        alpha = acceptance(stage, drafter)
+        add_option(name, stage, cost, run, acceptance(stage, drafter))
+
+    def add_option(name: str, stage: int, cost: RoundCost, run: bool, alpha: float) -> None:
         bounds = {}
         for rtt in rtts_ms:
             x_, g, e = cost.bound(alpha, rtt)
@@ -761,6 +775,19 @@ def draft_costs(
             stages_ms(stage + 1, device_end, batch) + up_n,
         )
         add(f"early-exit-stage{stage}" + (f":{ids.numel()}" if ids is not None else ""), stage, d, cost, False)
+    if full.device.type == "cpu":
+        # the target's own int8 copy as a draft model: it drafts all g tokens one position at a time (seq 0,
+        # draft = its step), then the device runs its stages on the round's positions in one pass (batch)
+        q = int8_copy(full)
+        qcache = q.new_cache()
+        q.run(x, range(head), qcache)
+        cost = RoundCost(
+            0.0,
+            stages_ms(0, head + 1, one, q, qcache),
+            stages_ms(0, device_end, one) + up1,
+            stages_ms(0, device_end, batch) + up_n,
+        )
+        add_option("int8", -1, cost, False, _model_acceptance(q, seqs, want))
     return {
         "device_ms_per_position": round(c_pos, 3),
         "upstream_ms": {"1": round(up1, 3), str(BATCH): round(up_n, 3)},
@@ -768,13 +795,33 @@ def draft_costs(
         "prompts": len(prompts),
         "vocab": None if counted is None else counted.meta,
         "options": options,
-        "how": f"decode steps with a KV cache timed in this process (median of {steps}): the device's blocks one "
+        "how": f"decode steps with a KV cache timed in this process (median of {steps}; "
+        f"{'thread CPU time' if clock is time.thread_time else 'wall time'}): the device's blocks one "
         "position "
         f"at a time (seq), the exit head (draft), the stages run once per round on 1 and {BATCH} positions "
         "(batch1, batch_n); acceptance teacher-forced on the full model's greedy continuations; bound = "
         "E(alpha, g) (seq + batch1 + RTT) / ((g + 1) seq + g draft + batch(g + 1) + RTT) at the best g, "
         "E = 1 + alpha + ... + alpha^g",
     }
+
+
+def _model_acceptance(draft: StagedModel, seqs: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """Teacher-forced greedy agreement of a draft model with ``want`` (each the last tokens of its ``seqs``), fed
+    as it drafts: the prompt in one pass, then one position at a time with its KV cache."""
+    hits = total = 0
+    for seq, gen in zip(seqs, want):
+        p = seq.shape[1] - gen.numel()
+        kv = draft.new_cache()
+        for j in range(p - 1, seq.shape[1] - 1):
+            lo = 0 if j == p - 1 else j
+            state = {
+                "input_ids": seq[:, lo : j + 1],
+                "attention_mask": torch.ones(1, j + 1, dtype=torch.long),
+                "position_ids": torch.arange(lo, j + 1).unsqueeze(0),
+            }
+            guess = int(draft.output(draft.run(state, range(draft.num_stages), kv))[0, -1].argmax())
+            hits, total = hits + (guess == int(gen[j - p + 1])), total + 1
+    return hits / max(total, 1)
 
 
 def describe_costs(c: dict[str, Any]) -> list[str]:

@@ -17,7 +17,8 @@ DRAFT_MODEL = "a draft MODEL with the same vocabulary, run on the device"
 #: the draft sources ``aiflow run --draft`` accepts (runtime/drafters.py)
 DRAFT_SOURCES = (
     "auto (default: the trained exit of the device's last block if `aiflow draft train` made one, else the "
-    f"untrained exit) | exit | untrained | MODEL ({DRAFT_MODEL}); exit:N, auto:N, untrained:N draft over the N "
+    f"untrained exit) | exit | untrained | int8 (the model itself with int8 linear layers, CPU) | MODEL "
+    f"({DRAFT_MODEL}); exit:N, auto:N, untrained:N draft over the N "
     "most frequent tokens only (`aiflow draft vocab` counts them; exact either way)"
 )
 #: what the edge pre-check does (``--precheck``; runtime/precheck.py)

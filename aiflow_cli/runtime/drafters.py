@@ -5,6 +5,8 @@
 - ``exit``: the same through a trained :class:`~aiflow_cli.models.exit_adapter.ExitAdapter` first
   (``aiflow draft train MODEL --exit-layer K``, K = the device's last block);
 - ``auto`` (default): ``exit`` when an adapter for the device's last block exists, else ``untrained``;
+- ``int8``: the target model itself with int8 linear layers (:mod:`aiflow_cli.models.quantized`), run whole on
+  the device as a draft model (below): the device loads every stage of the target for it;
 - any other value: a separate draft MODEL sharing the target's vocabulary, run whole on the device with its own KV
   cache (cropped back to the committed tokens after each round).
 
@@ -38,8 +40,10 @@ if TYPE_CHECKING:
     from aiflow_cli.models import StagedModel
     from aiflow_cli.runtime.node import TierNode
 
-#: draft= values that are not a model name.
+#: draft= values that are not a model name (the exits'; ``N`` most frequent tokens with ``KIND:N``).
 KINDS = ("auto", "exit", "untrained")
+#: draft= value of the target's own int8 copy.
+INT8 = "int8"
 
 
 def parse_draft(draft: Optional[str]) -> tuple[str, Optional[int]]:
@@ -294,6 +298,12 @@ def make_drafter(draft: Optional[str], model: "StagedModel", stop: int) -> Draft
         return ExitDrafter(adapter, vocab)
     from aiflow_cli.models import load_model
 
+    if kind == INT8:
+        from aiflow_cli.models.quantized import int8_copy
+
+        whole = model if len(model.loaded) == model.num_stages and model.dtype == torch.float32 else None
+        whole = whole or load_model(model.name)
+        return ModelDrafter(int8_copy(whole))
     other = load_model(kind)
     why = check_vocab(model, other)
     if why:
