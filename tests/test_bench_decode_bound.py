@@ -81,8 +81,9 @@ def test_draft_costs_on_a_tiny_model():
     full = load_stages("builtin:llama-tiny")
     c = draft_costs(full, 4, ["The sky is blue because", "Water boils at"], 6, (40.0, 100.0), vocabs=())
     names = [o["option"] for o in c["options"]]
-    assert names[0] == "untrained" and any(n.startswith("early-exit-stage") for n in names)
+    assert names[0] == "untrained" and any(n.startswith("early-exit-stage") for n in names) and names[-1] == "int8"
     for o in c["options"]:
-        assert 0 <= o["acceptance"] <= 1 and o["seq"] > 0 and o["draft"] > 0
+        # the int8 copy drafts whole (seq 0): the device's blocks run once per round, in batch
+        assert 0 <= o["acceptance"] <= 1 and (o["seq"] > 0) == (o["option"] != "int8") and o["draft"] > 0
         assert set(o["bound"]) == {"40", "100"} and all(v["speedup"] > 0 for v in o["bound"].values())
     assert c["positions"] == 12 and c["device_ms_per_position"] > 0
