@@ -20,6 +20,7 @@ from typing import Any, Optional
 from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.netem import LinkEmulator
+from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime.batching import BatchSettings
 from aiflow_cli.runtime.pipeline import Pipeline
 from aiflow_cli.runtime.serve import TierProcess, TierSpec
@@ -37,6 +38,12 @@ def identities(workdir: Path) -> dict[str, Identity]:
         d = workdir / "keys" / tier
         out[tier] = Identity.load(d) if (d / "node.crt").exists() else Identity.generate(d)
     return out
+
+
+def device_pipeline(plan: Plan | str | Path, workdir: str | Path, **kw: Any) -> Pipeline:
+    """A :class:`Pipeline` for a plan whose device runs every stage (no server tier to start), with the device
+    identity of ``workdir``; ``kw``: the pipeline's other settings (``speed``, ``dilation``, ``timeout_s``...)."""
+    return Pipeline(plan, edge=None, identity=identities(Path(workdir))["device"], trust=[], **kw)
 
 
 class LocalCluster:

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from aiflow_cli.errors import InputError, PlanError, Timeout, TransportError
+from aiflow_cli.errors import PlanError, Timeout, TransportError
 from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.models.sampling import GREEDY, Sampling, sample, verify_round
 from aiflow_cli.models.stage_setup import shared_setup
@@ -50,6 +50,7 @@ from aiflow_cli.runtime.protocol import (
     TierInfo,
     Verify,
 )
+from aiflow_cli.runtime.roles import check_next_hop
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import PackedState, pack_state, unpack_state
@@ -129,13 +130,7 @@ class TierNode:
         self.index = names.index(tier)
         self.next_tier = names[self.index + 1] if self.index + 1 < len(names) else None
         self.stages = plan.stages_for(tier)
-        behind = [t.name for t in plan.tiers[self.index + 1 :] if t.end > t.start]
-        if behind and next_client is None:
-            raise InputError(
-                f"{tier} must reach the next tier ({self.next_tier}): {', '.join(behind)} run stages "
-                f"of this plan (give `next_client`)",
-                param="next_client",
-            )
+        behind = check_next_hop(plan, tier, next_client is not None, "next_client")
         self.next = next_client if behind else None
         self._next_client, self.exit_head = next_client, exit_head  # for like()
         self.link = f"{tier}-{self.next_tier}" if self.next_tier else ""

@@ -22,15 +22,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, cast
 
 from aiflow_cli import errors, signals
-from aiflow_cli.errors import AiflowError, InputError, TransportError
+from aiflow_cli.errors import AiflowError, TransportError
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, BatchSettings
 from aiflow_cli.runtime.node import TierNode
 from aiflow_cli.runtime.replan import PlanRouter
+from aiflow_cli.runtime.roles import check_role, check_trust
 from aiflow_cli.runtime.routing import PoolClient, connect
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
-
-ROLES = ("edge", "cloud")
 
 
 class TierServer:
@@ -59,14 +58,8 @@ class TierServer:
         ``next_addr`` with commas names a pool of replicas of the next tier; ``next_client`` gives one built
         elsewhere (e.g. :meth:`RayPool.client`, refreshed from Ray). ``batching``: decode batching across
         sessions (aiflow_cli/runtime/batching.py; None: its defaults)."""
-        if role not in ROLES:
-            raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
-        if not trust and not insecure_dev:
-            raise InputError(
-                "give `trust` FINGERPRINT for every peer (devices and the next tier); there is no "
-                "default trust (`insecure_dev` exists for local experiments only)",
-                param="trust,insecure_dev",
-            )
+        check_role(role)
+        check_trust(trust, insecure_dev)
         if metrics is not None:
             from aiflow_cli.runtime.metrics import parse_listen
 
