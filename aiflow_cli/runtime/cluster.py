@@ -5,10 +5,12 @@ this process. Used by `aiflow demo`, the tests and the benchmarks.
     with LocalCluster(plan_path, workdir, links={"device-edge": "lte", "edge-cloud": "wan"}) as c:
         r = c.pipeline().run(image=img)
 
-Start order: cloud, its emulator, edge (``--next`` = that emulator), the edge's emulator; the device connects
-to the last. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``), logs go to
+Start: both server processes at once (importing torch and the runtime is most of a tier's start), then, in the
+order the addresses allow, the cloud's spec, its emulator, the edge's spec (``--next`` = that emulator), the
+edge's emulator; the device connects to the last. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``), logs go to
 ``workdir/<tier>.log``. Every child is stopped on exit (SIGTERM to all at once, then SIGKILL) and dies with this
-process if it is killed; a server that fails to start raises its own error.
+process if it is killed; a server that fails to start raises its own error, naming its tier, and stops the
+others.
 """
 
 from __future__ import annotations
@@ -88,9 +90,9 @@ class LocalCluster:
     def fingerprints(self) -> list[str]:
         return [i.fingerprint for i in self.keys.values()]
 
-    def start_tier(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierProcess:
-        """Starts (or restarts, on the same ``listen``) one server tier."""
-        spec = TierSpec(
+    def spec(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierSpec:
+        """The :class:`TierSpec` of server tier ``tier``."""
+        return TierSpec(
             role=tier,
             plan_path=str(self.plan_path),
             identity_dir=str(self.keys[tier].cert_path.parent),
@@ -105,8 +107,18 @@ class LocalCluster:
             batch_max=self.batching.max_batch,
             batch_window_ms=self.batching.window_ms,
         )
-        proc = TierProcess(spec, self.workdir / f"{tier}.log")
+
+    def spawn(self, tier: str) -> TierProcess:
+        """Starts the process of server tier ``tier`` (it imports while the caller goes on; see
+        :meth:`TierProcess.start`) and tracks it, so that :meth:`close` stops it whatever happens next."""
+        proc = TierProcess(tier, self.workdir / f"{tier}.log")
         self.servers[tier] = proc
+        return proc
+
+    def start_tier(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierProcess:
+        """Starts (or restarts, on the same ``listen``) one server tier and waits until it listens."""
+        proc = self.spawn(tier)
+        proc.start(self.spec(tier, next_addr, listen))
         return proc
 
     def _front(self, link: str, target: str) -> str:
@@ -118,9 +130,12 @@ class LocalCluster:
         return emu.address
 
     def start(self) -> "LocalCluster":
-        cloud = self.start_tier("cloud")
+        """Starts both server processes at once (their imports overlap), then gives each its spec in the order
+        the addresses allow: the cloud's, then the edge's, whose ``next_addr`` is the cloud (its emulator)."""
+        cloud, edge = self.spawn("cloud"), self.spawn("edge")
+        cloud.start(self.spec("cloud"))
         self.addresses["cloud"] = self._front("edge-cloud", cloud.address)
-        edge = self.start_tier("edge", next_addr=self.addresses["cloud"])
+        edge.start(self.spec("edge", next_addr=self.addresses["cloud"]))
         self.addresses["edge"] = self._front("device-edge", edge.address)
         return self
 

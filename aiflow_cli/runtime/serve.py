@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, cast
 
 from aiflow_cli import errors, signals
-from aiflow_cli.errors import AiflowError, TransportError
+from aiflow_cli.errors import AiflowError, InputError, TransportError
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, BatchSettings
 from aiflow_cli.runtime.node import TierNode
@@ -274,20 +274,27 @@ def tier_main(ready_fd: int) -> None:
 
 class TierProcess:
     """A tier served by a child process (see :class:`TierSpec`); :attr:`ready` once it listens. Raises the
-    child's own error class if it fails to start, or :class:`TransportError` with its log's tail if it dies."""
+    child's own error class if it fails to start, or :class:`TransportError` naming the tier, with its log's last
+    line, if it dies.
+
+    Two steps, so that tiers start at once: making the object starts the child, which imports torch and the
+    runtime (most of a tier's start) while the caller goes on; :meth:`start` sends it its :class:`TierSpec`,
+    which may hold another tier's address known only now, and waits until it listens. Given a spec instead of a
+    role, the object does both."""
 
     def __init__(
         self,
-        spec: TierSpec,
+        spec: TierSpec | str,
         log_path: Path,
         *,
         env: Optional[dict[str, str]] = None,
         timeout_s: float = START_TIMEOUT_S,
     ):
-        self.spec = spec
+        self.role = spec.role if isinstance(spec, TierSpec) else spec
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
         r, w = os.pipe()
+        self._ready_fd: Optional[int] = r
         try:
             self.proc = signals.spawn(
                 [sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid())],
@@ -298,18 +305,38 @@ class TierProcess:
                 pass_fds=(w,),
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(r)
+            self._log.close()
+            raise
         finally:
             os.close(w)
+        if isinstance(spec, TierSpec):
+            self.start(spec, timeout_s)
+
+    def start(self, spec: TierSpec, timeout_s: float = START_TIMEOUT_S) -> TierReady:
+        """Sends ``spec`` (of this object's role) to the child and waits until it listens; on failure the child is
+        stopped and its error raised."""
+        if self._ready_fd is None:
+            raise InputError(f"the {self.role} tier process was started already", param="spec")
+        if spec.role != self.role:
+            raise InputError(f"spec.role={spec.role!r}: this process serves the {self.role} tier", param="spec")
+        fd, self._ready_fd = self._ready_fd, None
+        self.spec = spec
         try:
             assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps(asdict(spec)).encode())
-            self.proc.stdin.close()
-            self.ready = self._wait_ready(r, timeout_s)
+            try:
+                self.proc.stdin.write(json.dumps(asdict(spec)).encode())
+                self.proc.stdin.close()
+            except BrokenPipeError:  # the child died first: its log says why (read below)
+                pass
+            self.ready = self._wait_ready(fd, timeout_s)
+            return self.ready
         except BaseException:
             self.stop()
             raise
         finally:
-            os.close(r)
+            os.close(fd)
 
     def _wait_ready(self, fd: int, timeout_s: float) -> TierReady:
         deadline = time.monotonic() + timeout_s
@@ -327,9 +354,10 @@ class TierProcess:
                 raise event.error()
             return event
         self.stop()
-        log = self.log_path.read_text(errors="replace")[-2000:].strip()
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        last = lines[-1].strip() if lines else "(its log is empty)"
         why = f"exit {self.proc.returncode}" if self.proc.returncode is not None else f"not ready in {timeout_s:g} s"
-        raise TransportError(f"the {self.spec.role} tier did not start ({why}): {log}")
+        raise TransportError(f"the {self.role} tier did not start ({why}): {last} (log: {self.log_path})")
 
     @property
     def address(self) -> str:
@@ -350,7 +378,8 @@ class TierProcess:
             self.proc.wait(10)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; reaps the child and closes its log."""
+        """SIGTERM, then SIGKILL after ``timeout_s``; reaps the child and closes its log (and the pipes of a child
+        that was never started)."""
         self.terminate()
         try:
             self.proc.wait(timeout_s)
@@ -358,4 +387,9 @@ class TierProcess:
             self.proc.kill()
             self.proc.wait(10)
         signals.forget(self.proc)
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
         self._log.close()
