@@ -5,9 +5,9 @@ this process. Used by `aiflow demo`, the tests and the benchmarks.
     with LocalCluster(plan_path, workdir, links={"device-edge": "lte", "edge-cloud": "wan"}) as c:
         r = c.pipeline().run(image=img)
 
-Start: both server processes at once (importing torch and the runtime is most of a tier's start), then, in the
-order the addresses allow, the cloud's spec, its emulator, the edge's spec (``--next`` = that emulator), the
-edge's emulator; the device connects to the last. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``), logs go to
+Start: both server processes at once; each imports torch and the runtime and loads its stages (most of a
+tier's start) side by side. The edge is told its ``--next`` once the cloud listens and its emulator is up; the
+edge's emulator comes last, and the device connects to it. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``), logs go to
 ``workdir/<tier>.log``. Every child is stopped on exit (SIGTERM to all at once, then SIGKILL) and dies with this
 process if it is killed; a server that fails to start raises its own error, naming its tier, and stops the
 others.
@@ -90,7 +90,9 @@ class LocalCluster:
     def fingerprints(self) -> list[str]:
         return [i.fingerprint for i in self.keys.values()]
 
-    def spec(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierSpec:
+    def spec(
+        self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0", *, next_later: bool = False
+    ) -> TierSpec:
         """The :class:`TierSpec` of server tier ``tier``."""
         return TierSpec(
             role=tier,
@@ -106,6 +108,7 @@ class LocalCluster:
             metrics=self.metrics.get(tier),
             batch_max=self.batching.max_batch,
             batch_window_ms=self.batching.window_ms,
+            next_later=next_later,
         )
 
     def spawn(self, tier: str) -> TierProcess:
@@ -130,12 +133,15 @@ class LocalCluster:
         return emu.address
 
     def start(self) -> "LocalCluster":
-        """Starts both server processes at once (their imports overlap), then gives each its spec in the order
-        the addresses allow: the cloud's, then the edge's, whose ``next_addr`` is the cloud (its emulator)."""
+        """Starts both server processes at once: they import and load their stages side by side; the edge learns
+        its ``next_addr`` (the cloud, or its emulator) once the cloud listens, then listens itself."""
         cloud, edge = self.spawn("cloud"), self.spawn("edge")
-        cloud.start(self.spec("cloud"))
+        cloud.send(self.spec("cloud"))
+        edge.send(self.spec("edge", next_later=True))
+        cloud.wait_ready()
         self.addresses["cloud"] = self._front("edge-cloud", cloud.address)
-        edge.start(self.spec("edge", next_addr=self.addresses["cloud"]))
+        edge.send_next(self.addresses["cloud"])
+        edge.wait_ready()
         self.addresses["edge"] = self._front("device-edge", edge.address)
         return self
 
