@@ -12,7 +12,7 @@ import pytest
 import torch
 from runtime_support import three_tier_plan
 
-from aiflow_cli.errors import InputError, LimitExceeded, PeerRejected, TransportError
+from aiflow_cli.errors import AiflowError, InputError, LimitExceeded, PeerRejected, TransportError
 from aiflow_cli.models import load_model
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.cluster import LocalCluster
@@ -234,3 +234,15 @@ def test_a_tier_process_that_dies_before_its_spec_is_reported_in_one_line(tmp_pa
     with pytest.raises(TransportError, match=r"^the cloud tier did not start \(exit -9\): .*cloud\.log\)$") as e:
         p.start(spec)
     assert "\n" not in str(e.value) and not p.alive()
+
+
+def test_a_tier_process_imports_aiflow_from_where_its_parent_did(tmp_path, monkeypatch):
+    """A working directory that holds another ``aiflow_cli`` (another checkout) does not change the child's code:
+    this one answers, with the parent's own failure report for a plan that does not exist."""
+    (tmp_path / "aiflow_cli").mkdir()
+    (tmp_path / "aiflow_cli" / "__init__.py").write_text("raise SystemExit(7)\n")
+    monkeypatch.chdir(tmp_path)
+    spec = TierSpec(role="cloud", plan_path=str(tmp_path / "no-plan.json"), identity_dir=str(tmp_path), trust=("ab",))
+    with pytest.raises(AiflowError, match="^the cloud tier did not start: .*no-plan.json") as e:
+        TierProcess(spec, tmp_path / "cloud.log")
+    assert not isinstance(e.value, TransportError), e.value  # a TierFailed report, not a child that died

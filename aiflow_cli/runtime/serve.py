@@ -160,11 +160,16 @@ class TierServer:
 START_TIMEOUT_S = 120.0
 #: Seconds :meth:`TierProcess.stop` waits after SIGTERM before SIGKILL.
 STOP_TIMEOUT_S = 5.0
-#: What a tier child runs: it asks to die with its parent before importing anything heavy.
+#: What a tier child runs: it asks to die with its parent before importing anything heavy, and imports aiflow from
+#: where its parent did (``sys.argv[3]``; ``python -c`` would look in its working directory first, which may hold
+#: another checkout).
 _CHILD_CODE = (
-    "import sys; from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[2])); "
+    "import sys; sys.path.insert(0, sys.argv[3]); "
+    "from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[2])); "
     "from aiflow_cli.runtime.serve import tier_main; tier_main(int(sys.argv[1]))"
 )
+#: The folder that holds the ``aiflow_cli`` package this process runs.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ class TierProcess:
         self._ready_fd: Optional[int] = r
         try:
             self.proc = signals.spawn(
-                [sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid())],
+                [sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid()), _PACKAGE_ROOT],
                 stdin=subprocess.PIPE,
                 stdout=self._log,
                 stderr=self._log,
