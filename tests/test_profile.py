@@ -174,3 +174,18 @@ def test_cli_bad_inputs_exit_nonzero_without_traceback(args, code, message):
     r = subprocess.run([sys.executable, "-m", "aiflow_cli", *args], capture_output=True, text=True, timeout=120)
     assert r.returncode == code, r.stderr
     assert "Traceback" not in r.stderr and message in r.stderr
+
+
+def test_profile_settings_have_one_home_checked_without_a_model():
+    """`profile_model`'s settings are a :class:`ProfileSettings`: the CLI checks them before torch, the profiler
+    takes the same object (or its field names as keywords), and an unknown name is refused before any work."""
+    from aiflow_cli.profile import ProfileSettings
+
+    with pytest.raises(InputError, match="repeats=0: must be >= 1"):
+        ProfileSettings(repeats=0).check()
+    with pytest.raises(InputError, match="fidelity_cuts='every:0'"):
+        ProfileSettings(fidelity_cuts="every:0").check()
+    with pytest.raises(InputError, match="unknown profile setting 'repeat'"):
+        profile_model("builtin:no-such-model", repeat=1)
+    s = ProfileSettings.of(ProfileSettings(batch=2), codecs=["raw"])
+    assert s.batch == 2 and s.codecs == ("raw",)

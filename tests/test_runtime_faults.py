@@ -12,11 +12,12 @@ import pytest
 import torch
 from runtime_support import three_tier_plan
 
-from aiflow_cli.errors import LimitExceeded, PeerRejected, TransportError
+from aiflow_cli.errors import AiflowError, InputError, LimitExceeded, PeerRejected, TransportError
 from aiflow_cli.models import load_model
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.pipeline import Pipeline
+from aiflow_cli.runtime.serve import TierProcess, TierSpec
 from aiflow_cli.runtime.sessions import SessionStore
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.transport import Client, Identity, Message
@@ -211,3 +212,37 @@ def test_session_memory_is_bounded_and_evicted_sessions_fail_clearly():
     s = big.open(("p", 1))
     with pytest.raises(LimitExceeded, match="more than the limit"):
         big.done_step(("p", 1), s)
+
+
+def test_a_tier_that_fails_to_start_names_itself_in_one_line_and_stops_the_other(tmp_path):
+    """LocalCluster starts both server processes at once: the edge's bad metrics address fails its start after
+    the cloud listens; the error names the edge in one line and the cloud's process is stopped too."""
+    three_tier_plan(MODEL, tmp_path / "plan.json", codec="raw")
+    c = LocalCluster(tmp_path / "plan.json", tmp_path, metrics={"edge": "no-port"})
+    with pytest.raises(InputError, match="^the edge tier did not start: ") as e:
+        with c:
+            pass
+    assert "\n" not in str(e.value)
+    assert set(c.servers) == {"cloud", "edge"} and not any(s.alive() for s in c.servers.values())
+
+
+def test_a_tier_process_that_dies_before_its_spec_is_reported_in_one_line(tmp_path):
+    p = TierProcess("cloud", tmp_path / "cloud.log")
+    p.proc.kill()
+    p.proc.wait(10)
+    spec = TierSpec(role="cloud", plan_path=str(tmp_path / "plan.json"), identity_dir=str(tmp_path), trust=("ab",))
+    with pytest.raises(TransportError, match=r"^the cloud tier did not start \(exit -9\): .*cloud\.log\)$") as e:
+        p.start(spec)
+    assert "\n" not in str(e.value) and not p.alive()
+
+
+def test_a_tier_process_imports_aiflow_from_where_its_parent_did(tmp_path, monkeypatch):
+    """A working directory that holds another ``aiflow_cli`` (another checkout) does not change the child's code:
+    this one answers, with the parent's own failure report for a plan that does not exist."""
+    (tmp_path / "aiflow_cli").mkdir()
+    (tmp_path / "aiflow_cli" / "__init__.py").write_text("raise SystemExit(7)\n")
+    monkeypatch.chdir(tmp_path)
+    spec = TierSpec(role="cloud", plan_path=str(tmp_path / "no-plan.json"), identity_dir=str(tmp_path), trust=("ab",))
+    with pytest.raises(AiflowError, match="^the cloud tier did not start: .*no-plan.json") as e:
+        TierProcess(spec, tmp_path / "cloud.log")
+    assert not isinstance(e.value, TransportError), e.value  # a TierFailed report, not a child that died

@@ -151,6 +151,39 @@ def test_tier_processes_die_with_a_sigkilled_parent(workdir):
     print(f"SIGKILL: tiers gone after {time.monotonic() - t0:.2f} s")
 
 
+#: A LocalCluster's start in a process of its own, as a CLI verb runs it (aiflow_cli/cli.py: signals installed;
+#: after a signal, whatever the start raised, the exit skips the interpreter's teardown).
+_CLUSTER = (
+    "import sys\n"
+    "from aiflow_cli import signals\n"
+    "from aiflow_cli.runtime.cluster import LocalCluster\n"
+    "signals.install()\n"
+    "try:\n"
+    "    with LocalCluster(sys.argv[1], sys.argv[2]):\n"
+    "        pass\n"
+    "except (KeyboardInterrupt, Exception):\n"
+    "    if signals.received() is None:\n"
+    "        raise\n"
+    "signals.exit_now()\n"
+)
+
+
+def test_a_cluster_interrupted_while_its_tiers_start_leaves_no_process(tmp_path):
+    """SIGTERM while both tier processes of a LocalCluster are still starting (they start at once): exit 143
+    within 2 s, and neither tier process is left, though neither ever received its spec's answer."""
+    (tmp_path / "plan.json").write_text("{}")  # never read: the tiers are stopped while they import
+    proc = subprocess.Popen([sys.executable, "-c", _CLUSTER, str(tmp_path / "plan.json"), str(tmp_path)])
+    try:
+        kids = wait_until(lambda: k if len(k := children(proc.pid)) >= 2 else None, timeout_s=60, interval_s=0.02)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    code, took_s = stop(proc, signal.SIGTERM)
+    assert code == 143 and took_s < EXIT_S, (code, took_s)
+    wait_until(lambda: not any(alive(p, s) for p, s in kids.items()), timeout_s=5, what="the tier processes to end")
+
+
 def test_a_child_whose_parent_is_already_gone_exits(tmp_path):
     """The race die_with_parent closes: the parent died before the child asked to die with it."""
     code = "import sys; from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[1])); print('ran')"

@@ -44,7 +44,7 @@ from aiflow_cli.plan.strategies import OPTIMAL, RAW_SPLIT, only, solve_strategie
 from aiflow_cli.profile import load_profile
 from aiflow_cli.profile.schema import ModelProfile
 from aiflow_cli.runtime.calibrate import calibrate
-from aiflow_cli.runtime.cluster import LocalCluster, identities
+from aiflow_cli.runtime.cluster import LocalCluster, device_pipeline
 from aiflow_cli.runtime.demo import (
     SAMPLE_IMAGE,
     SAMPLE_PROMPT,
@@ -688,21 +688,12 @@ def _start(
         plan_path = cfg.workdir / "plans" / f"placement-{n}.json"
         plan_path.parent.mkdir(parents=True, exist_ok=True)
         save_plan(plan, plan_path)
-        if runs_locally(plan):
-            keys = identities(cfg.workdir)
         d = cfg.dilation
         worst_s = max(plans[k][s].prediction.total_ms for k, ss in by_link.items() for s in ss) / 1e3 * d.factor
         if runs_locally(plan):
-            keys = identities(cfg.workdir)
             p = stack.enter_context(
-                Pipeline(
-                    plan,
-                    edge=None,
-                    identity=keys["device"],
-                    trust=[],
-                    speed=cfg.device_speed,
-                    dilation=d.factor,
-                    timeout_s=max(60.0, 20 * worst_s),
+                device_pipeline(
+                    plan, cfg.workdir, speed=cfg.device_speed, dilation=d.factor, timeout_s=max(60.0, 20 * worst_s)
                 )
             )
             runners[key] = Runner(plan, p, None, None, d)

@@ -12,22 +12,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from aiflow_cli.errors import InputError, PlanError
+from aiflow_cli.errors import InputError
 from aiflow_cli.plan.schema import Plan, load_plan
+from aiflow_cli.runtime.roles import check_next_hop, check_role, check_trust
 from aiflow_cli.task import takes_image
 from aiflow_cli.timing import check_speed
 from aiflow_cli.transport import as_identity
 
-ROLES = ("edge", "cloud")
-
 
 def _plan(path: Path) -> Plan:
     return load_plan(path)  # SchemaError / InputError naming the file
-
-
-def _upper_tiers(plan: Plan, after: int) -> list[str]:
-    """Tiers behind tier ``after`` (index) that run stages of the plan."""
-    return [t.name for t in plan.tiers[after + 1 :] if t.end > t.start]
 
 
 def check_serve(
@@ -43,27 +37,15 @@ def check_serve(
     metrics: Optional[str],
 ) -> None:
     """``aiflow serve`` (one process): the role, trust, metrics address, plan, speed and next tier."""
-    if role not in ROLES:
-        raise InputError(f"--role {role!r}: choose edge or cloud (the device side is `aiflow run`)")
-    if not trust and not insecure_dev:
-        raise InputError(
-            "give --trust FINGERPRINT for every peer (devices and the next tier); there is no default trust "
-            "(--insecure-dev exists for local experiments only)"
-        )
+    check_role(role)
+    check_trust(trust, insecure_dev)
     if metrics is not None:
         from aiflow_cli.runtime.metrics import parse_listen
 
         parse_listen(metrics)
     plan = _plan(plan_path)
     check_speed(speed, dilation)
-    names = [t.name for t in plan.tiers]
-    if role not in names:
-        raise PlanError(f"the plan has no tier {role!r} (tiers: {', '.join(names)})")
-    behind = _upper_tiers(plan, names.index(role))
-    if behind and not next_addr:
-        raise InputError(
-            f"{role} must reach the next tier: {', '.join(behind)} run stages of this plan (give --next HOST:PORT)"
-        )
+    check_next_hop(plan, role, bool(next_addr), "next_addr")
     as_identity(identity)
 
 
@@ -86,9 +68,7 @@ def check_run(
     if not timeout_s > 0:
         raise InputError(f"--timeout {timeout_s}: must be > 0 seconds")
     check_speed(speed, 1.0)
-    upper = _upper_tiers(plan, 0)
-    if upper and not edge:
-        raise InputError(f"the plan runs stages on {', '.join(upper)}: give the edge's address (--edge HOST:PORT)")
+    check_next_hop(plan, "device", bool(edge), "edge")
     if draft is not None and speculate is None:
         raise InputError(f"--draft {draft}: drafts are for speculation; give --speculate too")
     as_identity(identity)

@@ -18,6 +18,7 @@ FLAGS: dict[str, str] = {
     "seq_len": "--seq-len",
     "image_size": "--image-size",
     "device": "--device",
+    "dtype": "--dtype",
     # profile
     "repeats": "--repeats",
     "warmup": "--warmup",

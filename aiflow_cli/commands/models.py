@@ -12,6 +12,7 @@ from rich.table import Table
 
 from aiflow_cli.console import console, err_console, print_json
 from aiflow_cli.errors import InputError
+from aiflow_cli.profile.settings import ProfileSettings
 
 _TABLE_CODECS = ["fp16", "int8", "int4"]
 
@@ -41,14 +42,14 @@ def _ms(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def parse_cuts(spec: Optional[str]) -> Optional[list[int]] | str:
+def parse_cuts(spec: Optional[str]) -> Optional[tuple[int, ...] | str]:
     """``--fidelity-cuts``: None (all), ``0,4,8`` or ``every:N`` (passed on as is; the profiler knows the cuts)."""
     if spec is None or spec.strip() == "all":
         return None
     if spec.startswith("every:"):
         return spec
     try:
-        return [int(x) for x in spec.split(",") if x.strip()]
+        return tuple(int(x) for x in spec.split(",") if x.strip())
     except ValueError:
         raise InputError(f"--fidelity-cuts {spec!r}: give cut indices like 0,4,8, or every:N, or all") from None
 
@@ -124,7 +125,7 @@ def profile(
         ..., help="builtin:<name>, smollm2, minilm, a local directory, or a Hugging Face hub id."
     ),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("float32", "--dtype", help="float32, float16 or bfloat16."),
+    dtype: str = typer.Option(ProfileSettings.dtype, "--dtype", help="float32, float16 or bfloat16."),
     batch: int = typer.Option(1, "--batch", help="Batch size."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence (default: the model's)."),
     image_size: Optional[int] = typer.Option(None, "--image-size", help="Image side in pixels (vision models)."),
@@ -132,8 +133,8 @@ def profile(
         None, "--decode-tokens", help="KV-cache length of the profiled decode step (default 32 for LMs; 0: skip)."
     ),
     codecs: Optional[str] = typer.Option(None, "--codecs", help="Comma-separated codec specs (default: all)."),
-    repeats: int = typer.Option(5, "--repeats", help="Timed repetitions per measurement."),
-    warmup: int = typer.Option(1, "--warmup", help="Untimed repetitions first."),
+    repeats: int = typer.Option(ProfileSettings.repeats, "--repeats", help="Timed repetitions per measurement."),
+    warmup: int = typer.Option(ProfileSettings.warmup, "--warmup", help="Untimed repetitions first."),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Write the profile JSON here."),
     label: str = typer.Option("", "--label", help="Name of this machine, recorded in the profile."),
     json_out: bool = typer.Option(False, "--json", help="Print the profile JSON on stdout."),
@@ -141,7 +142,9 @@ def profile(
         None, "--calibration-items", help="Fidelity on the first N calibration items (default: all)."
     ),
     calibration_tokens: int = typer.Option(
-        32, "--calibration-tokens", help="Generated tokens per item that fidelity is measured on (LMs, captioners)."
+        ProfileSettings.calibration_tokens,
+        "--calibration-tokens",
+        help="Generated tokens per item that fidelity is measured on (LMs, captioners).",
     ),
     fidelity_cuts: Optional[str] = typer.Option(
         None,
@@ -156,15 +159,13 @@ def profile(
     ),
 ) -> None:
     """Profile a model on this hardware: per-stage latency and memory, per-cut bytes and fidelity per codec."""
-    from aiflow_cli.profile import check_settings
-
-    codec_list = [c.strip() for c in codecs.split(",") if c.strip()] if codecs else None
-    check_settings(  # before torch is imported and the model loaded: a bad flag is answered at once
-        dtype=dtype, batch=batch, seq_len=seq_len, image_size=image_size, decode_tokens=decode_tokens,
+    codec_list = tuple(c.strip() for c in codecs.split(",") if c.strip()) if codecs else None
+    # checked before torch is imported and the model loaded: a bad flag is answered at once
+    settings = ProfileSettings(
+        device=device, dtype=dtype, batch=batch, seq_len=seq_len, image_size=image_size, decode_tokens=decode_tokens,
         codecs=codec_list, repeats=repeats, warmup=warmup, calibration_items=calibration_items,
-        calibration_tokens=calibration_tokens,
-    )  # fmt: skip
-    cuts = parse_cuts(fidelity_cuts)
+        calibration_tokens=calibration_tokens, fidelity_cuts=parse_cuts(fidelity_cuts),
+    ).check()  # fmt: skip
     from aiflow_cli.profile import profile_model, save_profile  # (imports torch and the models)
 
     if threads is not None:
@@ -185,23 +186,7 @@ def profile(
         def progress(phase: str, done: int, total: int) -> None:
             bar.update(task, description=phase, completed=done, total=total)
 
-        prof = profile_model(
-            model,
-            device=device,
-            dtype=dtype,
-            batch=batch,
-            seq_len=seq_len,
-            image_size=image_size,
-            decode_tokens=decode_tokens,
-            codecs=codec_list,
-            repeats=repeats,
-            warmup=warmup,
-            label=label,
-            progress=progress,
-            calibration_items=calibration_items,
-            calibration_tokens=calibration_tokens,
-            fidelity_cuts=cuts,
-        )
+        prof = profile_model(model, settings, label=label, progress=progress)
     if output is not None:
         save_profile(prof, output)
     if json_out:

@@ -222,6 +222,12 @@ class Plan(Strict):
     def computing_tiers(self) -> list[str]:
         return [t.name for t in self.tiers if t.end > t.start]
 
+    def tiers_behind(self, tier: str) -> list[str]:
+        """The tiers after ``tier`` (in the chain's order) that run stages: ``tier`` must reach the next tier when
+        there are any (:class:`PlanError` for a tier the plan does not have)."""
+        i = self.tiers.index(self.tier(tier))
+        return [t.name for t in self.tiers[i + 1 :] if t.end > t.start]
+
     def check_model(self, model_hash: str) -> None:
         """Refuses a model other than the one the plan was solved for."""
         if model_hash != self.model_hash:

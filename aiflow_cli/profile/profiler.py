@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -34,7 +34,7 @@ from aiflow_cli import codec as codec_mod
 from aiflow_cli.errors import InputError
 from aiflow_cli.models import StagedModel, load_model
 from aiflow_cli.models.state import BoundaryState, is_codec_tensor, role_of, state_bytes
-from aiflow_cli.profile.calibration import DEFAULT_TOKENS, load_calibration
+from aiflow_cli.profile.calibration import load_calibration
 from aiflow_cli.profile.fidelity import Reference, build_reference
 from aiflow_cli.profile.hardware import detect
 from aiflow_cli.profile.memory import peak_activation_bytes
@@ -49,14 +49,12 @@ from aiflow_cli.profile.schema import (
     Settings,
     StageProfile,
 )
+from aiflow_cli.profile.settings import DEFAULT_DECODE_TOKENS, ProfileSettings
 from aiflow_cli.timing import median_ms, work_clock
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: called as the work advances (for a progress bar)."""
 
-DEFAULT_REPEATS = 5
-DEFAULT_WARMUP = 1
-DEFAULT_DECODE_TOKENS = 32
 _CODEC_TIMING_REPEATS = 3
 
 
@@ -309,78 +307,49 @@ def _output(m: StagedModel, final: BoundaryState, batch: int) -> Endpoint:
     )
 
 
-def _measured_cuts(spec: Optional[list[int] | str], n_cuts: int) -> set[int]:
-    if spec is None:
-        return set(range(n_cuts))
-    if isinstance(spec, str):
-        try:
-            step = int(spec.removeprefix("every:"))
-        except ValueError:
-            step = 0
-        if not spec.startswith("every:") or step < 1:
-            raise InputError(
-                f"fidelity_cuts={spec!r}: give cut indices like 0,4,8, or every:N with N >= 1", param="fidelity_cuts"
-            )
+def _measured_cuts(settings: ProfileSettings, n_cuts: int) -> set[int]:
+    step = settings.fidelity_step()
+    if step is not None:
         return set(range(0, n_cuts, step)) | {n_cuts - 1}
-    return set(spec)
+    return set(range(n_cuts)) if settings.fidelity_cuts is None else set(settings.fidelity_cuts)
 
 
 def profile_model(
     model: str | StagedModel,
+    settings: Optional[ProfileSettings] = None,
     *,
-    device: str = "cpu",
-    dtype: str = "float32",
-    batch: int = 1,
-    seq_len: Optional[int] = None,
-    image_size: Optional[int] = None,
-    decode_tokens: Optional[int] = None,
-    codecs: Optional[list[str]] = None,
-    repeats: int = DEFAULT_REPEATS,
-    warmup: int = DEFAULT_WARMUP,
     label: str = "",
     progress: Optional[Progress] = None,
-    calibration_items: Optional[int] = None,
-    calibration_tokens: int = DEFAULT_TOKENS,
-    fidelity_cuts: Optional[list[int] | str] = None,
+    **changes: Any,
 ) -> ModelProfile:
-    """Profiles a model (a name for :func:`aiflow_cli.models.load_model`, or a loaded :class:`StagedModel`).
+    """Profiles a model (a name for :func:`aiflow_cli.models.load_model`, or a loaded :class:`StagedModel`) with
+    ``settings`` (:class:`ProfileSettings`; default: its defaults) changed by ``changes`` (its field names:
+    ``profile_model(m, repeats=1, codecs=["raw"])``). ``label`` names this machine in the profile; ``progress``
+    is told (phase, done, total) as the work goes.
 
-    ``seq_len``/``image_size`` default to the model's (32 tokens for LMs and encoders, 1 decoder token + the
-    encoder's image size for captioners). ``decode_tokens``: KV-cache length of the profiled decode step (default 32
-    for generating models; 0 skips it). ``codecs`` default to :func:`aiflow_cli.codec.default_codecs`; ``raw`` is
-    always included. Times are ms, sizes bytes. Raises :class:`InputError` for bad settings, :class:`ModelError`
-    for a model that cannot be loaded or cut.
-
-    Fidelity: on the first ``calibration_items`` items of the calibration set (default: all), with
-    ``calibration_tokens`` generated tokens per item for generating models; lossy codecs are measured at the cuts
-    in ``fidelity_cuts`` (default: every cut; ``"every:N"``: cuts 0, N, 2N, ... and the last) and left out of the
-    other cuts.
+    Raises :class:`InputError` for bad settings, :class:`ModelError` for a model that cannot be loaded or cut.
     """
     t_start = time.perf_counter()
     progress = progress or (lambda phase, done, total: None)
-    if repeats < 1:
-        raise InputError(f"repeats={repeats}: must be >= 1", param="repeats")
-    if warmup < 0:
-        raise InputError(f"warmup={warmup}: must be >= 0", param="warmup")
-    specs = [codec_mod.canonical(c) for c in (codecs or codec_mod.default_codecs())]
+    s = ProfileSettings.of(settings, **changes)
+    specs = [codec_mod.canonical(c) for c in (s.codecs or codec_mod.default_codecs())]
     specs = list(dict.fromkeys(["raw"] + specs))
     progress("loading model", 0, 1)
-    m = model if isinstance(model, StagedModel) else load_model(model, dtype=dtype, device=device)
+    m = model if isinstance(model, StagedModel) else load_model(model, dtype=s.dtype, device=s.device)
     if len(m.loaded) != m.num_stages:
         raise InputError("profiling needs every stage loaded (use load_model, not load_stages)")
     if m.num_stages < 2:
         raise InputError(f"{m.name} has a single stage: there is nothing to cut")
+    decode_tokens = s.decode_tokens
     if decode_tokens is None:
         decode_tokens = DEFAULT_DECODE_TOKENS if m.generates else 0
-    if decode_tokens < 0:
-        raise InputError(f"decode_tokens={decode_tokens}: must be >= 0", param="decode_tokens")
     if decode_tokens and not m.generates:
         raise InputError(
             f"decode_tokens={decode_tokens}: applies to generating models; {m.name} is a {m.task} model",
             param="decode_tokens",
         )
     n_cuts = m.num_stages - 1
-    measured = _measured_cuts(fidelity_cuts, n_cuts)
+    measured = _measured_cuts(s, n_cuts)
     bad = sorted(k for k in measured if not 0 <= k < n_cuts)
     if bad:
         raise InputError(f"fidelity_cuts={bad[0]}: {m.name} has cuts 0..{n_cuts - 1}", param="fidelity_cuts")
@@ -388,20 +357,20 @@ def profile_model(
 
     p = _Profiler(
         m,
-        batch=batch,
-        seq_len=seq_len,
-        image_size=image_size,
+        batch=s.batch,
+        seq_len=s.seq_len,
+        image_size=s.image_size,
         decode_tokens=decode_tokens,
         codecs=specs,
-        repeats=repeats,
-        warmup=warmup,
+        repeats=s.repeats,
+        warmup=s.warmup,
         progress=progress,
         fidelity_cuts=measured,
     )
     states, peaks, prefill_times = p.prefill()
     decode_times, step_states = p.decode()
     t_fid = time.perf_counter()
-    ref = build_reference(m, items=calibration_items, tokens=calibration_tokens, progress=progress)
+    ref = build_reference(m, items=s.calibration_items, tokens=s.calibration_tokens, progress=progress)
     p.calibrate(ref)
 
     stages = []
@@ -441,12 +410,12 @@ def profile_model(
 
     settings = Settings(
         dtype=str(m.dtype).removeprefix("torch."),
-        batch=batch,
+        batch=s.batch,
         seq_len=p.seq_len,
         image_size=p.image_size,
         decode_tokens=decode_tokens,
-        repeats=repeats,
-        warmup=warmup,
+        repeats=s.repeats,
+        warmup=s.warmup,
     )
     return ModelProfile(
         model=m.name,
@@ -456,7 +425,7 @@ def profile_model(
         hardware=detect(m.device, label),
         settings=settings,
         input=p.input_boundary(),
-        output=_output(m, states[-1], batch),
+        output=_output(m, states[-1], s.batch),
         stages=stages,
         cuts=cuts,
         calibration=calibration,

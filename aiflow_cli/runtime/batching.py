@@ -385,7 +385,7 @@ class DriveLoop:
     def _end(self, g: Generation, error: Optional[BaseException] = None) -> None:
         if error is not None:
             g.error = error
-            self.node.sessions.close(g.key)
+            self.node.fail_session(g.key)
         g.done.set()
 
     def _step(self, active: list[Generation]) -> list[Generation]:

@@ -5,10 +5,12 @@ this process. Used by `aiflow demo`, the tests and the benchmarks.
     with LocalCluster(plan_path, workdir, links={"device-edge": "lte", "edge-cloud": "wan"}) as c:
         r = c.pipeline().run(image=img)
 
-Start order: cloud, its emulator, edge (``--next`` = that emulator), the edge's emulator; the device connects
-to the last. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``), logs go to
+Start: both server processes at once; each imports torch and the runtime and loads its stages (most of a
+tier's start) side by side. The edge is told its ``--next`` once the cloud listens and its emulator is up; the
+edge's emulator comes last, and the device connects to it. Identities are made once per ``workdir`` (``keys/{device,edge,cloud}``), logs go to
 ``workdir/<tier>.log``. Every child is stopped on exit (SIGTERM to all at once, then SIGKILL) and dies with this
-process if it is killed; a server that fails to start raises its own error.
+process if it is killed; a server that fails to start raises its own error, naming its tier, and stops the
+others.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Optional
 from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.links import LinkProfile, load_link
 from aiflow_cli.netem import LinkEmulator
+from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime.batching import BatchSettings
 from aiflow_cli.runtime.pipeline import Pipeline
 from aiflow_cli.runtime.serve import TierProcess, TierSpec
@@ -37,6 +40,12 @@ def identities(workdir: Path) -> dict[str, Identity]:
         d = workdir / "keys" / tier
         out[tier] = Identity.load(d) if (d / "node.crt").exists() else Identity.generate(d)
     return out
+
+
+def device_pipeline(plan: Plan | str | Path, workdir: str | Path, **kw: Any) -> Pipeline:
+    """A :class:`Pipeline` for a plan whose device runs every stage (no server tier to start), with the device
+    identity of ``workdir``; ``kw``: the pipeline's other settings (``speed``, ``dilation``, ``timeout_s``...)."""
+    return Pipeline(plan, edge=None, identity=identities(Path(workdir))["device"], trust=[], **kw)
 
 
 class LocalCluster:
@@ -81,9 +90,11 @@ class LocalCluster:
     def fingerprints(self) -> list[str]:
         return [i.fingerprint for i in self.keys.values()]
 
-    def start_tier(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierProcess:
-        """Starts (or restarts, on the same ``listen``) one server tier."""
-        spec = TierSpec(
+    def spec(
+        self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0", *, next_later: bool = False
+    ) -> TierSpec:
+        """The :class:`TierSpec` of server tier ``tier``."""
+        return TierSpec(
             role=tier,
             plan_path=str(self.plan_path),
             identity_dir=str(self.keys[tier].cert_path.parent),
@@ -97,9 +108,20 @@ class LocalCluster:
             metrics=self.metrics.get(tier),
             batch_max=self.batching.max_batch,
             batch_window_ms=self.batching.window_ms,
+            next_later=next_later,
         )
-        proc = TierProcess(spec, self.workdir / f"{tier}.log")
+
+    def spawn(self, tier: str) -> TierProcess:
+        """Starts the process of server tier ``tier`` (it imports while the caller goes on; see
+        :meth:`TierProcess.start`) and tracks it, so that :meth:`close` stops it whatever happens next."""
+        proc = TierProcess(tier, self.workdir / f"{tier}.log")
         self.servers[tier] = proc
+        return proc
+
+    def start_tier(self, tier: str, next_addr: Optional[str] = None, listen: str = "127.0.0.1:0") -> TierProcess:
+        """Starts (or restarts, on the same ``listen``) one server tier and waits until it listens."""
+        proc = self.spawn(tier)
+        proc.start(self.spec(tier, next_addr, listen))
         return proc
 
     def _front(self, link: str, target: str) -> str:
@@ -111,9 +133,15 @@ class LocalCluster:
         return emu.address
 
     def start(self) -> "LocalCluster":
-        cloud = self.start_tier("cloud")
+        """Starts both server processes at once: they import and load their stages side by side; the edge learns
+        its ``next_addr`` (the cloud, or its emulator) once the cloud listens, then listens itself."""
+        cloud, edge = self.spawn("cloud"), self.spawn("edge")
+        cloud.send(self.spec("cloud"))
+        edge.send(self.spec("edge", next_later=True))
+        cloud.wait_ready()
         self.addresses["cloud"] = self._front("edge-cloud", cloud.address)
-        edge = self.start_tier("edge", next_addr=self.addresses["cloud"])
+        edge.send_next(self.addresses["cloud"])
+        edge.wait_ready()
         self.addresses["edge"] = self._front("device-edge", edge.address)
         return self
 

@@ -35,7 +35,7 @@ from aiflow_cli.plan.strategies import OPTIMAL, STRATEGIES, solve_strategies
 from aiflow_cli.profile import load_profile, profile_model, save_profile
 from aiflow_cli.profile.schema import ModelProfile
 from aiflow_cli.runtime.calibrate import calibrate
-from aiflow_cli.runtime.cluster import LocalCluster, identities
+from aiflow_cli.runtime.cluster import LocalCluster, device_pipeline, identities
 from aiflow_cli.runtime.dilation import Dilation, TierSpeeds
 from aiflow_cli.runtime.pipeline import Pipeline, RunResult
 from aiflow_cli.task import generates, takes_image
@@ -153,7 +153,7 @@ def placement_key(plan: Plan) -> tuple:
 
 
 def runs_locally(plan: Plan) -> bool:
-    return not any(t.end > t.start for t in plan.tiers[1:])
+    return not plan.tiers_behind(plan.tiers[0].name)
 
 
 def device_drives(plan: Plan, decode_start: int) -> bool:
@@ -248,19 +248,11 @@ def run_placement(
         return PlacementRun(plan, cold, warm, tiers())
 
     if runs_locally(plan):
-        keys = identities(cfg.workdir)
         log(f"{name}: the device runs every stage ({d.factor / cfg.device_speed:g}x stretched)")
         out = []
         for k in speculate:
-            with Pipeline(
-                plan,
-                edge=None,
-                identity=keys["device"],
-                trust=[],
-                speed=cfg.device_speed,
-                dilation=d.factor,
-                timeout_s=timeout_s,
-                speculate=k,
+            with device_pipeline(
+                plan, cfg.workdir, speed=cfg.device_speed, dilation=d.factor, timeout_s=timeout_s, speculate=k
             ) as p:
                 out.append(measure(p, lambda: [p.node.describe()]))
         return out

@@ -18,6 +18,7 @@ drafts several tokens per round with its own layers and the tiers behind verify 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
-from aiflow_cli.errors import InputError, PlanError, Timeout, TransportError
+from aiflow_cli.errors import PlanError, Timeout, TransportError
 from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.models.sampling import GREEDY, Sampling, sample, verify_round
 from aiflow_cli.models.stage_setup import shared_setup
@@ -40,6 +41,7 @@ from aiflow_cli.runtime.protocol import (
     PREFILL,
     VERIFY,
     BatchStep,
+    End,
     Error,
     Hello,
     HelloReply,
@@ -50,6 +52,7 @@ from aiflow_cli.runtime.protocol import (
     TierInfo,
     Verify,
 )
+from aiflow_cli.runtime.roles import check_next_hop
 from aiflow_cli.runtime.sessions import SessionKey, SessionStore
 from aiflow_cli.runtime.timings import Timings
 from aiflow_cli.runtime.wire import PackedState, pack_state, unpack_state
@@ -60,6 +63,8 @@ from aiflow_cli.transport import Client, Message, PeerInfo
 #: and its error, which names the tier that failed, reaches the device before the device's own deadline).
 DEADLINE_MARGIN = 0.9
 DEFAULT_CACHE_BYTES = 1 << 30
+#: Seconds an :class:`End` (a failed request's session dropped behind this tier) may take; best-effort.
+END_TIMEOUT_S = 5.0
 #: Most frames one batched message carries (the transport's default ``max_frames`` is 4096).
 MAX_BATCH_FRAMES = 4000
 
@@ -129,13 +134,7 @@ class TierNode:
         self.index = names.index(tier)
         self.next_tier = names[self.index + 1] if self.index + 1 < len(names) else None
         self.stages = plan.stages_for(tier)
-        behind = [t.name for t in plan.tiers[self.index + 1 :] if t.end > t.start]
-        if behind and next_client is None:
-            raise InputError(
-                f"{tier} must reach the next tier ({self.next_tier}): {', '.join(behind)} run stages "
-                f"of this plan (give `next_client`)",
-                param="next_client",
-            )
+        behind = check_next_hop(plan, tier, next_client is not None, "next_client")
         self.next = next_client if behind else None
         self._next_client, self.exit_head = next_client, exit_head  # for like()
         self.link = f"{tier}-{self.next_tier}" if self.next_tier else ""
@@ -223,12 +222,17 @@ class TierNode:
         t0 = time.perf_counter()
         try:
             msg = protocol.decode(env)
-            if not isinstance(msg, (Hello, Infer, Verify, InferBatch)):
+            if not isinstance(msg, (Hello, Infer, Verify, InferBatch, End)):
                 raise TransportError(f"{self.tier}: a {env.kind} message is a reply, not a request")
             deadline = time.monotonic() + max(0.0, msg.deadline_ms) / 1e3
             protocol.check_peer(self.tier, self.plan, self.plan_hash, msg)
             if isinstance(msg, Hello):
                 return protocol.encode(HelloReply((self.info(),) + self._hello_behind(deadline)))
+            if isinstance(msg, End):
+                self.sessions.close((peer.fingerprint, env.session_id))
+                if self.next is not None:  # on down the chain, within the sender's deadline
+                    self._send_end(env.session_id, self._budget_s(deadline))
+                return protocol.encode(End(self.plan_hash, self.tier, 0.0))
             if isinstance(msg, InferBatch):
                 return self._handle_batch(msg, env, peer, t0)
             result = self._serve(msg, env.frames, (peer.fingerprint, env.session_id), deadline)
@@ -355,7 +359,7 @@ class TierNode:
                         (i, key, session, m, (timings, packed, HopItem(key[1], request, packed.frames, budget_s)))
                     )
                 except Exception as e:  # noqa: BLE001
-                    self.sessions.close(key)
+                    self.fail_session(key)
                     outs[i] = e
             for (i, key, session, m, _), r in zip(sends, self._hop_many([s[-1] for s in sends])):
                 try:
@@ -363,7 +367,7 @@ class TierNode:
                         raise r
                     outs[i] = self._step_done(key, session, m, r)
                 except Exception as e:  # noqa: BLE001
-                    self.sessions.close(key)
+                    self.fail_session(key)
                     outs[i] = e
         return outs  # every entry set above
 
@@ -447,7 +451,7 @@ class TierNode:
             if seat is not None:
                 seat.leave()  # the other sessions of its pass do not wait for this one
             if session is not None:
-                self.sessions.close(key)
+                self.fail_session(key)
             raise
         if verify is not None:  # the round that emits the request's last token (or an EOS) ends it
             ended = spec.round_ends(verify, result.tokens, self.model.eos_token_ids)
@@ -805,6 +809,23 @@ class TierNode:
             for j, a in enumerate(answers):
                 out.append(a.exception() if isinstance(a, Error) else (a[0], a[1], j == 0))
         return out
+
+    def fail_session(self, key: SessionKey) -> None:
+        """Drops the session ``key`` of a request that failed here and, when it was live, on the tiers behind this
+        one: an :class:`End`, sent on a thread (best-effort), so that they do not keep its KV cache until idle
+        expiry."""
+        if self.sessions.close(key) and self.next is not None:
+            args = (key[1], END_TIMEOUT_S)
+            threading.Thread(target=self._send_end, args=args, name=f"{self.tier}-end", daemon=True).start()
+
+    def _send_end(self, session_id: int, budget_s: float) -> None:
+        """An :class:`End` of ``session_id`` to the next tier; a failure is dropped (idle expiry frees the session
+        there in the end; a peer of an older version answers an unknown kind)."""
+        try:
+            end = protocol.encode(End(self.plan_hash, self.tier, budget_s * 1e3), session_id=session_id)
+            self.next.request(end, timeout_s=budget_s)
+        except Exception:  # noqa: BLE001 - best-effort
+            pass
 
     def _budget_s(self, deadline: float) -> float:
         """What the next tier gets of what is left of ``deadline`` (s): all but this tier's margin."""

@@ -39,6 +39,7 @@ from aiflow_cli.runtime import tracing
 from aiflow_cli.runtime.drafters import make_drafter
 from aiflow_cli.runtime.node import DEFAULT_CACHE_BYTES, Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL
+from aiflow_cli.runtime.roles import check_next_hop
 from aiflow_cli.runtime.routing import connect
 from aiflow_cli.runtime.speculate import SpecPolicy, Speculate, parse_speculate, unsupported
 from aiflow_cli.runtime.timings import Timings
@@ -151,14 +152,9 @@ class Pipeline:
             raise InputError(f"fallback={fallback!r}: choose none or local", param="fallback")
         if timeout_s <= 0:
             raise InputError(f"timeout_s={timeout_s}: must be > 0 seconds", param="timeout_s")
-        upper = [t.name for t in self.plan.tiers[1:] if t.end > t.start]
+        upper = check_next_hop(self.plan, "device", bool(edge), "edge")
         client = None
-        if upper or (replan and edge):  # a re-plan may move stages up: keep the connection
-            if not edge:
-                raise InputError(
-                    f"the plan runs stages on {', '.join(upper)}: give the edge's address (edge=HOST:PORT)",
-                    param="edge",
-                )
+        if edge and (upper or replan):  # a re-plan may move stages up: keep the connection
             # edge="A,B,...": a pool of edge replicas (docs/scale.md)
             client = connect(edge, identity=identity, trust=trust, limits=limits, timeout_s=timeout_s)
         self.timeout_s = timeout_s

@@ -24,6 +24,9 @@ Requests go down the chain device -> edge -> cloud, replies come back up:
   aiflow_cli/runtime/batching.py) -> :class:`ResultBatch` (a :class:`Result` or an :class:`Error` per session).
 - :class:`Replan` -> :class:`HelloReply`: the device proposes a new plan between requests (the link changed);
   every tier loads its new stages and answers for the new plan; sessions of the old plan finish under it.
+- :class:`End` -> :class:`End`: a request failed (an error reply, its deadline, a lost peer) while tiers behind
+  the sender may still hold its session: each drops it (its KV cache) and passes the :class:`End` on, instead
+  of keeping it until idle expiry. Sent best-effort by the tier that saw the failure.
 - :class:`Error`: the reply to any request that failed, re-raised on the device as the same
   :class:`AiflowError` class, tagged with the tier where it happened.
 
@@ -58,6 +61,7 @@ PROTOCOL_VERSION = 5
 HELLO, HELLO_REPLY, INFER, RESULT, ERROR = "hello", "hello_reply", "infer", "result", "error"
 VERIFY = "verify"
 REPLAN = "replan"
+END = "end"
 PREFILL, DECODE = "prefill", "decode"
 Phase = Literal["prefill", "decode"]
 PHASES = (PREFILL, DECODE)
@@ -627,6 +631,28 @@ class Replan:
         return plan
 
 
+@dataclass(slots=True)
+class End:
+    """The end of a failed request's session (the envelope's ``session_id``): the receiver drops its session of
+    that id from this sender and sends an :class:`End` on to the next tier; answered with an :class:`End`."""
+
+    KIND: ClassVar[str] = END
+    plan_hash: str
+    sender: str
+    deadline_ms: float = DEFAULT_DEADLINE_MS
+
+    def to_wire(self) -> dict:
+        return {"plan_hash": self.plan_hash, "from": self.sender, "deadline_ms": self.deadline_ms}
+
+    @classmethod
+    def from_wire(cls, meta: dict) -> "End":
+        return cls(
+            _get(meta, END, "plan_hash", str),
+            _get(meta, END, "from", str),
+            _num(meta, END, "deadline_ms", DEFAULT_DEADLINE_MS),
+        )
+
+
 # -- batched steps: one message per link per batch pass ------------------------------------------------------------
 INFER_BATCH, RESULT_BATCH = "infer_batch", "result_batch"
 #: Most sessions one :class:`InferBatch` (or :class:`ResultBatch`) may carry (a sender splits larger batches).
@@ -766,13 +792,13 @@ class ResultBatch:
         return [next(mine) if isinstance(r, Result) else r for r in self.results]
 
 
-Request = Union[Hello, Infer, Verify, Replan, InferBatch]
-Reply = Union[HelloReply, Result, Error, ResultBatch]
-AnyMessage = Union[Hello, HelloReply, Infer, Verify, Replan, Result, Error, InferBatch, ResultBatch]
+Request = Union[Hello, Infer, Verify, Replan, InferBatch, End]
+Reply = Union[HelloReply, Result, Error, ResultBatch, End]
+AnyMessage = Union[Hello, HelloReply, Infer, Verify, Replan, Result, Error, InferBatch, ResultBatch, End]
 
 #: Every message class by its kind.
 MESSAGES: dict[str, Any] = {
-    c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Replan, Result, Error, InferBatch, ResultBatch)
+    c.KIND: c for c in (Hello, HelloReply, Infer, Verify, Replan, Result, Error, InferBatch, ResultBatch, End)
 }
 #: Messages that carry one frame per entry of ``tensors``.
 _WITH_FRAMES = (Infer, Verify, Result, InferBatch, ResultBatch)

@@ -26,7 +26,7 @@ from typing import AbstractSet, Callable, Iterator, Optional, Sequence, cast
 
 from aiflow_cli.errors import InputError, LimitExceeded, PeerRejected, Timeout, TransportError
 from aiflow_cli.runtime import protocol
-from aiflow_cli.runtime.protocol import PREFILL, Infer, Result, Verify
+from aiflow_cli.runtime.protocol import PREFILL, End, Infer, Result, Verify
 from aiflow_cli.transport import Client, Identity, Limits, Message, as_identity
 
 #: Points per replica on the ring: enough that sessions spread within a few percent of evenly.
@@ -275,6 +275,12 @@ class PoolClient:
         deadline = time.monotonic() + budget_s
         msg = protocol.decode(env)
         sid = env.session_id
+        if isinstance(msg, End):  # a failed request's end: for the replica that holds its session, if any
+            replica = self.log.replica_of(sid)
+            self.log.forget(sid)
+            if replica is None:
+                return protocol.encode(End(msg.plan_hash, msg.sender, 0.0))  # none holds it: nothing to end
+            return self._send(replica, env, deadline)
         if not isinstance(msg, (Infer, Verify)):  # hello: any live replica answers for all (same plan, model)
             return self._any(sid, env, deadline, msg)
         new = isinstance(msg, Infer) and msg.phase == PREFILL

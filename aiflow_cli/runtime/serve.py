@@ -17,20 +17,20 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, cast
 
 from aiflow_cli import errors, signals
 from aiflow_cli.errors import AiflowError, InputError, TransportError
+from aiflow_cli.models import StagedModel, load_stages
 from aiflow_cli.plan.schema import load_plan
 from aiflow_cli.runtime.batching import DEFAULT_MAX_BATCH, DEFAULT_WINDOW_MS, BatchSettings
 from aiflow_cli.runtime.node import TierNode
 from aiflow_cli.runtime.replan import PlanRouter
+from aiflow_cli.runtime.roles import check_role, check_trust
 from aiflow_cli.runtime.routing import PoolClient, connect
 from aiflow_cli.transport import Client, Identity, Limits, Server, as_identity
-
-ROLES = ("edge", "cloud")
 
 
 class TierServer:
@@ -54,19 +54,15 @@ class TierServer:
         metrics: Optional[str] = None,
         next_client: Optional[PoolClient] = None,
         batching: Optional[BatchSettings] = None,
+        model: Optional[StagedModel] = None,
     ):
         """``metrics``: HOST:PORT to serve Prometheus metrics on (aiflow_cli/runtime/metrics.py); None: none.
         ``next_addr`` with commas names a pool of replicas of the next tier; ``next_client`` gives one built
         elsewhere (e.g. :meth:`RayPool.client`, refreshed from Ray). ``batching``: decode batching across
-        sessions (aiflow_cli/runtime/batching.py; None: its defaults)."""
-        if role not in ROLES:
-            raise InputError(f"role={role!r}: choose edge or cloud (the device side is `aiflow run`)", param="role")
-        if not trust and not insecure_dev:
-            raise InputError(
-                "give `trust` FINGERPRINT for every peer (devices and the next tier); there is no "
-                "default trust (`insecure_dev` exists for local experiments only)",
-                param="trust,insecure_dev",
-            )
+        sessions (aiflow_cli/runtime/batching.py; None: its defaults). ``model``: this tier's stages, loaded
+        already (:meth:`TierSpec.load_stages`; None: loaded here)."""
+        check_role(role)
+        check_trust(trust, insecure_dev)
         if metrics is not None:
             from aiflow_cli.runtime.metrics import parse_listen
 
@@ -91,6 +87,7 @@ class TierServer:
             cache_limit_bytes=cache_limit_bytes,
             dilation=dilation,
             batching=batching,
+            model=model,
         )
         # routes requests by plan hash; switches plans when the device proposes one (runtime/replan.py)
         self.router = PlanRouter(self.node, nxt)
@@ -163,11 +160,16 @@ class TierServer:
 START_TIMEOUT_S = 120.0
 #: Seconds :meth:`TierProcess.stop` waits after SIGTERM before SIGKILL.
 STOP_TIMEOUT_S = 5.0
-#: What a tier child runs: it asks to die with its parent before importing anything heavy.
+#: What a tier child runs: it asks to die with its parent before importing anything heavy, and imports aiflow from
+#: where its parent did (``sys.argv[3]``; ``python -c`` would look in its working directory first, which may hold
+#: another checkout).
 _CHILD_CODE = (
-    "import sys; from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[2])); "
+    "import sys; sys.path.insert(0, sys.argv[3]); "
+    "from aiflow_cli.signals import die_with_parent; die_with_parent(int(sys.argv[2])); "
     "from aiflow_cli.runtime.serve import tier_main; tier_main(int(sys.argv[1]))"
 )
+#: The folder that holds the ``aiflow_cli`` package this process runs.
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
 
 
 @dataclass(frozen=True)
@@ -191,17 +193,30 @@ class TierSpec:
     batch_max: int = DEFAULT_MAX_BATCH
     """most sessions per batched decode pass (1: no batching; aiflow_cli/runtime/batching.py)."""
     batch_window_ms: float = DEFAULT_WINDOW_MS
+    next_later: bool = False
+    """``next_addr`` comes later, as a line of its own (:meth:`TierProcess.send_next`): the child loads its
+    stages meanwhile, while the next tier starts."""
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "TierSpec":
         return cls(**{**d, "trust": tuple(d["trust"])})
 
-    def build(self) -> TierServer:
-        """The :class:`TierServer` this spec describes, in this process (torch's threads set first)."""
+    def _threads(self) -> None:
         if self.threads:
             import torch
 
             torch.set_num_threads(self.threads)
+
+    def load_stages(self) -> StagedModel:
+        """The stages of this tier of the plan, loaded in this process (torch's threads set first)."""
+        self._threads()
+        plan = load_plan(self.plan_path)
+        return load_stages(plan.model, list(plan.stages_for(self.role)))
+
+    def build(self, model: Optional[StagedModel] = None) -> TierServer:
+        """The :class:`TierServer` this spec describes, in this process (torch's threads set first); ``model``:
+        its stages loaded already (:meth:`load_stages`)."""
+        self._threads()
         return TierServer(
             self.role,
             self.plan_path,
@@ -214,6 +229,7 @@ class TierSpec:
             cache_limit_bytes=self.cache_limit_bytes,
             metrics=self.metrics,
             batching=BatchSettings(self.batch_max, self.batch_window_ms),
+            model=model,
         )
 
 
@@ -257,11 +273,23 @@ def _receive(line: bytes) -> TierReady | TierFailed:
 
 
 def tier_main(ready_fd: int) -> None:
-    """The body of a tier child: reads a :class:`TierSpec` (JSON) on stdin, reports on ``ready_fd``, serves
-    until SIGTERM/SIGINT, then exits at once (128 + the signal) without the interpreter's slow teardown."""
-    spec = TierSpec.from_json(json.loads(sys.stdin.read()))
+    """The body of a tier child: reads a :class:`TierSpec` (a JSON line) on stdin, and with ``next_later`` loads
+    its stages before it reads the next tier's address (the next line); reports on ``ready_fd``, serves until
+    SIGTERM/SIGINT, then exits at once (128 + the signal) without the interpreter's slow teardown."""
+    spec = TierSpec.from_json(json.loads(sys.stdin.readline()))
     try:
-        srv = spec.build()
+        model, load_ms = None, 0.0
+        if spec.next_later:
+            t0 = time.perf_counter()
+            model = spec.load_stages()
+            load_ms = (time.perf_counter() - t0) * 1e3
+            line = sys.stdin.readline().strip()
+            if not line:  # the parent gave up before the next tier started
+                os._exit(1)
+            spec = replace(spec, next_addr=line, next_later=False)
+        srv = spec.build(model)
+        if model is not None:
+            srv.node.load_ms = load_ms  # what hello reports: the stages' load, done before the node was made
     except AiflowError as e:
         _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
         os._exit(e.exit_code)
@@ -281,23 +309,32 @@ def tier_main(ready_fd: int) -> None:
 
 class TierProcess:
     """A tier served by a child process (see :class:`TierSpec`); :attr:`ready` once it listens. Raises the
-    child's own error class if it fails to start, or :class:`TransportError` with its log's tail if it dies."""
+    child's own error class if it fails to start, or :class:`TransportError` naming the tier, with its log's last
+    line, if it dies.
+
+    In steps, so that tiers start at once: making the object starts the child, which imports torch and the
+    runtime while the caller goes on; :meth:`send` gives it its :class:`TierSpec`; with ``next_later`` the child
+    loads its stages, then waits for :meth:`send_next` to give the next tier's address, known once that tier
+    listens; :meth:`wait_ready` waits until it listens (:meth:`start`: send and wait). Given a spec instead of a
+    role, the object does it all."""
 
     def __init__(
         self,
-        spec: TierSpec,
+        spec: TierSpec | str,
         log_path: Path,
         *,
         env: Optional[dict[str, str]] = None,
         timeout_s: float = START_TIMEOUT_S,
     ):
-        self.spec = spec
+        self.role = spec.role if isinstance(spec, TierSpec) else spec
         self.log_path = Path(log_path)
         self._log = open(self.log_path, "wb")
+        self.spec: Optional[TierSpec] = None
         r, w = os.pipe()
+        self._ready_fd: Optional[int] = r
         try:
             self.proc = signals.spawn(
-                [sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid())],
+                [sys.executable, "-c", _CHILD_CODE, str(w), str(os.getpid()), _PACKAGE_ROOT],
                 stdin=subprocess.PIPE,
                 stdout=self._log,
                 stderr=self._log,
@@ -305,18 +342,59 @@ class TierProcess:
                 pass_fds=(w,),
                 start_new_session=True,
             )
+        except BaseException:
+            os.close(r)
+            self._log.close()
+            raise
         finally:
             os.close(w)
+        if isinstance(spec, TierSpec):
+            self.start(spec, timeout_s)
+
+    def start(self, spec: TierSpec, timeout_s: float = START_TIMEOUT_S) -> TierReady:
+        """:meth:`send` ``spec`` then :meth:`wait_ready`."""
+        self.send(spec)
+        return self.wait_ready(timeout_s)
+
+    def send(self, spec: TierSpec) -> None:
+        """Sends ``spec`` (of this object's role) to the child; with ``spec.next_later``, :meth:`send_next` gives
+        its ``next_addr`` later."""
+        if self.spec is not None:
+            raise InputError(f"the {self.role} tier process has its spec already", param="spec")
+        if spec.role != self.role:
+            raise InputError(f"spec.role={spec.role!r}: this process serves the {self.role} tier", param="spec")
+        self.spec = spec
+        self._write(json.dumps(asdict(spec)) + "\n", last=not spec.next_later)
+
+    def send_next(self, next_addr: str) -> None:
+        """The ``next_addr`` of a spec sent with ``next_later``."""
+        if self.spec is None or not self.spec.next_later:
+            raise InputError(f"the {self.role} tier process was not sent a spec with next_later", param="spec")
+        self._write(next_addr + "\n", last=True)
+
+    def _write(self, text: str, *, last: bool) -> None:
+        assert self.proc.stdin is not None
         try:
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(json.dumps(asdict(spec)).encode())
-            self.proc.stdin.close()
-            self.ready = self._wait_ready(r, timeout_s)
+            self.proc.stdin.write(text.encode())
+            self.proc.stdin.flush()
+            if last:
+                self.proc.stdin.close()
+        except BrokenPipeError:  # the child died first: wait_ready reads why (its failure, or its log)
+            pass
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> TierReady:
+        """Waits until the child listens (its spec sent); on failure the child is stopped and its error raised."""
+        if self._ready_fd is None:
+            raise InputError(f"the {self.role} tier process was waited for already", param="timeout_s")
+        fd, self._ready_fd = self._ready_fd, None
+        try:
+            self.ready = self._wait_ready(fd, timeout_s)
+            return self.ready
         except BaseException:
             self.stop()
             raise
         finally:
-            os.close(r)
+            os.close(fd)
 
     def _wait_ready(self, fd: int, timeout_s: float) -> TierReady:
         deadline = time.monotonic() + timeout_s
@@ -334,9 +412,10 @@ class TierProcess:
                 raise event.error()
             return event
         self.stop()
-        log = self.log_path.read_text(errors="replace")[-2000:].strip()
+        lines = self.log_path.read_text(errors="replace").strip().splitlines()
+        last = lines[-1].strip() if lines else "(its log is empty)"
         why = f"exit {self.proc.returncode}" if self.proc.returncode is not None else f"not ready in {timeout_s:g} s"
-        raise TransportError(f"the {self.spec.role} tier did not start ({why}): {log}")
+        raise TransportError(f"the {self.role} tier did not start ({why}): {last} (log: {self.log_path})")
 
     @property
     def address(self) -> str:
@@ -357,7 +436,8 @@ class TierProcess:
             self.proc.wait(10)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        """SIGTERM, then SIGKILL after ``timeout_s``; reaps the child and closes its log."""
+        """SIGTERM, then SIGKILL after ``timeout_s``; reaps the child and closes its log (and the pipes of a child
+        that was never started)."""
         self.terminate()
         try:
             self.proc.wait(timeout_s)
@@ -365,4 +445,12 @@ class TierProcess:
             self.proc.kill()
             self.proc.wait(10)
         signals.forget(self.proc)
+        if self._ready_fd is not None:
+            os.close(self._ready_fd)
+            self._ready_fd = None
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:  # what was left to flush has no reader any more
+                pass
         self._log.close()

@@ -1,7 +1,8 @@
 """Generation sessions of one tier: a KV cache per request, isolated per peer, bounded in memory.
 
-A session is created by a request's prefill and used by its decode steps; it ends with the request's last step
-(or when its peer's request fails). When the caches together exceed ``limit_bytes``, the least recently used
+A session is created by a request's prefill and used by its decode steps; it ends with the request's last step,
+or when the request fails: on the tier that saw the failure, and on the tiers behind it through an ``End``
+message (aiflow_cli/runtime/protocol.py). When the caches together exceed ``limit_bytes``, the least recently used
 *other* sessions are evicted; their next step fails with :class:`LimitExceeded` naming the limit. Sessions idle
 longer than ``idle_s`` are dropped too (a device that vanished mid-generation does not pin memory forever).
 """
@@ -138,14 +139,16 @@ class SessionStore:
                     f"the {self.tier} KV cache was full: {self.limit_bytes / 2**20:.1f} MiB (`cache_limit_bytes`)",
                 )
 
-    def close(self, key: SessionKey) -> None:
+    def close(self, key: SessionKey) -> bool:
+        """Ends session ``key``; returns whether it was live."""
         with self._lock:
-            self._pop(key)
+            return self._pop(key)
 
-    def _pop(self, key: SessionKey) -> None:
+    def _pop(self, key: SessionKey) -> bool:
         s = self._sessions.pop(key, None)
         if s is not None:
             self._total -= s.nbytes
+        return s is not None
 
     def _drop(self, key: SessionKey, why: str) -> None:
         self._pop(key)
