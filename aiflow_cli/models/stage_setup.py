@@ -114,7 +114,7 @@ def _when_initialized(backend: Any, real: Callable[[], bool]) -> Callable[[], bo
     def capturing() -> bool:
         return backend.is_initialized() and real()
 
-    capturing.aiflow_cheap = True  # type: ignore[attr-defined]
+    capturing.aiflow_cheap = True
     return capturing
 
 

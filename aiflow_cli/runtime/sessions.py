@@ -65,8 +65,9 @@ def _dynamic_bytes(kv: Any) -> Optional[int]:
         for layer in c.layers:
             if type(layer) is not DynamicLayer:
                 return None
-            if layer.is_initialized:
-                total += layer.keys.nbytes + layer.values.nbytes
+            keys, values = layer.keys, layer.values
+            if layer.is_initialized and keys is not None and values is not None:
+                total += keys.nbytes + values.nbytes
     return total
 
 
