@@ -227,3 +227,31 @@ def test_three_processes_batch_and_match_solo_outputs(tmp_path):
         sessions = total(s, "aiflow_batch_size_sum", tier=tier)
         assert sessions == len(texts) * 6 + 1 * len(texts)  # 6 steps a request + the warm-up's prefill
         assert passes < sessions, f"{tier}: no pass held more than one session"
+
+
+def test_a_lone_sessions_decode_steps_do_not_wait_for_the_window(monkeypatch):
+    """``window_ms`` waits for other sessions' steps: a tier holding one session waits at its prefill (a new session
+    may send one) and never at its decode steps; with a second live session a decode step waits again."""
+    sleeps: list[float] = []
+
+    def sleep(s: float) -> None:
+        sleeps.append(s)
+        time.sleep(s)
+
+    monkeypatch.setattr(batching, "time", type("T", (), {"sleep": staticmethod(sleep), "monotonic": time.monotonic}))
+    full, edge, cloud = _tiers("builtin:gpt2-tiny", BatchSettings(16, window_ms=20))
+    (prompt,) = _prompts(full, 1)
+    assert torch.equal(_generate(edge, full, [(prompt, 6)])[0], full.generate(prompt, 6))
+    assert sleeps == [0.02, 0.02]  # the two prefills (edge, cloud); none of the 2 x 5 decode steps
+
+    sleeps.clear()
+    m = full
+    live = [1]  # sessions the tier holds
+    b = batching.DecodeBatcher(m, BatchSettings(16, window_ms=20), live=lambda: live[0])
+    stages = range(m.decode_start, m.num_stages)
+    for live[0], waits in ((1, []), (2, [0.02])):
+        cache = m.new_cache()
+        state = m.run(prompt, range(m.decode_start), cache)
+        out = m.run(state, stages, cache)
+        b.run(stages, m.next_inputs(m.decode_inputs_of(state), m.output(out)[:, -1].argmax(-1)), cache)
+        assert sleeps == waits, live[0]

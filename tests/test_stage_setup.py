@@ -156,3 +156,45 @@ def test_setup_is_per_thread_and_dropped_after_the_block():
     assert seen == {"active": False}
     assert not stage_setup.active()
     assert setup("t", (key,), (2,), build) == 6
+
+
+def _decode_step(m, seed: int):
+    """A session of ``m`` after its prefill: (its next decode-step input, its cache)."""
+    cache = m.new_cache()
+    state = m.run(m.make_inputs(seq_len=3 + seed, seed=seed), range(m.decode_start), cache)
+    out = m.run(state, range(m.decode_start, m.num_stages), cache)
+    return m.next_inputs(m.decode_inputs_of(state), m.output(out)[:, -1].argmax(-1)), cache
+
+
+def test_a_pass_of_the_decode_loop_builds_the_mask_once(count_masks):
+    """The driver's decode loop and a batched message run their steps through ``DecodeBatcher.run_many``: one
+    mask per pass there too, alone or batched (it was one per block)."""
+    from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher
+
+    m = load_model("builtin:gpt2-tiny")
+    assert sum(s.kind == "block" for s in m.stages) >= 2
+    stages = range(m.decode_start, m.num_stages)
+    batcher = DecodeBatcher(m, BatchSettings(16))
+    alone = _decode_step(m, 0)
+    count_masks["causal"] = 0
+    assert not isinstance(batcher.run_many([(stages, *alone)])[0], BaseException)
+    assert count_masks["causal"] == 1
+    two = [_decode_step(m, 1), _decode_step(m, 2)]  # different pasts: one left-padded pass
+    count_masks["causal"] = 0
+    assert not any(isinstance(o, BaseException) for o in batcher.run_many([(stages, *s) for s in two]))
+    assert count_masks["causal"] == 1 and batcher.largest == 2
+
+
+def test_the_capture_check_skips_cuda_while_cuda_is_not_initialized(monkeypatch):
+    """transformers' ``is_tracing`` asks whether a CUDA graph is being captured at every mask build; that CUDA call
+    (30-80 us where no driver is found) is skipped while torch's CUDA is not initialized, and made once it is."""
+    from transformers.utils import import_utils
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: calls.append(1) or True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert import_utils.is_cuda_stream_capturing() is False and calls == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert import_utils.is_cuda_stream_capturing() is True and calls == [1]
+    stage_setup.cheap_capture_check()  # idempotent: not wrapped twice
+    assert import_utils.is_cuda_stream_capturing() is True and calls == [1, 1]

@@ -12,6 +12,13 @@ tensor objects (``is``; at the same version where torch tracks one: inference te
 changes a boundary's control tensors in place), and equal plain values (shapes, dtypes, the layer's KV cache
 sizes, the layer type). The builder is the library's own function, so a reused value is the
 tensor that call would return again: outputs stay bitwise those of stage-by-stage runs.
+
+The builders ask transformers' ``is_tracing`` whether a graph is being traced, and that asks
+``torch.cuda.is_current_stream_capturing()``: 30-80 us per call where torch has CUDA but the machine no driver
+(the CUDA call fails, and an exception is made and dropped each time), at least once per mask built (XPU: ~7 us,
+the same way). Importing this module makes that check answer False at once while torch's CUDA (XPU) is not
+initialized, which is exact: a graph is captured on a stream torch created, and that initializes the backend
+first (:func:`cheap_capture_check`).
 """
 
 from __future__ import annotations
@@ -88,3 +95,27 @@ def kv_sizes(kv: Any, q_length: int, layer: Optional[int]) -> tuple:
         offset = int(offset)
     sizes = kv.get_mask_sizes(q_length, layer) if layer is not None and hasattr(kv, "get_mask_sizes") else None
     return (type(kv), offset, sizes, getattr(kv, "is_compileable", None))
+
+
+def cheap_capture_check() -> None:
+    """Makes transformers' ``is_cuda_stream_capturing`` (and ``is_xpu_stream_capturing``) skip the device call
+    while torch's CUDA (XPU) is not initialized (see the module docstring): the same answer, without its cost.
+    Idempotent; leaves a transformers without those functions alone."""
+    from transformers.utils import import_utils
+
+    for name, backend in (("is_cuda_stream_capturing", torch.cuda), ("is_xpu_stream_capturing", torch.xpu)):
+        real = getattr(import_utils, name, None)
+        if real is None or getattr(real, "aiflow_cheap", False):
+            continue
+        setattr(import_utils, name, _when_initialized(backend, real))
+
+
+def _when_initialized(backend: Any, real: Callable[[], bool]) -> Callable[[], bool]:
+    def capturing() -> bool:
+        return backend.is_initialized() and real()
+
+    capturing.aiflow_cheap = True
+    return capturing
+
+
+cheap_capture_check()

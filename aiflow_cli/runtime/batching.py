@@ -7,8 +7,10 @@ devices) reach :meth:`TierNode.step` at the same time, each on its own thread. T
 starts no thread of its own); steps that arrive while a batch runs queue up and are answered by the next batch,
 whose leader is the oldest queued step (handed over by the previous leader). A batch takes up to ``max_batch``
 queued steps of the same kind (decode steps, or prefills) and stage range, optionally after waiting ``window_ms``
-for more to arrive, and runs them as one forward pass of the tier's stages (aiflow_cli/models/families/batched.py:
-each session keeps its own KV cache; ragged pasts are left-padded, ragged prompts right-padded, and masked).
+for more to arrive (a decode step waits only while another session of the tier has no step queued: a lone
+session's steps never wait), and runs them as one forward pass of the tier's stages
+(aiflow_cli/models/families/batched.py: each session keeps its own KV cache; ragged pasts are left-padded, ragged
+prompts right-padded, and masked). A step's stages build their attention mask once per pass, as a solo run does.
 Sessions join and leave between steps: a session is in a batch only while one of its steps waits.
 
 What stays one session per pass: speculative ``verify`` rounds, requests of several sequences, steps of families or
@@ -38,6 +40,7 @@ from typing import Any, Callable, Optional
 from aiflow_cli.errors import InputError, Timeout
 from aiflow_cli.models.adapter import StageCache
 from aiflow_cli.models.families.batched import batched_pass, step_kind, unbatchable
+from aiflow_cli.models.stage_setup import shared_setup
 from aiflow_cli.models.state import BoundaryState
 
 #: Defaults of ``aiflow serve --batch-max`` and ``--batch-window-ms``.
@@ -159,7 +162,9 @@ class _Step:
 class DecodeBatcher:
     """Batches the decode steps of ``model`` (a :class:`~aiflow_cli.models.StagedModel`); see the module
     docstring. ``on_batch(size)`` is told the size of every forward pass it runs (the batch-size metric);
-    ``hop``: the node's sender of batched steps (None: each session's step is sent on alone)."""
+    ``hop``: the node's sender of batched steps (None: each session's step is sent on alone); ``live()``: how many
+    sessions the tier holds (a decode step waits ``window_ms`` only while one of them has no step queued: with one
+    session, or all of them queued, no decode step can come to join; None: it always waits)."""
 
     def __init__(
         self,
@@ -167,11 +172,13 @@ class DecodeBatcher:
         settings: BatchSettings,
         on_batch: Callable[[int], None] = lambda n: None,
         hop: Optional[HopSender] = None,
+        live: Optional[Callable[[], int]] = None,
     ):
         self.model = model
         self.settings = settings
         self.on_batch = on_batch
         self.hop = hop
+        self.live = live
         self._seat = threading.local()
         self._lock = threading.Lock()
         self._queue: list[_Step] = []
@@ -188,11 +195,13 @@ class DecodeBatcher:
         if kind is None:
             self._count(1)
             return self._solo(stages, state, cache)
-        step = _Step(kind, stages, state, cache, threading.Event())
+        step = _Step(kind, stages, state, cache)
         with self._lock:
-            self._queue.append(step)
-            if not self._leading:
+            if self._leading:
+                step.done = threading.Event()  # (the leader's step needs none: a lone step makes no event)
+            else:
                 self._leading = step.lead = True
+            self._queue.append(step)
         if not step.lead:
             step.done.wait()  # type: ignore[union-attr]  # a queued step has its event
             if not step.lead:
@@ -230,15 +239,22 @@ class DecodeBatcher:
         return step.result
 
     def _solo(self, stages: range, state: BoundaryState, cache: StageCache) -> BoundaryState:
-        for i in stages:
-            state = self.model.run_stage(i, state, cache)
+        with shared_setup():  # its blocks build the attention mask once (a pass of run_many is in none)
+            for i in stages:
+                state = self.model.run_stage(i, state, cache)
         return state
+
+    def _others_may_come(self) -> bool:
+        """Whether a step could still join the head of the queue's batch within the window: always for prefills
+        (any new session may send one); for decode steps only while a session the tier holds has none queued."""
+        head = self._queue[0]
+        return self.live is None or head.kind != "decode" or self.live() > len(self._queue)
 
     def _lead(self, mine: _Step) -> None:
         """Runs batches until ``mine`` is answered, then hands the lead to the oldest queued step (or drops it)."""
         window_s = self.settings.window_ms / 1e3
         while True:
-            if window_s > 0 and len(self._queue) < self.settings.max_batch:
+            if window_s > 0 and len(self._queue) < self.settings.max_batch and self._others_may_come():
                 time.sleep(window_s)
             with self._lock:
                 head = self._queue[0]

@@ -160,7 +160,9 @@ class TierNode:
         # ... and the sessions of one pass cross to the next tier as one message (protocol.InferBatch)
         hop = self._send_batch if self.next is not None and not self.is_output else None
         self.batcher = (
-            DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n), hop)
+            DecodeBatcher(
+                self.model, batching, lambda n: self.observer and self.observer.batched(n), hop, self.sessions.__len__
+            )
             if batching.enabled and self.keeps_cache and self.stretch <= 1
             else None
         )

@@ -27,6 +27,7 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from aiflow_cli.models.adapter import StageCache
+from aiflow_cli.models.stage_setup import shared_setup
 from aiflow_cli.models.state import BoundaryState
 
 #: Families whose decode steps batch (GPT-2 layout and the decoder path of families/decoder.py).
@@ -75,8 +76,9 @@ def batched_prefill(model, stages: range, states: list[BoundaryState], caches: l
     }
     layers = sorted({model.stages[i].layer for i in stages if model.stages[i].layer is not None})
     tmp = model.new_cache()
-    for i in stages:
-        batch = model.run_stage(i, batch, tmp)
+    with shared_setup():  # one mask for the pass's blocks, as a solo run of stages builds
+        for i in stages:
+            batch = model.run_stage(i, batch, tmp)
     for layer in layers:
         new = tmp.kv.layers[layer]
         for c, k, v, n in zip(caches, new.keys.split(1), new.values.split(1), lens):
@@ -113,8 +115,9 @@ def batched_step(model, stages: range, states: list[BoundaryState], caches: list
         keys = pad_sequence([cl.keys[0].transpose(0, 1) for cl in kv], batch_first=True, padding_side="left")
         values = pad_sequence([cl.values[0].transpose(0, 1) for cl in kv], batch_first=True, padding_side="left")
         tmp.kv.update(keys.transpose(1, 2), values.transpose(1, 2), layer)
-    for i in stages:
-        batch = model.run_stage(i, batch, tmp)
+    with shared_setup():  # one mask for the pass's blocks, as a solo run of stages builds
+        for i in stages:
+            batch = model.run_stage(i, batch, tmp)
     for layer in layers:
         # each session's cache becomes its row of the batch's cache (a view: no copy per session); the batch's
         # tensors live until every session of the batch has moved on (its next step, or its end)
