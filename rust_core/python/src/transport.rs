@@ -401,8 +401,7 @@ impl PyClient {
 
     /// Opens the connection now (handshake), so that the first request does not pay for it.
     fn connect(&self, py: Python<'_>) -> PyResult<()> {
-        let c = self.client.clone();
-        wait_pending(py, Pending::spawn(async move { c.connect().await }))?.py()
+        wait_pending(py, self.client.connect_pending())?.py()
     }
 
     #[getter]

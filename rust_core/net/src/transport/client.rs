@@ -33,6 +33,8 @@ pub struct ClientConfig {
 
 struct Inner {
     endpoint: Endpoint,
+    /// The I/O thread the endpoint lives on; requests run there (see [`runtime`]).
+    rt: &'static tokio::runtime::Handle,
     server: SocketAddr,
     quic: quinn::ClientConfig,
     limits: Limits,
@@ -106,11 +108,13 @@ impl Client {
         let path = PathKind::to(cfg.server);
         qc.transport_config(config::transport_config(&cfg.limits, true, path)?);
         let bind: SocketAddr = if cfg.server.is_ipv6() { "[::]:0".parse().expect("addr") } else { "0.0.0.0:0".parse().expect("addr") };
-        let _guard = runtime::handle().enter();
+        let rt = runtime::next_handle();
+        let _guard = rt.enter();
         let endpoint = config::endpoint(bind, None, path != PathKind::Network)?;
         Ok(Client {
             inner: Arc::new(Inner {
                 endpoint,
+                rt,
                 server: cfg.server,
                 quic: qc,
                 limits: cfg.limits,
@@ -142,11 +146,13 @@ impl Client {
         if let Some(l) = self.live() {
             return Ok(l);
         }
-        let connecting = self
-            .inner
-            .endpoint
-            .connect_with(self.inner.quic.clone(), self.inner.server, SERVER_NAME)
-            .map_err(|e| Error::Transport(format!("cannot connect: {e}")))?;
+        // quinn spawns the connection's driver on the current runtime: make that the endpoint's I/O thread even
+        // when the caller runs elsewhere (a test's task), so that the connection's work stays on one thread.
+        let connecting = {
+            let _on_endpoint_thread = self.inner.rt.enter();
+            self.inner.endpoint.connect_with(self.inner.quic.clone(), self.inner.server, SERVER_NAME)
+        }
+        .map_err(|e| Error::Transport(format!("cannot connect: {e}")))?;
         let conn = connecting.await.map_err(|e| match e {
             // Nobody answered the handshake (no server there, or the path is down): not a peer that died.
             quinn::ConnectionError::TimedOut => Error::Timeout(format!(
@@ -240,7 +246,14 @@ impl Client {
     pub fn request_pending(&self, msg: Message, timeout: Option<Duration>) -> Pending<(Result<Message>, Option<u64>)> {
         let this = self.clone();
         let timeout = timeout.unwrap_or(self.inner.limits.request_timeout());
-        Pending::spawn(async move { this.request_tracked(msg, timeout).await })
+        Pending::spawn_on(self.inner.rt, async move { this.request_tracked(msg, timeout).await })
+    }
+
+    /// Opens the connection on the client's I/O thread (see [`Client::connect`]); a blocking caller waits on the
+    /// returned [`Pending`].
+    pub fn connect_pending(&self) -> Pending<Result<()>> {
+        let this = self.clone();
+        Pending::spawn_on(self.inner.rt, async move { this.connect().await })
     }
 
     /// Blocking [`Client::request`].

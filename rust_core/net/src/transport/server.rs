@@ -106,13 +106,12 @@ struct Shared {
 pub const FAIL_HANDLER_START_ENV: &str = "AIFLOW_TEST_FAIL_HANDLER_START";
 
 /// Environment variable read once when a server starts: requests of at most this many bytes (frames and header)
-/// run their handler on the I/O thread that read them (`block_in_place`: the thread's other I/O work moves to
-/// another thread while the handler runs) instead of on a blocking-pool thread. Default 0: every handler on the
-/// pool. Measured on the shared 2-core VM (load 5-7, `aiflow bench transport --quick`, interleaved runs): with 64
-/// or 256 KiB the 4 KiB round trip took 197-209 us p50 and 8.0-10.3 context switches against 126-156 us and
-/// 7.3-7.5 on the pool (handing the I/O worker's core to another thread wakes one per request); an earlier
-/// idle-machine run with every handler inline measured 159-161 us against 188-196 (docs/transport.md, Threads).
-/// Kept as a switch to re-measure on a quiet machine.
+/// run their handler on the server's I/O thread itself instead of on a blocking-pool thread: one thread hand-off
+/// less per request, but the endpoint's other I/O (every connection of this server) waits while the handler runs,
+/// and such a handler must not make requests of its own (refused: it would wait on its own thread). Default 0:
+/// every handler on the pool. Measured before the I/O threads became single-threaded runtimes (then
+/// `block_in_place`, which hands the worker's other work to another thread): slower on the shared 2-core VM
+/// (docs/transport.md, Threads). Kept as a switch to re-measure.
 pub const INLINE_HANDLER_ENV: &str = "AIFLOW_INLINE_HANDLER_BYTES";
 pub const INLINE_HANDLER_DEFAULT_BYTES: u64 = 0;
 
@@ -161,7 +160,8 @@ impl Server {
         let loopback_v4 = path_config(PathKind::Loopback { ipv6: false })?;
         let loopback_v6 = path_config(PathKind::Loopback { ipv6: true })?;
         let loopback_peers = cfg.listen.ip().is_loopback() || cfg.listen.ip().is_unspecified();
-        let _guard = runtime::handle().enter();
+        let rt = runtime::next_handle();
+        let _guard = rt.enter();
         let endpoint = config::endpoint(cfg.listen, Some((*network).clone()), loopback_peers)?;
         let local_addr = endpoint.local_addr()?;
         let shared = Arc::new(Shared {
@@ -177,7 +177,7 @@ impl Server {
             fail_handler_start: env_u64(FAIL_HANDLER_START_ENV).unwrap_or(0),
             inline_max_bytes: env_u64(INLINE_HANDLER_ENV).unwrap_or(INLINE_HANDLER_DEFAULT_BYTES),
         });
-        runtime::handle().spawn(accept_loop(endpoint.clone(), shared.clone()));
+        rt.spawn(accept_loop(endpoint.clone(), shared.clone()));
         Ok(Server { endpoint, local_addr, shared })
     }
 
@@ -340,7 +340,7 @@ async fn serve_stream(mut send: SendStream, mut recv: RecvStream, conn: Connecti
             if injected {
                 std::panic::resume_unwind(Box::new(format!("{FAIL_HANDLER_START_ENV}={nth}: injected thread start failure")));
             }
-            tokio::task::block_in_place(move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || handler(request, peer))))
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || handler(request, peer)))
         }));
         match run {
             Ok(Ok(r)) => Ok(r),
