@@ -204,12 +204,14 @@ class DecodeBatcher:
         """Runs the steps of several sessions that arrived together (a batched message) on this thread, as few
         passes as their kinds and stage ranges allow (at most ``max_batch`` sessions each); returns each step's
         output state, or the exception that step alone failed with."""
-        todo = [
-            _Step(step_kind(st, c) if unbatchable(self.model, c) is None else None, stages, st, c)
-            for stages, st, c in steps
-        ]
+        todo = [_Step(None, stages, st, c) for stages, st, c in steps]
         groups: dict[Any, list[_Step]] = {}
         for s in todo:
+            try:  # a peer's state of the wrong shape fails its own step only
+                s.kind = step_kind(s.state, s.cache) if unbatchable(self.model, s.cache) is None else None
+            except Exception as e:  # noqa: BLE001
+                s.error = e
+                continue
             groups.setdefault((s.stages.start, s.stages.stop, s.kind or id(s)), []).append(s)
         for group in groups.values():
             for at in range(0, len(group), self.settings.max_batch):
