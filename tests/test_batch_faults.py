@@ -3,11 +3,13 @@ fails only its own session, and leaves no session pinned (busy) on the tier."""
 
 from __future__ import annotations
 
-from test_batch_message import PEER, _cloud
+from dataclasses import replace
+
+from test_batch_message import PEER, Recording, _cloud, _prefill_steps
 from test_batching import _prompts
 
 from aiflow_cli.runtime import protocol
-from aiflow_cli.runtime.batching import BatchSettings
+from aiflow_cli.runtime.batching import BatchSettings, HopItem
 from aiflow_cli.runtime.node import TierNode
 from aiflow_cli.runtime.protocol import PREFILL, BatchStep, Error, Infer, InferBatch, Result, ResultBatch
 from aiflow_cli.runtime.wire import pack_state
@@ -33,3 +35,20 @@ def test_a_batched_step_with_a_control_tensor_of_the_wrong_rank_fails_alone_and_
     assert isinstance(got.results[1], Error)
     assert ("test-peer", 1) not in cloud.sessions._sessions  # the failed session closed
     assert not any(s.busy for s in cloud.sessions._sessions.values())
+
+
+def test_a_pass_whose_states_together_exceed_the_batch_byte_limit_goes_on_in_several_messages(monkeypatch):
+    """Three prefill states that each fit a batched message but not together (``MAX_BATCH_BYTES``): the edge
+    sends them in more than one message and every session gets its token (one message would be refused whole)."""
+    full, plan, cloud = _cloud("builtin:gpt2-tiny")
+    link = Recording(cloud)
+    edge = TierNode(plan, "edge", model=full, next_client=link, batching=BatchSettings(16))
+    items = [
+        HopItem(i, replace(m, sender="edge"), frames, 30.0)
+        for i, (m, frames) in enumerate(_prefill_steps(full, plan, cloud, 3))
+    ]
+    monkeypatch.setattr(protocol, "MAX_BATCH_BYTES", max(sum(map(len, it.frames)) for it in items) + 1)
+    answers = edge._send_batch(items)
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    assert all(a[0].tokens for a in answers)
+    assert sum(link.kinds.values()) > 1

@@ -76,6 +76,21 @@ class HopItem:
     budget_s: float
 
 
+def hop_chunks(items: list[HopItem], max_sessions: int, max_frames: int, max_bytes: int) -> list[list[HopItem]]:
+    """``items`` in order, cut into messages of at most ``max_sessions`` items, ``max_frames`` frames and
+    ``max_bytes`` frame bytes each (an item over a limit alone goes alone)."""
+    chunks: list[list[HopItem]] = [[]]
+    frames = nbytes = 0
+    for it in items:
+        f, b = len(it.frames), sum(len(x) for x in it.frames)
+        if chunks[-1] and (len(chunks[-1]) >= max_sessions or frames + f > max_frames or nbytes + b > max_bytes):
+            chunks.append([])
+            frames = nbytes = 0
+        chunks[-1].append(it)
+        frames, nbytes = frames + f, nbytes + b
+    return chunks if chunks[-1] else []
+
+
 #: What a hop sender answers per item: (the Result, its frames, whether this item's thread counts the message
 #: sent: exactly one item per message does, so the link's message count sums to the messages sent) or an error.
 HopAnswer = Any

@@ -34,7 +34,15 @@ from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import precheck, protocol, tracing
 from aiflow_cli.runtime import speculate as spec
-from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher, DriveLoop, Generation, HopItem, HopSeat
+from aiflow_cli.runtime.batching import (
+    BatchSettings,
+    DecodeBatcher,
+    DriveLoop,
+    Generation,
+    HopItem,
+    HopSeat,
+    hop_chunks,
+)
 from aiflow_cli.runtime.protocol import (
     DECODE,
     PREFILL,
@@ -777,12 +785,10 @@ class TierNode:
 
     def _send_batch(self, items: list[HopItem]) -> list:
         """The hop sender of this tier's batcher: ``items`` (steps of one pass) as :class:`InferBatch` messages
-        of at most :data:`~aiflow_cli.runtime.protocol.MAX_BATCH_SESSIONS` sessions and the transport's frame
-        limit; per item (its Result, its frames, whether it counts the message) or its error."""
-        per_msg = min(protocol.MAX_BATCH_SESSIONS, MAX_BATCH_FRAMES // max(1, max(len(it.frames) for it in items)))
+        within :data:`~aiflow_cli.runtime.protocol.MAX_BATCH_SESSIONS`, ``MAX_BATCH_BYTES`` and the transport's
+        frame limit; per item (its Result, its frames, whether it counts the message) or its error."""
         out: list = []
-        for at in range(0, len(items), per_msg):
-            chunk = items[at : at + per_msg]
+        for chunk in hop_chunks(items, protocol.MAX_BATCH_SESSIONS, MAX_BATCH_FRAMES, protocol.MAX_BATCH_BYTES):
             if len(chunk) == 1:  # a batch of one goes as the plain step (binary header, the peer's plain path)
                 it = chunk[0]
                 try:
