@@ -3,14 +3,16 @@ fails only its own session, and leaves no session pinned (busy) on the tier."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
+import torch
 from test_batch_message import PEER, Recording, _cloud, _prefill_steps
-from test_batching import _prompts
+from test_batching import _concurrently, _prompts
 
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.batching import BatchSettings, HopItem
-from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.runtime.node import Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL, BatchStep, Error, Infer, InferBatch, Result, ResultBatch
 from aiflow_cli.runtime.wire import pack_state
 
@@ -52,3 +54,22 @@ def test_a_pass_whose_states_together_exceed_the_batch_byte_limit_goes_on_in_sev
     assert all(not isinstance(a, Exception) for a in answers), answers
     assert all(a[0].tokens for a in answers)
     assert sum(link.kinds.values()) > 1
+
+
+def test_a_peer_that_reuses_its_session_id_in_one_pass_does_not_fail_the_other_sessions_of_that_pass():
+    """One peer sends two concurrent prefills with the same session id (its own affair); an honest peer's prefill
+    joins the same pass. The pass goes on to the cloud without two steps of one id in one message (which the
+    cloud refuses whole): the honest session gets its token."""
+    full, plan, cloud = _cloud("builtin:gpt2-tiny")
+    edge = TierNode(plan, "edge", model=full, next_client=Recording(cloud), batching=BatchSettings(16, window_ms=300))
+    prompts = _prompts(full, 3)
+    keys = [("hostile", 7), ("hostile", 7), ("honest", 8)]
+
+    def session(i: int):
+        deadline = time.monotonic() + 60
+        return edge.step(keys[i], PREFILL, 1, Payload(state=prompts[i]), max_new_tokens=1, deadline=deadline).tokens
+
+    got = _concurrently(session, 3)
+    assert edge.batcher.largest == 3  # the three met in one pass
+    assert isinstance(got[2], torch.Tensor), got[2]
+    assert torch.equal(got[2], full.generate(prompts[2], 1))

@@ -78,16 +78,21 @@ class HopItem:
 
 def hop_chunks(items: list[HopItem], max_sessions: int, max_frames: int, max_bytes: int) -> list[list[HopItem]]:
     """``items`` in order, cut into messages of at most ``max_sessions`` items, ``max_frames`` frames and
-    ``max_bytes`` frame bytes each (an item over a limit alone goes alone)."""
+    ``max_bytes`` frame bytes each (an item over a limit alone goes alone), no session id twice in one (a peer
+    that reuses its id fails its own steps only: the next tier refuses a message that repeats one)."""
     chunks: list[list[HopItem]] = [[]]
     frames = nbytes = 0
+    ids: set[int] = set()
     for it in items:
         f, b = len(it.frames), sum(len(x) for x in it.frames)
-        if chunks[-1] and (len(chunks[-1]) >= max_sessions or frames + f > max_frames or nbytes + b > max_bytes):
+        full = len(chunks[-1]) >= max_sessions or frames + f > max_frames or nbytes + b > max_bytes
+        if chunks[-1] and (full or it.session_id in ids):
             chunks.append([])
             frames = nbytes = 0
+            ids = set()
         chunks[-1].append(it)
         frames, nbytes = frames + f, nbytes + b
+        ids.add(it.session_id)
     return chunks if chunks[-1] else []
 
 
