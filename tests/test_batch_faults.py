@@ -8,13 +8,14 @@ from dataclasses import replace
 
 import torch
 from test_batch_message import PEER, Recording, _cloud, _prefill_steps
-from test_batching import _concurrently, _prompts
+from test_batching import _concurrently, _generate, _prompts
 
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.batching import BatchSettings, HopItem
 from aiflow_cli.runtime.node import Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL, BatchStep, Error, Infer, InferBatch, Result, ResultBatch
 from aiflow_cli.runtime.wire import pack_state
+from aiflow_cli.transport import Message
 
 
 def test_a_batched_step_with_a_control_tensor_of_the_wrong_rank_fails_alone_and_frees_its_session():
@@ -73,3 +74,35 @@ def test_a_peer_that_reuses_its_session_id_in_one_pass_does_not_fail_the_other_s
     assert edge.batcher.largest == 3  # the three met in one pass
     assert isinstance(got[2], torch.Tensor), got[2]
     assert torch.equal(got[2], full.generate(prompts[2], 1))
+
+
+def test_a_malformed_result_in_the_decode_loop_fails_only_its_own_generation(monkeypatch):
+    """The cloud answers one session of a batched decode step with an empty token row: that generation fails,
+    the others of the same decode loop get their exact tokens, and the edge ends every session."""
+    full, plan, cloud = _cloud("builtin:gpt2-tiny")
+    jobs = [(p, 6) for p in _prompts(full, 4)]
+    refs = [full.generate(p, n) for p, n in jobs]
+    unused = min(set(range(100)) - {int(t) for r in refs for t in r.flatten()})
+    monkeypatch.setattr(full.adapter, "eos_token_ids", lambda: frozenset({unused}))  # a model with an EOS token
+    mangled: list[int] = []
+
+    class Mangles(Recording):
+        def request(self, msg, timeout_s):
+            env = super().request(msg, timeout_s)
+            if env.kind == protocol.RESULT_BATCH and not mangled and msg.meta["steps"][0]["phase"] == "decode":
+                mangled.append(msg.meta["steps"][0]["session"])
+                results = [dict(r) for r in env.meta["results"]]
+                results[0] = {"result": {**results[0]["result"], "tokens": [[]]}}
+                env = Message(env.kind, {**env.meta, "results": results}, list(env.frames), env.session_id)
+            return env
+
+    edge = TierNode(plan, "edge", model=full, next_client=Mangles(cloud), batching=BatchSettings(16, window_ms=50))
+    got = _generate(edge, full, jobs)
+    assert mangled
+    bad = mangled[0] - 1000
+    assert isinstance(got[bad], Exception) and "not [1, 1]" in str(got[bad]), got[bad]
+    for i, (ref, tokens) in enumerate(zip(refs, got)):
+        if i != bad:
+            assert isinstance(tokens, torch.Tensor), tokens
+            assert torch.equal(tokens, ref)
+    assert len(edge.sessions) == 0

@@ -687,9 +687,12 @@ class TierNode:
             if isinstance(r, BaseException):
                 end(g, r)
                 continue
-            g.timings.merge(r.timings)
-            g.tokens.append(r.tokens)
-            try:
+            try:  # a malformed answer fails its own generation only
+                if r.tokens is None or tuple(r.tokens.shape) != (1, 1):
+                    shape = None if r.tokens is None else list(r.tokens.shape)
+                    raise TransportError(f"{self.tier}: a decode step was answered with tokens {shape}, not [1, 1]")
+                g.timings.merge(r.timings)
+                g.tokens.append(r.tokens)
                 self.sessions.done_step(g.key, g.session)
             except Exception as e:  # noqa: BLE001
                 end(g, e)
