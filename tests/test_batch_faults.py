@@ -10,6 +10,8 @@ import torch
 from test_batch_message import PEER, Recording, _cloud, _prefill_steps
 from test_batching import _concurrently, _generate, _prompts
 
+from aiflow_cli.bench.decode import fixed_plan
+from aiflow_cli.models import load_stages
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.batching import BatchSettings, HopItem
 from aiflow_cli.runtime.node import Payload, TierNode
@@ -106,3 +108,44 @@ def test_a_malformed_result_in_the_decode_loop_fails_only_its_own_generation(mon
             assert isinstance(tokens, torch.Tensor), tokens
             assert torch.equal(tokens, ref)
     assert len(edge.sessions) == 0
+
+
+def test_a_ragged_token_answer_on_a_middle_tier_fails_only_its_session_and_frees_it():
+    """device (drives) -> edge (middle) -> cloud; the cloud answers one session of a batched decode step with
+    ragged token rows: that session fails, the others of the message get their exact tokens, and the edge leaves
+    no session behind (none pinned busy)."""
+    full = load_stages("builtin:gpt2-tiny")
+    plan = fixed_plan(full, (2, 4))
+    settings = BatchSettings(16, window_ms=50)
+    cloud = TierNode(plan, "cloud", model=full, batching=settings)
+    mangled: list[int] = []
+
+    class Ragged(Recording):
+        def request(self, msg, timeout_s):
+            env = super().request(msg, timeout_s)
+            if env.kind == protocol.RESULT_BATCH and not mangled and msg.meta["steps"][0]["phase"] == "decode":
+                mangled.append(msg.meta["steps"][0]["session"])
+                results = [dict(r) for r in env.meta["results"]]
+                results[0] = {"result": {**results[0]["result"], "tokens": [[1], [1, 2]]}}
+                env = Message(env.kind, {**env.meta, "results": results}, list(env.frames), env.session_id)
+            return env
+
+    edge = TierNode(plan, "edge", model=full, next_client=Ragged(cloud), batching=settings)
+    device = TierNode(plan, "device", model=full, next_client=Recording(edge), batching=settings)
+    jobs = [(p, 5) for p in _prompts(full, 4)]
+    refs = [full.generate(p, n) for p, n in jobs]
+
+    def session(i: int):
+        deadline = time.monotonic() + 60
+        return device.step(("peer", 1000 + i), PREFILL, 0, Payload(state=jobs[i][0]), max_new_tokens=5,
+                           deadline=deadline).tokens  # fmt: skip
+
+    got = _concurrently(session, len(jobs))
+    assert mangled
+    bad = mangled[0] - 1000
+    assert isinstance(got[bad], Exception)
+    for i, (ref, tokens) in enumerate(zip(refs, got)):
+        if i != bad:
+            assert isinstance(tokens, torch.Tensor), (i, tokens)
+            assert torch.equal(tokens, ref)
+    assert len(device.sessions) == len(edge.sessions) == 0

@@ -758,9 +758,11 @@ class TierNode:
         for (timings, packed, _), answer in zip(sends, answers):
             if isinstance(answer, BaseException):
                 out.append(answer)
-            else:
-                reply, frames, counted = answer
-                out.append(self.account(timings, packed, reply, frames, counted, rtt_ms))
+                continue
+            try:  # a malformed answer (ragged token rows) fails its own step only
+                out.append(self.account(timings, packed, answer[0], answer[1], answer[2], rtt_ms))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
         return out
 
     def account(
