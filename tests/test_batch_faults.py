@@ -13,7 +13,7 @@ from test_batching import _concurrently, _generate, _prompts
 from aiflow_cli.bench.decode import fixed_plan
 from aiflow_cli.models import load_stages
 from aiflow_cli.runtime import protocol
-from aiflow_cli.runtime.batching import BatchSettings, HopItem
+from aiflow_cli.runtime.batching import BatchSettings, HopGroup, HopItem, HopSeat
 from aiflow_cli.runtime.node import Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL, BatchStep, Error, Infer, InferBatch, Result, ResultBatch
 from aiflow_cli.runtime.wire import pack_state
@@ -149,3 +149,20 @@ def test_a_ragged_token_answer_on_a_middle_tier_fails_only_its_session_and_frees
             assert isinstance(tokens, torch.Tensor), (i, tokens)
             assert torch.equal(tokens, ref)
     assert len(device.sessions) == len(edge.sessions) == 0
+
+
+def test_a_far_deadline_is_waited_for_not_an_overflow():
+    """A request whose deadline is centuries away (``timeout_s=1e11``: "no deadline"): the decode loop's wait for
+    its generation and a hop group's wait for its message still work (Event.wait past threading.TIMEOUT_MAX raises
+    OverflowError)."""
+    full = load_stages("builtin:gpt2-tiny")
+    tier = TierNode(fixed_plan(full, (0, 0)), "cloud", model=full, batching=BatchSettings(16))
+    p = _prompts(full, 1)[0]
+    far = time.monotonic() + 1e11
+    got = tier.step(("peer", 1), PREFILL, 0, Payload(state=p), max_new_tokens=3, deadline=far).tokens
+    assert torch.equal(got, full.generate(p, 3))
+
+    group = HopGroup(2, lambda items: [("ok", it.session_id) for it in items])
+    seats = [HopSeat(group), HopSeat(group)]
+    out = _concurrently(lambda i: seats[i].request(HopItem(i, None, [], 1e11)), 2)
+    assert out == [("ok", 0), ("ok", 1)], out

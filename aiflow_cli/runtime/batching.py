@@ -133,7 +133,7 @@ class HopGroup:
         at, last = self._arrive(item)
         if last:
             self._send()
-        elif not self._done.wait(item.budget_s):
+        elif not self._done.wait(min(item.budget_s, threading.TIMEOUT_MAX)):  # (a larger wait: OverflowError)
             raise Timeout("the batched step to the next tier did not come back within the request's deadline")
         answer = self._answers[at]
         if isinstance(answer, BaseException):
@@ -374,7 +374,7 @@ class DriveLoop:
             start, self._running = not self._running, True
         if start:
             threading.Thread(target=self._loop, name=f"{self.node.tier}-decode", daemon=True).start()
-        if not gen.done.wait(max(0.0, gen.deadline - time.monotonic()) + self.grace_s):
+        if not gen.done.wait(min(max(0.0, gen.deadline - time.monotonic()) + self.grace_s, threading.TIMEOUT_MAX)):
             with self._lock:
                 gen.abandoned = True  # the loop drops it (and closes its session) before its next step
             raise Timeout(f"{self.node.tier}: the generation did not end within its deadline")
