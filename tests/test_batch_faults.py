@@ -16,8 +16,9 @@ from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.batching import BatchSettings, HopGroup, HopItem, HopSeat
 from aiflow_cli.runtime.node import Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL, BatchStep, Error, Infer, InferBatch, Result, ResultBatch
+from aiflow_cli.runtime.routing import PoolClient
 from aiflow_cli.runtime.wire import pack_state
-from aiflow_cli.transport import Message
+from aiflow_cli.transport import Identity, Message
 
 
 def test_a_batched_step_with_a_control_tensor_of_the_wrong_rank_fails_alone_and_frees_its_session():
@@ -166,3 +167,39 @@ def test_a_far_deadline_is_waited_for_not_an_overflow():
     seats = [HopSeat(group), HopSeat(group)]
     out = _concurrently(lambda i: seats[i].request(HopItem(i, None, [], 1e11)), 2)
     assert out == [("ok", 0), ("ok", 1)], out
+
+
+def test_batched_steps_to_a_pool_of_replicas_reach_each_session_s_own_replica(tmp_path, monkeypatch):
+    """An edge that batches in front of a pool of two cloud replicas (routing.PoolClient: a session's cache lives
+    on the replica its id hashes to): generations of different lengths (the longest ends alone) each get their
+    exact tokens; no step reaches a replica that does not hold its session."""
+    full, plan, _ = _cloud("builtin:gpt2-tiny")
+    replicas = {a: TierNode(plan, "cloud", model=full, batching=BatchSettings(16)) for a in ("r1:1", "r2:2")}
+
+    class Replica(Recording):
+        def reset(self) -> None:
+            pass
+
+    me = Identity.generate(tmp_path / "me")
+    pool = PoolClient(list(replicas), identity=me, trust=[me], timeout_s=30)
+    links = {a: Replica(n) for a, n in replicas.items()}
+    monkeypatch.setattr(pool, "_client", lambda addr: links[addr])
+    edge = TierNode(plan, "edge", model=full, next_client=pool, batching=BatchSettings(16, window_ms=50))
+    zero = pool.ring.pick(0)
+    sids = [s for s in range(100, 200) if pool.ring.pick(s) != zero][:2] + [
+        s for s in range(100, 200) if pool.ring.pick(s) == zero
+    ][:2]
+    prompts = _prompts(full, 4)
+    lengths = [7, 5, 3, 2]
+    refs = [full.generate(p, n) for p, n in zip(prompts, lengths)]
+
+    def session(i: int):
+        deadline = time.monotonic() + 60
+        return edge.step(("peer", sids[i]), PREFILL, 1, Payload(state=prompts[i]), max_new_tokens=lengths[i],
+                         deadline=deadline).tokens  # fmt: skip
+
+    got = _concurrently(session, 4)
+    for ref, tokens in zip(refs, got):
+        assert isinstance(tokens, torch.Tensor), tokens
+        assert torch.equal(tokens, ref)
+    assert all(len(n.sessions) == 0 for n in replicas.values())

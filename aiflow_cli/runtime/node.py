@@ -166,15 +166,17 @@ class TierNode:
         # prefills and decode steps of concurrent sessions as one pass (runtime/batching.py); emulated speeds: alone
         batching = batching or BatchSettings()
         self.batching = batching
-        # ... and the sessions of one pass cross to the next tier as one message (protocol.InferBatch)
-        hop = self._send_batch if self.next is not None and not self.is_output else None
+        # ... and the sessions of one pass cross to the next tier as one message (protocol.InferBatch), unless the
+        # next tier is a pool of replicas (routing.PoolClient routes each session's steps to its own replica)
+        self._batches = getattr(self.next, "takes_batches", True)
+        hop = self._send_batch if self.next is not None and not self.is_output and self._batches else None
         self.batcher = (
             DecodeBatcher(self.model, batching, lambda n: self.observer and self.observer.batched(n), hop)
             if batching.enabled and self.keeps_cache and self.stretch <= 1
             else None
         )
         self._batch_pool: Optional[ThreadPoolExecutor] = None  # steps of a batched message that run as threads
-        self.loop = DriveLoop(self) if self.batcher is not None and self.is_driver else None  # all decode loops
+        self.loop = DriveLoop(self) if self.batcher is not None and self.is_driver and self._batches else None
         self.on_link: Optional[Any] = None  # (bytes up, bytes down, wire ms) per message sent on (runtime/replan.py)
 
     def like(self, plan: Plan, *, exit_head: Optional[bool] = None) -> "TierNode":
@@ -793,7 +795,8 @@ class TierNode:
         within :data:`~aiflow_cli.runtime.protocol.MAX_BATCH_SESSIONS`, ``MAX_BATCH_BYTES`` and the transport's
         frame limit; per item (its Result, its frames, whether it counts the message) or its error."""
         out: list = []
-        for chunk in hop_chunks(items, protocol.MAX_BATCH_SESSIONS, MAX_BATCH_FRAMES, protocol.MAX_BATCH_BYTES):
+        most = protocol.MAX_BATCH_SESSIONS if self._batches else 1  # (a pool: each step alone, to its replica)
+        for chunk in hop_chunks(items, most, MAX_BATCH_FRAMES, protocol.MAX_BATCH_BYTES):
             if len(chunk) == 1:  # a batch of one goes as the plain step (binary header, the peer's plain path)
                 it = chunk[0]
                 try:
