@@ -18,7 +18,7 @@ from aiflow_cli.runtime.node import Payload, TierNode
 from aiflow_cli.runtime.protocol import PREFILL, BatchStep, Error, Infer, InferBatch, Result, ResultBatch
 from aiflow_cli.runtime.routing import PoolClient
 from aiflow_cli.runtime.wire import pack_state
-from aiflow_cli.transport import Identity, Message
+from aiflow_cli.transport import Client, Identity, Message, Server
 
 
 def test_a_batched_step_with_a_control_tensor_of_the_wrong_rank_fails_alone_and_frees_its_session():
@@ -203,3 +203,29 @@ def test_batched_steps_to_a_pool_of_replicas_reach_each_session_s_own_replica(tm
         assert isinstance(tokens, torch.Tensor), tokens
         assert torch.equal(tokens, ref)
     assert all(len(n.sessions) == 0 for n in replicas.values())
+
+
+def test_a_peer_s_far_deadline_fails_no_other_session_of_its_pass(tmp_path):
+    """Over the real transport: one peer's request carries a deadline ~1e300 s away (its ``deadline_ms`` is only
+    checked to be a number); the pass it shares with two honest sessions goes on to the cloud with a budget the
+    transport takes (a larger one panics in the extension, PanicException, which failed the whole pass)."""
+    full, plan, cloud = _cloud("builtin:gpt2-tiny")
+    a, b = Identity.generate(tmp_path / "a"), Identity.generate(tmp_path / "b")
+    with Server("127.0.0.1:0", identity=a, trust=[b], handler=cloud.handle) as srv:
+        client = Client(srv.address, identity=b, trust=[a])
+        try:
+            edge = TierNode(plan, "edge", model=full, next_client=client, batching=BatchSettings(16, window_ms=100))
+            prompts = _prompts(full, 3)
+            far = [1e300, 60.0, 60.0]
+
+            def session(i: int):
+                deadline = time.monotonic() + far[i]
+                return edge.step(("peer", 10 + i), PREFILL, 1, Payload(state=prompts[i]), max_new_tokens=3,
+                                 deadline=deadline).tokens  # fmt: skip
+
+            got = _concurrently(session, 3)
+        finally:
+            client.close()
+    for p, tokens in zip(prompts, got):
+        assert isinstance(tokens, torch.Tensor), tokens
+        assert torch.equal(tokens, full.generate(p, 3))

@@ -68,6 +68,9 @@ from aiflow_cli.transport import Client, Message, PeerInfo
 #: and its error, which names the tier that failed, reaches the device before the device's own deadline).
 DEADLINE_MARGIN = 0.9
 DEFAULT_CACHE_BYTES = 1 << 30
+#: Most seconds a step waits for the next tier, however far its deadline (a peer's deadline_ms is any number; the
+#: transport refuses waits past ~1e19 s, Event.wait past threading.TIMEOUT_MAX).
+MAX_BUDGET_S = 1e9
 #: Most frames one batched message carries (the transport's default ``max_frames`` is 4096).
 MAX_BATCH_FRAMES = 4000
 
@@ -825,7 +828,7 @@ class TierNode:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Timeout(f"{self.tier}: the request's deadline passed before it could reach {self.next_tier}")
-        return remaining * DEADLINE_MARGIN
+        return min(remaining * DEADLINE_MARGIN, MAX_BUDGET_S)
 
     def _request(self, env: Message, budget_s: float) -> Message:
         try:
