@@ -229,3 +229,18 @@ def test_a_peer_s_far_deadline_fails_no_other_session_of_its_pass(tmp_path):
     for p, tokens in zip(prompts, got):
         assert isinstance(tokens, torch.Tensor), tokens
         assert torch.equal(tokens, full.generate(p, 3))
+
+
+def test_a_batched_message_whose_first_step_fails_is_still_counted_once():
+    """The link's message count sums to the messages sent (a batched message counts on one of its sessions): also
+    when the cloud answers the message's first step with an error."""
+    full, plan, cloud = _cloud("builtin:gpt2-tiny")
+    link = Recording(cloud)
+    edge = TierNode(plan, "edge", model=full, next_client=link, batching=BatchSettings(16))
+    items = [
+        HopItem(i, replace(m, sender="edge"), [b"garbage"] + frames[1:] if i == 0 else frames, 30.0)
+        for i, (m, frames) in enumerate(_prefill_steps(full, plan, cloud, 3))
+    ]
+    answers = edge._send_batch(items)
+    assert isinstance(answers[0], Exception) and all(isinstance(a, tuple) for a in answers[1:]), answers
+    assert sum(a[2] for a in answers[1:]) == sum(link.kinds.values()) == 1

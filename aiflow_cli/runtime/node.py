@@ -819,8 +819,9 @@ class TierNode:
             except Exception as e:  # noqa: BLE001 - the message failed: each of its steps fails with it
                 out += [e] * len(chunk)
                 continue
+            first = next((j for j, a in enumerate(answers) if not isinstance(a, Error)), -1)  # counts the message
             for j, a in enumerate(answers):
-                out.append(a.exception() if isinstance(a, Error) else (a[0], a[1], j == 0))
+                out.append(a.exception() if isinstance(a, Error) else (a[0], a[1], j == first))
         return out
 
     def _budget_s(self, deadline: float) -> float:
