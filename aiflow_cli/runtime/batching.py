@@ -79,6 +79,26 @@ class HopItem:
     budget_s: float
 
 
+def hop_chunks(items: list[HopItem], max_sessions: int, max_frames: int, max_bytes: int) -> list[list[HopItem]]:
+    """``items`` in order, cut into messages of at most ``max_sessions`` items, ``max_frames`` frames and
+    ``max_bytes`` frame bytes each (an item over a limit alone goes alone), no session id twice in one (a peer
+    that reuses its id fails its own steps only: the next tier refuses a message that repeats one)."""
+    chunks: list[list[HopItem]] = [[]]
+    frames = nbytes = 0
+    ids: set[int] = set()
+    for it in items:
+        f, b = len(it.frames), sum(len(x) for x in it.frames)
+        full = len(chunks[-1]) >= max_sessions or frames + f > max_frames or nbytes + b > max_bytes
+        if chunks[-1] and (full or it.session_id in ids):
+            chunks.append([])
+            frames = nbytes = 0
+            ids = set()
+        chunks[-1].append(it)
+        frames, nbytes = frames + f, nbytes + b
+        ids.add(it.session_id)
+    return chunks if chunks[-1] else []
+
+
 #: What a hop sender answers per item: (the Result, its frames, whether this item's thread counts the message
 #: sent: exactly one item per message does, so the link's message count sums to the messages sent) or an error.
 HopAnswer = Any
@@ -116,7 +136,7 @@ class HopGroup:
         at, last = self._arrive(item)
         if last:
             self._send()
-        elif not self._done.wait(item.budget_s):
+        elif not self._done.wait(min(item.budget_s, threading.TIMEOUT_MAX)):  # (a larger wait: OverflowError)
             raise Timeout("the batched step to the next tier did not come back within the request's deadline")
         answer = self._answers[at]
         if isinstance(answer, BaseException):
@@ -213,12 +233,14 @@ class DecodeBatcher:
         """Runs the steps of several sessions that arrived together (a batched message) on this thread, as few
         passes as their kinds and stage ranges allow (at most ``max_batch`` sessions each); returns each step's
         output state, or the exception that step alone failed with."""
-        todo = [
-            _Step(step_kind(st, c) if unbatchable(self.model, c) is None else None, stages, st, c)
-            for stages, st, c in steps
-        ]
+        todo = [_Step(None, stages, st, c) for stages, st, c in steps]
         groups: dict[Any, list[_Step]] = {}
         for s in todo:
+            try:  # a peer's state of the wrong shape fails its own step only
+                s.kind = step_kind(s.state, s.cache) if unbatchable(self.model, s.cache) is None else None
+            except Exception as e:  # noqa: BLE001
+                s.error = e
+                continue
             groups.setdefault((s.stages.start, s.stages.stop, s.kind or id(s)), []).append(s)
         for group in groups.values():
             for at in range(0, len(group), self.settings.max_batch):
@@ -368,7 +390,7 @@ class DriveLoop:
             start, self._running = not self._running, True
         if start:
             threading.Thread(target=self._loop, name=f"{self.node.tier}-decode", daemon=True).start()
-        if not gen.done.wait(max(0.0, gen.deadline - time.monotonic()) + self.grace_s):
+        if not gen.done.wait(min(max(0.0, gen.deadline - time.monotonic()) + self.grace_s, threading.TIMEOUT_MAX)):
             with self._lock:
                 gen.abandoned = True  # the loop drops it (and closes its session) before its next step
             raise Timeout(f"{self.node.tier}: the generation did not end within its deadline")

@@ -35,7 +35,15 @@ from aiflow_cli.models.state import BoundaryState
 from aiflow_cli.plan.schema import Plan
 from aiflow_cli.runtime import precheck, protocol, tracing
 from aiflow_cli.runtime import speculate as spec
-from aiflow_cli.runtime.batching import BatchSettings, DecodeBatcher, DriveLoop, Generation, HopItem, HopSeat
+from aiflow_cli.runtime.batching import (
+    BatchSettings,
+    DecodeBatcher,
+    DriveLoop,
+    Generation,
+    HopItem,
+    HopSeat,
+    hop_chunks,
+)
 from aiflow_cli.runtime.protocol import (
     DECODE,
     PREFILL,
@@ -65,6 +73,9 @@ DEADLINE_MARGIN = 0.9
 DEFAULT_CACHE_BYTES = 1 << 30
 #: Seconds an :class:`End` (a failed request's session dropped behind this tier) may take; best-effort.
 END_TIMEOUT_S = 5.0
+#: Most seconds a step waits for the next tier, however far its deadline (a peer's deadline_ms is any number; the
+#: transport refuses waits past ~1e19 s, Event.wait past threading.TIMEOUT_MAX).
+MAX_BUDGET_S = 1e9
 #: Most frames one batched message carries (the transport's default ``max_frames`` is 4096).
 MAX_BATCH_FRAMES = 4000
 
@@ -157,8 +168,10 @@ class TierNode:
         # prefills and decode steps of concurrent sessions as one pass (runtime/batching.py); emulated speeds: alone
         batching = batching or BatchSettings()
         self.batching = batching
-        # ... and the sessions of one pass cross to the next tier as one message (protocol.InferBatch)
-        hop = self._send_batch if self.next is not None and not self.is_output else None
+        # ... and the sessions of one pass cross to the next tier as one message (protocol.InferBatch), unless the
+        # next tier is a pool of replicas (routing.PoolClient routes each session's steps to its own replica)
+        self._batches = getattr(self.next, "takes_batches", True)
+        hop = self._send_batch if self.next is not None and not self.is_output and self._batches else None
         self.batcher = (
             DecodeBatcher(
                 self.model, batching, lambda n: self.observer and self.observer.batched(n), hop, self.sessions.__len__
@@ -167,7 +180,7 @@ class TierNode:
             else None
         )
         self._batch_pool: Optional[ThreadPoolExecutor] = None  # steps of a batched message that run as threads
-        self.loop = DriveLoop(self) if self.batcher is not None and self.is_driver else None  # all decode loops
+        self.loop = DriveLoop(self) if self.batcher is not None and self.is_driver and self._batches else None
         self.on_link: Optional[Any] = None  # (bytes up, bytes down, wire ms) per message sent on (runtime/replan.py)
 
     def like(self, plan: Plan, *, exit_head: Optional[bool] = None) -> "TierNode":
@@ -685,9 +698,12 @@ class TierNode:
             if isinstance(r, BaseException):
                 end(g, r)
                 continue
-            g.timings.merge(r.timings)
-            g.tokens.append(r.tokens)
-            try:
+            try:  # a malformed answer fails its own generation only
+                if r.tokens is None or tuple(r.tokens.shape) != (1, 1):
+                    shape = None if r.tokens is None else list(r.tokens.shape)
+                    raise TransportError(f"{self.tier}: a decode step was answered with tokens {shape}, not [1, 1]")
+                g.timings.merge(r.timings)
+                g.tokens.append(r.tokens)
                 self.sessions.done_step(g.key, g.session)
             except Exception as e:  # noqa: BLE001
                 end(g, e)
@@ -753,9 +769,11 @@ class TierNode:
         for (timings, packed, _), answer in zip(sends, answers):
             if isinstance(answer, BaseException):
                 out.append(answer)
-            else:
-                reply, frames, counted = answer
-                out.append(self.account(timings, packed, reply, frames, counted, rtt_ms))
+                continue
+            try:  # a malformed answer (ragged token rows) fails its own step only
+                out.append(self.account(timings, packed, answer[0], answer[1], answer[2], rtt_ms))
+            except Exception as e:  # noqa: BLE001
+                out.append(e)
         return out
 
     def account(
@@ -783,12 +801,11 @@ class TierNode:
 
     def _send_batch(self, items: list[HopItem]) -> list:
         """The hop sender of this tier's batcher: ``items`` (steps of one pass) as :class:`InferBatch` messages
-        of at most :data:`~aiflow_cli.runtime.protocol.MAX_BATCH_SESSIONS` sessions and the transport's frame
-        limit; per item (its Result, its frames, whether it counts the message) or its error."""
-        per_msg = min(protocol.MAX_BATCH_SESSIONS, MAX_BATCH_FRAMES // max(1, max(len(it.frames) for it in items)))
+        within :data:`~aiflow_cli.runtime.protocol.MAX_BATCH_SESSIONS`, ``MAX_BATCH_BYTES`` and the transport's
+        frame limit; per item (its Result, its frames, whether it counts the message) or its error."""
         out: list = []
-        for at in range(0, len(items), per_msg):
-            chunk = items[at : at + per_msg]
+        most = protocol.MAX_BATCH_SESSIONS if self._batches else 1  # (a pool: each step alone, to its replica)
+        for chunk in hop_chunks(items, most, MAX_BATCH_FRAMES, protocol.MAX_BATCH_BYTES):
             if len(chunk) == 1:  # a batch of one goes as the plain step (binary header, the peer's plain path)
                 it = chunk[0]
                 try:
@@ -808,8 +825,9 @@ class TierNode:
             except Exception as e:  # noqa: BLE001 - the message failed: each of its steps fails with it
                 out += [e] * len(chunk)
                 continue
+            first = next((j for j, a in enumerate(answers) if not isinstance(a, Error)), -1)  # counts the message
             for j, a in enumerate(answers):
-                out.append(a.exception() if isinstance(a, Error) else (a[0], a[1], j == 0))
+                out.append(a.exception() if isinstance(a, Error) else (a[0], a[1], j == first))
         return out
 
     def fail_session(self, key: SessionKey) -> None:
@@ -834,7 +852,7 @@ class TierNode:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise Timeout(f"{self.tier}: the request's deadline passed before it could reach {self.next_tier}")
-        return remaining * DEADLINE_MARGIN
+        return min(remaining * DEADLINE_MARGIN, MAX_BUDGET_S)
 
     def _request(self, env: Message, budget_s: float) -> Message:
         try:

@@ -202,6 +202,10 @@ class PoolClient:
     addresses (a list, or a callable that returns the current list, e.g. :meth:`RayPool.addresses`); the rest
     as for :class:`Client`. ``on_failover(session_id, dead, new, replayed, seconds)`` is told of each move."""
 
+    #: Batched steps (protocol.InferBatch) are not routed: their sessions live on different replicas, so a
+    #: TierNode sends each session's step on its own through a pool.
+    takes_batches = False
+
     def __init__(
         self,
         replicas: Sequence[str] | Callable[[], Sequence[str]],
