@@ -14,7 +14,7 @@ from aiflow_cli.bench.decode import fixed_plan
 from aiflow_cli.models import load_stages
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.batching import BatchSettings, HopGroup, HopItem, HopSeat
-from aiflow_cli.runtime.node import Payload, TierNode
+from aiflow_cli.runtime.node import Payload, TierNode, next_session_id
 from aiflow_cli.runtime.protocol import PREFILL, BatchStep, Error, Infer, InferBatch, Result, ResultBatch
 from aiflow_cli.runtime.routing import PoolClient
 from aiflow_cli.runtime.wire import pack_state
@@ -102,7 +102,7 @@ def test_a_malformed_result_in_the_decode_loop_fails_only_its_own_generation(mon
     edge = TierNode(plan, "edge", model=full, next_client=Mangles(cloud), batching=BatchSettings(16, window_ms=50))
     got = _generate(edge, full, jobs)
     assert mangled
-    bad = mangled[0] - 1000
+    bad = {next_session_id(("peer", 1000 + i)): i for i in range(len(jobs))}[mangled[0]]  # the id it went on as
     assert isinstance(got[bad], Exception) and "not [1, 1]" in str(got[bad]), got[bad]
     for i, (ref, tokens) in enumerate(zip(refs, got)):
         if i != bad:
@@ -143,7 +143,9 @@ def test_a_ragged_token_answer_on_a_middle_tier_fails_only_its_session_and_frees
 
     got = _concurrently(session, len(jobs))
     assert mangled
-    bad = mangled[0] - 1000
+    # the id each session went on to the cloud as: mixed by the device, then by the edge (its peer: "test-peer")
+    to_cloud = {next_session_id(("test-peer", next_session_id(("peer", 1000 + i)))): i for i in range(len(jobs))}
+    bad = to_cloud[mangled[0]]
     assert isinstance(got[bad], Exception)
     for i, (ref, tokens) in enumerate(zip(refs, got)):
         if i != bad:

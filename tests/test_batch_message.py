@@ -19,7 +19,7 @@ from aiflow_cli.errors import Timeout, TransportError
 from aiflow_cli.models import load_stages
 from aiflow_cli.runtime import protocol
 from aiflow_cli.runtime.batching import BatchSettings, HopGroup, HopItem, HopSeat
-from aiflow_cli.runtime.node import Payload, TierNode
+from aiflow_cli.runtime.node import Payload, TierNode, next_session_id
 from aiflow_cli.runtime.protocol import (
     DECODE,
     PREFILL,
@@ -313,20 +313,21 @@ def test_a_generation_that_fails_in_the_decode_loop_fails_alone():
     cloud = TierNode(plan, "cloud", model=full, batching=BatchSettings(16))
 
     dropped: list[int] = []
+    sid = next_session_id(("peer", 1003))
 
     class DropsOne(Recording):
         def request(self, msg, timeout_s):
             steps = msg.meta["steps"] if msg.kind == protocol.INFER_BATCH else []
-            if not dropped and any(s["session"] == 1003 and s["phase"] == DECODE for s in steps):
+            if not dropped and any(s["session"] == sid and s["phase"] == DECODE for s in steps):
                 dropped.append(len(steps))
-                cloud.sessions.close(("test-peer", 1003))  # job 3's session (the edge sends its id on)
+                cloud.sessions.close(("test-peer", sid))  # job 3's session (the id the edge sends it on as)
             return super().request(msg, timeout_s)
 
     edge = TierNode(plan, "edge", model=full, next_client=DropsOne(cloud), batching=BatchSettings(16))
     jobs = [(p, 8) for p in _prompts(full, 6)]
     got = _generate(edge, full, jobs)
     assert dropped and dropped[0] > 1  # dropped from a batched message of several sessions
-    assert isinstance(got[3], Exception) and "no session 1003" in str(got[3])
+    assert isinstance(got[3], Exception) and f"no session {sid}" in str(got[3])
     for i, ((p, n), tokens) in enumerate(zip(jobs, got)):
         if i != 3:
             assert isinstance(tokens, torch.Tensor), tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
+import torch
 from runtime_support import Direct
 from test_batching import _prompts
 
@@ -78,3 +79,51 @@ def test_an_end_for_an_unknown_session_is_answered_and_harmless():
     assert isinstance(protocol.decode(reply), protocol.End)
     bad = Direct(edge).request(protocol.encode(protocol.End("0" * 64, "device"), session_id=99), 5.0)
     assert isinstance(protocol.decode(bad), protocol.Error)  # another plan: refused like any request
+
+
+class DirectAs(Direct):
+    """A device's link to the edge, as peer ``fingerprint``; ``after_first`` runs once its first request is done."""
+
+    def __init__(self, target, fingerprint: str, after_first=None) -> None:
+        super().__init__(target)
+        self.fingerprint, self.after_first = fingerprint, after_first
+
+    def request(self, msg, timeout_s):
+        from aiflow_cli.transport import PeerInfo
+
+        reply = self.target.handle(msg, PeerInfo("127.0.0.1:0", self.fingerprint, 1))
+        hook, self.after_first = self.after_first, None
+        if hook:
+            hook()
+        return reply
+
+
+def test_two_devices_that_chose_the_same_session_id_never_share_a_session_behind_the_edge():
+    """Devices A and B both call their request session 7. B's whole generation runs between A's prefill and A's
+    first decode step: the cloud must keep them apart (its peer is the edge for both), so each answer is its own
+    prompt's greedy output and no session is left anywhere."""
+    full = load_stages("builtin:gpt2-tiny")
+    plan = fixed_plan(full, (2, 4))
+    cloud = TierNode(plan, "cloud", model=full)
+    edge = TierNode(plan, "edge", model=full, next_client=Direct(cloud))
+    prompts = _prompts(full, 2)
+    refs = [full.generate(p, 6) for p in prompts]
+    out: dict[str, object] = {}
+
+    def run(name: str, client) -> None:
+        device = TierNode(plan, "device", model=full, next_client=client)
+        r = device.step(
+            ("local", 7),
+            PREFILL,
+            1,
+            Payload(state=prompts["AB".index(name)]),
+            max_new_tokens=6,
+            deadline=time.monotonic() + 60,
+        )
+        out[name] = r.tokens
+
+    run("A", DirectAs(edge, "device-a", after_first=lambda: run("B", DirectAs(edge, "device-b"))))
+    assert set(out) == {"A", "B"}
+    for name, ref in zip("AB", refs):
+        assert torch.equal(out[name], ref), name
+    assert len(edge.sessions) == len(cloud.sessions) == 0

@@ -218,6 +218,11 @@ def test_request_timeout_and_concurrent_handlers(ids):
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda i: cli.request(Message("sleep", {"s": 0.3})), range(8)))
         assert time.perf_counter() - t0 < 1.5
+        # a timeout past what a Duration holds (~1.8e19 s) is a wait without a deadline, not a panic
+        assert cli.request(Message("fine"), timeout_s=1e20).kind == "re:fine"
+        for bad in (-1.0, float("inf"), float("nan")):
+            with pytest.raises(InputError, match="timeout_s must be > 0"):
+                cli.request(Message("fine"), timeout_s=bad)
 
 
 def test_idle_timeout_closes_the_connection_and_the_client_reconnects(ids):

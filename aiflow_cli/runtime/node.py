@@ -17,6 +17,7 @@ drafts several tokens per round with its own layers and the tiers behind verify 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 import time
@@ -98,6 +99,15 @@ class Payload:
 
     state: Optional[BoundaryState] = None
     packed: Optional[PackedState] = None
+
+
+def next_session_id(key: SessionKey) -> int:
+    """The id under which session ``key`` (the sender's fingerprint, its id) is known to the next tier: its id mixed
+    with the sender's fingerprint (63 bits), so that sessions of two peers that chose the same id never share a
+    session (a KV cache) behind this tier. Stable: every step, verify and ``End`` of the session maps alike."""
+    peer, sid = key
+    digest = hashlib.blake2b(f"{peer}/{sid}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 @dataclass
@@ -244,9 +254,10 @@ class TierNode:
             if isinstance(msg, Hello):
                 return protocol.encode(HelloReply((self.info(),) + self._hello_behind(deadline)))
             if isinstance(msg, End):
-                self.sessions.close((peer.fingerprint, env.session_id))
+                key = (peer.fingerprint, env.session_id)
+                self.sessions.close(key)
                 if self.next is not None:  # on down the chain, within the sender's deadline
-                    self._send_end(env.session_id, self._budget_s(deadline))
+                    self._send_end(next_session_id(key), self._budget_s(deadline))
                 return protocol.encode(End(self.plan_hash, self.tier, 0.0))
             if isinstance(msg, InferBatch):
                 return self._handle_batch(msg, env, peer, t0)
@@ -371,7 +382,13 @@ class TierNode:
                         traceparent=tp,
                     )
                     sends.append(
-                        (i, key, session, m, (timings, packed, HopItem(key[1], request, packed.frames, budget_s)))
+                        (
+                            i,
+                            key,
+                            session,
+                            m,
+                            (timings, packed, HopItem(next_session_id(key), request, packed.frames, budget_s)),
+                        )
                     )
                 except Exception as e:  # noqa: BLE001
                     self.fail_session(key)
@@ -687,7 +704,9 @@ class TierNode:
                         s.seed,
                     )
                     request.index = len(g.tokens)
-                sends.append((len(results), (timings, packed, HopItem(g.key[1], request, packed.frames, budget_s))))
+                sends.append(
+                    (len(results), (timings, packed, HopItem(next_session_id(g.key), request, packed.frames, budget_s)))
+                )
                 results.append(None)
             except Exception as e:  # noqa: BLE001
                 results.append(e)
@@ -751,9 +770,9 @@ class TierNode:
                 request.seed, request.index = sampling.seed, index
         t0 = time.perf_counter()
         if hop is not None and isinstance(request, Infer):  # with the other sessions of its pass, one message
-            reply, frames, counted = hop.request(HopItem(key[1], request, packed.frames, budget_s))
+            reply, frames, counted = hop.request(HopItem(next_session_id(key), request, packed.frames, budget_s))
         else:
-            env = self._request(protocol.encode(request, packed.frames, key[1]), budget_s)
+            env = self._request(protocol.encode(request, packed.frames, next_session_id(key)), budget_s)
             reply, frames, counted = protocol.expect_reply(env, Result), env.frames, True
         return self.account(timings, packed, reply, frames, counted, (time.perf_counter() - t0) * 1e3)
 
@@ -835,7 +854,7 @@ class TierNode:
         one: an :class:`End`, sent on a thread (best-effort), so that they do not keep its KV cache until idle
         expiry."""
         if self.sessions.close(key) and self.next is not None:
-            args = (key[1], END_TIMEOUT_S)
+            args = (next_session_id(key), END_TIMEOUT_S)
             threading.Thread(target=self._send_end, args=args, name=f"{self.tier}-end", daemon=True).start()
 
     def _send_end(self, session_id: int, budget_s: float) -> None:

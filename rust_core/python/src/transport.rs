@@ -28,6 +28,10 @@ use aiflow_net::transport::runtime::Pending;
 use aiflow_net::transport::{Client, ClientConfig, Handler, Limits, Message, Meta, PeerInfo, Server, ServerConfig};
 use aiflow_proto::{Error, Result};
 
+/// The longest wait a request takes (s, about 31 years): a larger `timeout_s` (a peer's far deadline passed on)
+/// means the same, where `Duration` would overflow past ~1.8e19 s.
+const MAX_TIMEOUT_S: f64 = 1e9;
+
 /// Resolves "host:port" (IPv6 as "[::1]:port") to one socket address.
 pub fn parse_addr(s: &str) -> Result<SocketAddr> {
     s.to_socket_addrs()
@@ -385,7 +389,7 @@ impl PyClient {
             Some(t) if !(t > 0.0 && t.is_finite()) => {
                 return Err(super::errors::to_pyerr(Error::Input(format!("timeout_s must be > 0, got {t}"))))
             }
-            Some(t) => Some(Duration::from_secs_f64(t)),
+            Some(t) => Some(Duration::from_secs_f64(t.min(MAX_TIMEOUT_S))),
             None => None,
         };
         let (result, connection_id) = wait_pending(py, self.client.request_pending(msg, timeout))?;
