@@ -16,7 +16,7 @@ from aiflow_cli.errors import InputError, TransportError
 from aiflow_cli.runtime import protocol, tracing
 from aiflow_cli.runtime.cluster import LocalCluster
 from aiflow_cli.runtime.metrics import TierMetrics, parse_listen
-from aiflow_cli.runtime.node import TierNode
+from aiflow_cli.runtime.node import TierNode, next_session_id
 from aiflow_cli.transport import Client, Identity, Message, PeerInfo, Server
 
 MODEL = "builtin:gpt2-tiny"
@@ -169,7 +169,8 @@ def test_each_step_of_a_batched_message_has_its_own_span(otel):
     got = protocol.expect_reply(reply, protocol.ResultBatch)
     assert all(isinstance(r, protocol.Result) and r.tokens for r in got.results), got
     (sent,) = seen  # one message on, for the 4 sessions
-    assert isinstance(sent, protocol.InferBatch) and [s.session_id for s in sent.steps] == [0, 1, 2, 3]
+    ids = [next_session_id(("device", i)) for i in range(4)]  # each session under its id for the next tier
+    assert isinstance(sent, protocol.InferBatch) and [s.session_id for s in sent.steps] == ids
     out = [tracing.parse(s.infer.traceparent) for s in sent.steps]
     assert all(o is not None for o in out)
     for parent, (trace_id, span_id, _) in zip(parents[:3], out):
