@@ -223,6 +223,7 @@ def test_a_tier_that_fails_to_start_names_itself_in_one_line_and_stops_the_other
         with c:
             pass
     assert "\n" not in str(e.value)
+    assert e.value.param == "metrics"  # the child's parameter comes through: the CLI names its flag
     assert set(c.servers) == {"cloud", "edge"} and not any(s.alive() for s in c.servers.values())
 
 

@@ -253,12 +253,14 @@ class TierFailed:
     role: str
     kind: str
     message: str
+    param: Optional[str] = None
+    """The library parameter(s) the child's error names (:attr:`AiflowError.param`): the CLI names its flags."""
 
     def error(self) -> AiflowError:
         cls = getattr(errors, self.kind, None)
         if not (isinstance(cls, type) and issubclass(cls, AiflowError)):
             cls = AiflowError
-        return cls(f"the {self.role} tier did not start: {self.message}")
+        return cls(f"the {self.role} tier did not start: {self.message}", param=self.param)
 
 
 def _send(fd: int, event: TierReady | TierFailed) -> None:
@@ -291,7 +293,7 @@ def tier_main(ready_fd: int) -> None:
         if model is not None:
             srv.node.load_ms = load_ms  # what hello reports: the stages' load, done before the node was made
     except AiflowError as e:
-        _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e)))
+        _send(ready_fd, TierFailed(spec.role, type(e).__name__, str(e), e.param))
         os._exit(e.exit_code)
 
     def ready(info: dict[str, Any]) -> None:
